@@ -1,0 +1,86 @@
+//! The serde shape of the TOML file: defaults and unknown-key rejection live here; meaning and
+//! cross-field checks live in `config::validate`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::upstream::ProxyVersion;
+
+/// The whole file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub listen: Option<Spanned<Vec<Spanned<String>>>>,
+    pub state_dir: Option<Spanned<PathBuf>>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub shutdown_grace: Option<Duration>,
+    pub tls: Option<Spanned<Tls>>,
+    #[serde(default)]
+    pub detect: Detect,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub routes: Routes,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert: Option<Spanned<PathBuf>>,
+    pub key: Option<Spanned<PathBuf>>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub handshake_timeout: Option<Duration>,
+    #[serde(default)]
+    pub sni: Vec<Spanned<SniCert>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCert {
+    pub names: Spanned<Vec<Spanned<String>>>,
+    pub cert: Spanned<PathBuf>,
+    pub key: Spanned<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Detect {
+    #[serde(default, with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
+    pub on_timeout: Option<Spanned<String>>,
+    pub on_unknown: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_connections: Option<Spanned<u32>>,
+    pub max_unrouted_per_ip: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Routes {
+    pub http: Option<Route>,
+    pub ssh: Option<Route>,
+}
+
+/// One route's table; the same keys for both routes, checked per route in validation.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub upstream: Option<Spanned<String>>,
+    pub proxy_protocol: Option<ProxyVersion>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub idle_timeout: Option<Duration>,
+    pub plaintext: Option<Spanned<String>>,
+    #[serde(default)]
+    pub sni: Vec<Spanned<String>>,
+    pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
+    pub h2: Option<Spanned<bool>>,
+}

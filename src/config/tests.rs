@@ -1,0 +1,118 @@
+//! Config parsing and validation from strings.
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Some(Path::new("/etc/sluice/sluice.toml")), Path::new("/etc/sluice"))
+}
+
+fn err(text: &str) -> String {
+    parse(text).expect_err("config should be rejected").to_string()
+}
+
+#[test]
+fn interface_example_parses() {
+    let c = parse(
+        r#"
+listen = ["127.0.0.1:8443", "[::1]:8443"]
+[tls]
+cert = "cert.pem"
+key = "/abs/key.pem"
+[detect]
+timeout = "2s"
+on_timeout = "ssh"
+[routes.http]
+upstream = "127.0.0.1:8080"
+proxy_protocol = "v2"
+[routes.ssh]
+upstream = "127.0.0.1:22"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.listen.len(), 2);
+    match &c.tls.cert {
+        CertSource::Files { cert, key } => {
+            assert_eq!(cert.path, Path::new("/etc/sluice/cert.pem"));
+            assert_eq!(key.path, Path::new("/abs/key.pem"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.detect.timeout, Duration::from_secs(2));
+    assert_eq!(c.detect.on_timeout, Fallback::Route(RouteKind::Ssh));
+    let up = c.http.upstream.as_ref().unwrap();
+    assert_eq!(up.addr, "127.0.0.1:8080");
+    assert_eq!(up.proxy_protocol, Some(ProxyVersion::V2));
+    assert_eq!(c.ssh.upstream.as_ref().unwrap().proxy_protocol, None);
+    assert_eq!(c.alpn_offered(), vec![b"http/1.1".to_vec(), b"ssh".to_vec()]);
+}
+
+#[test]
+fn empty_file_is_the_embedded_default() {
+    let c = parse("").unwrap();
+    assert_eq!(c.listen, vec![DEFAULT_LISTEN.parse::<SocketAddr>().unwrap()]);
+    assert!(matches!(c.tls.cert, CertSource::SelfSigned));
+    assert!(c.http.upstream.is_none() && c.ssh.upstream.is_none());
+    assert_eq!(c.detect.on_unknown, Fallback::Close);
+}
+
+#[test]
+fn unknown_key_names_key_and_position() {
+    let e = err("listen = [\"127.0.0.1:1\"]\nbogus_key = 1\n");
+    assert!(e.starts_with("/etc/sluice/sluice.toml:2:1: "), "{e}");
+    assert!(e.contains("bogus_key"), "{e}");
+    let e = err("[routes.http]\nupstream = \"a:1\"\nupstrem = \"b:2\"\n");
+    assert!(e.contains(":3:1: routes.http.upstrem: unknown field `upstrem`"), "{e}");
+}
+
+#[test]
+fn wrong_types_and_values_name_the_key() {
+    let e = err("[detect]\ntimeout = 5\n");
+    assert!(e.contains(":2:11: detect.timeout: "), "{e}");
+    let e = err("[detect]\ntimeout = \"5 parsecs\"\n");
+    assert!(e.contains("detect.timeout"), "{e}");
+    let e = err("listen = [\"localhost:443\"]\n");
+    assert!(e.contains(":1:11: listen: `localhost:443` is not an IP address"), "{e}");
+    let e = err("[detect]\non_timeout = \"ftp\"\n");
+    assert!(e.contains(":2:14: detect.on_timeout: `ftp` is not a route"), "{e}");
+    let e = err("[routes.http]\nupstream = \"127.0.0.1\"\n");
+    assert!(e.contains(":2:12: routes.http.upstream: `127.0.0.1` is not host:port"), "{e}");
+    let e = err("[routes.http]\nupstream = \"127.0.0.1:80\"\nproxy_protocol = \"v3\"\n");
+    assert!(e.contains(":3:") && e.contains("routes.http.proxy_protocol"), "{e}");
+    let e = err("[routes.ssh]\nplaintext = \"redirect\"\n");
+    assert!(e.contains(":2:13: routes.ssh.plaintext: \"redirect\" is for the http route only"), "{e}");
+    let e = err("[tls]\ncert = \"c.pem\"\n");
+    assert!(e.contains("set both `cert` and `key`"), "{e}");
+    let e = err("[routes.http]\nproxy_protocol = \"v2\"\n");
+    assert!(e.contains("routes.http.proxy_protocol: only applies to an `upstream`"), "{e}");
+    let e = err("[routes.http]\nsni = [\"a.example\"]\n[routes.ssh]\nsni = [\"a.example\"]\n");
+    assert!(e.contains("bound to both routes"), "{e}");
+    let e = err("[limits]\nmax_connections = 0\n");
+    assert!(e.contains("limits.max_connections: must be at least 1"), "{e}");
+    let e = err("[routes.http]\nh2 = true\n");
+    assert!(e.contains("h2 needs an `upstream`"), "{e}");
+}
+
+#[test]
+fn syntax_error_has_position() {
+    let e = err("listen = [\"127.0.0.1:1\"\n[tls\n");
+    assert!(e.starts_with("/etc/sluice/sluice.toml:"), "{e}");
+}
+
+#[test]
+fn h2_and_custom_ssh_alpn() {
+    let c = parse("[routes.http]\nupstream = \"127.0.0.1:80\"\nh2 = true\n[routes.ssh]\nalpn = [\"ssh\", \"x-ssh\"]\nsni = [\"SSH.Example.com.\"]\n").unwrap();
+    assert_eq!(
+        c.alpn_offered(),
+        vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"ssh".to_vec(), b"x-ssh".to_vec()]
+    );
+    assert_eq!(c.ssh.sni, vec!["ssh.example.com".to_string()]);
+}
+
+#[test]
+fn describe_lists_routes() {
+    let c = parse("[routes.http]\nupstream = \"127.0.0.1:8080\"\nproxy_protocol = \"v1\"\n").unwrap();
+    let d = c.describe();
+    assert!(d.contains("route http    -> upstream 127.0.0.1:8080"), "{d}");
+    assert!(d.contains("PROXY v1"), "{d}");
+    assert!(d.contains("route ssh     -> embedded SSH server"), "{d}");
+}

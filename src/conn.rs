@@ -1,0 +1,279 @@
+//! One client connection, from accept to close: outer detection, TLS, inner detection,
+//! routing, the target, and one log line at the end.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant as StdInstant;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+use tracing::{info, warn};
+
+use crate::builtin;
+use crate::config::{Route, RouteKind};
+use crate::detect::{self, Candidates, Protocol, Verdict};
+use crate::io::Prefixed;
+use crate::listen::{Shared, UnroutedGuard};
+use crate::relay::{self, End};
+use crate::route::{self, Decision, RoutedBy};
+use crate::upstream;
+
+/// Read size while detecting; with signatures of at most 24 bytes, the bytes held before a
+/// decision are bounded by this plus 24.
+const PEEK_READ: usize = 4096;
+
+/// What is known about a connection, logged once when it closes.
+struct ConnLog {
+    id: u64,
+    peer: SocketAddr,
+    local: SocketAddr,
+    start: StdInstant,
+    tls: bool,
+    sni: Option<String>,
+    alpn: Option<String>,
+    by: Option<RoutedBy>,
+    route: Option<RouteKind>,
+    target: Option<String>,
+    bytes: relay::Bytes,
+    outcome: String,
+    /// Failures before routing (scanners, junk) are logged through a throttle.
+    noisy: bool,
+}
+
+impl ConnLog {
+    fn emit(&self, shared: &Shared) {
+        // Only throttled lines say how many similar ones were dropped before them.
+        let suppressed = if self.noisy {
+            match shared.failures.allow() {
+                Some(n) => Some(n).filter(|n| *n > 0),
+                None => return,
+            }
+        } else {
+            None
+        };
+        info!(
+            target: "sluice::conn",
+            id = self.id,
+            peer = %self.peer,
+            local = %self.local,
+            tls = self.tls,
+            sni = self.sni.as_deref().unwrap_or("-"),
+            alpn = self.alpn.as_deref().unwrap_or("-"),
+            routed_by = self.by.map_or("-", RoutedBy::as_str),
+            route = self.route.map_or("-", RouteKind::as_str),
+            target = self.target.as_deref().unwrap_or("-"),
+            bytes_up = self.bytes.up,
+            bytes_down = self.bytes.down,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            outcome = %self.outcome,
+            suppressed_similar = suppressed,
+            "connection closed"
+        );
+    }
+}
+
+/// The result of reading a stream's first bytes.
+enum Peek {
+    Match(Protocol),
+    NoMatch,
+    Timeout,
+    Eof,
+    Error(io::Error),
+}
+
+/// Reads into `buf` until the classifier decides, the deadline passes or the stream ends.
+async fn peek<S: AsyncRead + Unpin>(s: &mut S, cands: Candidates, deadline: Instant, buf: &mut Vec<u8>) -> Peek {
+    let mut chunk = [0u8; PEEK_READ];
+    loop {
+        match detect::classify(buf, cands) {
+            Verdict::Match(p) => return Peek::Match(p),
+            Verdict::NoMatch => return Peek::NoMatch,
+            Verdict::NeedMore => {}
+        }
+        match timeout_at(deadline, s.read(&mut chunk)).await {
+            Err(_) => return Peek::Timeout,
+            Ok(Ok(0)) => return Peek::Eof,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Peek::Eof,
+            Ok(Err(e)) => return Peek::Error(e),
+        }
+    }
+}
+
+/// Serves one accepted connection to the end.
+pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local: SocketAddr, unrouted: UnroutedGuard) {
+    let mut log = ConnLog {
+        id: shared.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        peer,
+        local,
+        start: StdInstant::now(),
+        tls: false,
+        sni: None,
+        alpn: None,
+        by: None,
+        route: None,
+        target: None,
+        bytes: relay::Bytes::default(),
+        outcome: String::new(),
+        noisy: false,
+    };
+    let force = shared.force_close.clone();
+    tokio::select! {
+        () = serve(&shared, tcp, &mut log, unrouted) => {}
+        () = force.cancelled() => {
+            if log.outcome.is_empty() {
+                log.outcome = "closed at shutdown".into();
+            }
+        }
+    }
+    log.emit(&shared);
+}
+
+async fn serve(shared: &Shared, mut tcp: TcpStream, log: &mut ConnLog, unrouted: UnroutedGuard) {
+    let cfg = &shared.cfg;
+    let mut prefix = Vec::new();
+    let deadline = Instant::now() + cfg.detect.timeout;
+    let (decision, by) = match peek(&mut tcp, Candidates::OUTER, deadline, &mut prefix).await {
+        Peek::Match(Protocol::Tls) => {
+            log.tls = true;
+            return serve_tls(shared, tcp, prefix, log, unrouted).await;
+        }
+        Peek::Match(p) => (route::plaintext(cfg, p), RoutedBy::Plaintext),
+        Peek::Timeout => (route::plaintext_timeout(cfg), RoutedBy::Timeout),
+        Peek::NoMatch => (Decision::Close("unknown protocol"), RoutedBy::Plaintext),
+        Peek::Eof => (Decision::Close("client closed before sending"), RoutedBy::Plaintext),
+        Peek::Error(e) => {
+            log.noisy = true;
+            log.outcome = format!("client error: {e}");
+            return;
+        }
+    };
+    log.by = Some(by);
+    drop(unrouted);
+    dispatch(shared, &mut tcp, prefix, decision, log, false).await;
+}
+
+async fn serve_tls(shared: &Shared, tcp: TcpStream, prefix: Vec<u8>, log: &mut ConnLog, unrouted: UnroutedGuard) {
+    let cfg = &shared.cfg;
+    let handshake = shared.acceptor.accept(Prefixed::new(prefix, tcp));
+    let mut tls = match tokio::time::timeout(cfg.tls.handshake_timeout, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            log.noisy = true;
+            log.outcome = format!("TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            log.noisy = true;
+            log.outcome = format!("TLS handshake timed out after {}", humantime::format_duration(cfg.tls.handshake_timeout));
+            return;
+        }
+    };
+    let (alpn, sni) = {
+        let (_, conn) = tls.get_ref();
+        (conn.alpn_protocol().map(<[u8]>::to_vec), conn.server_name().map(str::to_string))
+    };
+    log.alpn = alpn.as_deref().map(|a| String::from_utf8_lossy(a).into_owned());
+    log.sni = sni.clone();
+
+    let mut prefix = Vec::new();
+    let (decision, by) = if let Some(kind) = alpn.as_deref().and_then(|a| route::by_alpn(cfg, a)) {
+        (Decision::Route(kind), RoutedBy::Alpn)
+    } else if let Some(kind) = sni.as_deref().and_then(|n| route::by_sni(cfg, n)) {
+        (Decision::Route(kind), RoutedBy::Sni)
+    } else {
+        let deadline = Instant::now() + cfg.detect.timeout;
+        match peek(&mut tls, Candidates::INNER, deadline, &mut prefix).await {
+            Peek::Match(p) => (route::by_inner_protocol(cfg, p), RoutedBy::Peek),
+            Peek::NoMatch => (route::inner_unknown(cfg), RoutedBy::Peek),
+            Peek::Timeout => (route::inner_timeout(cfg), RoutedBy::Timeout),
+            Peek::Eof => (Decision::Close("client closed before sending"), RoutedBy::Peek),
+            Peek::Error(e) => {
+                log.outcome = format!("client error: {e}");
+                return;
+            }
+        }
+    };
+    log.by = Some(by);
+    drop(unrouted);
+    let h2 = alpn.as_deref() == Some(b"h2") || prefix.starts_with(b"PRI ");
+    dispatch(shared, &mut tls, prefix, decision, log, h2).await;
+}
+
+/// Sends a routed connection to its target. `prefix` holds client bytes already read.
+async fn dispatch<S>(shared: &Shared, client: &mut S, prefix: Vec<u8>, decision: Decision, log: &mut ConnLog, h2: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cfg = &shared.cfg;
+    let reply_deadline = Instant::now() + cfg.detect.timeout.max(std::time::Duration::from_secs(10));
+    let kind = match decision {
+        Decision::Route(kind) => kind,
+        Decision::Redirect => {
+            log.route = Some(RouteKind::Http);
+            log.target = Some("redirect to https".into());
+            log.outcome = match builtin::redirect(client, &prefix, reply_deadline).await {
+                Ok(()) => "redirected to https".into(),
+                Err(e) => format!("redirect failed: {e}"),
+            };
+            return;
+        }
+        Decision::Close(why) => {
+            log.noisy = true;
+            log.outcome = format!("closed: {why}");
+            let _ = client.shutdown().await;
+            return;
+        }
+    };
+    log.route = Some(kind);
+    let route: &Route = cfg.route(kind);
+    let Some(up) = &route.upstream else {
+        match kind {
+            RouteKind::Http => {
+                log.target = Some("status page".into());
+                log.outcome = match builtin::status_page(client, &prefix, reply_deadline).await {
+                    Ok(()) => "served status page".into(),
+                    Err(e) => format!("status page not served: {e}"),
+                };
+            }
+            RouteKind::Ssh => {
+                log.target = Some("embedded ssh".into());
+                log.outcome = "closed: the embedded SSH server is not available in this build; set [routes.ssh] upstream".into();
+                let _ = client.shutdown().await;
+            }
+        }
+        return;
+    };
+    log.target = Some(up.addr.clone());
+    let (mut server, addr) = match upstream::connect(up).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(id = log.id, peer = %log.peer, route = kind.as_str(), error = %e, "upstream unreachable");
+            log.outcome = format!("upstream unreachable: {e}");
+            if kind == RouteKind::Http && !h2 {
+                let _ = builtin::bad_gateway(client).await;
+            }
+            return;
+        }
+    };
+    log.target = Some(addr.to_string());
+    let mut first = Vec::new();
+    if let Some(v) = up.proxy_protocol {
+        upstream::encode_proxy_header(v, log.peer, log.local, &mut first);
+    }
+    first.extend_from_slice(&prefix);
+    if !first.is_empty() {
+        if let Err(e) = server.write_all(&first).await {
+            log.outcome = format!("upstream error: {e}");
+            return;
+        }
+    }
+    let (bytes, end) = relay::relay(client, &mut server, route.idle_timeout, &shared.force_close).await;
+    log.bytes = relay::Bytes { up: bytes.up + prefix.len() as u64, down: bytes.down };
+    log.outcome = match end {
+        End::Closed => "closed".into(),
+        other => other.to_string(),
+    };
+}

@@ -1,0 +1,91 @@
+//! [`Prefixed`]: a stream that first replays bytes already read from it.
+//!
+//! Detection consumes the client's first bytes; wrapping the stream in `Prefixed` hands them
+//! to whoever reads next (rustls, or later the embedded SSH server) as if never read.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A stream whose reads return `prefix` first, then the inner stream's bytes.
+#[derive(Debug)]
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// Replays `prefix` before reading from `inner`.
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Prefixed { prefix, pos: 0, inner }
+    }
+
+    /// The inner stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.prefix.len() {
+            let n = (this.prefix.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                // Free the prefix; a long-lived connection should not keep it.
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn replays_prefix_then_inner() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut p = Prefixed::new(b"SSH-2.0-".to_vec(), a);
+        b.write_all(b"x\r\n").await.unwrap();
+        drop(b);
+        let mut out = Vec::new();
+        let mut small = [0u8; 3];
+        // Small reads split the prefix; nothing is lost or repeated.
+        let n = p.read(&mut small).await.unwrap();
+        out.extend_from_slice(&small[..n]);
+        p.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"SSH-2.0-x\r\n");
+    }
+}

@@ -1,0 +1,30 @@
+//! sluice: one TLS port that carries a site's HTTPS and SSH.
+//!
+//! # Layout
+//! - [`config`]: the TOML file, validated into a [`config::Config`].
+//! - [`listen`]: sockets, the accept loop, limits and graceful shutdown ([`listen::Server`]).
+//! - `conn`: one connection from accept to close: outer detection, TLS, inner detection,
+//!   routing, the target, one log line.
+//! - [`detect`]: the pure, incremental protocol classifier.
+//! - [`route`]: pure routing decisions from ALPN, SNI and detected protocol.
+//! - [`tls`]: certificates (PEM, self-signed, SNI) and the rustls server config.
+//! - [`relay`]: the two-way copy with half-close, idle timeout and byte counts.
+//! - [`upstream`]: connecting to backends; the PROXY protocol header.
+//! - [`builtin`]: sluice's own small HTTP answers (status page, redirect, 502).
+//! - [`io`]: a stream that replays bytes already read.
+//! - [`state`]: the state directory for generated secrets.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod builtin;
+pub mod config;
+mod conn;
+pub mod detect;
+pub mod io;
+pub mod listen;
+pub mod relay;
+pub mod route;
+pub mod state;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,285 @@
+//! Listening: sockets, the accept loop, connection limits and graceful shutdown.
+//!
+//! [`Server::bind`] loads everything that can fail (certificates, sockets) before serving;
+//! [`Server::run`] accepts until its shutdown future resolves, then drains open connections
+//! for `shutdown_grace` and closes what is left.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::tls::{self, CertStore, TlsError};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Certificates or TLS settings are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Shared, read-only state of a running server.
+pub(crate) struct Shared {
+    pub(crate) cfg: Config,
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) unrouted: Arc<Unrouted>,
+    pub(crate) next_id: AtomicU64,
+    /// Cancelled when the shutdown grace runs out: open connections close.
+    pub(crate) force_close: CancellationToken,
+    pub(crate) refusals: Throttle,
+    pub(crate) failures: Throttle,
+}
+
+/// A bound, ready server.
+pub struct Server {
+    listeners: Vec<TcpListener>,
+    shared: Arc<Shared>,
+    certs: Arc<CertStore>,
+    state_dir: PathBuf,
+}
+
+impl Server {
+    /// Loads certificates and binds every listen address; nothing is served yet.
+    pub async fn bind(cfg: Config, state_dir: PathBuf) -> Result<Server, ServeError> {
+        raise_nofile_limit();
+        let certs = Arc::new(CertStore::new(tls::load_certs(&cfg, &state_dir)?));
+        let tls_config = tls::server_config(certs.clone(), cfg.alpn_offered())?;
+        let mut listeners = Vec::new();
+        for addr in &cfg.listen {
+            let l = bind(*addr).map_err(|source| ServeError::Bind { addr: *addr, source })?;
+            listeners.push(l);
+        }
+        let shared = Arc::new(Shared {
+            unrouted: Arc::new(Unrouted::new(cfg.limits.max_unrouted_per_ip)),
+            cfg,
+            acceptor: TlsAcceptor::from(tls_config),
+            next_id: AtomicU64::new(1),
+            force_close: CancellationToken::new(),
+            refusals: Throttle::new(),
+            failures: Throttle::new(),
+        });
+        Ok(Server { listeners, shared, certs, state_dir })
+    }
+
+    /// The addresses actually bound (port 0 resolved).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// The certificates in force.
+    pub fn certs(&self) -> Arc<CertStore> {
+        self.certs.clone()
+    }
+
+    /// The state directory in use.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
+    }
+
+    /// Serves until `shutdown` resolves, then drains for `shutdown_grace` and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let stop_accepting = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(self.shared.cfg.limits.max_connections as usize));
+        let mut accepting = tokio::task::JoinSet::new();
+        for l in self.listeners {
+            let (shared, stop, tracker, limit) = (self.shared.clone(), stop_accepting.clone(), tracker.clone(), limit.clone());
+            accepting.spawn(accept_loop(l, shared, stop, tracker, limit));
+        }
+        shutdown.await;
+        stop_accepting.cancel();
+        while accepting.join_next().await.is_some() {}
+        tracker.close();
+        let grace = self.shared.cfg.shutdown_grace;
+        let open = tracker.len();
+        info!(open_connections = open, grace = %humantime::format_duration(grace), "shutting down: no new connections; open ones may finish");
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(open_connections = tracker.len(), "shutdown grace over: closing the remaining connections");
+            self.shared.force_close.cancel();
+            if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+                warn!(open_connections = tracker.len(), "connections still open after close; exiting anyway");
+            }
+        }
+        info!("stopped");
+    }
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // "[::]:443" and "0.0.0.0:443" must be able to coexist in `listen`.
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Lifts the soft open-files limit to the hard one: each relayed connection needs two.
+#[allow(unsafe_code)]
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+async fn accept_loop(l: TcpListener, shared: Arc<Shared>, stop: CancellationToken, tracker: TaskTracker, limit: Arc<Semaphore>) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            r = l.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::ZERO;
+                a
+            }
+            Err(e) => {
+                if is_resource_exhaustion(&e) {
+                    // Out of descriptors or memory: accepting again at once would spin.
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    if let Some(n) = shared.refusals.allow() {
+                        warn!(error = %e, retry_in = ?backoff, suppressed = n, "accept failed: out of resources; backing off");
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            if let Some(n) = shared.refusals.allow() {
+                warn!(%peer, limit = shared.cfg.limits.max_connections, suppressed = n, "refused connection: limits.max_connections reached");
+            }
+            drop(tcp);
+            continue;
+        };
+        let Some(unrouted) = shared.unrouted.enter(peer.ip()) else {
+            if let Some(n) = shared.refusals.allow() {
+                warn!(%peer, limit = shared.cfg.limits.max_unrouted_per_ip, suppressed = n, "refused connection: limits.max_unrouted_per_ip reached for this client");
+            }
+            continue;
+        };
+        let local = tcp.local_addr().unwrap_or(peer);
+        configure(&tcp);
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            crate::conn::handle(shared, tcp, peer, local, unrouted).await;
+            drop(permit);
+        });
+    }
+}
+
+fn configure(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(120)).with_interval(Duration::from_secs(30));
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// Counts connections per client IP that are not routed yet.
+pub(crate) struct Unrouted {
+    max: u32,
+    map: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl Unrouted {
+    fn new(max: u32) -> Self {
+        Unrouted { max, map: Mutex::new(HashMap::new()) }
+    }
+
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<UnroutedGuard> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(UnroutedGuard { owner: self.clone(), ip })
+    }
+}
+
+/// One unrouted connection; dropping it (once routed or closed) frees the slot.
+pub(crate) struct UnroutedGuard {
+    owner: Arc<Unrouted>,
+    ip: IpAddr,
+}
+
+impl Drop for UnroutedGuard {
+    fn drop(&mut self) {
+        let mut map = self.owner.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Lets a burst of log lines through per second and counts the rest.
+pub(crate) struct Throttle {
+    state: Mutex<(tokio::time::Instant, u32, u64)>,
+}
+
+const THROTTLE_PER_SECOND: u32 = 10;
+
+impl Throttle {
+    fn new() -> Self {
+        Throttle { state: Mutex::new((tokio::time::Instant::now(), 0, 0)) }
+    }
+
+    /// `Some(suppressed since the last line)` if this line may be logged.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        if now.duration_since(s.0) >= Duration::from_secs(1) {
+            s.0 = now;
+            s.1 = 0;
+        }
+        if s.1 < THROTTLE_PER_SECOND {
+            s.1 += 1;
+            let suppressed = std::mem::take(&mut s.2);
+            Some(suppressed)
+        } else {
+            s.2 += 1;
+            None
+        }
+    }
+}

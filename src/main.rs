@@ -1,0 +1,184 @@
+//! The `sluice` command line: parse arguments, set up logging, run a subcommand, map errors
+//! to sysexits codes (78 for a bad config).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice::config::{Config, ConfigError};
+use sluice::listen::{ServeError, Server};
+use sluice::tls::TlsError;
+use tracing::{error, info};
+
+/// sysexits codes.
+const EX_SOFTWARE: u8 = 70;
+const EX_OSERR: u8 = 71;
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "One TLS port for HTTPS and SSH")]
+struct Cli {
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve: terminate TLS, tell SSH from HTTP, relay to the routes' targets.
+    Serve {
+        /// Config file (TOML). Without one: 127.0.0.1:8443 and a self-signed certificate.
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Where generated state lives (self-signed certificate, host keys).
+        #[arg(long, env = "SLUICE_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Validate a config file (certificates included) and print the routing table.
+    Check {
+        /// Config file (TOML).
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Serve { config, state_dir } => serve(config, state_dir),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
+    match path {
+        Some(p) => Config::load(p),
+        None => Ok(Config::embedded_default()),
+    }
+}
+
+fn check(path: &PathBuf) -> ExitCode {
+    let cfg = match load(Some(path)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sluice: config error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let state_dir = sluice::state::resolve(cfg.state_dir.as_deref());
+    // Certificates are part of the config: a check that does not load them proves little.
+    if let sluice::config::CertSource::Files { .. } = cfg.tls.cert {
+        if let Err(e) = sluice::tls::load_certs(&cfg, &state_dir) {
+            eprintln!("sluice: config error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    }
+    print!("{}", cfg.describe());
+    println!("config OK: {}", path.display());
+    ExitCode::SUCCESS
+}
+
+fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
+    let cfg = match load(config.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("config error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let state_dir = sluice::state::resolve(state_dir.as_deref().or(cfg.state_dir.as_deref()));
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            return ExitCode::from(EX_OSERR);
+        }
+    };
+    rt.block_on(async move {
+        let server = match Server::bind(cfg.clone(), state_dir).await {
+            Ok(s) => s,
+            Err(ServeError::Tls(TlsError::Config(e))) => {
+                error!("config error: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+            Err(e @ ServeError::Tls(TlsError::SelfSigned { .. })) => {
+                error!("{e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+            Err(e @ ServeError::Tls(_)) => {
+                error!("{e}");
+                return ExitCode::from(EX_SOFTWARE);
+            }
+            Err(e @ ServeError::Bind { .. }) => {
+                error!("{e}");
+                return ExitCode::from(EX_OSERR);
+            }
+        };
+        announce(&server, &cfg);
+        let shutdown = match shutdown_signal() {
+            Ok(f) => f,
+            Err(e) => {
+                error!("cannot install signal handlers: {e}");
+                return ExitCode::from(EX_OSERR);
+            }
+        };
+        server.run(shutdown).await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn announce(server: &Server, cfg: &Config) {
+    let addrs = server.local_addrs();
+    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    info!(listen = %list.join(", "), version = env!("CARGO_PKG_VERSION"), "sluice is serving");
+    for r in [&cfg.ssh, &cfg.http] {
+        info!(route = r.kind.as_str(), target = %r.target_description(), "route");
+    }
+    let certs = server.certs().current();
+    info!(sha256 = %certs.fingerprint, "TLS certificate fingerprint");
+    if certs.self_signed {
+        let cert = server.state_dir().join(sluice::tls::SELF_SIGNED_CERT);
+        if let Some(a) = addrs.first() {
+            let host = if a.ip().is_loopback() { "localhost".to_string() } else { a.ip().to_string() };
+            let port = a.port();
+            info!(
+                "self-signed certificate {}; try: curl --cacert {} https://{host}:{port}/ ; ssh -o ProxyCommand='openssl s_client -quiet -connect %h:%p -servername {host}' -p {port} {host}",
+                cert.display(),
+                cert.display()
+            );
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!(signal = name, "shutdown requested");
+    })
+}

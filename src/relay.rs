@@ -1,0 +1,223 @@
+//! The relay core: a two-way copy between the client and the upstream.
+//!
+//! Half-close is carried both ways (EOF on one side shuts down the other side's write half and
+//! the opposite direction keeps flowing); a TLS peer that closes without close_notify counts as
+//! EOF; an idle timeout and a shutdown token bound every relay. Buffers are 64 KiB, taken from
+//! a small per-thread pool when data flows and given back whenever a direction goes idle, so
+//! idle connections hold no relay buffer.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Size of one relay buffer.
+pub const BUF_SIZE: usize = 64 * 1024;
+const POOL_MAX: usize = 32;
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buf() -> Box<[u8]> {
+    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+}
+
+fn give_buf(b: Box<[u8]>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_MAX {
+            p.push(b);
+        }
+    });
+}
+
+/// Bytes moved by a relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bytes {
+    /// Client to upstream.
+    pub up: u64,
+    /// Upstream to client.
+    pub down: u64,
+}
+
+/// Which end of a relay failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client.
+    Client,
+    /// The upstream.
+    Upstream,
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum End {
+    /// Both directions reached EOF and were shut down.
+    Closed,
+    /// No bytes in either direction for the idle timeout.
+    IdleTimeout,
+    /// The daemon's shutdown grace ran out.
+    Shutdown,
+    /// An I/O error on one side.
+    Error(Side, io::Error),
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            End::Closed => f.write_str("closed"),
+            End::IdleTimeout => f.write_str("idle timeout"),
+            End::Shutdown => f.write_str("shutdown"),
+            End::Error(Side::Client, e) => write!(f, "client error: {e}"),
+            End::Error(Side::Upstream, e) => write!(f, "upstream error: {e}"),
+        }
+    }
+}
+
+/// One direction of the copy.
+#[derive(Default)]
+struct Half {
+    buf: Option<Box<[u8]>>,
+    pos: usize,
+    cap: usize,
+    eof: bool,
+    done: bool,
+    need_flush: bool,
+    bytes: u64,
+}
+
+/// An I/O error tagged with whether it came from the reader or the writer.
+enum HalfError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl Half {
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W, last: &mut Instant) -> Poll<Result<(), HalfError>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.pos == self.cap && !self.eof {
+                let buf = self.buf.get_or_insert_with(take_buf);
+                let mut rb = ReadBuf::new(buf);
+                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            self.eof = true;
+                        } else {
+                            self.pos = 0;
+                            self.cap = n;
+                            self.bytes += n as u64;
+                            *last = Instant::now();
+                        }
+                    }
+                    // A TLS peer that closes without close_notify: all data was delivered.
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => self.eof = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Read(e))),
+                    Poll::Pending => {
+                        // The writer may buffer (TLS does): push out what it holds before waiting.
+                        if self.need_flush {
+                            match Pin::new(&mut *w).poll_flush(cx) {
+                                Poll::Ready(Ok(())) => self.need_flush = false,
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Write(e))),
+                                Poll::Pending => {}
+                            }
+                        }
+                        if let Some(b) = self.buf.take() {
+                            give_buf(b);
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.pos < self.cap {
+                let Some(buf) = self.buf.as_deref() else { break };
+                match ready!(Pin::new(&mut *w).poll_write(cx, &buf[self.pos..self.cap])) {
+                    Ok(0) => return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into()))),
+                    Ok(n) => {
+                        self.pos += n;
+                        self.need_flush = true;
+                    }
+                    Err(e) => return Poll::Ready(Err(HalfError::Write(e))),
+                }
+            }
+            self.pos = 0;
+            self.cap = 0;
+            if self.eof {
+                if let Some(b) = self.buf.take() {
+                    give_buf(b);
+                }
+                ready!(Pin::new(&mut *w).poll_shutdown(cx)).map_err(HalfError::Write)?;
+                self.done = true;
+            }
+        }
+    }
+}
+
+/// Relays between `client` and `upstream` until both directions are closed, one side fails,
+/// nothing moves for `idle`, or `stop` is cancelled. Returns the byte counts and how it ended.
+pub async fn relay<C, U>(client: &mut C, upstream: &mut U, idle: Duration, stop: &CancellationToken) -> (Bytes, End)
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut up = Half::default();
+    let mut down = Half::default();
+    let mut last = Instant::now();
+    let sleep = tokio::time::sleep_until(last + idle);
+    tokio::pin!(sleep);
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+
+    let end = poll_fn(|cx| {
+        let a = match up.poll_copy(cx, client, upstream, &mut last) {
+            Poll::Ready(Err(HalfError::Read(e))) => return Poll::Ready(End::Error(Side::Client, e)),
+            Poll::Ready(Err(HalfError::Write(e))) => return Poll::Ready(End::Error(Side::Upstream, e)),
+            Poll::Ready(Ok(())) => true,
+            Poll::Pending => false,
+        };
+        let b = match down.poll_copy(cx, upstream, client, &mut last) {
+            Poll::Ready(Err(HalfError::Read(e))) => return Poll::Ready(End::Error(Side::Upstream, e)),
+            Poll::Ready(Err(HalfError::Write(e))) => return Poll::Ready(End::Error(Side::Client, e)),
+            Poll::Ready(Ok(())) => true,
+            Poll::Pending => false,
+        };
+        if a && b {
+            return Poll::Ready(End::Closed);
+        }
+        if stopped.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Shutdown);
+        }
+        // The timer is not reset on every read; when it fires, check the last activity.
+        while sleep.as_mut().poll(cx).is_ready() {
+            let deadline = last + idle;
+            if deadline <= Instant::now() {
+                return Poll::Ready(End::IdleTimeout);
+            }
+            sleep.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
+    for h in [&mut up, &mut down] {
+        if let Some(b) = h.buf.take() {
+            give_buf(b);
+        }
+    }
+    (Bytes { up: up.bytes, down: down.bytes }, end)
+}

@@ -1,0 +1,219 @@
+//! TLS termination: certificate loading, the SNI certificate store and the rustls server config.
+//!
+//! Certificates are served through [`CertStore`], a `ResolvesServerCert` over an `ArcSwap`, so
+//! that a reload can swap them without touching the `ServerConfig` or open connections.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{CertSource, Config, ConfigError, ConfigPath};
+
+/// File names of the generated certificate inside the state directory.
+pub const SELF_SIGNED_CERT: &str = "tls-cert.pem";
+/// File name of the generated key inside the state directory (mode 0600).
+pub const SELF_SIGNED_KEY: &str = "tls-key.pem";
+
+/// A TLS setup error.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A configured certificate or key is unusable; reported as a config error.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The self-signed certificate could not be made or stored.
+    #[error("self-signed certificate in {}: {message}", dir.display())]
+    SelfSigned {
+        /// The state directory.
+        dir: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The crypto provider used everywhere: aws-lc-rs.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The certificates in force: a default one and extra ones by server name.
+#[derive(Debug)]
+pub struct Certs {
+    default: Arc<CertifiedKey>,
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by the parent domain: `*.example.com` is stored as `example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// SHA-256 of the default leaf certificate.
+    pub fingerprint: String,
+    /// Whether the default certificate was generated (self-signed).
+    pub self_signed: bool,
+}
+
+impl Certs {
+    fn pick(&self, sni: Option<&str>) -> &Arc<CertifiedKey> {
+        let Some(name) = sni else { return &self.default };
+        let name = name.to_ascii_lowercase();
+        if let Some(k) = self.exact.get(&name) {
+            return k;
+        }
+        if let Some((_, parent)) = name.split_once('.') {
+            if let Some(k) = self.wildcard.get(parent) {
+                return k;
+            }
+        }
+        &self.default
+    }
+}
+
+/// The certificate resolver handed to rustls; [`CertStore::replace`] swaps its contents.
+#[derive(Debug)]
+pub struct CertStore {
+    current: ArcSwap<Certs>,
+}
+
+impl CertStore {
+    /// A store serving `certs`.
+    pub fn new(certs: Certs) -> Self {
+        CertStore { current: ArcSwap::from_pointee(certs) }
+    }
+
+    /// The certificates in force.
+    pub fn current(&self) -> Arc<Certs> {
+        self.current.load_full()
+    }
+
+    /// Serves `certs` to new handshakes from now on.
+    pub fn replace(&self, certs: Certs) {
+        self.current.store(Arc::new(certs));
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load().pick(hello.server_name()).clone())
+    }
+}
+
+/// Loads every certificate the config names (or makes the self-signed one in `state_dir`).
+pub fn load_certs(cfg: &Config, state_dir: &Path) -> Result<Certs, TlsError> {
+    let provider = provider();
+    let (default, self_signed) = match &cfg.tls.cert {
+        CertSource::Files { cert, key } => (load_pair(cert, key, &provider, cfg.source.as_deref())?, false),
+        CertSource::SelfSigned => (self_signed(state_dir, &provider)?, true),
+    };
+    let fingerprint = fingerprint(&default.cert[0]);
+    let mut certs = Certs { default, exact: HashMap::new(), wildcard: HashMap::new(), fingerprint, self_signed };
+    for s in &cfg.tls.sni {
+        let ck = load_pair(&s.cert, &s.key, &provider, cfg.source.as_deref())?;
+        for name in &s.names {
+            check_name(&ck, name).map_err(|m| ConfigError::at(cfg.source.as_deref(), &s.cert.at, m))?;
+            match name.strip_prefix("*.") {
+                Some(parent) => certs.wildcard.insert(parent.to_string(), ck.clone()),
+                None => certs.exact.insert(name.clone(), ck.clone()),
+            };
+        }
+    }
+    Ok(certs)
+}
+
+/// Checks that the certificate is valid for `name`, as a client would.
+fn check_name(ck: &Arc<CertifiedKey>, name: &str) -> Result<(), String> {
+    // rustls's own SNI resolver verifies the name against the certificate when adding it.
+    let probe = match name.strip_prefix("*.") {
+        Some(parent) => format!("sluice-name-check.{parent}"),
+        None => name.to_string(),
+    };
+    let dns = rustls_pki_types::DnsName::try_from(probe.as_str()).map_err(|_| format!("`{name}` is not a DNS name"))?;
+    let mut r = rustls::server::ResolvesServerCertUsingSni::new();
+    r.add(dns.to_lowercase_owned().as_ref(), CertifiedKey::clone(ck))
+        .map_err(|e| format!("the certificate is not valid for `{name}`: {e}"))
+}
+
+fn load_pair(cert: &ConfigPath, key: &ConfigPath, provider: &CryptoProvider, file: Option<&Path>) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = read_chain(&cert.path).map_err(|m| ConfigError::at(file, &cert.at, m))?;
+    let key_der = PrivateKeyDer::from_pem_file(&key.path).map_err(|e| {
+        ConfigError::at(file, &key.at, format!("{}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {}", key.path.display(), pem_error(&e)))
+    })?;
+    let ck = CertifiedKey::from_der(chain, key_der, provider).map_err(|e| {
+        ConfigError::at(file, &key.at, format!("{} does not fit certificate {}: {e}", key.path.display(), cert.path.display()))
+    })?;
+    Ok(Arc::new(ck))
+}
+
+fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let iter = CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))?;
+    let chain = iter.collect::<Result<Vec<_>, _>>().map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no PEM certificate in the file", path.display()));
+    }
+    Ok(chain)
+}
+
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    match e {
+        rustls_pki_types::pem::Error::Io(io) => io.to_string(),
+        rustls_pki_types::pem::Error::NoItemsFound => "no matching PEM section found".to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Loads the self-signed certificate from `dir`, or makes one there on first start.
+fn self_signed(dir: &Path, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
+    let err = |message: String| TlsError::SelfSigned { dir: dir.to_path_buf(), message };
+    let (cert_path, key_path) = (dir.join(SELF_SIGNED_CERT), dir.join(SELF_SIGNED_KEY));
+    if cert_path.exists() && key_path.exists() {
+        let chain = read_chain(&cert_path).map_err(err)?;
+        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| err(format!("{}: {}", key_path.display(), pem_error(&e))))?;
+        let ck = CertifiedKey::from_der(chain, key, provider).map_err(|e| err(e.to_string()))?;
+        return Ok(Arc::new(ck));
+    }
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    if let Some(h) = hostname() {
+        names.push(h);
+    }
+    let mut params = rcgen::CertificateParams::new(names).map_err(|e| err(e.to_string()))?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, "sluice self-signed");
+    let key_pair = rcgen::KeyPair::generate().map_err(|e| err(e.to_string()))?;
+    let cert = params.self_signed(&key_pair).map_err(|e| err(e.to_string()))?;
+    crate::state::ensure_dir(dir).map_err(|e| err(e.to_string()))?;
+    crate::state::write_private(&key_path, key_pair.serialize_pem().as_bytes()).map_err(|e| err(e.to_string()))?;
+    crate::state::write_public(&cert_path, cert.pem().as_bytes()).map_err(|e| err(e.to_string()))?;
+    let key = PrivateKeyDer::try_from(key_pair.serialize_der()).map_err(|e| err(e.to_string()))?;
+    let ck = CertifiedKey::from_der(vec![cert.der().clone()], key, provider).map_err(|e| err(e.to_string()))?;
+    Ok(Arc::new(ck))
+}
+
+fn hostname() -> Option<String> {
+    let h = fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let h = h.trim().to_ascii_lowercase();
+    let valid = !h.is_empty() && h != "localhost" && h.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    valid.then_some(h)
+}
+
+/// SHA-256 of a certificate, as `openssl x509 -fingerprint -sha256` prints it: `AB:CD:...`.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref());
+    d.as_ref().iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+/// The rustls server config: TLS 1.2 and 1.3, certificates from `store`, the routes' ALPN ids.
+pub fn server_config(store: Arc<CertStore>, alpn: Vec<Vec<u8>>) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    cfg.alpn_protocols = alpn;
+    cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    Ok(Arc::new(cfg))
+}
