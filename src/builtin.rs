@@ -11,7 +11,11 @@ use tokio::time::{timeout_at, Instant};
 pub const MAX_HEAD: usize = 16 * 1024;
 
 /// Reads up to the end of the request head (`\r\n\r\n`), starting from `prefix`.
-pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S, prefix: &[u8], deadline: Instant) -> io::Result<Vec<u8>> {
+pub async fn read_head<S: AsyncRead + Unpin>(
+    s: &mut S,
+    prefix: &[u8],
+    deadline: Instant,
+) -> io::Result<Vec<u8>> {
     let mut head = prefix.to_vec();
     let mut chunk = [0u8; 2048];
     loop {
@@ -20,13 +24,21 @@ pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S, prefix: &[u8], deadline:
             return Ok(head);
         }
         if head.len() >= MAX_HEAD {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "request head too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request head too large",
+            ));
         }
         let n = timeout_at(deadline, s.read(&mut chunk))
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request head not complete in time"))??;
+            .map_err(|_| {
+                io::Error::new(io::ErrorKind::TimedOut, "request head not complete in time")
+            })??;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed before the request head ended"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed before the request head ended",
+            ));
         }
         head.extend_from_slice(&chunk[..n]);
     }
@@ -58,12 +70,21 @@ pub fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
 pub fn https_location(head: &[u8]) -> Option<String> {
     let (_, target) = request_line(head)?;
     let host = header(head, "host")?;
-    let host_ok = !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+    let host_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
     let target_ok = target.starts_with('/') && target.bytes().all(|b| b.is_ascii_graphic());
     (host_ok && target_ok).then(|| format!("https://{host}{target}"))
 }
 
-async fn respond<S: AsyncWrite + Unpin>(s: &mut S, status: &str, extra: &str, body: &str, head_only: bool) -> io::Result<()> {
+async fn respond<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    status: &str,
+    extra: &str,
+    body: &str,
+    head_only: bool,
+) -> io::Result<()> {
     let mut out = format!(
         "HTTP/1.1 {status}\r\nServer: sluice\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n{extra}\r\n",
         body.len()
@@ -76,7 +97,11 @@ async fn respond<S: AsyncWrite + Unpin>(s: &mut S, status: &str, extra: &str, bo
 }
 
 /// Answers one request with the status page.
-pub async fn status_page<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, prefix: &[u8], deadline: Instant) -> io::Result<()> {
+pub async fn status_page<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    prefix: &[u8],
+    deadline: Instant,
+) -> io::Result<()> {
     let head = read_head(s, prefix, deadline).await?;
     let head_only = request_line(&head).is_some_and(|(m, _)| m == "HEAD");
     let body = concat!(
@@ -88,17 +113,46 @@ pub async fn status_page<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, prefix: &
 }
 
 /// Answers one plain HTTP request with a 308 to the same URL over https.
-pub async fn redirect<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, prefix: &[u8], deadline: Instant) -> io::Result<()> {
+pub async fn redirect<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    prefix: &[u8],
+    deadline: Instant,
+) -> io::Result<()> {
     let head = read_head(s, prefix, deadline).await?;
     match https_location(&head) {
-        Some(loc) => respond(s, "308 Permanent Redirect", &format!("Location: {loc}\r\n"), &format!("{loc}\n"), false).await,
-        None => respond(s, "400 Bad Request", "", "a Host header is needed to redirect to https\n", false).await,
+        Some(loc) => {
+            respond(
+                s,
+                "308 Permanent Redirect",
+                &format!("Location: {loc}\r\n"),
+                &format!("{loc}\n"),
+                false,
+            )
+            .await
+        }
+        None => {
+            respond(
+                s,
+                "400 Bad Request",
+                "",
+                "a Host header is needed to redirect to https\n",
+                false,
+            )
+            .await
+        }
     }
 }
 
 /// Tells an HTTP client that the upstream could not be reached, then closes.
 pub async fn bad_gateway<S: AsyncWrite + Unpin>(s: &mut S) -> io::Result<()> {
-    respond(s, "502 Bad Gateway", "", "the upstream HTTP server is not reachable\n", false).await
+    respond(
+        s,
+        "502 Bad Gateway",
+        "",
+        "the upstream HTTP server is not reachable\n",
+        false,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -108,13 +162,26 @@ mod tests {
     #[test]
     fn location_from_head() {
         let h = b"GET /a/b?c=d HTTP/1.1\r\nHost: example.com:8443\r\nAccept: */*\r\n\r\n";
-        assert_eq!(https_location(h).as_deref(), Some("https://example.com:8443/a/b?c=d"));
+        assert_eq!(
+            https_location(h).as_deref(),
+            Some("https://example.com:8443/a/b?c=d")
+        );
         let h = b"GET /x HTTP/1.1\r\nhost: [::1]:8443\r\n\r\n";
         assert_eq!(https_location(h).as_deref(), Some("https://[::1]:8443/x"));
         assert_eq!(https_location(b"GET /x HTTP/1.0\r\n\r\n"), None);
-        assert_eq!(https_location(b"GET /x HTTP/1.1\r\nHost: evil\r\n\x0d\nLocation: x\r\n\r\n").as_deref(), Some("https://evil/x"));
-        assert_eq!(https_location(b"GET /x HTTP/1.1\r\nHost: a b\r\n\r\n"), None);
-        assert_eq!(https_location(b"GET http://x/ HTTP/1.1\r\nHost: a\r\n\r\n"), None);
+        assert_eq!(
+            https_location(b"GET /x HTTP/1.1\r\nHost: evil\r\n\x0d\nLocation: x\r\n\r\n")
+                .as_deref(),
+            Some("https://evil/x")
+        );
+        assert_eq!(
+            https_location(b"GET /x HTTP/1.1\r\nHost: a b\r\n\r\n"),
+            None
+        );
+        assert_eq!(
+            https_location(b"GET http://x/ HTTP/1.1\r\nHost: a\r\n\r\n"),
+            None
+        );
     }
 
     #[tokio::test]
@@ -122,7 +189,13 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(1 << 20);
         let junk = vec![b'a'; MAX_HEAD + 10];
         b.write_all(&junk).await.unwrap();
-        let e = read_head(&mut a, b"GET / HTTP/1.1\r\n", Instant::now() + std::time::Duration::from_secs(5)).await.unwrap_err();
+        let e = read_head(
+            &mut a,
+            b"GET / HTTP/1.1\r\n",
+            Instant::now() + std::time::Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 }

@@ -24,6 +24,14 @@ use crate::upstream;
 /// decision are bounded by this plus 24.
 const PEEK_READ: usize = 4096;
 
+/// How long a closing goodbye (close_notify, a short HTTP answer) may take.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Closes a client cleanly (close_notify on TLS, then FIN), without waiting on a stuck peer.
+async fn close<S: AsyncWrite + Unpin>(client: &mut S) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
+}
+
 /// What is known about a connection, logged once when it closes.
 struct ConnLog {
     id: u64,
@@ -84,7 +92,12 @@ enum Peek {
 }
 
 /// Reads into `buf` until the classifier decides, the deadline passes or the stream ends.
-async fn peek<S: AsyncRead + Unpin>(s: &mut S, cands: Candidates, deadline: Instant, buf: &mut Vec<u8>) -> Peek {
+async fn peek<S: AsyncRead + Unpin>(
+    s: &mut S,
+    cands: Candidates,
+    deadline: Instant,
+    buf: &mut Vec<u8>,
+) -> Peek {
     let mut chunk = [0u8; PEEK_READ];
     loop {
         match detect::classify(buf, cands) {
@@ -103,9 +116,17 @@ async fn peek<S: AsyncRead + Unpin>(s: &mut S, cands: Candidates, deadline: Inst
 }
 
 /// Serves one accepted connection to the end.
-pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local: SocketAddr, unrouted: UnroutedGuard) {
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    unrouted: UnroutedGuard,
+) {
     let mut log = ConnLog {
-        id: shared.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        id: shared
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         peer,
         local,
         start: StdInstant::now(),
@@ -143,7 +164,10 @@ async fn serve(shared: &Shared, mut tcp: TcpStream, log: &mut ConnLog, unrouted:
         Peek::Match(p) => (route::plaintext(cfg, p), RoutedBy::Plaintext),
         Peek::Timeout => (route::plaintext_timeout(cfg), RoutedBy::Timeout),
         Peek::NoMatch => (Decision::Close("unknown protocol"), RoutedBy::Plaintext),
-        Peek::Eof => (Decision::Close("client closed before sending"), RoutedBy::Plaintext),
+        Peek::Eof => (
+            Decision::Close("client closed before sending"),
+            RoutedBy::Plaintext,
+        ),
         Peek::Error(e) => {
             log.noisy = true;
             log.outcome = format!("client error: {e}");
@@ -155,7 +179,13 @@ async fn serve(shared: &Shared, mut tcp: TcpStream, log: &mut ConnLog, unrouted:
     dispatch(shared, &mut tcp, prefix, decision, log, false).await;
 }
 
-async fn serve_tls(shared: &Shared, tcp: TcpStream, prefix: Vec<u8>, log: &mut ConnLog, unrouted: UnroutedGuard) {
+async fn serve_tls(
+    shared: &Shared,
+    tcp: TcpStream,
+    prefix: Vec<u8>,
+    log: &mut ConnLog,
+    unrouted: UnroutedGuard,
+) {
     let cfg = &shared.cfg;
     let handshake = shared.acceptor.accept(Prefixed::new(prefix, tcp));
     let mut tls = match tokio::time::timeout(cfg.tls.handshake_timeout, handshake).await {
@@ -167,15 +197,23 @@ async fn serve_tls(shared: &Shared, tcp: TcpStream, prefix: Vec<u8>, log: &mut C
         }
         Err(_) => {
             log.noisy = true;
-            log.outcome = format!("TLS handshake timed out after {}", humantime::format_duration(cfg.tls.handshake_timeout));
+            log.outcome = format!(
+                "TLS handshake timed out after {}",
+                humantime::format_duration(cfg.tls.handshake_timeout)
+            );
             return;
         }
     };
     let (alpn, sni) = {
         let (_, conn) = tls.get_ref();
-        (conn.alpn_protocol().map(<[u8]>::to_vec), conn.server_name().map(str::to_string))
+        (
+            conn.alpn_protocol().map(<[u8]>::to_vec),
+            conn.server_name().map(str::to_string),
+        )
     };
-    log.alpn = alpn.as_deref().map(|a| String::from_utf8_lossy(a).into_owned());
+    log.alpn = alpn
+        .as_deref()
+        .map(|a| String::from_utf8_lossy(a).into_owned());
     log.sni = sni.clone();
 
     let mut prefix = Vec::new();
@@ -189,7 +227,10 @@ async fn serve_tls(shared: &Shared, tcp: TcpStream, prefix: Vec<u8>, log: &mut C
             Peek::Match(p) => (route::by_inner_protocol(cfg, p), RoutedBy::Peek),
             Peek::NoMatch => (route::inner_unknown(cfg), RoutedBy::Peek),
             Peek::Timeout => (route::inner_timeout(cfg), RoutedBy::Timeout),
-            Peek::Eof => (Decision::Close("client closed before sending"), RoutedBy::Peek),
+            Peek::Eof => (
+                Decision::Close("client closed before sending"),
+                RoutedBy::Peek,
+            ),
             Peek::Error(e) => {
                 log.outcome = format!("client error: {e}");
                 return;
@@ -203,27 +244,40 @@ async fn serve_tls(shared: &Shared, tcp: TcpStream, prefix: Vec<u8>, log: &mut C
 }
 
 /// Sends a routed connection to its target. `prefix` holds client bytes already read.
-async fn dispatch<S>(shared: &Shared, client: &mut S, prefix: Vec<u8>, decision: Decision, log: &mut ConnLog, h2: bool)
-where
+async fn dispatch<S>(
+    shared: &Shared,
+    client: &mut S,
+    prefix: Vec<u8>,
+    decision: Decision,
+    log: &mut ConnLog,
+    h2: bool,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let cfg = &shared.cfg;
-    let reply_deadline = Instant::now() + cfg.detect.timeout.max(std::time::Duration::from_secs(10));
+    let reply_deadline =
+        Instant::now() + cfg.detect.timeout.max(std::time::Duration::from_secs(10));
     let kind = match decision {
         Decision::Route(kind) => kind,
         Decision::Redirect => {
             log.route = Some(RouteKind::Http);
             log.target = Some("redirect to https".into());
-            log.outcome = match builtin::redirect(client, &prefix, reply_deadline).await {
-                Ok(()) => "redirected to https".into(),
-                Err(e) => format!("redirect failed: {e}"),
+            log.outcome = match timeout_at(
+                reply_deadline + CLOSE_TIMEOUT,
+                builtin::redirect(client, &prefix, reply_deadline),
+            )
+            .await
+            {
+                Ok(Ok(())) => "redirected to https".into(),
+                Ok(Err(e)) => format!("redirect failed: {e}"),
+                Err(_) => "redirect failed: client too slow".into(),
             };
             return;
         }
         Decision::Close(why) => {
             log.noisy = true;
             log.outcome = format!("closed: {why}");
-            let _ = client.shutdown().await;
+            close(client).await;
             return;
         }
     };
@@ -233,15 +287,21 @@ where
         match kind {
             RouteKind::Http => {
                 log.target = Some("status page".into());
-                log.outcome = match builtin::status_page(client, &prefix, reply_deadline).await {
-                    Ok(()) => "served status page".into(),
-                    Err(e) => format!("status page not served: {e}"),
+                log.outcome = match timeout_at(
+                    reply_deadline + CLOSE_TIMEOUT,
+                    builtin::status_page(client, &prefix, reply_deadline),
+                )
+                .await
+                {
+                    Ok(Ok(())) => "served status page".into(),
+                    Ok(Err(e)) => format!("status page not served: {e}"),
+                    Err(_) => "status page not served: client too slow".into(),
                 };
             }
             RouteKind::Ssh => {
                 log.target = Some("embedded ssh".into());
                 log.outcome = "closed: the embedded SSH server is not available in this build; set [routes.ssh] upstream".into();
-                let _ = client.shutdown().await;
+                close(client).await;
             }
         }
         return;
@@ -253,7 +313,9 @@ where
             warn!(id = log.id, peer = %log.peer, route = kind.as_str(), error = %e, "upstream unreachable");
             log.outcome = format!("upstream unreachable: {e}");
             if kind == RouteKind::Http && !h2 {
-                let _ = builtin::bad_gateway(client).await;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, builtin::bad_gateway(client)).await;
+            } else {
+                close(client).await;
             }
             return;
         }
@@ -270,8 +332,12 @@ where
             return;
         }
     }
-    let (bytes, end) = relay::relay(client, &mut server, route.idle_timeout, &shared.force_close).await;
-    log.bytes = relay::Bytes { up: bytes.up + prefix.len() as u64, down: bytes.down };
+    let (bytes, end) =
+        relay::relay(client, &mut server, route.idle_timeout, &shared.force_close).await;
+    log.bytes = relay::Bytes {
+        up: bytes.up + prefix.len() as u64,
+        down: bytes.down,
+    };
     log.outcome = match end {
         End::Closed => "closed".into(),
         other => other.to_string(),

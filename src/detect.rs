@@ -58,9 +58,19 @@ pub struct Candidates {
 
 impl Candidates {
     /// Before TLS, on the raw TCP stream: a ClientHello, plain SSH or plain HTTP/1.x.
-    pub const OUTER: Candidates = Candidates { tls: true, ssh: true, http1: true, http2: false };
+    pub const OUTER: Candidates = Candidates {
+        tls: true,
+        ssh: true,
+        http1: true,
+        http2: false,
+    };
     /// After TLS, on the decrypted stream: SSH, HTTP/1.x or the HTTP/2 preface.
-    pub const INNER: Candidates = Candidates { tls: false, ssh: true, http1: true, http2: true };
+    pub const INNER: Candidates = Candidates {
+        tls: false,
+        ssh: true,
+        http1: true,
+        http2: true,
+    };
 
     fn allows(self, p: Protocol) -> bool {
         match p {
@@ -164,7 +174,13 @@ mod tests {
         for n in 0..=full.len() {
             let v = classify(&full[..n], c);
             if n < sig_len {
-                assert_eq!(v, Verdict::NeedMore, "prefix {:?} of {:?}", &full[..n], full);
+                assert_eq!(
+                    v,
+                    Verdict::NeedMore,
+                    "prefix {:?} of {:?}",
+                    &full[..n],
+                    full
+                );
             } else {
                 assert_eq!(v, expect, "prefix {:?} of {:?}", &full[..n], full);
             }
@@ -209,9 +225,17 @@ mod tests {
 
     #[test]
     fn client_hello_every_prefix() {
-        check_all_prefixes(CLIENT_HELLO_START, Candidates::OUTER, Verdict::Match(Protocol::Tls), 3);
+        check_all_prefixes(
+            CLIENT_HELLO_START,
+            Candidates::OUTER,
+            Verdict::Match(Protocol::Tls),
+            3,
+        );
         for minor in 0..=4u8 {
-            assert_eq!(classify(&[0x16, 3, minor], Candidates::OUTER), Verdict::Match(Protocol::Tls));
+            assert_eq!(
+                classify(&[0x16, 3, minor], Candidates::OUTER),
+                Verdict::Match(Protocol::Tls)
+            );
         }
         assert_eq!(classify(&[0x16, 3, 5], Candidates::OUTER), Verdict::NoMatch);
         assert_eq!(classify(&[0x16, 2], Candidates::OUTER), Verdict::NoMatch);
@@ -248,7 +272,9 @@ mod tests {
         let alphabet = b"SH-GETPOSUIR *\x16\x03\x01\r\nACD";
         for _ in 0..20_000 {
             let len = (next() % 30) as usize;
-            let buf: Vec<u8> = (0..len).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]).collect();
+            let buf: Vec<u8> = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
             for c in [Candidates::OUTER, Candidates::INNER] {
                 let mut settled = None;
                 for n in 0..=buf.len() {

@@ -68,7 +68,10 @@ impl Server {
         let tls_config = tls::server_config(certs.clone(), cfg.alpn_offered())?;
         let mut listeners = Vec::new();
         for addr in &cfg.listen {
-            let l = bind(*addr).map_err(|source| ServeError::Bind { addr: *addr, source })?;
+            let l = bind(*addr).map_err(|source| ServeError::Bind {
+                addr: *addr,
+                source,
+            })?;
             listeners.push(l);
         }
         let shared = Arc::new(Shared {
@@ -80,12 +83,20 @@ impl Server {
             refusals: Throttle::new(),
             failures: Throttle::new(),
         });
-        Ok(Server { listeners, shared, certs, state_dir })
+        Ok(Server {
+            listeners,
+            shared,
+            certs,
+            state_dir,
+        })
     }
 
     /// The addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// The certificates in force.
@@ -102,10 +113,17 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let stop_accepting = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(self.shared.cfg.limits.max_connections as usize));
+        let limit = Arc::new(Semaphore::new(
+            self.shared.cfg.limits.max_connections as usize,
+        ));
         let mut accepting = tokio::task::JoinSet::new();
         for l in self.listeners {
-            let (shared, stop, tracker, limit) = (self.shared.clone(), stop_accepting.clone(), tracker.clone(), limit.clone());
+            let (shared, stop, tracker, limit) = (
+                self.shared.clone(),
+                stop_accepting.clone(),
+                tracker.clone(),
+                limit.clone(),
+            );
             accepting.spawn(accept_loop(l, shared, stop, tracker, limit));
         }
         shutdown.await;
@@ -116,10 +134,19 @@ impl Server {
         let open = tracker.len();
         info!(open_connections = open, grace = %humantime::format_duration(grace), "shutting down: no new connections; open ones may finish");
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            warn!(open_connections = tracker.len(), "shutdown grace over: closing the remaining connections");
+            warn!(
+                open_connections = tracker.len(),
+                "shutdown grace over: closing the remaining connections"
+            );
             self.shared.force_close.cancel();
-            if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
-                warn!(open_connections = tracker.len(), "connections still open after close; exiting anyway");
+            if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    open_connections = tracker.len(),
+                    "connections still open after close; exiting anyway"
+                );
             }
         }
         info!("stopped");
@@ -143,7 +170,10 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Lifts the soft open-files limit to the hard one: each relayed connection needs two.
 #[allow(unsafe_code)]
 fn raise_nofile_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
@@ -153,7 +183,13 @@ fn raise_nofile_limit() {
     }
 }
 
-async fn accept_loop(l: TcpListener, shared: Arc<Shared>, stop: CancellationToken, tracker: TaskTracker, limit: Arc<Semaphore>) {
+async fn accept_loop(
+    l: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    limit: Arc<Semaphore>,
+) {
     let mut backoff = Duration::ZERO;
     loop {
         let accepted = tokio::select! {
@@ -168,7 +204,8 @@ async fn accept_loop(l: TcpListener, shared: Arc<Shared>, stop: CancellationToke
             Err(e) => {
                 if is_resource_exhaustion(&e) {
                     // Out of descriptors or memory: accepting again at once would spin.
-                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
                     if let Some(n) = shared.refusals.allow() {
                         warn!(error = %e, retry_in = ?backoff, suppressed = n, "accept failed: out of resources; backing off");
                     }
@@ -205,12 +242,17 @@ async fn accept_loop(l: TcpListener, shared: Arc<Shared>, stop: CancellationToke
 
 fn configure(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
-    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(120)).with_interval(Duration::from_secs(30));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(120))
+        .with_interval(Duration::from_secs(30));
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Counts connections per client IP that are not routed yet.
@@ -221,7 +263,10 @@ pub(crate) struct Unrouted {
 
 impl Unrouted {
     fn new(max: u32) -> Self {
-        Unrouted { max, map: Mutex::new(HashMap::new()) }
+        Unrouted {
+            max,
+            map: Mutex::new(HashMap::new()),
+        }
     }
 
     fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<UnroutedGuard> {
@@ -231,7 +276,10 @@ impl Unrouted {
             return None;
         }
         *n += 1;
-        Some(UnroutedGuard { owner: self.clone(), ip })
+        Some(UnroutedGuard {
+            owner: self.clone(),
+            ip,
+        })
     }
 }
 
@@ -262,7 +310,9 @@ const THROTTLE_PER_SECOND: u32 = 10;
 
 impl Throttle {
     fn new() -> Self {
-        Throttle { state: Mutex::new((tokio::time::Instant::now(), 0, 0)) }
+        Throttle {
+            state: Mutex::new((tokio::time::Instant::now(), 0, 0)),
+        }
     }
 
     /// `Some(suppressed since the last line)` if this line may be logged.

@@ -61,10 +61,17 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }
@@ -106,7 +113,10 @@ fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
         }
     };
     let state_dir = sluice::state::resolve(state_dir.as_deref().or(cfg.state_dir.as_deref()));
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!("cannot start the runtime: {e}");
@@ -158,7 +168,11 @@ fn announce(server: &Server, cfg: &Config) {
     if certs.self_signed {
         let cert = server.state_dir().join(sluice::tls::SELF_SIGNED_CERT);
         if let Some(a) = addrs.first() {
-            let host = if a.ip().is_loopback() { "localhost".to_string() } else { a.ip().to_string() };
+            let host = if a.ip().is_loopback() {
+                "localhost".to_string()
+            } else {
+                a.ip().to_string()
+            };
             let port = a.port();
             info!(
                 "self-signed certificate {}; try: curl --cacert {} https://{host}:{port}/ ; ssh -o ProxyCommand='openssl s_client -quiet -connect %h:%p -servername {host}' -p {port} {host}",

@@ -7,9 +7,9 @@
 //! idle connections hold no relay buffer.
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::fmt;
 use std::future::poll_fn;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -28,7 +28,8 @@ thread_local! {
 }
 
 fn take_buf() -> Box<[u8]> {
-    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
 }
 
 fn give_buf(b: Box<[u8]>) {
@@ -102,7 +103,13 @@ enum HalfError {
 }
 
 impl Half {
-    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W, last: &mut Instant) -> Poll<Result<(), HalfError>>
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        last: &mut Instant,
+    ) -> Poll<Result<(), HalfError>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
@@ -127,14 +134,18 @@ impl Half {
                         }
                     }
                     // A TLS peer that closes without close_notify: all data was delivered.
-                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => self.eof = true,
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        self.eof = true
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Read(e))),
                     Poll::Pending => {
                         // The writer may buffer (TLS does): push out what it holds before waiting.
                         if self.need_flush {
                             match Pin::new(&mut *w).poll_flush(cx) {
                                 Poll::Ready(Ok(())) => self.need_flush = false,
-                                Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Write(e))),
+                                Poll::Ready(Err(e)) => {
+                                    return Poll::Ready(Err(HalfError::Write(e)))
+                                }
                                 Poll::Pending => {}
                             }
                         }
@@ -146,9 +157,13 @@ impl Half {
                 }
             }
             while self.pos < self.cap {
-                let Some(buf) = self.buf.as_deref() else { break };
+                let Some(buf) = self.buf.as_deref() else {
+                    break;
+                };
                 match ready!(Pin::new(&mut *w).poll_write(cx, &buf[self.pos..self.cap])) {
-                    Ok(0) => return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into()))),
+                    Ok(0) => {
+                        return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into())))
+                    }
                     Ok(n) => {
                         self.pos += n;
                         self.need_flush = true;
@@ -171,7 +186,12 @@ impl Half {
 
 /// Relays between `client` and `upstream` until both directions are closed, one side fails,
 /// nothing moves for `idle`, or `stop` is cancelled. Returns the byte counts and how it ended.
-pub async fn relay<C, U>(client: &mut C, upstream: &mut U, idle: Duration, stop: &CancellationToken) -> (Bytes, End)
+pub async fn relay<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    idle: Duration,
+    stop: &CancellationToken,
+) -> (Bytes, End)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -186,14 +206,22 @@ where
 
     let end = poll_fn(|cx| {
         let a = match up.poll_copy(cx, client, upstream, &mut last) {
-            Poll::Ready(Err(HalfError::Read(e))) => return Poll::Ready(End::Error(Side::Client, e)),
-            Poll::Ready(Err(HalfError::Write(e))) => return Poll::Ready(End::Error(Side::Upstream, e)),
+            Poll::Ready(Err(HalfError::Read(e))) => {
+                return Poll::Ready(End::Error(Side::Client, e))
+            }
+            Poll::Ready(Err(HalfError::Write(e))) => {
+                return Poll::Ready(End::Error(Side::Upstream, e))
+            }
             Poll::Ready(Ok(())) => true,
             Poll::Pending => false,
         };
         let b = match down.poll_copy(cx, upstream, client, &mut last) {
-            Poll::Ready(Err(HalfError::Read(e))) => return Poll::Ready(End::Error(Side::Upstream, e)),
-            Poll::Ready(Err(HalfError::Write(e))) => return Poll::Ready(End::Error(Side::Client, e)),
+            Poll::Ready(Err(HalfError::Read(e))) => {
+                return Poll::Ready(End::Error(Side::Upstream, e))
+            }
+            Poll::Ready(Err(HalfError::Write(e))) => {
+                return Poll::Ready(End::Error(Side::Client, e))
+            }
             Poll::Ready(Ok(())) => true,
             Poll::Pending => false,
         };
@@ -219,5 +247,11 @@ where
             give_buf(b);
         }
     }
-    (Bytes { up: up.bytes, down: down.bytes }, end)
+    (
+        Bytes {
+            up: up.bytes,
+            down: down.bytes,
+        },
+        end,
+    )
 }

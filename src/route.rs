@@ -52,7 +52,10 @@ pub enum Decision {
 
 /// The route whose ALPN list holds the protocol the client chose.
 pub fn by_alpn(cfg: &Config, alpn: &[u8]) -> Option<RouteKind> {
-    [&cfg.ssh, &cfg.http].into_iter().find(|r| r.alpn.iter().any(|p| p.as_bytes() == alpn)).map(|r| r.kind)
+    [&cfg.ssh, &cfg.http]
+        .into_iter()
+        .find(|r| r.alpn.iter().any(|p| p.as_bytes() == alpn))
+        .map(|r| r.kind)
 }
 
 /// The route bound to the SNI name the client sent.
@@ -62,7 +65,10 @@ pub fn by_sni(cfg: &Config, sni: &str) -> Option<RouteKind> {
         Some(parent) => sni.split_once('.').is_some_and(|(_, p)| p == parent),
         None => *pat == sni,
     };
-    [&cfg.ssh, &cfg.http].into_iter().find(|r| r.sni.iter().any(matches)).map(|r| r.kind)
+    [&cfg.ssh, &cfg.http]
+        .into_iter()
+        .find(|r| r.sni.iter().any(matches))
+        .map(|r| r.kind)
 }
 
 /// After TLS: the route for a recognised protocol in the decrypted bytes.
@@ -70,7 +76,9 @@ pub fn by_inner_protocol(cfg: &Config, p: Protocol) -> Decision {
     match p {
         Protocol::Ssh => Decision::Route(RouteKind::Ssh),
         Protocol::Http1 => Decision::Route(RouteKind::Http),
-        Protocol::Http2 if cfg.http.alpn.iter().any(|a| a == "h2") => Decision::Route(RouteKind::Http),
+        Protocol::Http2 if cfg.http.alpn.iter().any(|a| a == "h2") => {
+            Decision::Route(RouteKind::Http)
+        }
         Protocol::Http2 | Protocol::Tls => fallback(cfg.detect.on_unknown, "unknown protocol"),
     }
 }
@@ -102,7 +110,9 @@ pub fn plaintext(cfg: &Config, p: Protocol) -> Decision {
 /// Before TLS: a silent client goes to `on_timeout` only if that route takes plaintext.
 pub fn plaintext_timeout(cfg: &Config) -> Decision {
     match cfg.detect.on_timeout {
-        Fallback::Route(kind) if cfg.route(kind).plaintext == Plaintext::Accept => Decision::Route(kind),
+        Fallback::Route(kind) if cfg.route(kind).plaintext == Plaintext::Accept => {
+            Decision::Route(kind)
+        }
         Fallback::Route(_) => Decision::Close("silent client; on_timeout route refuses plaintext"),
         Fallback::Close => Decision::Close("silent client"),
     }
@@ -140,27 +150,49 @@ mod tests {
     #[test]
     fn inner_fallbacks() {
         let c = cfg("");
-        assert_eq!(by_inner_protocol(&c, Protocol::Ssh), Decision::Route(RouteKind::Ssh));
-        assert_eq!(by_inner_protocol(&c, Protocol::Http1), Decision::Route(RouteKind::Http));
+        assert_eq!(
+            by_inner_protocol(&c, Protocol::Ssh),
+            Decision::Route(RouteKind::Ssh)
+        );
+        assert_eq!(
+            by_inner_protocol(&c, Protocol::Http1),
+            Decision::Route(RouteKind::Http)
+        );
         // No h2 upstream: the preface is not HTTP we can serve.
-        assert_eq!(by_inner_protocol(&c, Protocol::Http2), Decision::Close("unknown protocol"));
+        assert_eq!(
+            by_inner_protocol(&c, Protocol::Http2),
+            Decision::Close("unknown protocol")
+        );
         assert_eq!(inner_timeout(&c), Decision::Route(RouteKind::Ssh));
         assert_eq!(inner_unknown(&c), Decision::Close("unknown protocol"));
         let c = cfg("[detect]\non_timeout = \"close\"\non_unknown = \"http\"\n[routes.http]\nupstream = \"h:1\"\nh2 = true\n");
-        assert_eq!(by_inner_protocol(&c, Protocol::Http2), Decision::Route(RouteKind::Http));
+        assert_eq!(
+            by_inner_protocol(&c, Protocol::Http2),
+            Decision::Route(RouteKind::Http)
+        );
         assert_eq!(inner_timeout(&c), Decision::Close("silent client"));
         assert_eq!(inner_unknown(&c), Decision::Route(RouteKind::Http));
     }
 
     #[test]
     fn plaintext_policies() {
-        let c = cfg("[routes.http]\nplaintext = \"redirect\"\n[routes.ssh]\nplaintext = \"reject\"\n");
+        let c =
+            cfg("[routes.http]\nplaintext = \"redirect\"\n[routes.ssh]\nplaintext = \"reject\"\n");
         assert_eq!(plaintext(&c, Protocol::Http1), Decision::Redirect);
-        assert_eq!(plaintext(&c, Protocol::Ssh), Decision::Close("plaintext refused by route"));
+        assert_eq!(
+            plaintext(&c, Protocol::Ssh),
+            Decision::Close("plaintext refused by route")
+        );
         assert!(matches!(plaintext_timeout(&c), Decision::Close(_)));
         let c = cfg("");
-        assert_eq!(plaintext(&c, Protocol::Http1), Decision::Route(RouteKind::Http));
-        assert_eq!(plaintext(&c, Protocol::Ssh), Decision::Route(RouteKind::Ssh));
+        assert_eq!(
+            plaintext(&c, Protocol::Http1),
+            Decision::Route(RouteKind::Http)
+        );
+        assert_eq!(
+            plaintext(&c, Protocol::Ssh),
+            Decision::Route(RouteKind::Ssh)
+        );
         assert_eq!(plaintext_timeout(&c), Decision::Route(RouteKind::Ssh));
     }
 }

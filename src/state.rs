@@ -11,8 +11,15 @@ pub fn resolve(explicit: Option<&Path>) -> PathBuf {
     if let Some(p) = explicit {
         return p.to_path_buf();
     }
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(s) = std::env::var("STATE_DIRECTORY").ok().and_then(|v| v.split(':').next().map(PathBuf::from)) {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(s) = std::env::var("STATE_DIRECTORY")
+        .ok()
+        .and_then(|v| v.split(':').next().map(PathBuf::from))
+    {
         if !s.as_os_str().is_empty() {
             return s;
         }
@@ -28,7 +35,10 @@ pub fn resolve(explicit: Option<&Path>) -> PathBuf {
 
 /// Creates `dir` (mode 0700) if it does not exist.
 pub fn ensure_dir(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Writes a secret atomically with mode 0600: a temporary file, fsync, rename.
@@ -44,7 +54,11 @@ pub fn write_public(path: &Path, data: &[u8]) -> io::Result<()> {
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let result = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         // The umask may have narrowed the mode; a secret must never be wider than asked.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;

@@ -62,7 +62,9 @@ pub struct Certs {
 
 impl Certs {
     fn pick(&self, sni: Option<&str>) -> &Arc<CertifiedKey> {
-        let Some(name) = sni else { return &self.default };
+        let Some(name) = sni else {
+            return &self.default;
+        };
         let name = name.to_ascii_lowercase();
         if let Some(k) = self.exact.get(&name) {
             return k;
@@ -85,7 +87,9 @@ pub struct CertStore {
 impl CertStore {
     /// A store serving `certs`.
     pub fn new(certs: Certs) -> Self {
-        CertStore { current: ArcSwap::from_pointee(certs) }
+        CertStore {
+            current: ArcSwap::from_pointee(certs),
+        }
     }
 
     /// The certificates in force.
@@ -109,15 +113,25 @@ impl ResolvesServerCert for CertStore {
 pub fn load_certs(cfg: &Config, state_dir: &Path) -> Result<Certs, TlsError> {
     let provider = provider();
     let (default, self_signed) = match &cfg.tls.cert {
-        CertSource::Files { cert, key } => (load_pair(cert, key, &provider, cfg.source.as_deref())?, false),
+        CertSource::Files { cert, key } => (
+            load_pair(cert, key, &provider, cfg.source.as_deref())?,
+            false,
+        ),
         CertSource::SelfSigned => (self_signed(state_dir, &provider)?, true),
     };
     let fingerprint = fingerprint(&default.cert[0]);
-    let mut certs = Certs { default, exact: HashMap::new(), wildcard: HashMap::new(), fingerprint, self_signed };
+    let mut certs = Certs {
+        default,
+        exact: HashMap::new(),
+        wildcard: HashMap::new(),
+        fingerprint,
+        self_signed,
+    };
     for s in &cfg.tls.sni {
         let ck = load_pair(&s.cert, &s.key, &provider, cfg.source.as_deref())?;
         for name in &s.names {
-            check_name(&ck, name).map_err(|m| ConfigError::at(cfg.source.as_deref(), &s.cert.at, m))?;
+            check_name(&ck, name)
+                .map_err(|m| ConfigError::at(cfg.source.as_deref(), &s.cert.at, m))?;
             match name.strip_prefix("*.") {
                 Some(parent) => certs.wildcard.insert(parent.to_string(), ck.clone()),
                 None => certs.exact.insert(name.clone(), ck.clone()),
@@ -134,28 +148,56 @@ fn check_name(ck: &Arc<CertifiedKey>, name: &str) -> Result<(), String> {
         Some(parent) => format!("sluice-name-check.{parent}"),
         None => name.to_string(),
     };
-    let dns = rustls_pki_types::DnsName::try_from(probe.as_str()).map_err(|_| format!("`{name}` is not a DNS name"))?;
+    let dns = rustls_pki_types::DnsName::try_from(probe.as_str())
+        .map_err(|_| format!("`{name}` is not a DNS name"))?;
     let mut r = rustls::server::ResolvesServerCertUsingSni::new();
     r.add(dns.to_lowercase_owned().as_ref(), CertifiedKey::clone(ck))
         .map_err(|e| format!("the certificate is not valid for `{name}`: {e}"))
 }
 
-fn load_pair(cert: &ConfigPath, key: &ConfigPath, provider: &CryptoProvider, file: Option<&Path>) -> Result<Arc<CertifiedKey>, TlsError> {
+fn load_pair(
+    cert: &ConfigPath,
+    key: &ConfigPath,
+    provider: &CryptoProvider,
+    file: Option<&Path>,
+) -> Result<Arc<CertifiedKey>, TlsError> {
     let chain = read_chain(&cert.path).map_err(|m| ConfigError::at(file, &cert.at, m))?;
     let key_der = PrivateKeyDer::from_pem_file(&key.path).map_err(|e| {
-        ConfigError::at(file, &key.at, format!("{}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {}", key.path.display(), pem_error(&e)))
+        ConfigError::at(
+            file,
+            &key.at,
+            format!(
+                "{}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {}",
+                key.path.display(),
+                pem_error(&e)
+            ),
+        )
     })?;
     let ck = CertifiedKey::from_der(chain, key_der, provider).map_err(|e| {
-        ConfigError::at(file, &key.at, format!("{} does not fit certificate {}: {e}", key.path.display(), cert.path.display()))
+        ConfigError::at(
+            file,
+            &key.at,
+            format!(
+                "{} does not fit certificate {}: {e}",
+                key.path.display(),
+                cert.path.display()
+            ),
+        )
     })?;
     Ok(Arc::new(ck))
 }
 
 fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let iter = CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))?;
-    let chain = iter.collect::<Result<Vec<_>, _>>().map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))?;
+    let iter = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))?;
+    let chain = iter
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))?;
     if chain.is_empty() {
-        return Err(format!("{}: no PEM certificate in the file", path.display()));
+        return Err(format!(
+            "{}: no PEM certificate in the file",
+            path.display()
+        ));
     }
     Ok(chain)
 }
@@ -170,45 +212,70 @@ fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
 
 /// Loads the self-signed certificate from `dir`, or makes one there on first start.
 fn self_signed(dir: &Path, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
-    let err = |message: String| TlsError::SelfSigned { dir: dir.to_path_buf(), message };
+    let err = |message: String| TlsError::SelfSigned {
+        dir: dir.to_path_buf(),
+        message,
+    };
     let (cert_path, key_path) = (dir.join(SELF_SIGNED_CERT), dir.join(SELF_SIGNED_KEY));
     if cert_path.exists() && key_path.exists() {
         let chain = read_chain(&cert_path).map_err(err)?;
-        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| err(format!("{}: {}", key_path.display(), pem_error(&e))))?;
+        let key = PrivateKeyDer::from_pem_file(&key_path)
+            .map_err(|e| err(format!("{}: {}", key_path.display(), pem_error(&e))))?;
         let ck = CertifiedKey::from_der(chain, key, provider).map_err(|e| err(e.to_string()))?;
         return Ok(Arc::new(ck));
     }
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     if let Some(h) = hostname() {
         names.push(h);
     }
     let mut params = rcgen::CertificateParams::new(names).map_err(|e| err(e.to_string()))?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, "sluice self-signed");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sluice self-signed");
     let key_pair = rcgen::KeyPair::generate().map_err(|e| err(e.to_string()))?;
-    let cert = params.self_signed(&key_pair).map_err(|e| err(e.to_string()))?;
+    let cert = params
+        .self_signed(&key_pair)
+        .map_err(|e| err(e.to_string()))?;
     crate::state::ensure_dir(dir).map_err(|e| err(e.to_string()))?;
-    crate::state::write_private(&key_path, key_pair.serialize_pem().as_bytes()).map_err(|e| err(e.to_string()))?;
-    crate::state::write_public(&cert_path, cert.pem().as_bytes()).map_err(|e| err(e.to_string()))?;
+    crate::state::write_private(&key_path, key_pair.serialize_pem().as_bytes())
+        .map_err(|e| err(e.to_string()))?;
+    crate::state::write_public(&cert_path, cert.pem().as_bytes())
+        .map_err(|e| err(e.to_string()))?;
     let key = PrivateKeyDer::try_from(key_pair.serialize_der()).map_err(|e| err(e.to_string()))?;
-    let ck = CertifiedKey::from_der(vec![cert.der().clone()], key, provider).map_err(|e| err(e.to_string()))?;
+    let ck = CertifiedKey::from_der(vec![cert.der().clone()], key, provider)
+        .map_err(|e| err(e.to_string()))?;
     Ok(Arc::new(ck))
 }
 
 fn hostname() -> Option<String> {
     let h = fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let h = h.trim().to_ascii_lowercase();
-    let valid = !h.is_empty() && h != "localhost" && h.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    let valid = !h.is_empty()
+        && h != "localhost"
+        && h.split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
     valid.then_some(h)
 }
 
 /// SHA-256 of a certificate, as `openssl x509 -fingerprint -sha256` prints it: `AB:CD:...`.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref());
-    d.as_ref().iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+    d.as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The rustls server config: TLS 1.2 and 1.3, certificates from `store`, the routes' ALPN ids.
-pub fn server_config(store: Arc<CertStore>, alpn: Vec<Vec<u8>>) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    store: Arc<CertStore>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()

@@ -236,7 +236,10 @@ pub enum ConfigError {
 }
 
 fn fmt_invalid(file: Option<&Path>, at: &Location, message: &str) -> String {
-    let file = file.map_or_else(|| "<built-in config>".to_string(), |f| f.display().to_string());
+    let file = file.map_or_else(
+        || "<built-in config>".to_string(),
+        |f| f.display().to_string(),
+    );
     let mut s = file;
     if at.line > 0 {
         s.push_str(&format!(":{}:{}", at.line, at.col));
@@ -252,7 +255,11 @@ fn fmt_invalid(file: Option<&Path>, at: &Location, message: &str) -> String {
 impl ConfigError {
     /// An error about the value at `at` in the file `file`.
     pub fn at(file: Option<&Path>, at: &Location, message: impl Into<String>) -> Self {
-        ConfigError::Invalid { file: file.map(Path::to_path_buf), at: at.clone(), message: message.into() }
+        ConfigError::Invalid {
+            file: file.map(Path::to_path_buf),
+            at: at.clone(),
+            message: message.into(),
+        }
     }
 }
 
@@ -265,13 +272,20 @@ impl Config {
             listen: vec![listen],
             state_dir: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
-            tls: TlsSettings { cert: CertSource::SelfSigned, sni: Vec::new(), handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT },
+            tls: TlsSettings {
+                cert: CertSource::SelfSigned,
+                sni: Vec::new(),
+                handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            },
             detect: DetectSettings {
                 timeout: DEFAULT_DETECT_TIMEOUT,
                 on_timeout: Fallback::Route(RouteKind::Ssh),
                 on_unknown: Fallback::Close,
             },
-            limits: Limits { max_connections: DEFAULT_MAX_CONNECTIONS, max_unrouted_per_ip: DEFAULT_MAX_UNROUTED_PER_IP },
+            limits: Limits {
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+                max_unrouted_per_ip: DEFAULT_MAX_UNROUTED_PER_IP,
+            },
             http: Route::default_for(RouteKind::Http),
             ssh: Route::default_for(RouteKind::Ssh),
         }
@@ -279,7 +293,10 @@ impl Config {
 
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Config::parse(&text, Some(path), &base)
     }
@@ -306,7 +323,10 @@ impl Config {
         // h2 before http/1.1 so that clients offering both get h2 when the upstream speaks it.
         let mut http = self.http.alpn.clone();
         http.sort_by_key(|p| p != "h2");
-        http.iter().chain(self.ssh.alpn.iter()).map(|p| p.as_bytes().to_vec()).collect()
+        http.iter()
+            .chain(self.ssh.alpn.iter())
+            .map(|p| p.as_bytes().to_vec())
+            .collect()
     }
 
     /// The routing table, as `sluice check` prints it.
@@ -315,15 +335,27 @@ impl Config {
         let listen: Vec<String> = self.listen.iter().map(ToString::to_string).collect();
         s.push_str(&format!("listen        {}\n", listen.join(", ")));
         match &self.tls.cert {
-            CertSource::Files { cert, key } => {
-                s.push_str(&format!("tls           cert {} key {}\n", cert.path.display(), key.path.display()))
+            CertSource::Files { cert, key } => s.push_str(&format!(
+                "tls           cert {} key {}\n",
+                cert.path.display(),
+                key.path.display()
+            )),
+            CertSource::SelfSigned => {
+                s.push_str("tls           self-signed certificate in the state directory\n")
             }
-            CertSource::SelfSigned => s.push_str("tls           self-signed certificate in the state directory\n"),
         }
         for c in &self.tls.sni {
-            s.push_str(&format!("tls sni       {} -> cert {}\n", c.names.join(", "), c.cert.path.display()));
+            s.push_str(&format!(
+                "tls sni       {} -> cert {}\n",
+                c.names.join(", "),
+                c.cert.path.display()
+            ));
         }
-        let alpn: Vec<String> = self.alpn_offered().iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+        let alpn: Vec<String> = self
+            .alpn_offered()
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
         s.push_str(&format!("alpn offered  {}\n", alpn.join(", ")));
         s.push_str(&format!(
             "detect        alpn, then sni, then first bytes within {}; silent -> {}; unknown -> {}\n",
@@ -332,7 +364,11 @@ impl Config {
             self.detect.on_unknown
         ));
         for r in [&self.ssh, &self.http] {
-            s.push_str(&format!("route {:<7} -> {}\n", r.kind.as_str(), r.target_description()));
+            s.push_str(&format!(
+                "route {:<7} -> {}\n",
+                r.kind.as_str(),
+                r.target_description()
+            ));
             s.push_str(&format!(
                 "              alpn [{}]  sni [{}]  plaintext {}  idle {}\n",
                 r.alpn.join(", "),
@@ -368,7 +404,11 @@ impl Route {
     pub fn target_description(&self) -> String {
         match (&self.upstream, self.kind) {
             (Some(u), _) => {
-                let mut s = format!("upstream {} (connect timeout {}", u.addr, humantime::format_duration(u.connect_timeout));
+                let mut s = format!(
+                    "upstream {} (connect timeout {}",
+                    u.addr,
+                    humantime::format_duration(u.connect_timeout)
+                );
                 if let Some(p) = u.proxy_protocol {
                     s.push_str(&format!(", PROXY {}", p.as_str()));
                 }
@@ -396,7 +436,11 @@ fn locate(text: &str, span: Range<usize>) -> Location {
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let col = before[line_start..].chars().count() + 1;
-    Location { line, col, key: key_at(text, line_start) }
+    Location {
+        line,
+        col,
+        key: key_at(text, line_start),
+    }
 }
 
 /// The dotted key of the assignment on the line starting at `line_start`, with its table.
@@ -410,9 +454,17 @@ fn key_at(text: &str, line_start: usize) -> String {
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
     let trimmed = line.trim_start();
     let key = if trimmed.starts_with('[') {
-        return trimmed.trim_end().trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        return trimmed
+            .trim_end()
+            .trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_string();
     } else {
-        trimmed.split('=').next().filter(|_| trimmed.contains('=')).map(|k| k.trim().trim_matches('"').to_string())
+        trimmed
+            .split('=')
+            .next()
+            .filter(|_| trimmed.contains('='))
+            .map(|k| k.trim().trim_matches('"').to_string())
     };
     match (table, key) {
         (Some(t), Some(k)) => format!("{t}.{k}"),
@@ -438,8 +490,15 @@ impl Validator<'_> {
     }
 
     fn path(&self, p: &Spanned<PathBuf>) -> ConfigPath {
-        let path = if p.get_ref().is_absolute() { p.get_ref().clone() } else { self.base.join(p.get_ref()) };
-        ConfigPath { path, at: self.loc(p.span()) }
+        let path = if p.get_ref().is_absolute() {
+            p.get_ref().clone()
+        } else {
+            self.base.join(p.get_ref())
+        };
+        ConfigPath {
+            path,
+            at: self.loc(p.span()),
+        }
     }
 
     fn validate(&self, raw: file::File) -> Result<Config, ConfigError> {
@@ -448,7 +507,10 @@ impl Validator<'_> {
 
         if let Some(listen) = &raw.listen {
             if listen.get_ref().is_empty() {
-                return self.err(listen.span(), "needs at least one address, e.g. [\"0.0.0.0:443\", \"[::]:443\"]");
+                return self.err(
+                    listen.span(),
+                    "needs at least one address, e.g. [\"0.0.0.0:443\", \"[::]:443\"]",
+                );
             }
             cfg.listen.clear();
             for a in listen.get_ref() {
@@ -468,10 +530,16 @@ impl Validator<'_> {
         if let Some(tls) = &raw.tls {
             let t = tls.get_ref();
             cfg.tls.cert = match (&t.cert, &t.key) {
-                (Some(c), Some(k)) => CertSource::Files { cert: self.path(c), key: self.path(k) },
+                (Some(c), Some(k)) => CertSource::Files {
+                    cert: self.path(c),
+                    key: self.path(k),
+                },
                 (None, None) => CertSource::SelfSigned,
                 (Some(_), None) | (None, Some(_)) => {
-                    return self.err(tls.span(), "set both `cert` and `key`, or neither for a self-signed certificate")
+                    return self.err(
+                        tls.span(),
+                        "set both `cert` and `key`, or neither for a self-signed certificate",
+                    )
                 }
             };
             if let Some(h) = t.handshake_timeout {
@@ -489,13 +557,24 @@ impl Validator<'_> {
                 for n in sc.names.get_ref() {
                     names.push(self.server_name(n)?);
                 }
-                cfg.tls.sni.push(SniCert { names, cert: self.path(&sc.cert), key: self.path(&sc.key) });
+                cfg.tls.sni.push(SniCert {
+                    names,
+                    cert: self.path(&sc.cert),
+                    key: self.path(&sc.key),
+                });
             }
         }
 
         if let Some(t) = raw.detect.timeout {
             if t.is_zero() {
-                return Err(ConfigError::at(self.file, &Location { key: "detect.timeout".into(), ..Default::default() }, "must be more than 0s"));
+                return Err(ConfigError::at(
+                    self.file,
+                    &Location {
+                        key: "detect.timeout".into(),
+                        ..Default::default()
+                    },
+                    "must be more than 0s",
+                ));
             }
             cfg.detect.timeout = t;
         }
@@ -528,14 +607,30 @@ impl Validator<'_> {
         // An SNI name or ALPN id bound to both routes would make the choice arbitrary.
         for n in &cfg.http.sni {
             if cfg.ssh.sni.contains(n) {
-                let span = raw.routes.ssh.as_ref().and_then(|r| r.sni.iter().find(|s| s.get_ref() == n)).map(|s| s.span());
-                return self.err(span.unwrap_or(0..0), format!("server name `{n}` is bound to both routes"));
+                let span = raw
+                    .routes
+                    .ssh
+                    .as_ref()
+                    .and_then(|r| r.sni.iter().find(|s| s.get_ref() == n))
+                    .map(|s| s.span());
+                return self.err(
+                    span.unwrap_or(0..0),
+                    format!("server name `{n}` is bound to both routes"),
+                );
             }
         }
         for p in &cfg.http.alpn {
             if cfg.ssh.alpn.contains(p) {
-                let span = raw.routes.ssh.as_ref().and_then(|r| r.alpn.as_ref()).map(|s| s.span());
-                return self.err(span.unwrap_or(0..0), format!("ALPN `{p}` is bound to both routes"));
+                let span = raw
+                    .routes
+                    .ssh
+                    .as_ref()
+                    .and_then(|r| r.alpn.as_ref())
+                    .map(|s| s.span());
+                return self.err(
+                    span.unwrap_or(0..0),
+                    format!("ALPN `{p}` is bound to both routes"),
+                );
             }
         }
         Ok(cfg)
@@ -546,7 +641,10 @@ impl Validator<'_> {
             "ssh" => Ok(Fallback::Route(RouteKind::Ssh)),
             "http" => Ok(Fallback::Route(RouteKind::Http)),
             "close" => Ok(Fallback::Close),
-            other => self.err(f.span(), format!("`{other}` is not a route; expected \"ssh\", \"http\" or \"close\"")),
+            other => self.err(
+                f.span(),
+                format!("`{other}` is not a route; expected \"ssh\", \"http\" or \"close\""),
+            ),
         }
     }
 
@@ -555,9 +653,19 @@ impl Validator<'_> {
         let plain = name.strip_prefix("*.").unwrap_or(&name);
         let ok = !plain.is_empty()
             && plain.len() <= 253
-            && plain.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            && plain.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
         if !ok {
-            return self.err(n.span(), format!("`{}` is not a DNS name (wildcards only as `*.example.com`)", n.get_ref()));
+            return self.err(
+                n.span(),
+                format!(
+                    "`{}` is not a DNS name (wildcards only as `*.example.com`)",
+                    n.get_ref()
+                ),
+            );
         }
         Ok(name)
     }
@@ -568,7 +676,9 @@ impl Validator<'_> {
             let addr = u.get_ref().trim();
             let valid = match addr.rsplit_once(':') {
                 Some((host, port)) => {
-                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) && (!host.contains(':') || host.starts_with('['))
+                    !host.is_empty()
+                        && port.parse::<u16>().is_ok_and(|p| p != 0)
+                        && (!host.contains(':') || host.starts_with('['))
                 }
                 None => false,
             };
@@ -581,10 +691,17 @@ impl Validator<'_> {
                 connect_timeout: r.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             });
         } else if r.proxy_protocol.is_some() || r.connect_timeout.is_some() {
-            let name = if r.proxy_protocol.is_some() { "proxy_protocol" } else { "connect_timeout" };
+            let name = if r.proxy_protocol.is_some() {
+                "proxy_protocol"
+            } else {
+                "connect_timeout"
+            };
             return Err(ConfigError::at(
                 self.file,
-                &Location { key: format!("routes.{}.{name}", kind.as_str()), ..Default::default() },
+                &Location {
+                    key: format!("routes.{}.{name}", kind.as_str()),
+                    ..Default::default()
+                },
                 "only applies to an `upstream`, and none is set",
             ));
         }

@@ -3,11 +3,17 @@
 use super::*;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
-    Config::parse(text, Some(Path::new("/etc/sluice/sluice.toml")), Path::new("/etc/sluice"))
+    Config::parse(
+        text,
+        Some(Path::new("/etc/sluice/sluice.toml")),
+        Path::new("/etc/sluice"),
+    )
 }
 
 fn err(text: &str) -> String {
-    parse(text).expect_err("config should be rejected").to_string()
+    parse(text)
+        .expect_err("config should be rejected")
+        .to_string()
 }
 
 #[test]
@@ -43,13 +49,19 @@ upstream = "127.0.0.1:22"
     assert_eq!(up.addr, "127.0.0.1:8080");
     assert_eq!(up.proxy_protocol, Some(ProxyVersion::V2));
     assert_eq!(c.ssh.upstream.as_ref().unwrap().proxy_protocol, None);
-    assert_eq!(c.alpn_offered(), vec![b"http/1.1".to_vec(), b"ssh".to_vec()]);
+    assert_eq!(
+        c.alpn_offered(),
+        vec![b"http/1.1".to_vec(), b"ssh".to_vec()]
+    );
 }
 
 #[test]
 fn empty_file_is_the_embedded_default() {
     let c = parse("").unwrap();
-    assert_eq!(c.listen, vec![DEFAULT_LISTEN.parse::<SocketAddr>().unwrap()]);
+    assert_eq!(
+        c.listen,
+        vec![DEFAULT_LISTEN.parse::<SocketAddr>().unwrap()]
+    );
     assert!(matches!(c.tls.cert, CertSource::SelfSigned));
     assert!(c.http.upstream.is_none() && c.ssh.upstream.is_none());
     assert_eq!(c.detect.on_unknown, Fallback::Close);
@@ -61,7 +73,10 @@ fn unknown_key_names_key_and_position() {
     assert!(e.starts_with("/etc/sluice/sluice.toml:2:1: "), "{e}");
     assert!(e.contains("bogus_key"), "{e}");
     let e = err("[routes.http]\nupstream = \"a:1\"\nupstrem = \"b:2\"\n");
-    assert!(e.contains(":3:1: routes.http.upstrem: unknown field `upstrem`"), "{e}");
+    assert!(
+        e.contains(":3:1: routes.http.upstrem: unknown field `upstrem`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -71,23 +86,44 @@ fn wrong_types_and_values_name_the_key() {
     let e = err("[detect]\ntimeout = \"5 parsecs\"\n");
     assert!(e.contains("detect.timeout"), "{e}");
     let e = err("listen = [\"localhost:443\"]\n");
-    assert!(e.contains(":1:11: listen: `localhost:443` is not an IP address"), "{e}");
+    assert!(
+        e.contains(":1:11: listen: `localhost:443` is not an IP address"),
+        "{e}"
+    );
     let e = err("[detect]\non_timeout = \"ftp\"\n");
-    assert!(e.contains(":2:14: detect.on_timeout: `ftp` is not a route"), "{e}");
+    assert!(
+        e.contains(":2:14: detect.on_timeout: `ftp` is not a route"),
+        "{e}"
+    );
     let e = err("[routes.http]\nupstream = \"127.0.0.1\"\n");
-    assert!(e.contains(":2:12: routes.http.upstream: `127.0.0.1` is not host:port"), "{e}");
+    assert!(
+        e.contains(":2:12: routes.http.upstream: `127.0.0.1` is not host:port"),
+        "{e}"
+    );
     let e = err("[routes.http]\nupstream = \"127.0.0.1:80\"\nproxy_protocol = \"v3\"\n");
-    assert!(e.contains(":3:") && e.contains("routes.http.proxy_protocol"), "{e}");
+    assert!(
+        e.contains(":3:") && e.contains("routes.http.proxy_protocol"),
+        "{e}"
+    );
     let e = err("[routes.ssh]\nplaintext = \"redirect\"\n");
-    assert!(e.contains(":2:13: routes.ssh.plaintext: \"redirect\" is for the http route only"), "{e}");
+    assert!(
+        e.contains(":2:13: routes.ssh.plaintext: \"redirect\" is for the http route only"),
+        "{e}"
+    );
     let e = err("[tls]\ncert = \"c.pem\"\n");
     assert!(e.contains("set both `cert` and `key`"), "{e}");
     let e = err("[routes.http]\nproxy_protocol = \"v2\"\n");
-    assert!(e.contains("routes.http.proxy_protocol: only applies to an `upstream`"), "{e}");
+    assert!(
+        e.contains("routes.http.proxy_protocol: only applies to an `upstream`"),
+        "{e}"
+    );
     let e = err("[routes.http]\nsni = [\"a.example\"]\n[routes.ssh]\nsni = [\"a.example\"]\n");
     assert!(e.contains("bound to both routes"), "{e}");
     let e = err("[limits]\nmax_connections = 0\n");
-    assert!(e.contains("limits.max_connections: must be at least 1"), "{e}");
+    assert!(
+        e.contains("limits.max_connections: must be at least 1"),
+        "{e}"
+    );
     let e = err("[routes.http]\nh2 = true\n");
     assert!(e.contains("h2 needs an `upstream`"), "{e}");
 }
@@ -103,16 +139,25 @@ fn h2_and_custom_ssh_alpn() {
     let c = parse("[routes.http]\nupstream = \"127.0.0.1:80\"\nh2 = true\n[routes.ssh]\nalpn = [\"ssh\", \"x-ssh\"]\nsni = [\"SSH.Example.com.\"]\n").unwrap();
     assert_eq!(
         c.alpn_offered(),
-        vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"ssh".to_vec(), b"x-ssh".to_vec()]
+        vec![
+            b"h2".to_vec(),
+            b"http/1.1".to_vec(),
+            b"ssh".to_vec(),
+            b"x-ssh".to_vec()
+        ]
     );
     assert_eq!(c.ssh.sni, vec!["ssh.example.com".to_string()]);
 }
 
 #[test]
 fn describe_lists_routes() {
-    let c = parse("[routes.http]\nupstream = \"127.0.0.1:8080\"\nproxy_protocol = \"v1\"\n").unwrap();
+    let c =
+        parse("[routes.http]\nupstream = \"127.0.0.1:8080\"\nproxy_protocol = \"v1\"\n").unwrap();
     let d = c.describe();
-    assert!(d.contains("route http    -> upstream 127.0.0.1:8080"), "{d}");
+    assert!(
+        d.contains("route http    -> upstream 127.0.0.1:8080"),
+        "{d}"
+    );
     assert!(d.contains("PROXY v1"), "{d}");
     assert!(d.contains("route ssh     -> embedded SSH server"), "{d}");
 }

@@ -10,7 +10,9 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::config::Upstream;
 
-pub use proxy_header::{decode_v2, encode as encode_proxy_header, DecodedV2, ProxyVersion, V2_SIGNATURE};
+pub use proxy_header::{
+    decode_v2, encode as encode_proxy_header, DecodedV2, ProxyVersion, V2_SIGNATURE,
+};
 
 /// Why an upstream could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -46,11 +48,17 @@ pub enum ConnectError {
 /// Connects to `up`, trying each resolved address in turn within `up.connect_timeout`.
 pub async fn connect(up: &Upstream) -> Result<(TcpStream, SocketAddr), ConnectError> {
     let deadline = Instant::now() + up.connect_timeout;
-    let timeout = || ConnectError::Timeout { addr: up.addr.clone(), after: up.connect_timeout };
+    let timeout = || ConnectError::Timeout {
+        addr: up.addr.clone(),
+        after: up.connect_timeout,
+    };
     let addrs: Vec<SocketAddr> = timeout_at(deadline, tokio::net::lookup_host(up.addr.as_str()))
         .await
         .map_err(|_| timeout())?
-        .map_err(|source| ConnectError::Resolve { addr: up.addr.clone(), source })?
+        .map_err(|source| ConnectError::Resolve {
+            addr: up.addr.clone(),
+            source,
+        })?
         .collect();
     let mut last = None;
     for addr in addrs {
@@ -65,7 +73,12 @@ pub async fn connect(up: &Upstream) -> Result<(TcpStream, SocketAddr), ConnectEr
         }
     }
     let (addr, source) = last.map_or_else(
-        || (up.addr.clone(), io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")),
+        || {
+            (
+                up.addr.clone(),
+                io::Error::new(io::ErrorKind::NotFound, "name resolved to no address"),
+            )
+        },
         |(a, e)| (a.to_string(), e),
     );
     Err(ConnectError::Connect { addr, source })

@@ -102,9 +102,19 @@ pub fn decode_v2(buf: &[u8]) -> Option<DecodedV2> {
     let body = buf.get(16..16 + len)?;
     let (src, dst) = match buf[13] {
         0x11 if len >= 12 => {
-            let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(body[o], body[o + 1], body[o + 2], body[o + 3]));
+            let ip = |o: usize| {
+                IpAddr::V4(Ipv4Addr::new(
+                    body[o],
+                    body[o + 1],
+                    body[o + 2],
+                    body[o + 3],
+                ))
+            };
             let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
-            (SocketAddr::new(ip(0), port(8)), SocketAddr::new(ip(4), port(10)))
+            (
+                SocketAddr::new(ip(0), port(8)),
+                SocketAddr::new(ip(4), port(10)),
+            )
         }
         0x21 if len >= 36 => {
             let ip = |o: usize| {
@@ -113,11 +123,18 @@ pub fn decode_v2(buf: &[u8]) -> Option<DecodedV2> {
                 IpAddr::V6(Ipv6Addr::from(a))
             };
             let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
-            (SocketAddr::new(ip(0), port(32)), SocketAddr::new(ip(16), port(34)))
+            (
+                SocketAddr::new(ip(0), port(32)),
+                SocketAddr::new(ip(16), port(34)),
+            )
         }
         _ => return None,
     };
-    Some(DecodedV2 { src, dst, len: 16 + len })
+    Some(DecodedV2 {
+        src,
+        dst,
+        len: 16 + len,
+    })
 }
 
 #[cfg(test)]
@@ -131,35 +148,65 @@ mod tests {
     #[test]
     fn v1_ipv4() {
         let mut out = Vec::new();
-        encode(ProxyVersion::V1, sa("192.0.2.1:56324"), sa("198.51.100.7:443"), &mut out);
+        encode(
+            ProxyVersion::V1,
+            sa("192.0.2.1:56324"),
+            sa("198.51.100.7:443"),
+            &mut out,
+        );
         assert_eq!(out, b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 443\r\n");
     }
 
     #[test]
     fn v1_ipv6_and_mapped() {
         let mut out = Vec::new();
-        encode(ProxyVersion::V1, sa("[2001:db8::1]:1000"), sa("[::ffff:127.0.0.1]:443"), &mut out);
+        encode(
+            ProxyVersion::V1,
+            sa("[2001:db8::1]:1000"),
+            sa("[::ffff:127.0.0.1]:443"),
+            &mut out,
+        );
         assert_eq!(out, b"PROXY TCP6 2001:db8::1 ::ffff:127.0.0.1 1000 443\r\n");
         out.clear();
-        encode(ProxyVersion::V1, sa("[::ffff:10.1.2.3]:1000"), sa("[::ffff:127.0.0.1]:443"), &mut out);
+        encode(
+            ProxyVersion::V1,
+            sa("[::ffff:10.1.2.3]:1000"),
+            sa("[::ffff:127.0.0.1]:443"),
+            &mut out,
+        );
         assert_eq!(out, b"PROXY TCP4 10.1.2.3 127.0.0.1 1000 443\r\n");
     }
 
     #[test]
     fn v2_ipv4_bytes() {
         let mut out = Vec::new();
-        encode(ProxyVersion::V2, sa("192.0.2.1:256"), sa("198.51.100.7:443"), &mut out);
+        encode(
+            ProxyVersion::V2,
+            sa("192.0.2.1:256"),
+            sa("198.51.100.7:443"),
+            &mut out,
+        );
         let mut want = V2_SIGNATURE.to_vec();
-        want.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 0, 2, 1, 198, 51, 100, 7, 1, 0, 1, 0xbb]);
+        want.extend_from_slice(&[
+            0x21, 0x11, 0, 12, 192, 0, 2, 1, 198, 51, 100, 7, 1, 0, 1, 0xbb,
+        ]);
         assert_eq!(out, want);
         let d = decode_v2(&out).unwrap();
-        assert_eq!((d.src, d.dst, d.len), (sa("192.0.2.1:256"), sa("198.51.100.7:443"), 28));
+        assert_eq!(
+            (d.src, d.dst, d.len),
+            (sa("192.0.2.1:256"), sa("198.51.100.7:443"), 28)
+        );
     }
 
     #[test]
     fn v2_ipv6_roundtrip() {
         let mut out = Vec::new();
-        encode(ProxyVersion::V2, sa("[2001:db8::1]:4000"), sa("[::1]:443"), &mut out);
+        encode(
+            ProxyVersion::V2,
+            sa("[2001:db8::1]:4000"),
+            sa("[::1]:443"),
+            &mut out,
+        );
         assert_eq!(out.len(), 16 + 36);
         let d = decode_v2(&out).unwrap();
         assert_eq!((d.src, d.dst), (sa("[2001:db8::1]:4000"), sa("[::1]:443")));

@@ -1,0 +1,343 @@
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn bad_configs_exit_78_with_file_line_column_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str)] = &[
+        (
+            "listen = [\"127.0.0.1:1\"]\nbogus_key = 1\n",
+            ":2:1: bogus_key: unknown field `bogus_key`",
+        ),
+        ("[detect]\ntimeout = \"soon\"\n", ":2:11: detect.timeout: "),
+        (
+            "[routes.http]\nupstream = \"no-port\"\n",
+            ":2:12: routes.http.upstream: `no-port` is not host:port",
+        ),
+        (
+            "[tls]\ncert = \"missing.pem\"\nkey = \"missing-key.pem\"\n",
+            ":2:8: tls.cert: ",
+        ),
+        ("listen = [\n", ":"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = write(dir.path(), &format!("bad{i}.toml"), text);
+        for cmd in ["check", "serve"] {
+            let (code, _, err) = run(&[cmd, "--config", &path]);
+            assert_eq!(code, 78, "{cmd} {text:?}: {err}");
+            assert!(
+                err.contains(&format!("{path}{want}")),
+                "{cmd} {text:?}: expected {want:?} in: {err}"
+            );
+        }
+    }
+    let (code, _, err) = run(&["check", "--config", "/nonexistent/sluice.toml"]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("/nonexistent/sluice.toml: cannot read config"),
+        "{err}"
+    );
+}
+
+#[test]
+fn mismatched_key_is_a_config_error() {
+    let a = TestCert::localhost();
+    let b = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "s.toml",
+        &format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            a.cert.display(),
+            b.key.display()
+        ),
+    );
+    let (code, _, err) = run(&["check", "--config", &path]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("tls.key: ") && err.contains("does not fit certificate"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_prints_the_routing_table() {
+    let cert = TestCert::localhost();
+    let path = write(
+        cert.dir.path(),
+        "sluice.toml",
+        "listen = [\"127.0.0.1:8443\"]\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[routes.http]\nupstream = \"127.0.0.1:8080\"\nproxy_protocol = \"v2\"\n[routes.ssh]\nupstream = \"127.0.0.1:22\"\n",
+    );
+    let (code, out, err) = run(&["check", "--config", &path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("route http    -> upstream 127.0.0.1:8080"),
+        "{out}"
+    );
+    assert!(out.contains("PROXY v2"), "{out}");
+    assert!(
+        out.contains("route ssh     -> upstream 127.0.0.1:22"),
+        "{out}"
+    );
+    assert!(out.contains("alpn offered  http/1.1, ssh"), "{out}");
+}
+
+#[test]
+fn example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let text = std::fs::read_to_string(example).unwrap();
+    // Its certificate paths point at files a test machine does not have; swap in real ones.
+    let cert = TestCert::localhost();
+    let text = text
+        .replace(
+            "/etc/sluice/fullchain.pem",
+            &cert.cert.display().to_string(),
+        )
+        .replace("/etc/sluice/privkey.pem", &cert.key.display().to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "example.toml", &text);
+    let (code, out, err) = run(&["check", "--config", &path]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// A `sluice serve` child whose log is read until it says where it listens.
+struct Child2 {
+    child: Child,
+    addr: std::net::SocketAddr,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+fn spawn_serve(args: &[&str]) -> Child2 {
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("sluice did not say where it listens");
+        if let Some(i) = line.find("listen=") {
+            let addr = line[i + 7..]
+                .split([' ', ','])
+                .next()
+                .unwrap()
+                .trim_matches('"')
+                .parse()
+                .unwrap();
+            return Child2 {
+                child,
+                addr,
+                log: rx,
+            };
+        }
+    }
+}
+
+fn sigterm(c: &Child) {
+    Command::new("kill")
+        .args(["-TERM", &c.child_id().to_string()])
+        .status()
+        .unwrap();
+}
+
+trait Id {
+    fn child_id(&self) -> u32;
+}
+impl Id for Child {
+    fn child_id(&self) -> u32 {
+        self.id()
+    }
+}
+
+fn wait_exit(c: &mut Child, limit: Duration) -> i32 {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s.code().unwrap_or(-1);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sluice did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn fingerprint_line(rx: &std::sync::mpsc::Receiver<String>) -> String {
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no fingerprint line");
+        if let Some(i) = line.find("sha256=") {
+            return line[i + 7..].split_whitespace().next().unwrap().to_string();
+        }
+    }
+}
+
+#[test]
+fn self_signed_default_is_made_once_and_reused() {
+    need("curl", "curl");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg = write(dir.path(), "s.toml", "listen = [\"127.0.0.1:0\"]\n");
+    let args = [
+        "serve",
+        "--config",
+        &cfg,
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let mut first = spawn_serve(&args);
+    let fp1 = fingerprint_line(&first.log);
+    let cert = state.join(sluice::tls::SELF_SIGNED_CERT);
+    let key = state.join(sluice::tls::SELF_SIGNED_KEY);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "private key must be 0600"
+    );
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&cert)
+        .arg(format!("https://localhost:{}/", first.addr.port()))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains("sluice"),
+        "status page over the self-signed certificate: {body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sigterm(&first.child);
+    assert_eq!(wait_exit(&mut first.child, Duration::from_secs(10)), 0);
+
+    let mut second = spawn_serve(&args);
+    assert_eq!(
+        fingerprint_line(&second.log),
+        fp1,
+        "the certificate is reused on the second start"
+    );
+    sigterm(&second.child);
+    assert_eq!(wait_exit(&mut second.child, Duration::from_secs(10)), 0);
+}
+
+fn echo_config(dir: &std::path::Path, cert: &TestCert, grace: &str) -> String {
+    // A blocking echo upstream on its own thread, for the child process to reach.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    write(
+        dir,
+        "s.toml",
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"{grace}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\nupstream = \"{up}\"\n",
+            cert.cert.display(),
+            cert.key.display()
+        ),
+    )
+}
+
+fn plain_echo_roundtrip(s: &mut std::net::TcpStream, msg: &[u8]) {
+    use std::io::{Read, Write};
+    s.write_all(msg).unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, msg);
+}
+
+#[test]
+fn sigterm_drains_open_connections_and_exits_0() {
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = echo_config(dir.path(), &cert, "20s");
+    let mut d = spawn_serve(&["serve", "--config", &cfg]);
+    let mut s = std::net::TcpStream::connect(d.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    plain_echo_roundtrip(&mut s, b"SSH-2.0-drain\r\n");
+    sigterm(&d.child);
+    std::thread::sleep(Duration::from_millis(300));
+    // No new connections...
+    assert!(
+        std::net::TcpStream::connect(d.addr).is_err(),
+        "still accepting after SIGTERM"
+    );
+    // ...but the open one keeps working.
+    plain_echo_roundtrip(&mut s, b"still here");
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "exited while a connection was open"
+    );
+    drop(s);
+    assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn shutdown_grace_closes_what_is_left() {
+    use std::io::Read;
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = echo_config(dir.path(), &cert, "1s");
+    let mut d = spawn_serve(&["serve", "--config", &cfg]);
+    let mut s = std::net::TcpStream::connect(d.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    plain_echo_roundtrip(&mut s, b"SSH-2.0-linger\r\n");
+    let t0 = Instant::now();
+    sigterm(&d.child);
+    assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited before the grace period: {took:?}"
+    );
+    let mut b = [0u8; 16];
+    assert!(
+        matches!(s.read(&mut b), Ok(0) | Err(_)),
+        "the lingering connection was closed"
+    );
+}

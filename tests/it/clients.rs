@@ -1,0 +1,169 @@
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use crate::support::*;
+
+async fn output(cmd: &mut Command) -> (bool, String, String) {
+    let out = tokio::time::timeout(Duration::from_secs(20), cmd.stdin(Stdio::null()).output())
+        .await
+        .expect("client timed out")
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn curl_https_and_plain_http_reach_the_upstream() {
+    need("curl", "curl");
+    let cert = TestCert::localhost();
+    let d = Daemon::start(
+        &cert,
+        &format!("[routes.http]\nupstream = \"{}\"\n", http_upstream().await),
+    )
+    .await;
+    let url = format!("https://localhost:{}/hello.txt", d.addr.port());
+    let (ok, out, err) = output(
+        Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&cert.cert)
+            .arg(&url),
+    )
+    .await;
+    assert!(
+        ok && out == "hello-from-upstream\n",
+        "curl https: {out} {err}"
+    );
+    // curl offering h2: sluice offers only http/1.1 without `h2 = true`, so ALPN routes it.
+    let (ok, out, err) = output(
+        Command::new("curl")
+            .args(["-sS", "--http2", "--max-time", "10", "--cacert"])
+            .arg(&cert.cert)
+            .arg(&url),
+    )
+    .await;
+    assert!(
+        ok && out == "hello-from-upstream\n",
+        "curl --http2: {out} {err}"
+    );
+    let url = format!("http://127.0.0.1:{}/hello.txt", d.addr.port());
+    let (ok, out, err) = output(
+        Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .arg(&url),
+    )
+    .await;
+    assert!(
+        ok && out == "hello-from-upstream\n",
+        "curl http: {out} {err}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn curl_rejects_the_wrong_certificate() {
+    need("curl", "curl");
+    let cert = TestCert::localhost();
+    let other = TestCert::localhost();
+    let d = Daemon::start(
+        &cert,
+        &format!("[routes.http]\nupstream = \"{}\"\n", http_upstream().await),
+    )
+    .await;
+    let url = format!("https://localhost:{}/", d.addr.port());
+    let (ok, _, _) = output(
+        Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&other.cert)
+            .arg(&url),
+    )
+    .await;
+    assert!(!ok, "curl accepted a certificate it should not trust");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn openssl_s_client_ssh_banner_reaches_the_ssh_upstream() {
+    need("openssl", "openssl");
+    let cert = TestCert::localhost();
+    let d = Daemon::start(
+        &cert,
+        &format!("[routes.ssh]\nupstream = \"{}\"\n", banner_upstream().await),
+    )
+    .await;
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-verify_return_error", "-CAfile"])
+        .arg(&cert.cert)
+        .args([
+            "-connect",
+            &format!("127.0.0.1:{}", d.addr.port()),
+            "-servername",
+            "localhost",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"SSH-2.0-probe\r\n").await.unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let got = read_n(&mut stdout, BANNER.len() + 15).await;
+    assert_eq!(&got[..BANNER.len()], BANNER);
+    assert_eq!(&got[BANNER.len()..], b"SSH-2.0-probe\r\n");
+    drop(stdin);
+    let _ = child.kill().await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn openssl_sees_the_sni_certificate() {
+    need("openssl", "openssl");
+    let cert = TestCert::localhost();
+    let other = TestCert::new(&["other.test"]);
+    let extra = format!(
+        "[[tls.sni]]\nnames = [\"other.test\"]\ncert = \"{}\"\nkey = \"{}\"\n",
+        other.cert.display(),
+        other.key.display()
+    );
+    let d = Daemon::start(&cert, &extra).await;
+    for (name, want) in [("other.test", &other), ("localhost", &cert)] {
+        let (_, out, err) = output(
+            Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-connect",
+                    &format!("127.0.0.1:{}", d.addr.port()),
+                    "-servername",
+                    name,
+                ])
+                .stdin(Stdio::null()),
+        )
+        .await;
+        let pem_start = out
+            .find("-----BEGIN CERTIFICATE-----")
+            .unwrap_or_else(|| panic!("no certificate shown: {out}{err}"));
+        let pem_end = out.find("-----END CERTIFICATE-----").unwrap() + 25;
+        let der =
+            rustls::pki_types::CertificateDer::from_pem_slice_compat(&out[pem_start..pem_end]);
+        assert_eq!(der, want.der, "SNI {name}");
+    }
+    d.stop().await;
+}
+
+/// PEM to DER without pulling in another crate.
+trait FromPemCompat {
+    fn from_pem_slice_compat(pem: &str) -> rustls::pki_types::CertificateDer<'static>;
+}
+
+impl FromPemCompat for rustls::pki_types::CertificateDer<'static> {
+    fn from_pem_slice_compat(pem: &str) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+}

@@ -1,0 +1,20 @@
+//! Integration tests: the daemon on 127.0.0.1:0 driven by real clients (rustls, curl,
+//! openssl s_client) against test upstreams. One binary; one module per area.
+
+/// Helpers: certificates, the daemon in-process, upstreams, clients.
+mod support;
+
+/// ALPN, SNI, peek, timeout and plaintext routing; PROXY headers; built-in answers.
+mod routing;
+
+/// Bulk data, half-close, missing close_notify, idle timeout.
+mod relay;
+
+/// Junk, truncated and stalled handshakes, dead upstreams, limits.
+mod robustness;
+
+/// curl and openssl s_client against the daemon.
+mod clients;
+
+/// The `sluice` binary: config errors, `check`, the embedded default, signals.
+mod cli;

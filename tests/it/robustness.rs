@@ -1,0 +1,182 @@
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+/// The bytes of a real rustls ClientHello.
+fn client_hello(cert: &TestCert) -> Vec<u8> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(client_config(cert, &["ssh"]), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    assert!(out.len() > 100 && out[0] == 0x16);
+    out
+}
+
+/// The daemon still answers a normal TLS client.
+async fn still_serves(d: &Daemon, cert: &TestCert) {
+    let mut tls = tls_connect(d.addr, cert, "localhost", &["ssh"]).await;
+    assert_eq!(read_n(&mut tls, BANNER.len()).await, BANNER);
+}
+
+async fn start(cert: &TestCert) -> Daemon {
+    Daemon::start(
+        cert,
+        &format!("[routes.ssh]\nupstream = \"{}\"\n", banner_upstream().await),
+    )
+    .await
+}
+
+/// Reads until EOF or error; returns how long it took.
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    let mut b = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit, s.read(&mut b)).await {
+            Err(_) => panic!("connection still open after {limit:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return t0.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn random_bytes_are_closed_and_nobody_else_notices() {
+    let cert = TestCert::localhost();
+    let d = start(&cert).await;
+    for seed in 1..20u64 {
+        let mut s = TcpStream::connect(d.addr).await.unwrap();
+        let mut junk = pattern(seed, 4096);
+        if matches!(
+            junk[0],
+            0x16 | b'S' | b'G' | b'H' | b'P' | b'D' | b'C' | b'O' | b'T'
+        ) {
+            junk[0] = 0xff;
+        }
+        let _ = s.write_all(&junk).await;
+        closed_within(&mut s, Duration::from_secs(5)).await;
+    }
+    still_serves(&d, &cert).await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn junk_after_a_tls_record_header_fails_the_handshake() {
+    let cert = TestCert::localhost();
+    let d = start(&cert).await;
+    let mut s = TcpStream::connect(d.addr).await.unwrap();
+    let mut junk = vec![0x16, 0x03, 0x01, 0x00, 0x40];
+    junk.extend_from_slice(&pattern(7, 64));
+    s.write_all(&junk).await.unwrap();
+    closed_within(&mut s, Duration::from_secs(5)).await;
+    still_serves(&d, &cert).await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn truncated_client_hello_then_close() {
+    let cert = TestCert::localhost();
+    let d = start(&cert).await;
+    let hello = client_hello(&cert);
+    let mut s = TcpStream::connect(d.addr).await.unwrap();
+    s.write_all(&hello[..hello.len() / 2]).await.unwrap();
+    s.shutdown().await.unwrap();
+    closed_within(&mut s, Duration::from_secs(5)).await;
+    still_serves(&d, &cert).await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn client_stalling_mid_handshake_hits_the_deadline() {
+    let cert = TestCert::localhost();
+    let d = start(&cert).await; // handshake_timeout = 3s in the test config
+    let hello = client_hello(&cert);
+    let mut s = TcpStream::connect(d.addr).await.unwrap();
+    s.write_all(&hello[..hello.len() / 2]).await.unwrap();
+    // Meanwhile others are served.
+    still_serves(&d, &cert).await;
+    let took = closed_within(&mut s, Duration::from_secs(10)).await;
+    assert!(
+        took >= Duration::from_secs(2),
+        "closed before the handshake deadline: {took:?}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_down_closes_promptly() {
+    let cert = TestCert::localhost();
+    let dead = dead_port();
+    let extra =
+        format!("[routes.http]\nupstream = \"{dead}\"\n[routes.ssh]\nupstream = \"{dead}\"\n");
+    let d = Daemon::start(&cert, &extra).await;
+    // HTTP gets a 502 it can show.
+    let mut tls = tls_connect(d.addr, &cert, "localhost", &["http/1.1"]).await;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let reply = String::from_utf8(read_all(&mut tls).await).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 502 "), "{reply}");
+    // SSH is closed.
+    let mut tls = tls_connect(d.addr, &cert, "localhost", &["ssh"]).await;
+    assert_eq!(read_all(&mut tls).await, b"");
+    let mut s = TcpStream::connect(d.addr).await.unwrap();
+    s.write_all(b"SSH-2.0-x\r\n").await.unwrap();
+    closed_within(&mut s, Duration::from_secs(5)).await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn unresolvable_upstream_is_reported_not_fatal() {
+    let cert = TestCert::localhost();
+    let d = Daemon::start(
+        &cert,
+        "[routes.ssh]\nupstream = \"no-such-host.invalid:22\"\nconnect_timeout = \"2s\"\n",
+    )
+    .await;
+    let mut tls = tls_connect(d.addr, &cert, "localhost", &["ssh"]).await;
+    assert_eq!(read_all(&mut tls).await, b"");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn unrouted_connections_per_ip_are_capped() {
+    let cert = TestCert::localhost();
+    let up = banner_upstream().await;
+    let extra = format!("[detect]\ntimeout = \"30s\"\n[limits]\nmax_unrouted_per_ip = 3\n[routes.ssh]\nupstream = \"{up}\"\n");
+    let d = Daemon::start(&cert, &extra).await;
+    // Three silent clients hold the slots.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(d.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = TcpStream::connect(d.addr).await.unwrap();
+    closed_within(&mut fourth, Duration::from_secs(5)).await;
+    // Once one of them leaves, a new client gets through.
+    drop(silent.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    still_serves(&d, &cert).await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn max_connections_refuses_the_excess() {
+    let cert = TestCert::localhost();
+    let up = banner_upstream().await;
+    let extra = format!("[limits]\nmax_connections = 2\n[routes.ssh]\nupstream = \"{up}\"\n");
+    let d = Daemon::start(&cert, &extra).await;
+    let mut a = tls_connect(d.addr, &cert, "localhost", &["ssh"]).await;
+    let mut b = tls_connect(d.addr, &cert, "localhost", &["ssh"]).await;
+    assert_eq!(read_n(&mut a, BANNER.len()).await, BANNER);
+    assert_eq!(read_n(&mut b, BANNER.len()).await, BANNER);
+    let mut c = TcpStream::connect(d.addr).await.unwrap();
+    closed_within(&mut c, Duration::from_secs(5)).await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    still_serves(&d, &cert).await;
+    drop(b);
+    d.stop().await;
+}
