@@ -71,7 +71,7 @@ impl ConnLog {
             alpn = self.alpn.as_deref().unwrap_or("-"),
             routed_by = self.by.map_or("-", RoutedBy::as_str),
             route = self.route.map_or("-", RouteKind::as_str),
-            target = self.target.as_deref().unwrap_or("-"),
+            backend = self.target.as_deref().unwrap_or("-"),
             bytes_up = self.bytes.up,
             bytes_down = self.bytes.down,
             duration_ms = self.start.elapsed().as_millis() as u64,

@@ -132,8 +132,13 @@ struct Child2 {
 }
 
 fn spawn_serve(args: &[&str]) -> Child2 {
-    let mut child = Command::new(bin())
-        .args(args)
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    spawn_cmd(cmd)
+}
+
+fn spawn_cmd(mut cmd: Command) -> Child2 {
+    let mut child = cmd
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -153,12 +158,15 @@ fn spawn_serve(args: &[&str]) -> Child2 {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("sluice did not say where it listens");
-        if let Some(i) = line.find("listen=") {
-            let addr = line[i + 7..]
-                .split([' ', ','])
+        let at = line
+            .find("listen=")
+            .map(|i| i + 7)
+            .or_else(|| line.find("\"listen\":\"").map(|i| i + 10));
+        if let Some(i) = at {
+            let addr = line[i..]
+                .split([' ', ',', '"'])
                 .next()
                 .unwrap()
-                .trim_matches('"')
                 .parse()
                 .unwrap();
             return Child2 {
@@ -172,18 +180,9 @@ fn spawn_serve(args: &[&str]) -> Child2 {
 
 fn sigterm(c: &Child) {
     Command::new("kill")
-        .args(["-TERM", &c.child_id().to_string()])
+        .args(["-TERM", &c.id().to_string()])
         .status()
         .unwrap();
-}
-
-trait Id {
-    fn child_id(&self) -> u32;
-}
-impl Id for Child {
-    fn child_id(&self) -> u32 {
-        self.id()
-    }
 }
 
 fn wait_exit(c: &mut Child, limit: Duration) -> i32 {
@@ -340,4 +339,110 @@ fn shutdown_grace_closes_what_is_left() {
         matches!(s.read(&mut b), Ok(0) | Err(_)),
         "the lingering connection was closed"
     );
+}
+
+#[test]
+fn json_logs_one_line_per_connection() {
+    use std::io::{Read, Write};
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = echo_config(dir.path(), &cert, "1s");
+    let mut d = spawn_serve(&["--log-format", "json", "serve", "--config", &cfg]);
+    let mut s = std::net::TcpStream::connect(d.addr).unwrap();
+    s.write_all(b"SSH-2.0-json\r\n").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let line = loop {
+        let l = d
+            .log
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no connection log line");
+        if l.contains("connection closed") {
+            break l;
+        }
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(v["routed_by"], "plaintext", "{line}");
+    assert_eq!(v["route"], "ssh", "{line}");
+    assert_eq!(v["tls"], false, "{line}");
+    assert_eq!(v["bytes_up"], 14, "{line}");
+    assert_eq!(v["bytes_down"], 14, "{line}");
+    assert_eq!(v["outcome"], "closed", "{line}");
+    assert!(
+        v["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{line}"
+    );
+    sigterm(&d.child);
+    assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn out_of_file_descriptors_backs_off_and_recovers() {
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let up = dead_port();
+    let cfg = write(
+        dir.path(),
+        "s.toml",
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[detect]\ntimeout = \"60s\"\non_timeout = \"close\"\n[routes.ssh]\nupstream = \"{up}\"\n",
+            cert.cert.display(),
+            cert.key.display()
+        ),
+    );
+    // A hard limit of 64 descriptors: silent clients exhaust it quickly.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "ulimit -n 64 && exec {} serve --config {cfg}",
+        bin().display()
+    ));
+    let mut d = spawn_cmd(cmd);
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(std::net::TcpStream::connect(d.addr).unwrap());
+    }
+    let saw_backoff = loop {
+        match d.log.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) if l.contains("backing off") => break true,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    assert!(saw_backoff, "no back-off logged when out of descriptors");
+    // Backing off, not spinning: well under half a core over two seconds.
+    let t0 = cpu_ticks(d.child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(d.child.id()) - t0;
+    assert!(
+        used < 100,
+        "accept loop spins while out of descriptors: {used} ticks in 2 s"
+    );
+    drop(silent);
+    // Once descriptors free up, it serves again: plain HTTP gets the (built-in) status page.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut s = std::net::TcpStream::connect(d.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "not serving after descriptors freed: {reply:?}"
+    );
+    sigterm(&d.child);
+    assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
 }

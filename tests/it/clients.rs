@@ -167,3 +167,116 @@ impl FromPemCompat for rustls::pki_types::CertificateDer<'static> {
         rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
     }
 }
+
+/// Makes a key in `format` with openssl and a certificate for localhost signed by it.
+async fn openssl_cert(dir: &std::path::Path, name: &str, genkey: &[&str]) -> TestCert {
+    let key = dir.join(format!("{name}.key"));
+    let cert = dir.join(format!("{name}.pem"));
+    let mut gen = Command::new("openssl");
+    gen.args(genkey).arg("-out").arg(&key);
+    if genkey[0] == "genrsa" {
+        gen.arg("2048");
+    }
+    let (ok, _, err) = output(&mut gen).await;
+    assert!(ok, "openssl {genkey:?}: {err}");
+    let (ok, _, err) = output(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-new",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost",
+                "-addext",
+                "basicConstraints=critical,CA:FALSE",
+                "-key",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    )
+    .await;
+    assert!(ok, "openssl req: {err}");
+    let pem = std::fs::read(&cert).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+    TestCert {
+        dir: tempfile::tempdir().unwrap(),
+        cert,
+        key,
+        der,
+    }
+}
+
+#[tokio::test]
+async fn pkcs1_sec1_and_pkcs8_keys_over_tls12_and_tls13() {
+    need("openssl", "openssl");
+    let dir = tempfile::tempdir().unwrap();
+    let kinds: [(&str, &[&str], &[u8]); 3] = [
+        (
+            "pkcs1",
+            &["genrsa", "-traditional"],
+            b"-----BEGIN RSA PRIVATE KEY-----",
+        ),
+        (
+            "sec1",
+            &["ecparam", "-name", "prime256v1", "-genkey", "-noout"],
+            b"-----BEGIN EC PRIVATE KEY-----",
+        ),
+        (
+            "pkcs8",
+            &["genpkey", "-algorithm", "ed25519"],
+            b"-----BEGIN PRIVATE KEY-----",
+        ),
+    ];
+    let up = banner_upstream().await;
+    for (name, genkey, header) in kinds {
+        let cert = openssl_cert(dir.path(), name, genkey).await;
+        assert!(
+            std::fs::read(&cert.key).unwrap().starts_with(header),
+            "{name} key format"
+        );
+        let d = Daemon::start(&cert, &format!("[routes.ssh]\nupstream = \"{up}\"\n")).await;
+        let mut tls = tls_connect(d.addr, &cert, "localhost", &["ssh"]).await;
+        assert_eq!(read_n(&mut tls, BANNER.len()).await, BANNER, "{name}");
+        for version in ["-tls1_2", "-tls1_3"] {
+            if name == "pkcs8" && version == "-tls1_2" {
+                continue; // Ed25519 certificates are TLS 1.3 only in most stacks
+            }
+            let mut child = Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-quiet",
+                    "-verify_return_error",
+                    version,
+                    "-alpn",
+                    "ssh",
+                    "-CAfile",
+                ])
+                .arg(&cert.cert)
+                .args([
+                    "-connect",
+                    &format!("127.0.0.1:{}", d.addr.port()),
+                    "-servername",
+                    "localhost",
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut stdout = child.stdout.take().unwrap();
+            assert_eq!(
+                read_n(&mut stdout, BANNER.len()).await,
+                BANNER,
+                "{name} {version}"
+            );
+            let _ = child.kill().await;
+        }
+        d.stop().await;
+    }
+}

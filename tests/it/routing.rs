@@ -358,3 +358,36 @@ async fn listens_on_ipv6_and_ipv4() {
     }
     d.stop().await;
 }
+
+#[tokio::test]
+async fn h2_preface_routed_only_when_the_upstream_speaks_h2() {
+    let cert = TestCert::localhost();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let up = echo_upstream().await;
+    let d = Daemon::start(
+        &cert,
+        &format!("[routes.http]\nupstream = \"{up}\"\nh2 = true\n"),
+    )
+    .await;
+    let tls = tls_connect(d.addr, &cert, "localhost", &[]).await;
+    assert_eq!(exchange(tls, preface).await, preface);
+    // With ALPN: h2 is offered and chosen.
+    let tls = tls_connect(d.addr, &cert, "localhost", &["h2", "http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    d.stop().await;
+
+    let d = Daemon::start(&cert, &format!("[routes.http]\nupstream = \"{up}\"\n")).await;
+    let tls = tls_connect(d.addr, &cert, "localhost", &[]).await;
+    assert_eq!(
+        exchange(tls, preface).await,
+        b"",
+        "no h2 upstream: the preface is unknown and closed"
+    );
+    let tls = tls_connect(d.addr, &cert, "localhost", &["h2", "http/1.1"]).await;
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"http/1.1"[..]),
+        "h2 is not offered"
+    );
+    d.stop().await;
+}
