@@ -9,10 +9,26 @@ use sluice::upstream::{encode_proxy_header, ProxyVersion};
 
 fn classifier(c: &mut Criterion) {
     let samples: [(&str, &[u8], Candidates); 5] = [
-        ("ssh-banner", b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n", Candidates::INNER),
-        ("http1-get", b"GET /index.html HTTP/1.1\r\nHost: example.com\r\n\r\n", Candidates::INNER),
-        ("h2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Candidates::INNER),
-        ("client-hello", &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01], Candidates::OUTER),
+        (
+            "ssh-banner",
+            b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n",
+            Candidates::INNER,
+        ),
+        (
+            "http1-get",
+            b"GET /index.html HTTP/1.1\r\nHost: example.com\r\n\r\n",
+            Candidates::INNER,
+        ),
+        (
+            "h2-preface",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            Candidates::INNER,
+        ),
+        (
+            "client-hello",
+            &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01],
+            Candidates::OUTER,
+        ),
         ("junk", b"\xff\xfe random bytes", Candidates::OUTER),
     ];
     let mut g = c.benchmark_group("classify");

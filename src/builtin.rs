@@ -1,6 +1,6 @@
 //! sluice's own small HTTP/1.1 answers: the status page (http route without upstream), the
 //! redirect to https (plaintext policy `redirect`) and a 502 when the upstream is down.
-//! Each reads at most one bounded request head, answers, and closes.
+//! Each reads at most one bounded request head and answers; the caller closes.
 
 use std::io;
 
@@ -93,7 +93,7 @@ async fn respond<S: AsyncWrite + Unpin>(
         out.push_str(body);
     }
     s.write_all(out.as_bytes()).await?;
-    s.shutdown().await
+    s.flush().await
 }
 
 /// Answers one request with the status page.

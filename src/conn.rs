@@ -15,7 +15,7 @@ use crate::builtin;
 use crate::config::{Route, RouteKind};
 use crate::detect::{self, Candidates, Protocol, Verdict};
 use crate::io::Prefixed;
-use crate::listen::{Shared, UnroutedGuard};
+use crate::listen::{ClientSlot, Shared};
 use crate::relay::{self, End};
 use crate::route::{self, Decision, RoutedBy};
 use crate::upstream;
@@ -27,9 +27,24 @@ const PEEK_READ: usize = 4096;
 /// How long a closing goodbye (close_notify, a short HTTP answer) may take.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long, and how much, to read and discard after our last bytes before dropping a client.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+const LINGER_BYTES: usize = 64 * 1024;
+
 /// Closes a client cleanly (close_notify on TLS, then FIN), without waiting on a stuck peer.
-async fn close<S: AsyncWrite + Unpin>(client: &mut S) {
+/// Then it briefly reads what the client still sends: dropping a socket with unread data makes
+/// the kernel send a reset, and the client could lose our last answer (a 502, a redirect).
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
+    let deadline = Instant::now() + LINGER;
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    while total < LINGER_BYTES {
+        match timeout_at(deadline, client.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => total += n,
+            _ => break,
+        }
+    }
 }
 
 /// What is known about a connection, logged once when it closes.
@@ -121,7 +136,7 @@ pub(crate) async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    unrouted: UnroutedGuard,
+    unrouted: ClientSlot,
 ) {
     let mut log = ConnLog {
         id: shared
@@ -152,7 +167,7 @@ pub(crate) async fn handle(
     log.emit(&shared);
 }
 
-async fn serve(shared: &Shared, mut tcp: TcpStream, log: &mut ConnLog, unrouted: UnroutedGuard) {
+async fn serve(shared: &Shared, mut tcp: TcpStream, log: &mut ConnLog, unrouted: ClientSlot) {
     let cfg = &shared.cfg;
     let mut prefix = Vec::new();
     let deadline = Instant::now() + cfg.detect.timeout;
@@ -184,10 +199,27 @@ async fn serve_tls(
     tcp: TcpStream,
     prefix: Vec<u8>,
     log: &mut ConnLog,
-    unrouted: UnroutedGuard,
+    unrouted: ClientSlot,
 ) {
     let cfg = &shared.cfg;
-    let handshake = shared.acceptor.accept(Prefixed::new(prefix, tcp));
+    let handshake = async {
+        let start = tokio_rustls::LazyConfigAcceptor::new(
+            rustls::server::Acceptor::default(),
+            Prefixed::new(prefix, tcp),
+        )
+        .await?;
+        let hello = start.client_hello();
+        let offered = &shared.tls.alpn_protocols;
+        let overlap = hello
+            .alpn()
+            .map(|mut theirs| theirs.any(|p| offered.iter().any(|o| o.as_slice() == p)));
+        let config = if overlap == Some(false) {
+            shared.tls_no_alpn.clone()
+        } else {
+            shared.tls.clone()
+        };
+        start.into_stream(config).await
+    };
     let mut tls = match tokio::time::timeout(cfg.tls.handshake_timeout, handshake).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -232,6 +264,7 @@ async fn serve_tls(
                 RoutedBy::Peek,
             ),
             Peek::Error(e) => {
+                log.noisy = true;
                 log.outcome = format!("client error: {e}");
                 return;
             }
@@ -272,6 +305,7 @@ async fn dispatch<S>(
                 Ok(Err(e)) => format!("redirect failed: {e}"),
                 Err(_) => "redirect failed: client too slow".into(),
             };
+            close(client).await;
             return;
         }
         Decision::Close(why) => {
@@ -297,6 +331,7 @@ async fn dispatch<S>(
                     Ok(Err(e)) => format!("status page not served: {e}"),
                     Err(_) => "status page not served: client too slow".into(),
                 };
+                close(client).await;
             }
             RouteKind::Ssh => {
                 log.target = Some("embedded ssh".into());
@@ -314,9 +349,8 @@ async fn dispatch<S>(
             log.outcome = format!("upstream unreachable: {e}");
             if kind == RouteKind::Http && !h2 {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, builtin::bad_gateway(client)).await;
-            } else {
-                close(client).await;
             }
+            close(client).await;
             return;
         }
     };

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -43,8 +42,15 @@ pub enum ServeError {
 /// Shared, read-only state of a running server.
 pub(crate) struct Shared {
     pub(crate) cfg: Config,
-    pub(crate) acceptor: TlsAcceptor,
-    pub(crate) unrouted: Arc<Unrouted>,
+    /// The TLS config offering the routes' ALPN ids.
+    pub(crate) tls: Arc<rustls::ServerConfig>,
+    /// The same without ALPN, for clients whose ALPN list matches none of ours: they are
+    /// routed by SNI or by their first bytes instead of failing the handshake.
+    pub(crate) tls_no_alpn: Arc<rustls::ServerConfig>,
+    /// Connections per client still in handshake or detection.
+    pub(crate) unrouted: Arc<PerClient>,
+    /// All connections per client.
+    pub(crate) per_client: Arc<PerClient>,
     pub(crate) next_id: AtomicU64,
     /// Cancelled when the shutdown grace runs out: open connections close.
     pub(crate) force_close: CancellationToken,
@@ -75,9 +81,15 @@ impl Server {
             listeners.push(l);
         }
         let shared = Arc::new(Shared {
-            unrouted: Arc::new(Unrouted::new(cfg.limits.max_unrouted_per_ip)),
+            unrouted: Arc::new(PerClient::new(cfg.limits.max_unrouted_per_ip)),
+            per_client: Arc::new(PerClient::new(cfg.limits.max_connections_per_ip)),
             cfg,
-            acceptor: TlsAcceptor::from(tls_config),
+            tls_no_alpn: {
+                let mut c = (*tls_config).clone();
+                c.alpn_protocols.clear();
+                Arc::new(c)
+            },
+            tls: tls_config,
             next_id: AtomicU64::new(1),
             force_close: CancellationToken::new(),
             refusals: Throttle::new(),
@@ -102,6 +114,11 @@ impl Server {
     /// The certificates in force.
     pub fn certs(&self) -> Arc<CertStore> {
         self.certs.clone()
+    }
+
+    /// Cancelling this token closes every open connection at once (e.g. on a second SIGTERM).
+    pub fn force_close_token(&self) -> CancellationToken {
+        self.shared.force_close.clone()
     }
 
     /// The state directory in use.
@@ -224,6 +241,12 @@ async fn accept_loop(
             drop(tcp);
             continue;
         };
+        let Some(client_slot) = shared.per_client.enter(peer.ip()) else {
+            if let Some(n) = shared.refusals.allow() {
+                warn!(%peer, limit = shared.cfg.limits.max_connections_per_ip, suppressed = n, "refused connection: limits.max_connections_per_ip reached for this client");
+            }
+            continue;
+        };
         let Some(unrouted) = shared.unrouted.enter(peer.ip()) else {
             if let Some(n) = shared.refusals.allow() {
                 warn!(%peer, limit = shared.cfg.limits.max_unrouted_per_ip, suppressed = n, "refused connection: limits.max_unrouted_per_ip reached for this client");
@@ -235,7 +258,7 @@ async fn accept_loop(
         let shared = shared.clone();
         tracker.spawn(async move {
             crate::conn::handle(shared, tcp, peer, local, unrouted).await;
-            drop(permit);
+            drop((permit, client_slot));
         });
     }
 }
@@ -255,47 +278,59 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-/// Counts connections per client IP that are not routed yet.
-pub(crate) struct Unrouted {
+/// Counts connections per client (an IPv4 address, or an IPv6 /64: one host's usual share).
+pub(crate) struct PerClient {
     max: u32,
     map: Mutex<HashMap<IpAddr, u32>>,
 }
 
-impl Unrouted {
+impl PerClient {
     fn new(max: u32) -> Self {
-        Unrouted {
+        PerClient {
             max,
             map: Mutex::new(HashMap::new()),
         }
     }
 
-    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<UnroutedGuard> {
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            },
+        }
+    }
+
+    /// Takes a slot for `ip`, or `None` if its client is at the limit.
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let key = Self::key(ip);
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_insert(0);
+        let n = map.entry(key).or_insert(0);
         if *n >= self.max {
             return None;
         }
         *n += 1;
-        Some(UnroutedGuard {
+        Some(ClientSlot {
             owner: self.clone(),
-            ip,
+            key,
         })
     }
 }
 
-/// One unrouted connection; dropping it (once routed or closed) frees the slot.
-pub(crate) struct UnroutedGuard {
-    owner: Arc<Unrouted>,
-    ip: IpAddr,
+/// One connection's slot in a [`PerClient`] count; dropping it frees the slot.
+pub(crate) struct ClientSlot {
+    owner: Arc<PerClient>,
+    key: IpAddr,
 }
 
-impl Drop for UnroutedGuard {
+impl Drop for ClientSlot {
     fn drop(&mut self) {
         let mut map = self.owner.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
+        if let Some(n) = map.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.ip);
+                map.remove(&self.key);
             }
         }
     }

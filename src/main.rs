@@ -144,7 +144,7 @@ fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
             }
         };
         announce(&server, &cfg);
-        let shutdown = match shutdown_signal() {
+        let shutdown = match shutdown_signal(server.force_close_token()) {
             Ok(f) => f,
             Err(e) => {
                 error!("cannot install signal handlers: {e}");
@@ -183,8 +183,10 @@ fn announce(server: &Server, cfg: &Config) {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+/// Resolves on the first SIGTERM or SIGINT; a second one cancels `force` (close everything now).
+fn shutdown_signal(
+    force: tokio_util::sync::CancellationToken,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -193,6 +195,17 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        info!(signal = name, "shutdown requested");
+        info!(
+            signal = name,
+            "shutdown requested; a second signal closes open connections at once"
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: closing open connections now");
+            force.cancel();
+        });
     })
 }

@@ -19,6 +19,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// Idle limit once one direction has finished: a peer that half-closed and went quiet.
+pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(60);
+
 /// Size of one relay buffer.
 pub const BUF_SIZE: usize = 64 * 1024;
 const POOL_MAX: usize = 32;
@@ -103,6 +106,16 @@ enum HalfError {
 }
 
 impl Half {
+    /// Stops this direction: its destination is gone, so buffered bytes have nowhere to go.
+    fn abort(&mut self) {
+        self.done = true;
+        self.pos = 0;
+        self.cap = 0;
+        if let Some(b) = self.buf.take() {
+            give_buf(b);
+        }
+    }
+
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -184,8 +197,8 @@ impl Half {
     }
 }
 
-/// Relays between `client` and `upstream` until both directions are closed, one side fails,
-/// nothing moves for `idle`, or `stop` is cancelled. Returns the byte counts and how it ended.
+/// Relays between `client` and `upstream` until both directions are finished (by EOF or by an
+/// error on one side), nothing moves for `idle`, or `stop` is cancelled. Returns the byte counts and how it ended.
 pub async fn relay<C, U>(
     client: &mut C,
     upstream: &mut U,
@@ -198,6 +211,7 @@ where
 {
     let mut up = Half::default();
     let mut down = Half::default();
+    let mut failed: Option<(Side, io::Error)> = None;
     let mut last = Instant::now();
     let sleep = tokio::time::sleep_until(last + idle);
     tokio::pin!(sleep);
@@ -205,35 +219,67 @@ where
     tokio::pin!(stopped);
 
     let end = poll_fn(|cx| {
-        let a = match up.poll_copy(cx, client, upstream, &mut last) {
-            Poll::Ready(Err(HalfError::Read(e))) => {
-                return Poll::Ready(End::Error(Side::Client, e))
+        // An error ends only what it must: a dead reader's peer still gets what was read (then
+        // EOF), a dead writer's direction stops, and the other direction drains on its own.
+        loop {
+            let mut changed = false;
+            if !up.done {
+                if let Poll::Ready(Err(e)) = up.poll_copy(cx, client, upstream, &mut last) {
+                    changed = true;
+                    match e {
+                        HalfError::Read(e) => {
+                            failed.get_or_insert((Side::Client, e));
+                            up.eof = true;
+                            down.abort();
+                        }
+                        HalfError::Write(e) => {
+                            failed.get_or_insert((Side::Upstream, e));
+                            up.abort();
+                        }
+                    }
+                }
             }
-            Poll::Ready(Err(HalfError::Write(e))) => {
-                return Poll::Ready(End::Error(Side::Upstream, e))
+            if !down.done {
+                if let Poll::Ready(Err(e)) = down.poll_copy(cx, upstream, client, &mut last) {
+                    changed = true;
+                    match e {
+                        HalfError::Read(e) => {
+                            failed.get_or_insert((Side::Upstream, e));
+                            down.eof = true;
+                            up.abort();
+                        }
+                        HalfError::Write(e) => {
+                            failed.get_or_insert((Side::Client, e));
+                            down.abort();
+                        }
+                    }
+                }
             }
-            Poll::Ready(Ok(())) => true,
-            Poll::Pending => false,
-        };
-        let b = match down.poll_copy(cx, upstream, client, &mut last) {
-            Poll::Ready(Err(HalfError::Read(e))) => {
-                return Poll::Ready(End::Error(Side::Upstream, e))
+            if !changed {
+                break;
             }
-            Poll::Ready(Err(HalfError::Write(e))) => {
-                return Poll::Ready(End::Error(Side::Client, e))
-            }
-            Poll::Ready(Ok(())) => true,
-            Poll::Pending => false,
-        };
-        if a && b {
-            return Poll::Ready(End::Closed);
+        }
+        if up.done && down.done {
+            return Poll::Ready(match failed.take() {
+                Some((side, e)) => End::Error(side, e),
+                None => End::Closed,
+            });
         }
         if stopped.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Shutdown);
         }
+        // Half-closed connections linger only briefly without traffic (cf. HAProxy client-fin).
+        let limit = if up.done != down.done {
+            idle.min(HALF_CLOSED_IDLE)
+        } else {
+            idle
+        };
+        if sleep.deadline() > last + limit {
+            sleep.as_mut().reset(last + limit);
+        }
         // The timer is not reset on every read; when it fires, check the last activity.
         while sleep.as_mut().poll(cx).is_ready() {
-            let deadline = last + idle;
+            let deadline = last + limit;
             if deadline <= Instant::now() {
                 return Poll::Ready(End::IdleTimeout);
             }
@@ -254,4 +300,105 @@ where
         },
         end,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn half_closed_and_quiet_ends_after_the_linger() {
+        let (mut client, mut client_peer) = tokio::io::duplex(1024);
+        let (mut upstream, mut upstream_peer) = tokio::io::duplex(1024);
+        let stop = CancellationToken::new();
+        let relay = tokio::spawn(async move {
+            relay(&mut client, &mut upstream, Duration::from_secs(3600), &stop).await
+        });
+        // The upstream says goodbye and half-closes; the client never answers or closes.
+        upstream_peer.write_all(b"bye").await.unwrap();
+        upstream_peer.shutdown().await.unwrap();
+        let mut got = [0u8; 3];
+        client_peer.read_exact(&mut got).await.unwrap();
+        tokio::time::sleep(HALF_CLOSED_IDLE - Duration::from_secs(1)).await;
+        assert!(!relay.is_finished(), "ended before the linger");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (bytes, end) = relay.await.unwrap();
+        assert!(matches!(end, End::IdleTimeout), "{end}");
+        assert_eq!(bytes, Bytes { up: 0, down: 3 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_counts_from_the_last_byte() {
+        let (mut client, mut client_peer) = tokio::io::duplex(1024);
+        let (mut upstream, mut upstream_peer) = tokio::io::duplex(1024);
+        let stop = CancellationToken::new();
+        let relay = tokio::spawn(async move {
+            relay(&mut client, &mut upstream, Duration::from_secs(10), &stop).await
+        });
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            client_peer.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            upstream_peer.read_exact(&mut b).await.unwrap();
+        }
+        assert!(
+            !relay.is_finished(),
+            "traffic every 8 s keeps a 10 s idle timeout away"
+        );
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let (bytes, end) = relay.await.unwrap();
+        assert!(matches!(end, End::IdleTimeout), "{end}");
+        assert_eq!(bytes.up, 5);
+    }
+
+    /// Yields its chunks, then fails like a reset socket.
+    struct ThenReset(Vec<&'static [u8]>);
+
+    impl AsyncRead for ThenReset {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.0.is_empty() {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            let chunk = self.0.remove(0);
+            buf.put_slice(chunk);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for ThenReset {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn upstream_reset_still_delivers_what_was_read() {
+        // The client side buffers writes, as TLS does: the answer must be flushed, not dropped.
+        let (client_io, mut client_peer) = tokio::io::duplex(1 << 20);
+        let mut client = tokio::io::BufWriter::new(client_io);
+        let mut upstream = ThenReset(vec![b"HTTP/1.1 200 OK\r\n", b"\r\nlast words"]);
+        let stop = CancellationToken::new();
+        let (bytes, end) = relay(&mut client, &mut upstream, Duration::from_secs(10), &stop).await;
+        assert!(matches!(end, End::Error(Side::Upstream, _)), "{end}");
+        assert_eq!(bytes.down, 29);
+        drop(client);
+        let mut got = Vec::new();
+        client_peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"HTTP/1.1 200 OK\r\n\r\nlast words");
+    }
 }

@@ -61,14 +61,16 @@ pub fn by_alpn(cfg: &Config, alpn: &[u8]) -> Option<RouteKind> {
 /// The route bound to the SNI name the client sent.
 pub fn by_sni(cfg: &Config, sni: &str) -> Option<RouteKind> {
     let sni = sni.trim_end_matches('.').to_ascii_lowercase();
-    let matches = |pat: &String| match pat.strip_prefix("*.") {
-        Some(parent) => sni.split_once('.').is_some_and(|(_, p)| p == parent),
-        None => *pat == sni,
+    let routes = [&cfg.ssh, &cfg.http];
+    // An exact name beats a wildcard, whichever route holds them (as certificate choice does).
+    let exact = routes.iter().find(|r| r.sni.iter().any(|p| *p == sni));
+    let wildcard = || {
+        let parent = sni.split_once('.')?.1;
+        routes
+            .iter()
+            .find(|r| r.sni.iter().any(|p| p.strip_prefix("*.") == Some(parent)))
     };
-    [&cfg.ssh, &cfg.http]
-        .into_iter()
-        .find(|r| r.sni.iter().any(matches))
-        .map(|r| r.kind)
+    exact.or_else(wildcard).map(|r| r.kind)
 }
 
 /// After TLS: the route for a recognised protocol in the decrypted bytes.
@@ -145,6 +147,12 @@ mod tests {
         assert_eq!(by_sni(&c, "a.tunnels.example.com"), Some(RouteKind::Ssh));
         assert_eq!(by_sni(&c, "tunnels.example.com"), None);
         assert_eq!(by_sni(&c, "www.example.com"), None);
+        // Exact beats wildcard across routes.
+        let c = cfg(
+            "[routes.ssh]\nsni = [\"*.example.com\"]\n[routes.http]\nsni = [\"www.example.com\"]\n",
+        );
+        assert_eq!(by_sni(&c, "www.example.com"), Some(RouteKind::Http));
+        assert_eq!(by_sni(&c, "git.example.com"), Some(RouteKind::Ssh));
     }
 
     #[test]

@@ -9,14 +9,18 @@ use toml::Spanned;
 
 use crate::upstream::ProxyVersion;
 
+/// A duration written like "500ms", "2s", "5m".
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(transparent)]
+pub struct Dur(#[serde(with = "humantime_serde")] pub Duration);
+
 /// The whole file.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct File {
     pub listen: Option<Spanned<Vec<Spanned<String>>>>,
     pub state_dir: Option<Spanned<PathBuf>>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub shutdown_grace: Option<Duration>,
+    pub shutdown_grace: Option<Spanned<Dur>>,
     pub tls: Option<Spanned<Tls>>,
     #[serde(default)]
     pub detect: Detect,
@@ -31,8 +35,7 @@ pub struct File {
 pub struct Tls {
     pub cert: Option<Spanned<PathBuf>>,
     pub key: Option<Spanned<PathBuf>>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub handshake_timeout: Option<Duration>,
+    pub handshake_timeout: Option<Spanned<Dur>>,
     #[serde(default)]
     pub sni: Vec<Spanned<SniCert>>,
 }
@@ -48,8 +51,7 @@ pub struct SniCert {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Detect {
-    #[serde(default, with = "humantime_serde::option")]
-    pub timeout: Option<Duration>,
+    pub timeout: Option<Spanned<Dur>>,
     pub on_timeout: Option<Spanned<String>>,
     pub on_unknown: Option<Spanned<String>>,
 }
@@ -59,6 +61,7 @@ pub struct Detect {
 pub struct Limits {
     pub max_connections: Option<Spanned<u32>>,
     pub max_unrouted_per_ip: Option<Spanned<u32>>,
+    pub max_connections_per_ip: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -73,11 +76,9 @@ pub struct Routes {
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub upstream: Option<Spanned<String>>,
-    pub proxy_protocol: Option<ProxyVersion>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub connect_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub idle_timeout: Option<Duration>,
+    pub proxy_protocol: Option<Spanned<ProxyVersion>>,
+    pub connect_timeout: Option<Spanned<Dur>>,
+    pub idle_timeout: Option<Spanned<Dur>>,
     pub plaintext: Option<Spanned<String>>,
     #[serde(default)]
     pub sni: Vec<Spanned<String>>,

@@ -23,8 +23,12 @@ const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(86_400);
 const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 const DEFAULT_MAX_UNROUTED_PER_IP: u32 = 64;
+const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 256;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -128,8 +132,10 @@ pub struct DetectSettings {
 pub struct Limits {
     /// Open connections at once, all phases.
     pub max_connections: u32,
-    /// Connections per client IP still in handshake or detection.
+    /// Connections per client IP (IPv6: per /64) still in handshake or detection.
     pub max_unrouted_per_ip: u32,
+    /// Connections per client IP (IPv6: per /64), all phases.
+    pub max_connections_per_ip: u32,
 }
 
 /// The two kinds of route.
@@ -285,6 +291,7 @@ impl Config {
             limits: Limits {
                 max_connections: DEFAULT_MAX_CONNECTIONS,
                 max_unrouted_per_ip: DEFAULT_MAX_UNROUTED_PER_IP,
+                max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             },
             http: Route::default_for(RouteKind::Http),
             ssh: Route::default_for(RouteKind::Ssh),
@@ -378,8 +385,9 @@ impl Config {
             ));
         }
         s.push_str(&format!(
-            "limits        {} connections, {} unrouted per client IP, handshake {}, shutdown grace {}\n",
+            "limits        {} connections, {} per client, {} unrouted per client, handshake {}, shutdown grace {}\n",
             self.limits.max_connections,
+            self.limits.max_connections_per_ip,
             self.limits.max_unrouted_per_ip,
             humantime::format_duration(self.tls.handshake_timeout),
             humantime::format_duration(self.shutdown_grace)
@@ -523,8 +531,8 @@ impl Validator<'_> {
             }
         }
         cfg.state_dir = raw.state_dir.as_ref().map(|p| self.path(p).path);
-        if let Some(g) = raw.shutdown_grace {
-            cfg.shutdown_grace = g;
+        if let Some(g) = &raw.shutdown_grace {
+            cfg.shutdown_grace = self.duration(g, Duration::ZERO, DAY)?;
         }
 
         if let Some(tls) = &raw.tls {
@@ -542,12 +550,10 @@ impl Validator<'_> {
                     )
                 }
             };
-            if let Some(h) = t.handshake_timeout {
-                if h.is_zero() {
-                    return self.err(tls.span(), "handshake_timeout must be more than 0s");
-                }
-                cfg.tls.handshake_timeout = h;
+            if let Some(h) = &t.handshake_timeout {
+                cfg.tls.handshake_timeout = self.duration(h, MIN_TIMEOUT, 5 * MINUTE)?;
             }
+            let mut seen = std::collections::HashSet::new();
             for s in &t.sni {
                 let sc = s.get_ref();
                 if sc.names.get_ref().is_empty() {
@@ -555,7 +561,14 @@ impl Validator<'_> {
                 }
                 let mut names = Vec::new();
                 for n in sc.names.get_ref() {
-                    names.push(self.server_name(n)?);
+                    let name = self.server_name(n)?;
+                    if !seen.insert(name.clone()) {
+                        return self.err(
+                            n.span(),
+                            format!("`{name}` is already listed for another certificate"),
+                        );
+                    }
+                    names.push(name);
                 }
                 cfg.tls.sni.push(SniCert {
                     names,
@@ -565,18 +578,8 @@ impl Validator<'_> {
             }
         }
 
-        if let Some(t) = raw.detect.timeout {
-            if t.is_zero() {
-                return Err(ConfigError::at(
-                    self.file,
-                    &Location {
-                        key: "detect.timeout".into(),
-                        ..Default::default()
-                    },
-                    "must be more than 0s",
-                ));
-            }
-            cfg.detect.timeout = t;
+        if let Some(t) = &raw.detect.timeout {
+            cfg.detect.timeout = self.duration(t, MIN_TIMEOUT, 5 * MINUTE)?;
         }
         if let Some(f) = &raw.detect.on_timeout {
             cfg.detect.on_timeout = self.fallback(f)?;
@@ -596,6 +599,12 @@ impl Validator<'_> {
                 return self.err(m.span(), "must be at least 1");
             }
             cfg.limits.max_unrouted_per_ip = *m.get_ref();
+        }
+        if let Some(m) = &raw.limits.max_connections_per_ip {
+            if *m.get_ref() == 0 {
+                return self.err(m.span(), "must be at least 1");
+            }
+            cfg.limits.max_connections_per_ip = *m.get_ref();
         }
 
         if let Some(r) = &raw.routes.http {
@@ -634,6 +643,29 @@ impl Validator<'_> {
             }
         }
         Ok(cfg)
+    }
+
+    /// A duration within `[min, max]`; bounds keep deadlines meaningful and `Instant` math safe.
+    fn duration(
+        &self,
+        d: &Spanned<file::Dur>,
+        min: Duration,
+        max: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let v = d.get_ref().0;
+        if v < min || v > max {
+            let fmt = |d: Duration| humantime::format_duration(d).to_string();
+            return self.err(
+                d.span(),
+                format!(
+                    "{} is out of range: use {} to {}",
+                    fmt(v),
+                    fmt(min),
+                    fmt(max)
+                ),
+            );
+        }
+        Ok(v)
     }
 
     fn fallback(&self, f: &Spanned<String>) -> Result<Fallback, ConfigError> {
@@ -687,26 +719,22 @@ impl Validator<'_> {
             }
             route.upstream = Some(Upstream {
                 addr: addr.to_string(),
-                proxy_protocol: r.proxy_protocol,
-                connect_timeout: r.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-            });
-        } else if r.proxy_protocol.is_some() || r.connect_timeout.is_some() {
-            let name = if r.proxy_protocol.is_some() {
-                "proxy_protocol"
-            } else {
-                "connect_timeout"
-            };
-            return Err(ConfigError::at(
-                self.file,
-                &Location {
-                    key: format!("routes.{}.{name}", kind.as_str()),
-                    ..Default::default()
+                proxy_protocol: r.proxy_protocol.as_ref().map(|p| *p.get_ref()),
+                connect_timeout: match &r.connect_timeout {
+                    Some(t) => self.duration(t, MIN_TIMEOUT, 10 * MINUTE)?,
+                    None => DEFAULT_CONNECT_TIMEOUT,
                 },
-                "only applies to an `upstream`, and none is set",
-            ));
+            });
+        } else if let Some(span) = r
+            .proxy_protocol
+            .as_ref()
+            .map(|p| p.span())
+            .or(r.connect_timeout.as_ref().map(|t| t.span()))
+        {
+            return self.err(span, "only applies to an `upstream`, and none is set");
         }
-        if let Some(t) = r.idle_timeout {
-            route.idle_timeout = t;
+        if let Some(t) = &r.idle_timeout {
+            route.idle_timeout = self.duration(t, MIN_TIMEOUT, 30 * DAY)?;
         }
         if let Some(p) = &r.plaintext {
             route.plaintext = match (p.get_ref().as_str(), kind) {

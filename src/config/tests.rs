@@ -161,3 +161,37 @@ fn describe_lists_routes() {
     assert!(d.contains("PROXY v1"), "{d}");
     assert!(d.contains("route ssh     -> embedded SSH server"), "{d}");
 }
+
+#[test]
+fn durations_are_bounded_and_located() {
+    let e = err("[routes.ssh]\nupstream = \"a:1\"\nidle_timeout = \"0s\"\n");
+    assert!(
+        e.contains(":3:16: routes.ssh.idle_timeout: 0s is out of range"),
+        "{e}"
+    );
+    let e = err("[routes.ssh]\nupstream = \"a:1\"\nconnect_timeout = \"500000000000y\"\n");
+    assert!(e.contains("routes.ssh.connect_timeout"), "{e}");
+    let e = err("[detect]\ntimeout = \"0s\"\n");
+    assert!(
+        e.contains(":2:11: detect.timeout: 0s is out of range"),
+        "{e}"
+    );
+    let e = err("shutdown_grace = \"2days\"\n");
+    assert!(
+        e.contains(":1:18: shutdown_grace: 2days is out of range"),
+        "{e}"
+    );
+    assert_eq!(
+        parse("shutdown_grace = \"0s\"\n").unwrap().shutdown_grace,
+        Duration::ZERO
+    );
+}
+
+#[test]
+fn duplicate_sni_names_are_refused() {
+    let e = err("[[tls.sni]]\nnames = [\"a.test\"]\ncert = \"c\"\nkey = \"k\"\n[[tls.sni]]\nnames = [\"A.test\"]\ncert = \"c2\"\nkey = \"k2\"\n");
+    assert!(
+        e.contains(":6:") && e.contains("`a.test` is already listed"),
+        "{e}"
+    );
+}

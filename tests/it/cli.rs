@@ -446,3 +446,26 @@ fn out_of_file_descriptors_backs_off_and_recovers() {
     sigterm(&d.child);
     assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
 }
+
+#[test]
+fn second_sigterm_closes_at_once() {
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = echo_config(dir.path(), &cert, "60s");
+    let mut d = spawn_serve(&["serve", "--config", &cfg]);
+    let mut s = std::net::TcpStream::connect(d.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    plain_echo_roundtrip(&mut s, b"SSH-2.0-impatient\r\n");
+    sigterm(&d.child);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the first SIGTERM waits for the open connection"
+    );
+    sigterm(&d.child);
+    assert_eq!(
+        wait_exit(&mut d.child, Duration::from_secs(10)),
+        0,
+        "the second SIGTERM ends the 60 s grace at once"
+    );
+}

@@ -230,3 +230,39 @@ async fn idle_timeout_closes_both_sides() {
         .expect("client side closed too");
     d.stop().await;
 }
+
+#[tokio::test]
+async fn upstream_refusing_an_upload_still_gets_its_answer_through() {
+    let cert = TestCert::localhost();
+    let up = serve_upstream(|mut s| async move {
+        let mut b = [0u8; 4096];
+        let _ = s.read(&mut b).await;
+        // Answer early and close with the upload unread (the kernel sends a reset).
+        s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        drop(s);
+    })
+    .await;
+    let d = Daemon::start(&cert, &format!("[routes.http]\nupstream = \"{up}\"\n")).await;
+    let tls = tls_connect(d.addr, &cert, "localhost", &["http/1.1"]).await;
+    let (mut r, mut w) = tokio::io::split(tls);
+    let upload = tokio::spawn(async move {
+        let _ = w
+            .write_all(b"POST /up HTTP/1.1\r\nContent-Length: 67108864\r\n\r\n")
+            .await;
+        let _ = w.write_all(&vec![0u8; 64 << 20]).await;
+        w
+    });
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut reply))
+        .await
+        .expect("reply in time");
+    assert!(
+        reply.starts_with(b"HTTP/1.1 413 "),
+        "{:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    upload.abort();
+    d.stop().await;
+}

@@ -180,3 +180,49 @@ async fn max_connections_refuses_the_excess() {
     drop(b);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn connections_per_client_are_capped_after_routing_too() {
+    let cert = TestCert::localhost();
+    let up = banner_upstream().await;
+    let extra =
+        format!("[limits]\nmax_connections_per_ip = 2\n[routes.ssh]\nupstream = \"{up}\"\n");
+    let d = Daemon::start(&cert, &extra).await;
+    let mut a = tls_connect(d.addr, &cert, "localhost", &["ssh"]).await;
+    let mut b = tls_connect(d.addr, &cert, "localhost", &["ssh"]).await;
+    assert_eq!(read_n(&mut a, BANNER.len()).await, BANNER);
+    assert_eq!(read_n(&mut b, BANNER.len()).await, BANNER);
+    let mut c = TcpStream::connect(d.addr).await.unwrap();
+    closed_within(&mut c, Duration::from_secs(5)).await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    still_serves(&d, &cert).await;
+    drop(b);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_502_survives_an_unread_request_body() {
+    let cert = TestCert::localhost();
+    let d = Daemon::start(
+        &cert,
+        &format!("[routes.http]\nupstream = \"{}\"\n", dead_port()),
+    )
+    .await;
+    let mut tls = tls_connect(d.addr, &cert, "localhost", &["http/1.1"]).await;
+    tls.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 32768\r\n\r\n")
+        .await
+        .unwrap();
+    tls.write_all(&vec![b'a'; 32768]).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(
+        out.starts_with(b"HTTP/1.1 502 "),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    d.stop().await;
+}

@@ -391,3 +391,23 @@ async fn h2_preface_routed_only_when_the_upstream_speaks_h2() {
     );
     d.stop().await;
 }
+
+#[tokio::test]
+async fn client_alpn_matching_none_of_ours_falls_back_to_the_bytes() {
+    let cert = TestCert::localhost();
+    let d = Daemon::start(
+        &cert,
+        &routes(
+            echo_upstream().await,
+            banner_upstream().await,
+            "timeout = \"60s\"",
+        ),
+    )
+    .await;
+    // Offers only h2 (not enabled) and a private id: no handshake failure, no ALPN chosen.
+    let tls = tls_connect(d.addr, &cert, "localhost", &["h2", "x-custom"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    let req = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    assert_eq!(exchange(tls, req).await, req);
+    d.stop().await;
+}
