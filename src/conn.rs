@@ -191,7 +191,7 @@ async fn serve(shared: &Shared, mut tcp: TcpStream, log: &mut ConnLog, unrouted:
     };
     log.by = Some(by);
     drop(unrouted);
-    dispatch(shared, &mut tcp, prefix, decision, log, false).await;
+    dispatch(shared, tcp, prefix, decision, log, false).await;
 }
 
 async fn serve_tls(
@@ -273,20 +273,21 @@ async fn serve_tls(
     log.by = Some(by);
     drop(unrouted);
     let h2 = alpn.as_deref() == Some(b"h2") || prefix.starts_with(b"PRI ");
-    dispatch(shared, &mut tls, prefix, decision, log, h2).await;
+    dispatch(shared, tls, prefix, decision, log, h2).await;
 }
 
 /// Sends a routed connection to its target. `prefix` holds client bytes already read.
 async fn dispatch<S>(
     shared: &Shared,
-    client: &mut S,
+    mut stream: S,
     prefix: Vec<u8>,
     decision: Decision,
     log: &mut ConnLog,
     h2: bool,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let client = &mut stream;
     let cfg = &shared.cfg;
     let reply_deadline =
         Instant::now() + cfg.detect.timeout.max(std::time::Duration::from_secs(10));
@@ -335,8 +336,15 @@ async fn dispatch<S>(
             }
             RouteKind::Ssh => {
                 log.target = Some("embedded ssh".into());
-                log.outcome = "closed: the embedded SSH server is not available in this build; set [routes.ssh] upstream".into();
-                close(client).await;
+                let Some(ssh) = &shared.ssh else {
+                    log.outcome = "closed: no embedded SSH server".into();
+                    close(client).await;
+                    return;
+                };
+                // russh reads the stream itself: no relay, the peeked bytes replayed first.
+                let (counted, counts) = crate::io::Counted::new(Prefixed::new(prefix, stream));
+                log.outcome = ssh.serve(counted, log.peer).await;
+                log.bytes = counts.get();
             }
         }
         return;

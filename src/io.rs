@@ -85,6 +85,84 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
+/// Byte counts shared between a [`Counted`] stream and whoever logs them.
+#[derive(Debug, Default, Clone)]
+pub struct Counts(std::sync::Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>);
+
+impl Counts {
+    /// (read from the stream, written to it) so far.
+    pub fn get(&self) -> crate::relay::Bytes {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::relay::Bytes {
+            up: self.0 .0.load(Relaxed),
+            down: self.0 .1.load(Relaxed),
+        }
+    }
+}
+
+/// A stream that counts the bytes read from it (`up`) and written to it (`down`).
+#[derive(Debug)]
+pub struct Counted<S> {
+    inner: S,
+    counts: Counts,
+}
+
+impl<S> Counted<S> {
+    /// Wraps `inner`; the returned [`Counts`] reads the totals.
+    pub fn new(inner: S) -> (Self, Counts) {
+        let counts = Counts::default();
+        (
+            Counted {
+                inner,
+                counts: counts.clone(),
+            },
+            counts,
+        )
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.counts
+            .0
+             .0
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.counts
+                .0
+                 .1
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

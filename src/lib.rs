@@ -25,6 +25,8 @@ pub mod io;
 pub mod listen;
 pub mod relay;
 pub mod route;
+pub mod ssh;
 pub mod state;
+mod sys;
 pub mod tls;
 pub mod upstream;

@@ -28,6 +28,9 @@ pub enum ServeError {
     /// Certificates or TLS settings are unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The embedded SSH server could not start.
+    #[error(transparent)]
+    Ssh(#[from] crate::ssh::SshError),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -54,6 +57,8 @@ pub(crate) struct Shared {
     pub(crate) next_id: AtomicU64,
     /// Cancelled when the shutdown grace runs out: open connections close.
     pub(crate) force_close: CancellationToken,
+    /// The embedded SSH server, when the ssh route has no upstream.
+    pub(crate) ssh: Option<Arc<crate::ssh::SshServer>>,
     pub(crate) refusals: Throttle,
     pub(crate) failures: Throttle,
 }
@@ -69,9 +74,20 @@ pub struct Server {
 impl Server {
     /// Loads certificates and binds every listen address; nothing is served yet.
     pub async fn bind(cfg: Config, state_dir: PathBuf) -> Result<Server, ServeError> {
-        raise_nofile_limit();
+        crate::sys::raise_nofile_limit();
         let certs = Arc::new(CertStore::new(tls::load_certs(&cfg, &state_dir)?));
         let tls_config = tls::server_config(certs.clone(), cfg.alpn_offered())?;
+        let force_close = CancellationToken::new();
+        let ssh = match cfg.ssh.upstream {
+            Some(_) => None,
+            None => Some(Arc::new(crate::ssh::SshServer::new(
+                &cfg.embedded_ssh,
+                &state_dir,
+                cfg.source.as_deref(),
+                cfg.ssh.idle_timeout,
+                force_close.clone(),
+            )?)),
+        };
         let mut listeners = Vec::new();
         for addr in &cfg.listen {
             let l = bind(*addr).map_err(|source| ServeError::Bind {
@@ -91,7 +107,8 @@ impl Server {
             },
             tls: tls_config,
             next_id: AtomicU64::new(1),
-            force_close: CancellationToken::new(),
+            force_close,
+            ssh,
             refusals: Throttle::new(),
             failures: Throttle::new(),
         });
@@ -119,6 +136,11 @@ impl Server {
     /// Cancelling this token closes every open connection at once (e.g. on a second SIGTERM).
     pub fn force_close_token(&self) -> CancellationToken {
         self.shared.force_close.clone()
+    }
+
+    /// The embedded SSH server, if the ssh route uses it.
+    pub fn ssh(&self) -> Option<&Arc<crate::ssh::SshServer>> {
+        self.shared.ssh.as_ref()
     }
 
     /// The state directory in use.
@@ -182,22 +204,6 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     s.bind(&addr.into())?;
     s.listen(1024)?;
     TcpListener::from_std(s.into())
-}
-
-/// Lifts the soft open-files limit to the hard one: each relayed connection needs two.
-#[allow(unsafe_code)]
-fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }
 
 async fn accept_loop(

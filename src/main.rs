@@ -14,6 +14,7 @@ use tracing::{error, info};
 /// sysexits codes.
 const EX_SOFTWARE: u8 = 70;
 const EX_OSERR: u8 = 71;
+const EX_CANTCREAT: u8 = 73;
 const EX_CONFIG: u8 = 78;
 
 #[derive(Parser)]
@@ -43,6 +44,15 @@ enum Command {
         #[arg(long, env = "SLUICE_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Print the embedded SSH server's host key fingerprint (making the key if there is none).
+    Hostkey {
+        /// Config file (TOML); without one, the default key in the state directory.
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Where generated state lives.
+        #[arg(long, env = "SLUICE_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Validate a config file (certificates included) and print the routing table.
     Check {
         /// Config file (TOML).
@@ -57,6 +67,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Serve { config, state_dir } => serve(config, state_dir),
+        Command::Hostkey { config, state_dir } => hostkey(config, state_dir),
     }
 }
 
@@ -104,6 +115,31 @@ fn check(path: &PathBuf) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn hostkey(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
+    let cfg = match load(config.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sluice: config error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let state_dir = sluice::state::resolve(state_dir.as_deref().or(cfg.state_dir.as_deref()));
+    let path = sluice::ssh::host_key_path(&cfg.embedded_ssh, &state_dir);
+    match sluice::ssh::load_or_create_host_key(&path) {
+        Ok(key) => {
+            let fp = key.public_key().fingerprint(russh::keys::HashAlg::Sha256);
+            let public = key.public_key().to_openssh().unwrap_or_default();
+            println!("{fp} {}", path.display());
+            println!("{public}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            ExitCode::from(EX_CONFIG)
+        }
+    }
+}
+
 fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
     let cfg = match load(config.as_ref()) {
         Ok(c) => c,
@@ -138,12 +174,26 @@ fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
                 error!("{e}");
                 return ExitCode::from(EX_SOFTWARE);
             }
+            Err(e @ ServeError::Ssh(sluice::ssh::SshError::SocketDir { .. })) => {
+                error!("{e}");
+                return ExitCode::from(EX_CANTCREAT);
+            }
+            Err(ServeError::Ssh(e)) => {
+                error!("config error: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
             Err(e @ ServeError::Bind { .. }) => {
                 error!("{e}");
                 return ExitCode::from(EX_OSERR);
             }
         };
         announce(&server, &cfg);
+        if let Some(ssh) = server.ssh() {
+            if let Err(e) = reload_on_sighup(ssh.keys().clone()) {
+                error!("cannot install the SIGHUP handler: {e}");
+                return ExitCode::from(EX_OSERR);
+            }
+        }
         let shutdown = match shutdown_signal(server.force_close_token()) {
             Ok(f) => f,
             Err(e) => {
@@ -163,6 +213,9 @@ fn announce(server: &Server, cfg: &Config) {
     for r in [&cfg.ssh, &cfg.http] {
         info!(route = r.kind.as_str(), target = %r.target_description(), "route");
     }
+    if let Some(ssh) = server.ssh() {
+        info!(fingerprint = %ssh.host_fingerprint(), "embedded SSH server host key");
+    }
     let certs = server.certs().current();
     info!(sha256 = %certs.fingerprint, "TLS certificate fingerprint");
     if certs.self_signed {
@@ -181,6 +234,23 @@ fn announce(server: &Server, cfg: &Config) {
             );
         }
     }
+}
+
+/// SIGHUP re-reads the authorized keys (certificates and config follow in a later release).
+fn reload_on_sighup(keys: std::sync::Arc<sluice::ssh::KeyStore>) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match keys.reload() {
+                Ok(()) => info!("SIGHUP: authorized keys reloaded"),
+                Err(e) => tracing::warn!(
+                    "SIGHUP: authorized keys not reloaded, the old ones stay in force: {e}"
+                ),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one cancels `force` (close everything now).

@@ -28,6 +28,27 @@ pub struct File {
     pub limits: Limits,
     #[serde(default)]
     pub routes: Routes,
+    pub ssh: Option<Spanned<Ssh>>,
+}
+
+/// `[ssh]`: the embedded SSH server.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Ssh {
+    pub host_key: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub authorized_keys: Vec<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub permit_open: Vec<Spanned<String>>,
+    pub listen_address: Option<Spanned<String>>,
+    pub listen_ports: Option<Spanned<String>>,
+    pub socket_dir: Option<Spanned<PathBuf>>,
+    pub connect_timeout: Option<Spanned<Dur>>,
+    pub auth_timeout: Option<Spanned<Dur>>,
+    pub max_auth_attempts: Option<Spanned<u32>>,
+    pub max_channels: Option<Spanned<u32>>,
+    pub max_forwards: Option<Spanned<u32>>,
+    pub keepalive_interval: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Deserialize)]

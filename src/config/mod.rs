@@ -51,6 +51,56 @@ pub struct Config {
     pub http: Route,
     /// The SSH route.
     pub ssh: Route,
+    /// `[ssh]`: the embedded SSH server (used when the ssh route has no upstream).
+    pub embedded_ssh: SshSettings,
+}
+
+/// `[ssh]`: the embedded SSH server.
+#[derive(Debug, Clone)]
+pub struct SshSettings {
+    /// The Ed25519 host key; `None`: `ssh_host_ed25519_key` in the state directory.
+    pub host_key: Option<PathBuf>,
+    /// authorized_keys files (OpenSSH format, with options and cert-authority lines).
+    pub authorized_keys: Vec<ConfigPath>,
+    /// Targets `-W`/`-L`/`-J` may reach. Empty: none (deny by default).
+    pub permit_open: Vec<crate::ssh::policy::PermitOpen>,
+    /// Where `-R` listeners bind.
+    pub listen_address: std::net::IpAddr,
+    /// Ports `-R` may bind.
+    pub listen_ports: std::ops::RangeInclusive<u16>,
+    /// Where `ssh -R /name:...` sockets go; `None`: `sockets` in the state directory.
+    pub socket_dir: Option<PathBuf>,
+    /// Deadline for connecting to a `-W`/`-L` target.
+    pub connect_timeout: Duration,
+    /// How long a client may take to authenticate.
+    pub auth_timeout: Duration,
+    /// Authentication attempts per connection.
+    pub max_auth_attempts: u32,
+    /// Open channels per session.
+    pub max_channels: u32,
+    /// `-R` forwards per session.
+    pub max_forwards: u32,
+    /// Keepalive interval; three unanswered ones end the session.
+    pub keepalive_interval: Duration,
+}
+
+impl Default for SshSettings {
+    fn default() -> Self {
+        SshSettings {
+            host_key: None,
+            authorized_keys: Vec::new(),
+            permit_open: Vec::new(),
+            listen_address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            listen_ports: 20000..=25000,
+            socket_dir: None,
+            connect_timeout: Duration::from_secs(10),
+            auth_timeout: Duration::from_secs(30),
+            max_auth_attempts: 6,
+            max_channels: 32,
+            max_forwards: 8,
+            keepalive_interval: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A path from the config file, with where it was written (for errors found when loading it).
@@ -295,6 +345,7 @@ impl Config {
             },
             http: Route::default_for(RouteKind::Http),
             ssh: Route::default_for(RouteKind::Ssh),
+            embedded_ssh: SshSettings::default(),
         }
     }
 
@@ -642,7 +693,64 @@ impl Validator<'_> {
                 );
             }
         }
+        if let Some(ssh) = &raw.ssh {
+            if cfg.ssh.upstream.is_some() {
+                return self.err(ssh.span(), "[ssh] configures the embedded SSH server, but [routes.ssh] sends SSH to an upstream");
+            }
+            cfg.embedded_ssh = self.ssh(ssh.get_ref())?;
+        }
         Ok(cfg)
+    }
+
+    fn ssh(&self, raw: &file::Ssh) -> Result<SshSettings, ConfigError> {
+        let mut s = SshSettings::default();
+        s.host_key = raw.host_key.as_ref().map(|p| self.path(p).path);
+        s.authorized_keys = raw.authorized_keys.iter().map(|p| self.path(p)).collect();
+        for p in &raw.permit_open {
+            s.permit_open.push(
+                crate::ssh::policy::PermitOpen::parse(p.get_ref())
+                    .or_else(|m| self.err(p.span(), m))?,
+            );
+        }
+        if let Some(a) = &raw.listen_address {
+            s.listen_address = a.get_ref().parse().or_else(|_| {
+                self.err(a.span(), format!("`{}` is not an IP address", a.get_ref()))
+            })?;
+        }
+        if let Some(r) = &raw.listen_ports {
+            s.listen_ports = crate::ssh::policy::parse_port_range(r.get_ref()).map_or_else(
+                || {
+                    self.err(
+                        r.span(),
+                        format!("`{}` is not a port range like \"20000-25000\"", r.get_ref()),
+                    )
+                },
+                Ok,
+            )?;
+        }
+        s.socket_dir = raw.socket_dir.as_ref().map(|p| self.path(p).path);
+        if let Some(t) = &raw.connect_timeout {
+            s.connect_timeout = self.duration(t, MIN_TIMEOUT, 10 * MINUTE)?;
+        }
+        if let Some(t) = &raw.auth_timeout {
+            s.auth_timeout = self.duration(t, Duration::from_secs(1), 10 * MINUTE)?;
+        }
+        if let Some(t) = &raw.keepalive_interval {
+            s.keepalive_interval = self.duration(t, Duration::from_secs(1), 60 * MINUTE)?;
+        }
+        for (v, slot) in [
+            (&raw.max_auth_attempts, &mut s.max_auth_attempts),
+            (&raw.max_channels, &mut s.max_channels),
+            (&raw.max_forwards, &mut s.max_forwards),
+        ] {
+            if let Some(v) = v {
+                if *v.get_ref() == 0 {
+                    return self.err(v.span(), "must be at least 1");
+                }
+                *slot = *v.get_ref();
+            }
+        }
+        Ok(s)
     }
 
     /// A duration within `[min, max]`; bounds keep deadlines meaningful and `Instant` math safe.

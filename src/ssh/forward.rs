@@ -1,0 +1,261 @@
+//! Forwarded channels: `-W`/`-L`/`-J` connects, `-R` listeners on TCP ports and unix sockets,
+//! and the relay between a channel and its socket.
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server::{ChannelOpenHandle, Handle, Msg};
+use russh::{Channel, ChannelOpenFailure};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::time::{timeout_at, Instant};
+use tracing::{info, warn};
+
+use super::handler::{ChannelCount, ChannelSlot};
+use super::SshServer;
+
+/// How long the client gets to accept a forwarded channel before the connection is dropped.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Relays a channel and a socket until both ends close.
+async fn splice<S>(server: &SshServer, channel: Channel<Msg>, mut socket: S, _slot: ChannelSlot)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut stream = channel.into_stream();
+    let _ = crate::relay::relay(&mut stream, &mut socket, server.channel_idle, &server.stop).await;
+}
+
+/// `-W`/`-L`/`-J`: resolve, check addresses against `permit_open`, connect, then accept the
+/// channel (or reject it) and relay.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn direct(
+    server: Arc<SshServer>,
+    channel: Channel<Msg>,
+    reply: ChannelOpenHandle,
+    host: String,
+    port: u16,
+    allowed_by_name: bool,
+    peer: SocketAddr,
+    user: String,
+    slot: ChannelSlot,
+) {
+    let target = format!("{host}:{port}");
+    let deadline = Instant::now() + server.settings.connect_timeout;
+    let addrs: Vec<SocketAddr> = match timeout_at(
+        deadline,
+        tokio::net::lookup_host((host.trim_matches(|c| c == '[' || c == ']'), port)),
+    )
+    .await
+    {
+        Ok(Ok(a)) => a.collect(),
+        Ok(Err(e)) => {
+            warn!(target: "sluice::ssh", %peer, user, target, error = %e, "direct-tcpip: cannot resolve");
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return;
+        }
+        Err(_) => {
+            warn!(target: "sluice::ssh", %peer, user, target, "direct-tcpip: resolving timed out");
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return;
+        }
+    };
+    // A name allowed as a name may go to any of its addresses; otherwise each address must be
+    // allowed itself, and only those are tried (no DNS tricks past a CIDR rule).
+    let rules = &server.settings.permit_open;
+    let allowed: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|a| allowed_by_name || rules.iter().any(|r| r.allows_addr(a.ip(), port)))
+        .collect();
+    if allowed.is_empty() {
+        warn!(target: "sluice::ssh", %peer, user, target, reason = "resolved address not in ssh.permit_open", "denied direct-tcpip");
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        return;
+    }
+    let mut last_err = None;
+    let mut tcp = None;
+    for a in allowed {
+        match timeout_at(deadline, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => {
+                tcp = Some(s);
+                break;
+            }
+            Ok(Err(e)) => last_err = Some(e.to_string()),
+            Err(_) => {
+                last_err = Some("timed out".into());
+                break;
+            }
+        }
+    }
+    let Some(tcp) = tcp else {
+        warn!(target: "sluice::ssh", %peer, user, target, error = last_err.as_deref().unwrap_or("-"), "direct-tcpip: connect failed");
+        reply.reject(ChannelOpenFailure::ConnectFailed).await;
+        return;
+    };
+    let _ = tcp.set_nodelay(true);
+    reply.accept().await;
+    info!(target: "sluice::ssh", %peer, user, target, "direct-tcpip opened");
+    splice(&server, channel, tcp, slot).await;
+}
+
+/// Binds `address:port` for `-R`; port 0 takes a free port from `range`.
+pub(crate) fn bind_tcp(
+    address: IpAddr,
+    port: u16,
+    range: RangeInclusive<u16>,
+) -> std::io::Result<TcpListener> {
+    let bind = |p: u16| -> std::io::Result<TcpListener> {
+        let l = std::net::TcpListener::bind((address, p))?;
+        l.set_nonblocking(true)?;
+        TcpListener::from_std(l)
+    };
+    if port != 0 {
+        return bind(port);
+    }
+    // Start at a random offset so that sessions don't all race for the same first port.
+    let (start, end) = (*range.start(), *range.end());
+    let span = u32::from(end - start) + 1;
+    let mut r = [0u8; 4];
+    let _ = aws_lc_rs::rand::fill(&mut r);
+    let offset = u32::from_le_bytes(r) % span;
+    for i in 0..span {
+        let p = start + ((offset + i) % span) as u16;
+        match bind(p) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port left in ssh.listen_ports",
+    ))
+}
+
+/// Accepts on a `-R` TCP listener and opens a forwarded channel for each connection.
+pub(crate) async fn reverse_tcp(
+    server: Arc<SshServer>,
+    listener: TcpListener,
+    handle: Handle,
+    address: String,
+    port: u32,
+    channels: Arc<ChannelCount>,
+) {
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(a) => a,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(slot) = channels.enter() else {
+            warn!(target: "sluice::ssh", port, "reverse forward: too many channels; dropping a connection");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (server, handle, address) = (server.clone(), handle.clone(), address.clone());
+        tokio::spawn(async move {
+            let open = handle.channel_open_forwarded_tcpip(
+                address,
+                port,
+                from.ip().to_string(),
+                u32::from(from.port()),
+            );
+            match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+                Ok(Ok(channel)) => splice(&server, channel, tcp, slot).await,
+                Ok(Err(e)) => {
+                    warn!(target: "sluice::ssh", port, error = %e, "reverse forward: the client refused the channel")
+                }
+                Err(_) => {
+                    warn!(target: "sluice::ssh", port, "reverse forward: the client did not answer the channel open")
+                }
+            }
+        });
+    }
+}
+
+/// The socket file name for `ssh -R /name:...`: the last path component, a safe name.
+pub(crate) fn socket_name(requested: &str) -> Option<String> {
+    let name = Path::new(requested).file_name()?.to_str()?;
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    ok.then(|| name.to_string())
+}
+
+/// Binds a unix socket at `path`, replacing a stale file but never a live listener.
+pub(crate) fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another session holds this socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path)
+}
+
+/// Accepts on a `-R` unix socket and opens a forwarded channel for each connection.
+pub(crate) async fn reverse_unix(
+    server: Arc<SshServer>,
+    listener: UnixListener,
+    handle: Handle,
+    socket_path: String,
+    channels: Arc<ChannelCount>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(slot) = channels.enter() else {
+            continue;
+        };
+        let (server, handle, socket_path) = (server.clone(), handle.clone(), socket_path.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(
+                OPEN_TIMEOUT,
+                handle.channel_open_forwarded_streamlocal(socket_path),
+            )
+            .await
+            {
+                Ok(Ok(channel)) => splice(&server, channel, stream, slot).await,
+                _ => {
+                    warn!(target: "sluice::ssh", "reverse forward (unix): the client did not take the channel")
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_names() {
+        assert_eq!(socket_name("/app.sock").as_deref(), Some("app.sock"));
+        assert_eq!(
+            socket_name("/x/y/preview-42_a.sock").as_deref(),
+            Some("preview-42_a.sock")
+        );
+        assert_eq!(socket_name("/.hidden"), None);
+        assert_eq!(socket_name("/a b"), None);
+        assert_eq!(socket_name("/"), None);
+        assert_eq!(socket_name("/.."), None);
+    }
+}

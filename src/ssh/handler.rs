@@ -1,0 +1,682 @@
+//! The per-connection russh handler: authentication, session refusals, forwarding policy.
+//!
+//! Handler methods run on the session's own loop, so nothing here awaits anything that needs
+//! that loop (channel opens, connects): such work is spawned.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use russh::keys::ssh_key::certificate::CertType;
+use russh::keys::{Algorithm, Certificate, HashAlg, PublicKey};
+use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelOpenFailure};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::forward;
+use super::policy::{Cidr, KeyPermitOpen, PermitListen};
+use super::{SshServer, TUNNELS_ONLY};
+
+/// What an authenticated client may do, from its key line or certificate.
+#[derive(Debug, Clone)]
+pub(crate) struct Grant {
+    pub(crate) user: String,
+    /// How it authenticated, for logs: key fingerprint and origin, or certificate id.
+    pub(crate) label: String,
+    pub(crate) port_forwarding: bool,
+    pub(crate) permit_open: Option<Vec<KeyPermitOpen>>,
+    pub(crate) permit_listen: Option<Vec<PermitListen>>,
+    pub(crate) expires: Option<SystemTime>,
+}
+
+/// What the connection log line should say about the session.
+#[derive(Default)]
+pub(crate) struct ConnState {
+    who: Mutex<Option<String>>,
+}
+
+impl ConnState {
+    pub(crate) fn describe(&self) -> String {
+        match &*self.who.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(w) => format!(" ({w})"),
+            None => " (not authenticated)".into(),
+        }
+    }
+}
+
+/// Open channels of one connection, with the limit.
+pub(crate) struct ChannelCount {
+    open: AtomicU32,
+    max: u32,
+}
+
+impl ChannelCount {
+    /// Takes a slot, or `None` at the limit.
+    pub(crate) fn enter(self: &Arc<Self>) -> Option<ChannelSlot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ChannelSlot(self.clone()))
+    }
+}
+
+/// One open channel; dropping it frees the slot.
+pub(crate) struct ChannelSlot(Arc<ChannelCount>);
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One SSH connection.
+pub(crate) struct Conn {
+    server: Arc<SshServer>,
+    peer: SocketAddr,
+    authenticated: Arc<AtomicBool>,
+    state: Arc<ConnState>,
+    /// Accepted by an auth method, in force once russh reports success.
+    pending: Option<Grant>,
+    grant: Option<Grant>,
+    failures: u32,
+    channels: Arc<ChannelCount>,
+    /// Session channels hold a slot until the client closes them.
+    session_channels: HashMap<ChannelId, ChannelSlot>,
+    forwards: HashMap<(String, u32), JoinHandle<()>>,
+    sockets: HashMap<String, (JoinHandle<()>, PathBuf)>,
+    expiry: Option<JoinHandle<()>>,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        server: Arc<SshServer>,
+        peer: SocketAddr,
+        authenticated: Arc<AtomicBool>,
+        state: Arc<ConnState>,
+    ) -> Conn {
+        let max = server.settings.max_channels;
+        Conn {
+            server,
+            peer,
+            authenticated,
+            state,
+            pending: None,
+            grant: None,
+            failures: 0,
+            channels: Arc::new(ChannelCount {
+                open: AtomicU32::new(0),
+                max,
+            }),
+            session_channels: HashMap::new(),
+            forwards: HashMap::new(),
+            sockets: HashMap::new(),
+            expiry: None,
+        }
+    }
+
+    /// One line per failure, in OpenSSH's words so that fail2ban filters match it.
+    fn fail(&mut self, user: &str, what: &str, reason: &str) -> Auth {
+        self.failures += 1;
+        warn!(
+            target: "sluice::ssh::auth",
+            "Failed publickey for {user} from {} port {} ssh2: {what}: {reason}",
+            self.peer.ip(),
+            self.peer.port()
+        );
+        if self.failures >= self.server.settings.max_auth_attempts {
+            warn!(
+                target: "sluice::ssh::auth",
+                "maximum authentication attempts exceeded for {user} from {} port {} ssh2",
+                self.peer.ip(),
+                self.peer.port()
+            );
+        }
+        Auth::reject()
+    }
+
+    fn accept(&mut self, grant: Grant, kind: &str) -> Auth {
+        info!(
+            target: "sluice::ssh::auth",
+            "Accepted {kind} for {} from {} port {} ssh2: {}",
+            grant.user,
+            self.peer.ip(),
+            self.peer.port(),
+            grant.label
+        );
+        self.pending = Some(grant);
+        Auth::Accept
+    }
+
+    fn deny_channel(&self, what: &str, target: &str, reason: &str) {
+        let user = self.grant.as_ref().map_or("-", |g| g.user.as_str());
+        warn!(target: "sluice::ssh", peer = %self.peer, user, target, reason, "denied {what}");
+    }
+
+    fn refuse_session_request(
+        &self,
+        channel: ChannelId,
+        what: &str,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let user = self.grant.as_ref().map_or("-", |g| g.user.as_str());
+        info!(target: "sluice::ssh", peer = %self.peer, user, request = what, "refused: tunnels only");
+        session.channel_success(channel)?;
+        session.extended_data(
+            channel,
+            1,
+            bytes::Bytes::from_static(TUNNELS_ONLY.as_bytes()),
+        )?;
+        session.exit_status_request(channel, 1)?;
+        session.eof(channel)?;
+        session.close(channel)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Every listener this session opened closes with it: no leaked ports or sockets.
+        for (_, task) in self.forwards.drain() {
+            task.abort();
+        }
+        for (_, (task, path)) in self.sockets.drain() {
+            task.abort();
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some(t) = self.expiry.take() {
+            t.abort();
+        }
+    }
+}
+
+fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+fn alg_name(key: &PublicKey) -> String {
+    match key.algorithm() {
+        Algorithm::Ed25519 => "ED25519".into(),
+        Algorithm::Rsa { .. } => "RSA".into(),
+        Algorithm::Ecdsa { .. } => "ECDSA".into(),
+        other => other.to_string().to_uppercase(),
+    }
+}
+
+/// Time left until `t`, or `None` if it has passed.
+fn until(t: SystemTime) -> Option<Duration> {
+    t.duration_since(SystemTime::now())
+        .ok()
+        .filter(|d| !d.is_zero())
+}
+
+impl russh::server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        // OpenSSH probes with "none" first; not a failure worth a log line.
+        Ok(Auth::reject())
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if *offer.algorithm == (Algorithm::Rsa { hash: None }) {
+            return Ok(self.fail(
+                user,
+                &alg_name(offer.public_key),
+                "ssh-rsa (SHA-1) signatures are not accepted",
+            ));
+        }
+        let keys = self.server.keys.current();
+        // A certificate is offered as its bare key: with any CA configured, decide after the
+        // signature, in auth_openssh_certificate.
+        if keys.has_cas() || keys.lines_for(offer.public_key).next().is_some() {
+            return Ok(Auth::Accept);
+        }
+        Ok(self.fail(
+            user,
+            &format!(
+                "{} {}",
+                alg_name(offer.public_key),
+                fingerprint(offer.public_key)
+            ),
+            "key not authorized",
+        ))
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let keys = self.server.keys.current();
+        let what = format!(
+            "{} {}",
+            alg_name(key.public_key),
+            fingerprint(key.public_key)
+        );
+        let mut reason = "key not authorized";
+        for line in keys.lines_for(key.public_key) {
+            let o = &line.options;
+            if o.from.as_ref().is_some_and(|f| !f.allows(self.peer.ip())) {
+                reason = "client address not allowed by from=";
+                continue;
+            }
+            if o.expiry.is_some_and(|e| until(e).is_none()) {
+                reason = "key expired (expiry-time)";
+                continue;
+            }
+            let grant = Grant {
+                user: user.to_string(),
+                label: format!("{what} ({})", line.origin),
+                port_forwarding: o.port_forwarding,
+                permit_open: o.permit_open.clone(),
+                permit_listen: o.permit_listen.clone(),
+                expires: o.expiry,
+            };
+            return Ok(self.accept(grant, "publickey"));
+        }
+        Ok(self.fail(user, &what, reason))
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        cert: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let keys = self.server.keys.current();
+        let ca_fp = cert.signature_key().fingerprint(HashAlg::Sha256);
+        let what = format!(
+            "certificate ID \"{}\" serial {} CA {ca_fp}",
+            cert.key_id(),
+            cert.serial()
+        );
+        let mut reason = "certificate authority not trusted".to_string();
+        for ca in keys.cas_for(cert.signature_key()) {
+            let o = &ca.options;
+            if let Err(e) = cert.validate([&ca_fp]) {
+                reason = format!("certificate not valid: {e}");
+                continue;
+            }
+            if cert.cert_type() != CertType::User {
+                reason = "not a user certificate".into();
+                continue;
+            }
+            let principals = cert.valid_principals();
+            if principals.is_empty() {
+                reason = "certificate lists no principals".into();
+                continue;
+            }
+            let principal_ok = match &o.principals {
+                Some(allowed) => principals.iter().any(|p| allowed.contains(p)),
+                None => principals.iter().any(|p| p == user),
+            };
+            if !principal_ok {
+                reason = format!(
+                    "no principal of the certificate ({}) allowed for this login",
+                    principals.join(",")
+                );
+                continue;
+            }
+            if o.from.as_ref().is_some_and(|f| !f.allows(self.peer.ip())) {
+                reason = "client address not allowed by from= on the cert-authority line".into();
+                continue;
+            }
+            if o.expiry.is_some_and(|e| until(e).is_none()) {
+                reason = "cert-authority line expired (expiry-time)".into();
+                continue;
+            }
+            let mut critical_ok = Ok(());
+            for (name, value) in cert.critical_options().iter() {
+                match name.as_str() {
+                    "source-address" => {
+                        let ip = self.peer.ip();
+                        let allowed = value
+                            .split(',')
+                            .filter_map(|c| Cidr::parse(c.trim()))
+                            .any(|c| c.contains(ip));
+                        if !allowed {
+                            critical_ok =
+                                Err(format!("client address not in source-address {value}"));
+                        }
+                    }
+                    // sluice runs no commands: a forced command restricts nothing it offers.
+                    "force-command" => {}
+                    other => critical_ok = Err(format!("unsupported critical option {other}")),
+                }
+            }
+            if let Err(r) = critical_ok {
+                reason = r;
+                continue;
+            }
+            let forwarding =
+                o.port_forwarding && cert.extensions().contains_key("permit-port-forwarding");
+            let expires = match (cert.valid_before_time(), o.expiry) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let grant = Grant {
+                user: user.to_string(),
+                label: format!("{what} ({})", ca.origin),
+                port_forwarding: forwarding,
+                permit_open: o.permit_open.clone(),
+                permit_listen: o.permit_listen.clone(),
+                expires,
+            };
+            return Ok(self.accept(grant, "certificate"));
+        }
+        Ok(self.fail(user, &what, &reason))
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        let Some(grant) = self.pending.take() else {
+            return Ok(());
+        };
+        *self.state.who.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(format!("user {} {}", grant.user, grant.label));
+        self.authenticated.store(true, Ordering::Release);
+        if let Some(exp) = grant.expires {
+            // Expiry ends the live session, not just future logins.
+            let handle = session.handle();
+            let (peer, user) = (self.peer, grant.user.clone());
+            self.expiry = Some(tokio::spawn(async move {
+                while let Some(left) = until(exp) {
+                    tokio::time::sleep(left.min(Duration::from_secs(3600))).await;
+                }
+                warn!(target: "sluice::ssh::auth", %peer, user, "key or certificate expired: closing the session");
+                let _ = handle
+                    .disconnect(
+                        russh::Disconnect::ByApplication,
+                        "your key or certificate has expired".into(),
+                        String::new(),
+                    )
+                    .await;
+            }));
+        }
+        self.grant = Some(grant);
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(slot) = self.channels.enter() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        let id = channel.id();
+        // Callback model: the Channel object is dropped, never left unread.
+        drop(channel);
+        reply.accept().await;
+        self.session_channels.insert(id, slot);
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.session_channels.remove(&channel);
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_session_request(channel, "shell", session)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_session_request(channel, "exec", session)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_session_request(channel, &format!("subsystem {name}"), session)
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let target = format!("{host}:{port}");
+        let Some(grant) = self.grant.clone() else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let deny = |reason: &str| self.deny_channel("direct-tcpip", &target, reason);
+        let Ok(port) =
+            u16::try_from(port)
+                .map_err(|_| ())
+                .and_then(|p| if p == 0 { Err(()) } else { Ok(p) })
+        else {
+            deny("bad port");
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        if !grant.port_forwarding {
+            deny("port forwarding not permitted for this key");
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        if grant
+            .permit_open
+            .as_ref()
+            .is_some_and(|list| !list.iter().any(|p| p.matches(host, port)))
+        {
+            deny("not in the key's permitopen");
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        let rules = &self.server.settings.permit_open;
+        let by_name = rules.iter().any(|p| p.allows_name(host, port));
+        let by_addr_possible = rules
+            .iter()
+            .any(|p| matches!(p.host, super::policy::HostMatch::Net(_)) && p.port.matches(port));
+        if !by_name && !by_addr_possible {
+            deny("not in ssh.permit_open");
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        let Some(slot) = self.channels.enter() else {
+            deny("too many channels on this connection (ssh.max_channels)");
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        // Connecting takes time: never on the session loop.
+        tokio::spawn(forward::direct(
+            self.server.clone(),
+            channel,
+            reply,
+            host.to_string(),
+            port,
+            by_name,
+            self.peer,
+            grant.user,
+            slot,
+        ));
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let target = format!("{address}:{port}");
+        let Some(grant) = self.grant.clone() else {
+            return Ok(false);
+        };
+        let deny = |reason: &str| {
+            self.deny_channel("tcpip-forward", &target, reason);
+            Ok(false)
+        };
+        let Ok(requested) = u16::try_from(*port) else {
+            return deny("bad port");
+        };
+        if !grant.port_forwarding {
+            return deny("port forwarding not permitted for this key");
+        }
+        if grant
+            .permit_listen
+            .as_ref()
+            .is_some_and(|l| !l.iter().any(|p| p.matches(address, requested)))
+        {
+            return deny("not in the key's permitlisten");
+        }
+        let range = self.server.settings.listen_ports.clone();
+        if requested != 0 && !range.contains(&requested) {
+            return deny(&format!(
+                "port outside ssh.listen_ports ({}-{})",
+                range.start(),
+                range.end()
+            ));
+        }
+        if self.forwards.len() + self.sockets.len() >= self.server.settings.max_forwards as usize {
+            return deny("too many forwards on this connection (ssh.max_forwards)");
+        }
+        let listener =
+            match forward::bind_tcp(self.server.settings.listen_address, requested, range) {
+                Ok(l) => l,
+                Err(e) => return deny(&format!("cannot listen: {e}")),
+            };
+        let bound = listener.local_addr().map(|a| a.port()).unwrap_or(requested);
+        *port = u32::from(bound);
+        info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, listen = %format!("{}:{bound}", self.server.settings.listen_address), "reverse forward opened");
+        let task = tokio::spawn(forward::reverse_tcp(
+            self.server.clone(),
+            listener,
+            session.handle(),
+            address.to_string(),
+            u32::from(bound),
+            self.channels.clone(),
+        ));
+        self.forwards
+            .insert((address.to_string(), u32::from(bound)), task);
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        match self.forwards.remove(&(address.to_string(), port)) {
+            Some(task) => {
+                task.abort();
+                info!(target: "sluice::ssh", peer = %self.peer, port, "reverse forward cancelled");
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(grant) = self.grant.clone() else {
+            return Ok(false);
+        };
+        let deny = |reason: &str| {
+            self.deny_channel("streamlocal-forward", socket_path, reason);
+            Ok(false)
+        };
+        if !grant.port_forwarding {
+            return deny("port forwarding not permitted for this key");
+        }
+        let Some(name) = forward::socket_name(socket_path) else {
+            return deny(
+                "the socket name must be 1-100 of [A-Za-z0-9._-], not starting with a dot",
+            );
+        };
+        if self.forwards.len() + self.sockets.len() >= self.server.settings.max_forwards as usize {
+            return deny("too many forwards on this connection (ssh.max_forwards)");
+        }
+        let path = self.server.socket_dir.join(&name);
+        let listener = match forward::bind_unix(&path) {
+            Ok(l) => l,
+            Err(e) => return deny(&format!("cannot listen: {e}")),
+        };
+        info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, socket = %path.display(), "reverse forward opened");
+        let task = tokio::spawn(forward::reverse_unix(
+            self.server.clone(),
+            listener,
+            session.handle(),
+            socket_path.to_string(),
+            self.channels.clone(),
+        ));
+        self.sockets.insert(socket_path.to_string(), (task, path));
+        Ok(true)
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        match self.sockets.remove(socket_path) {
+            Some((task, path)) => {
+                task.abort();
+                let _ = std::fs::remove_file(path);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! The few calls into libc that need `unsafe`, each small and commented.
+
+#![allow(unsafe_code)]
+
+use crate::ssh::policy::LocalOffset;
+
+/// Lifts the soft open-files limit to the hard one: each relayed connection needs two.
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// The system time zone (TZ, /etc/localtime), as OpenSSH uses for `expiry-time` without `Z`.
+pub struct SystemTz;
+
+impl LocalOffset for SystemTz {
+    fn offset_secs(&self, naive: i64) -> i64 {
+        let days = naive.div_euclid(86_400);
+        let secs = naive.rem_euclid(86_400);
+        let (y, m, d) = civil_from_days(days);
+        // SAFETY: `tm` is a plain C struct; zeroed is a valid value, and mktime only reads and
+        // normalises the struct we own. tzset is called by mktime itself.
+        let utc = unsafe {
+            let mut tm: libc::tm = std::mem::zeroed();
+            tm.tm_year = (y - 1900) as libc::c_int;
+            tm.tm_mon = (m - 1) as libc::c_int;
+            tm.tm_mday = d as libc::c_int;
+            tm.tm_hour = (secs / 3600) as libc::c_int;
+            tm.tm_min = (secs / 60 % 60) as libc::c_int;
+            tm.tm_sec = (secs % 60) as libc::c_int;
+            tm.tm_isdst = -1;
+            libc::mktime(&mut tm)
+        };
+        if utc == -1 {
+            0
+        } else {
+            naive - utc as i64
+        }
+    }
+}
+
+/// Year, month, day of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_780), (2026, 11, 23));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    }
+}
