@@ -299,7 +299,7 @@ mod tests {
     #[test]
     fn bare_key() {
         let (k, o) = parse_line(KEY, &Utc).unwrap();
-        assert_eq!(k.comment(), "user@host");
+        assert_eq!(AsRef::<str>::as_ref(k.comment()), "user@host");
         assert_eq!(o, KeyOptions::default());
     }
 
@@ -362,7 +362,8 @@ mod tests {
             (format!("restrict=\"x\" {KEY}"), "takes no value"),
             (format!("command=\"x {KEY}"), "unterminated"),
             ("ssh-ed25519 AAAAnotbase64!! x".to_string(), "bad key"),
-            ("ssh-foo AAAA".to_string(), "not a known key type"),
+            ("ssh-foo AAAA".to_string(), "`ssh-foo`"),
+            (format!("restrict ssh-foo AAAA"), "`ssh-foo` is not a known key type"),
             (format!("restrict,,port-forwarding {KEY}"), "empty option"),
         ] {
             let e = parse_line(&line, &Utc).unwrap_err();
