@@ -363,7 +363,10 @@ mod tests {
             (format!("command=\"x {KEY}"), "unterminated"),
             ("ssh-ed25519 AAAAnotbase64!! x".to_string(), "bad key"),
             ("ssh-foo AAAA".to_string(), "`ssh-foo`"),
-            (format!("restrict ssh-foo AAAA"), "`ssh-foo` is not a known key type"),
+            (
+                format!("restrict ssh-foo AAAA"),
+                "`ssh-foo` is not a known key type",
+            ),
             (format!("restrict,,port-forwarding {KEY}"), "empty option"),
         ] {
             let e = parse_line(&line, &Utc).unwrap_err();

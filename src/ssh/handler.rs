@@ -442,6 +442,7 @@ impl russh::server::Handler for Conn {
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        // No terminals here. (A client that forces one with -tt gives up at this reply.)
         session.channel_failure(channel)
     }
 

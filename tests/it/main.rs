@@ -16,5 +16,8 @@ mod robustness;
 /// curl and openssl s_client against the daemon.
 mod clients;
 
+/// The embedded SSH server, driven by the real OpenSSH client through TLS.
+mod ssh;
+
 /// The `sluice` binary: config errors, `check`, the embedded default, signals.
 mod cli;

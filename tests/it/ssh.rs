@@ -1,0 +1,887 @@
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+use crate::support::*;
+
+/// A key pair made by ssh-keygen.
+struct Key {
+    private: PathBuf,
+    public: String,
+}
+
+fn keygen(dir: &Path, name: &str) -> Key {
+    need("ssh-keygen", "openssh-client");
+    let private = dir.join(name);
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&private)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let public = std::fs::read_to_string(private.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    Key { private, public }
+}
+
+/// Signs `key` with `ca`: `ssh-keygen -s ca -I id -n principals -V validity [opts]`.
+fn sign(ca: &Key, key: &Key, principals: &str, validity: &str, opts: &[&str]) -> PathBuf {
+    let mut cmd = std::process::Command::new("ssh-keygen");
+    cmd.args(["-q", "-s"]).arg(&ca.private).args([
+        "-I",
+        "test-cert",
+        "-n",
+        principals,
+        "-V",
+        validity,
+    ]);
+    for o in opts {
+        cmd.args(["-O", o]);
+    }
+    let out = cmd.arg(key.private.with_extension("pub")).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ssh-keygen -s: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cert = PathBuf::from(format!("{}-cert.pub", key.private.display()));
+    assert!(cert.exists());
+    cert
+}
+
+/// sluice with the embedded SSH server, and what the tests need around it.
+struct Fixture {
+    d: Daemon,
+    dir: tempfile::TempDir,
+    authorized: PathBuf,
+    host_key: PathBuf,
+    echo: std::net::SocketAddr,
+    _cert: TestCert,
+}
+
+impl Fixture {
+    /// `authorized` lines; `permit` extra `permit_open` entries besides the echo server.
+    async fn new(authorized: &str, permit: &[String], ports: &str) -> Fixture {
+        need("ssh", "openssh-client");
+        need("openssl", "openssl");
+        let cert = TestCert::localhost();
+        let dir = tempfile::tempdir().unwrap();
+        let echo = echo_upstream().await;
+        let auth_path = dir.path().join("authorized_keys");
+        std::fs::write(&auth_path, authorized).unwrap();
+        let host_key = dir.path().join("state/ssh_host_ed25519_key");
+        let mut permit_open = vec![format!("\"{echo}\"")];
+        permit_open.extend(permit.iter().map(|p| format!("\"{p}\"")));
+        let extra = format!(
+            "[routes.ssh]\n[ssh]\nhost_key = \"{}\"\nauthorized_keys = [\"{}\"]\npermit_open = [{}]\nlisten_ports = \"{ports}\"\nsocket_dir = \"{}\"\n",
+            host_key.display(),
+            auth_path.display(),
+            permit_open.join(", "),
+            dir.path().join("sockets").display()
+        );
+        let d = Daemon::start(&cert, &extra).await;
+        Fixture {
+            d,
+            dir,
+            authorized: auth_path,
+            host_key,
+            echo,
+            _cert: cert,
+        }
+    }
+
+    /// `ssh` through sluice's TLS port with `key`, plus `args`.
+    fn ssh(&self, key: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no"])
+            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10"])
+            .arg("-o")
+            .arg(format!("ProxyCommand=openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{} -servername localhost", self.d.addr.port()))
+            .arg("-i")
+            .arg(key)
+            .args(args)
+            .kill_on_drop(true);
+        c
+    }
+
+    /// `ssh -W target` with `input` on stdin: (success, stdout, stderr).
+    async fn w(&self, key: &Path, target: &str, input: &[u8]) -> (bool, Vec<u8>, String) {
+        let mut child = self
+            .ssh(key, &["-W", target, "tunnel@localhost"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let data = input.to_vec();
+        let writer = tokio::spawn(async move {
+            let _ = stdin.write_all(&data).await;
+            drop(stdin);
+        });
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("ssh -W took over 60 s")
+            .unwrap();
+        writer.await.unwrap();
+        (
+            out.status.success(),
+            out.stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// A free port range of `n` ports for `listen_ports`, unlikely to clash with parallel tests.
+fn port_range(n: u16) -> (u16, String) {
+    let start = loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if p < 65000 - n {
+            break p;
+        }
+    };
+    (start, format!("{start}-{}", start + n - 1))
+}
+
+/// Ends an ssh client the way a user does (SIGTERM): it takes its ProxyCommand down with it.
+async fn term(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+}
+
+async fn wait_listening(port: u16) {
+    for _ in 0..200 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing listens on {port}");
+}
+
+const MIB16: usize = 16 << 20;
+
+#[tokio::test]
+async fn w_and_l_carry_16_mib_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let f = Fixture::new(&id.public, &[], &port_range(10).1).await;
+    let data = pattern(11, MIB16);
+    let (ok, out, err) = f.w(&id.private, &f.echo.to_string(), &data).await;
+    assert!(ok, "ssh -W failed: {err}");
+    assert_eq!(out.len(), MIB16, "{err}");
+    assert_eq!(sha256(&out), sha256(&data));
+
+    let local = dead_port().port();
+    let mut child = f
+        .ssh(
+            &id.private,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-L",
+                &format!("127.0.0.1:{local}:{}", f.echo),
+                "tunnel@localhost",
+            ],
+        )
+        .spawn()
+        .unwrap();
+    wait_listening(local).await;
+    let s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(60), exchange(s, &data))
+        .await
+        .unwrap();
+    assert_eq!(sha256(&got), sha256(&data), "ssh -L carried 16 MiB intact");
+    child.kill().await.unwrap();
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn targets_outside_permit_open_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let f = Fixture::new(&id.public, &[], &port_range(10).1).await;
+    let other = echo_upstream().await;
+    let (_, out, err) = f.w(&id.private, &other.to_string(), b"x").await;
+    assert!(out.is_empty(), "reached a target outside permit_open");
+    assert!(
+        err.contains("administratively prohibited") || err.contains("open failed"),
+        "{err}"
+    );
+    // A name is checked by what it resolves to: localhost is 127.0.0.1, but not that port.
+    let (_, out, _) = f
+        .w(&id.private, &format!("localhost:{}", other.port()), b"x")
+        .await;
+    assert!(out.is_empty());
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn cidr_and_wildcard_port_entries_allow_by_resolved_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let f = Fixture::new(
+        &id.public,
+        &["127.0.0.0/8:*".to_string()],
+        &port_range(10).1,
+    )
+    .await;
+    let other = echo_upstream().await;
+    let (ok, out, err) = f
+        .w(
+            &id.private,
+            &format!("localhost:{}", other.port()),
+            b"via-cidr",
+        )
+        .await;
+    assert!(ok && out == b"via-cidr", "{err}");
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_key_refused_and_shell_gets_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let stranger = keygen(dir.path(), "stranger");
+    let f = Fixture::new(&id.public, &[], &port_range(10).1).await;
+    let (ok, out, err) = f.w(&stranger.private, &f.echo.to_string(), b"x").await;
+    assert!(!ok && out.is_empty(), "an unknown key was let in");
+    assert!(err.contains("Permission denied"), "{err}");
+
+    // A command or a shell: a clear refusal and an exit, never a hang.
+    let ssh_line = |extra: &str| {
+        format!(
+            "ssh -F none -o BatchMode=yes -o IdentitiesOnly=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o 'ProxyCommand=openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{} -servername localhost' -i {} {extra}",
+            f.d.addr.port(),
+            id.private.display()
+        )
+    };
+    let cases = [
+        ("a command", ssh_line("tunnel@localhost uname")),
+        ("a shell without a terminal", ssh_line("tunnel@localhost")),
+        // From a real terminal (script(1) provides one): no PTY, then the message.
+        (
+            "an interactive login",
+            format!(
+                "script -qec \"{}\" /dev/null",
+                ssh_line("tunnel@localhost").replace('"', "\\\"")
+            ),
+        ),
+    ];
+    for (what, line) in cases {
+        let out = tokio::time::timeout(
+            Duration::from_secs(20),
+            Command::new("sh")
+                .arg("-c")
+                .arg(&line)
+                .stdin(Stdio::null())
+                .output(),
+        )
+        .await
+        .expect("ssh hung")
+        .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(!out.status.success(), "{what}: exited 0");
+        assert!(
+            all.contains("this server provides tunnels only; use -N, -W, -L or -R"),
+            "{what}: {all}"
+        );
+    }
+    // A forced terminal (-tt): the PTY refusal ends it at once.
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        f.ssh(&id.private, &["-tt", "tunnel@localhost"])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("ssh -tt hung")
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PTY allocation request failed"));
+    // -N stays up.
+    let mut n = f
+        .ssh(&id.private, &["-N", "tunnel@localhost"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(n.try_wait().unwrap().is_none(), "ssh -N exited");
+    n.kill().await.unwrap();
+    f.d.stop().await;
+}
+
+async fn stderr_line_with(child: &mut Child, needle: &str) -> String {
+    let mut err = child.stderr.take().unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = String::from_utf8_lossy(&buf).into_owned();
+        if s.contains(needle) {
+            child.stderr = None;
+            return s;
+        }
+        match tokio::time::timeout_at(deadline, err.read(&mut chunk)).await {
+            Ok(Ok(0)) | Err(_) => return s,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(_)) => return s,
+        }
+    }
+}
+
+#[tokio::test]
+async fn reverse_forwards_allocated_fixed_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let (start, range) = port_range(20);
+    let f = Fixture::new(&id.public, &[], &range).await;
+    let web = http_upstream().await;
+
+    // -R 0: a port from the range, reported to the client.
+    let mut r0 = f
+        .ssh(
+            &id.private,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("0:{web}"),
+                "tunnel@localhost",
+            ],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = stderr_line_with(&mut r0, "Allocated port").await;
+    let port: u16 = err
+        .split("Allocated port ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        (start..start + 20).contains(&port),
+        "{port} outside {range}"
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let reply = String::from_utf8(read_all(&mut s).await).unwrap();
+    assert!(reply.contains("hello-from-upstream"), "{reply}");
+
+    // A fixed port in the range; a second session cannot take it.
+    let fixed = if port == start { start + 1 } else { start };
+    let mut r1 = f
+        .ssh(
+            &id.private,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("{fixed}:{web}"),
+                "tunnel@localhost",
+            ],
+        )
+        .spawn()
+        .unwrap();
+    wait_listening(fixed).await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        f.ssh(
+            &id.private,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("{fixed}:{web}"),
+                "tunnel@localhost",
+            ],
+        )
+        .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success(), "two sessions held one port");
+
+    // Outside the range: refused.
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        f.ssh(
+            &id.private,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("{}:{web}", start + 100),
+                "tunnel@localhost",
+            ],
+        )
+        .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("remote port forwarding failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // When a session ends, its listeners close: no leaked ports.
+    term(&mut r1).await;
+    let mut freed = false;
+    for _ in 0..100 {
+        if TcpStream::connect(("127.0.0.1", fixed)).await.is_err() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(freed, "port {fixed} still open after its session ended");
+    r0.kill().await.unwrap();
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn reverse_forward_onto_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let f = Fixture::new(&id.public, &[], &port_range(10).1).await;
+    let web = http_upstream().await;
+    let mut r = f
+        .ssh(
+            &id.private,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("/preview-1.sock:{web}"),
+                "tunnel@localhost",
+            ],
+        )
+        .spawn()
+        .unwrap();
+    let sock = f.dir.path().join("sockets/preview-1.sock");
+    let mut s = None;
+    for _ in 0..200 {
+        if let Ok(c) = tokio::net::UnixStream::connect(&sock).await {
+            s = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut s = s.expect("the unix socket did not appear");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let reply = String::from_utf8(read_all(&mut s).await).unwrap();
+    assert!(reply.contains("hello-from-upstream"), "{reply}");
+    term(&mut r).await;
+    for _ in 0..100 {
+        if !sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!sock.exists(), "the socket file outlived its session");
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn key_options_are_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (po, pl, fr, ex, rs) = (
+        keygen(dir.path(), "po"),
+        keygen(dir.path(), "pl"),
+        keygen(dir.path(), "fr"),
+        keygen(dir.path(), "ex"),
+        keygen(dir.path(), "rs"),
+    );
+    let second = echo_upstream().await;
+    let (start, range) = port_range(10);
+    // The echo server address is only known once the fixture starts; permitopen names it.
+    let f = Fixture::new("", &[second.to_string()], &range).await;
+    let lines = format!(
+        "permitopen=\"{}\" {}\npermitlisten=\"{}\" {}\nfrom=\"10.0.0.0/8\" {}\nexpiry-time=\"20200101Z\" {}\nrestrict {}\n",
+        f.echo,
+        po.public,
+        start + 1,
+        pl.public,
+        fr.public,
+        ex.public,
+        rs.public
+    );
+    std::fs::write(&f.authorized, lines).unwrap();
+    f.d_reload_wait().await;
+
+    let (ok, out, _) = f.w(&po.private, &f.echo.to_string(), b"po").await;
+    assert!(ok && out == b"po", "permitopen target allowed");
+    let (_, out, _) = f.w(&po.private, &second.to_string(), b"po").await;
+    assert!(
+        out.is_empty(),
+        "a globally permitted target outside the key's permitopen was reached"
+    );
+
+    let web = http_upstream().await;
+    let ok_r = f
+        .ssh(
+            &pl.private,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("{}:{web}", start + 1),
+                "tunnel@localhost",
+            ],
+        )
+        .spawn()
+        .unwrap();
+    wait_listening(start + 1).await;
+    drop(ok_r);
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        f.ssh(
+            &pl.private,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("{}:{web}", start + 2),
+                "tunnel@localhost",
+            ],
+        )
+        .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success(), "permitlisten allowed another port");
+
+    for (k, what) in [(&fr, "from="), (&ex, "expiry-time")] {
+        let (ok, out, err) = f.w(&k.private, &f.echo.to_string(), b"x").await;
+        assert!(!ok && out.is_empty(), "{what} not enforced: {err}");
+        assert!(err.contains("Permission denied"), "{what}: {err}");
+    }
+    // restrict: logs in, but may not forward.
+    let (_, out, err) = f.w(&rs.private, &f.echo.to_string(), b"x").await;
+    assert!(
+        out.is_empty() && !err.contains("Permission denied"),
+        "restrict: {err}"
+    );
+    f.d.stop().await;
+}
+
+impl Fixture {
+    /// Waits until the file watcher has picked up a change to authorized_keys.
+    async fn d_reload_wait(&self) {
+        tokio::time::sleep(Duration::from_millis(2600)).await;
+    }
+}
+
+#[tokio::test]
+async fn certificates_checked_fully() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = keygen(dir.path(), "ca");
+    let rogue_ca = keygen(dir.path(), "rogue");
+    let f = Fixture::new(
+        &format!("cert-authority {}", ca.public),
+        &[],
+        &port_range(10).1,
+    )
+    .await;
+    let cases: [(&str, &Key, &str, &str, &[&str], bool); 7] = [
+        ("valid", &ca, "tunnel", "-5m:+1h", &[], true),
+        ("expired", &ca, "tunnel", "-2d:-1d", &[], false),
+        ("not yet valid", &ca, "tunnel", "+1d:+2d", &[], false),
+        (
+            "wrong principal",
+            &ca,
+            "someone-else",
+            "-5m:+1h",
+            &[],
+            false,
+        ),
+        ("untrusted CA", &rogue_ca, "tunnel", "-5m:+1h", &[], false),
+        (
+            "source-address elsewhere",
+            &ca,
+            "tunnel",
+            "-5m:+1h",
+            &["source-address=10.0.0.0/8"],
+            false,
+        ),
+        (
+            "source-address here",
+            &ca,
+            "tunnel",
+            "-5m:+1h",
+            &["source-address=127.0.0.0/8"],
+            true,
+        ),
+    ];
+    for (i, (name, signer, principal, validity, opts, allowed)) in cases.into_iter().enumerate() {
+        let user = keygen(dir.path(), &format!("user{i}"));
+        sign(signer, &user, principal, validity, opts);
+        let (ok, out, err) = f
+            .w(&user.private, &f.echo.to_string(), name.as_bytes())
+            .await;
+        if allowed {
+            assert!(ok && out == name.as_bytes(), "{name}: {err}");
+        } else {
+            assert!(!ok && out.is_empty(), "{name} was let in");
+        }
+    }
+    // Without permit-port-forwarding the certificate logs in but cannot forward.
+    let user = keygen(dir.path(), "noport");
+    sign(&ca, &user, "tunnel", "-5m:+1h", &["no-port-forwarding"]);
+    let (_, out, err) = f.w(&user.private, &f.echo.to_string(), b"x").await;
+    assert!(
+        out.is_empty() && !err.contains("Permission denied"),
+        "{err}"
+    );
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn removed_key_refused_after_reload_open_session_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let f = Fixture::new(&id.public, &[], &port_range(10).1).await;
+    let local = dead_port().port();
+    let mut open = f
+        .ssh(
+            &id.private,
+            &[
+                "-N",
+                "-L",
+                &format!("127.0.0.1:{local}:{}", f.echo),
+                "tunnel@localhost",
+            ],
+        )
+        .spawn()
+        .unwrap();
+    wait_listening(local).await;
+    std::fs::write(&f.authorized, "# nobody\n").unwrap();
+    f.d_reload_wait().await;
+    let (ok, _, err) = f.w(&id.private, &f.echo.to_string(), b"x").await;
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "a removed key still logs in: {err}"
+    );
+    // The session opened before the reload still works.
+    let s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    assert_eq!(exchange(s, b"still open").await, b"still open");
+    open.kill().await.unwrap();
+    f.d.stop().await;
+}
+
+fn utc_stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[tokio::test]
+async fn expiry_ends_a_live_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    // expiry-time has whole seconds.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expiry = UNIX_EPOCH + Duration::from_secs(now + 4);
+    let line = format!("expiry-time=\"{}\" {}", utc_stamp(expiry), id.public);
+    let f = Fixture::new(&line, &[], &port_range(10).1).await;
+    let mut child = f
+        .ssh(
+            &id.private,
+            &["-W", &f.echo.to_string(), "tunnel@localhost"],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    stdin.write_all(b"alive").await.unwrap();
+    assert_eq!(
+        read_n(&mut stdout, 5).await,
+        b"alive",
+        "the tunnel works before expiry"
+    );
+    // The client keeps stdin open; only the server can end this.
+    let st = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the session outlived its key's expiry-time")
+        .unwrap();
+    assert!(SystemTime::now() >= expiry, "closed before the expiry");
+    let _ = st;
+    drop(stdin);
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn host_key_is_made_once_with_mode_0600_and_reused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let f = Fixture::new(&id.public, &[], &port_range(10).1).await;
+    let meta = std::fs::metadata(&f.host_key).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let first = std::fs::read(&f.host_key).unwrap();
+    f.d.stop().await;
+    // A second server on the same file keeps the key.
+    let key = sluice::ssh::load_or_create_host_key(&f.host_key).unwrap();
+    assert_eq!(std::fs::read(&f.host_key).unwrap(), first);
+    assert_eq!(
+        key.public_key()
+            .to_openssh()
+            .unwrap()
+            .split_whitespace()
+            .nth(1),
+        std::fs::read_to_string(f.host_key.with_extension("pub"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+    );
+}
+
+/// A real OpenSSH sshd on a loopback port, for `-J` through sluice.
+struct Sshd {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_sshd(client: &Key) -> Sshd {
+    need("/usr/sbin/sshd", "openssh-server");
+    let dir = tempfile::tempdir().unwrap();
+    let host = keygen(dir.path(), "host");
+    let auth = dir.path().join("authorized_keys");
+    std::fs::write(&auth, format!("{}\n", client.public)).unwrap();
+    // sshd wants its privilege-separation directory even in -D mode.
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let port = dead_port().port();
+    let cfg = dir.path().join("sshd_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nStrictModes no\nUsePAM no\nPidFile none\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
+            host.private.display(),
+            auth.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(&cfg)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_listening(port).await;
+    Sshd {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn jump_through_sluice_to_a_real_sshd() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let mut sshd = start_sshd(&id).await;
+    let f = Fixture::new(
+        &id.public,
+        &[format!("127.0.0.1:{}", sshd.port)],
+        &port_range(10).1,
+    )
+    .await;
+    let user = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "root".into());
+    let cfg = dir.path().join("ssh_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Host sluice\n  HostName localhost\n  User tunnel\n  ProxyCommand openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{} -servername localhost\n\
+             Host *\n  IdentityFile {}\n  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+            f.d.addr.port(),
+            id.private.display()
+        ),
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            .args([
+                "-J",
+                "sluice",
+                "-p",
+                &sshd.port.to_string(),
+                &format!("{user}@127.0.0.1"),
+                "echo jumped-$((6*7))",
+            ])
+            .output(),
+    )
+    .await
+    .expect("ssh -J hung")
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "ssh -J: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "jumped-42");
+    sshd.child.kill().await.unwrap();
+    f.d.stop().await;
+}
