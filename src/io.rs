@@ -3,6 +3,7 @@
 //! Detection consumes the client's first bytes; wrapping the stream in `Prefixed` hands them
 //! to whoever reads next (rustls, or later the embedded SSH server) as if never read.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -163,6 +164,64 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+/// A stream that fails every read and write once its token is cancelled: a way to end a
+/// session that runs in a task we do not own (russh's), even before its protocol can say goodbye.
+pub struct Killable<S> {
+    inner: S,
+    killed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl<S> Killable<S> {
+    /// Wraps `inner`; cancelling `token` kills it.
+    pub fn new(inner: S, token: tokio_util::sync::CancellationToken) -> Self {
+        Killable {
+            inner,
+            killed: Box::pin(token.cancelled_owned()),
+        }
+    }
+
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.killed.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection closed by sluice",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Killable<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Killable<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +240,20 @@ mod tests {
         out.extend_from_slice(&small[..n]);
         p.read_to_end(&mut out).await.unwrap();
         assert_eq!(out, b"SSH-2.0-x\r\n");
+    }
+
+    #[tokio::test]
+    async fn killable_ends_a_pending_read() {
+        let (a, _b) = tokio::io::duplex(64);
+        let token = tokio_util::sync::CancellationToken::new();
+        let mut k = Killable::new(a, token.clone());
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            k.read(&mut buf).await
+        });
+        tokio::task::yield_now().await;
+        token.cancel();
+        let r = reader.await.unwrap();
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionAborted);
     }
 }

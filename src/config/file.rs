@@ -49,6 +49,7 @@ pub struct Ssh {
     pub max_channels: Option<Spanned<u32>>,
     pub max_forwards: Option<Spanned<u32>>,
     pub keepalive_interval: Option<Spanned<Dur>>,
+    pub max_auth_failures_per_ip: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

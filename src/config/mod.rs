@@ -82,6 +82,9 @@ pub struct SshSettings {
     pub max_forwards: u32,
     /// Keepalive interval; three unanswered ones end the session.
     pub keepalive_interval: Duration,
+    /// Failed authentications from one address (IPv6: /64) within 10 minutes before its new
+    /// connections are refused for the rest of those 10 minutes.
+    pub max_auth_failures_per_ip: u32,
 }
 
 impl Default for SshSettings {
@@ -99,6 +102,7 @@ impl Default for SshSettings {
             max_channels: 32,
             max_forwards: 8,
             keepalive_interval: Duration::from_secs(30),
+            max_auth_failures_per_ip: 30,
         }
     }
 }
@@ -742,6 +746,10 @@ impl Validator<'_> {
             (&raw.max_auth_attempts, &mut s.max_auth_attempts),
             (&raw.max_channels, &mut s.max_channels),
             (&raw.max_forwards, &mut s.max_forwards),
+            (
+                &raw.max_auth_failures_per_ip,
+                &mut s.max_auth_failures_per_ip,
+            ),
         ] {
             if let Some(v) = v {
                 if *v.get_ref() == 0 {

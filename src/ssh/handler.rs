@@ -91,6 +91,8 @@ pub(crate) struct Conn {
     forwards: HashMap<(String, u32), JoinHandle<()>>,
     sockets: HashMap<String, (JoinHandle<()>, PathBuf)>,
     expiry: Option<JoinHandle<()>>,
+    /// Cuts the connection (see `io::Killable`).
+    kill: tokio_util::sync::CancellationToken,
 }
 
 impl Conn {
@@ -99,6 +101,7 @@ impl Conn {
         peer: SocketAddr,
         authenticated: Arc<AtomicBool>,
         state: Arc<ConnState>,
+        kill: tokio_util::sync::CancellationToken,
     ) -> Conn {
         let max = server.settings.max_channels;
         Conn {
@@ -117,12 +120,14 @@ impl Conn {
             forwards: HashMap::new(),
             sockets: HashMap::new(),
             expiry: None,
+            kill,
         }
     }
 
     /// One line per failure, in OpenSSH's words so that fail2ban filters match it.
     fn fail(&mut self, user: &str, what: &str, reason: &str) -> Auth {
         self.failures += 1;
+        self.server.failures.record(self.peer.ip());
         warn!(
             target: "sluice::ssh::auth",
             "Failed publickey for {user} from {} port {} ssh2: {what}: {reason}",
@@ -385,19 +390,13 @@ impl russh::server::Handler for Conn {
         if let Some(exp) = grant.expires {
             // Expiry ends the live session, not just future logins.
             let handle = session.handle();
-            let (peer, user) = (self.peer, grant.user.clone());
+            let (peer, user, kill) = (self.peer, grant.user.clone(), self.kill.clone());
             self.expiry = Some(tokio::spawn(async move {
                 while let Some(left) = until(exp) {
                     tokio::time::sleep(left.min(Duration::from_secs(3600))).await;
                 }
                 warn!(target: "sluice::ssh::auth", %peer, user, "key or certificate expired: closing the session");
-                let _ = handle
-                    .disconnect(
-                        russh::Disconnect::ByApplication,
-                        "your key or certificate has expired".into(),
-                        String::new(),
-                    )
-                    .await;
+                super::say_goodbye(&handle, &kill, "your key or certificate has expired");
             }));
         }
         self.grant = Some(grant);

@@ -63,6 +63,8 @@ pub struct SshServer {
     pub(crate) channel_idle: Duration,
     /// Cancelled when open connections must close (shutdown grace over).
     pub(crate) stop: CancellationToken,
+    /// Recent authentication failures per client address.
+    pub(crate) failures: FailureLog,
     host_fingerprint: String,
 }
 
@@ -98,6 +100,7 @@ impl SshServer {
             socket_dir,
             channel_idle,
             stop,
+            failures: FailureLog::new(settings.max_auth_failures_per_ip),
             host_fingerprint,
         })
     }
@@ -118,15 +121,37 @@ impl SshServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        if let Some(left) = self.failures.blocked(peer.ip()) {
+            warn!(target: "sluice::ssh::auth", "Refused connection from {} port {}: too many authentication failures from this address, for {}s more", peer.ip(), peer.port(), left.as_secs());
+            return "refused: too many authentication failures from this address".into();
+        }
         let authenticated = Arc::new(AtomicBool::new(false));
         let state = Arc::new(handler::ConnState::default());
-        let h = handler::Conn::new(self.clone(), peer, authenticated.clone(), state.clone());
-        let session = match russh::server::run_stream(self.config.clone(), stream, h).await {
-            Ok(s) => s,
-            Err(e) => return format!("ssh handshake failed: {e}"),
+        // russh runs the session in its own task; this token lets sluice end it regardless.
+        let kill = CancellationToken::new();
+        let stream = crate::io::Killable::new(stream, kill.clone());
+        let _kill_on_return = kill.clone().drop_guard();
+        let h = handler::Conn::new(
+            self.clone(),
+            peer,
+            authenticated.clone(),
+            state.clone(),
+            kill.clone(),
+        );
+        // The whole pre-authentication phase, banner exchange included, is bounded.
+        let auth_deadline = tokio::time::Instant::now() + self.settings.auth_timeout;
+        let session = match tokio::time::timeout_at(
+            auth_deadline,
+            russh::server::run_stream(self.config.clone(), stream, h),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return format!("ssh handshake failed: {e}"),
+            Err(_) => return "ssh handshake timed out (no client banner)".into(),
         };
         let handle = session.handle();
-        let auth_deadline = tokio::time::sleep(self.settings.auth_timeout);
+        let auth_deadline = tokio::time::sleep_until(auth_deadline);
         tokio::pin!(auth_deadline);
         tokio::pin!(session);
         let mut auth_watch = true;
@@ -136,14 +161,13 @@ impl SshServer {
                 () = &mut auth_deadline, if auth_watch => {
                     auth_watch = false;
                     if !authenticated.load(Ordering::Acquire) {
-                        warn!(%peer, "Timeout before authentication for {} port {}", peer.ip(), peer.port());
-                        let _ = handle.disconnect(russh::Disconnect::ByApplication, "authentication timed out".into(), String::new()).await;
+                        warn!(target: "sluice::ssh::auth", "Timeout before authentication for {} port {}", peer.ip(), peer.port());
+                        say_goodbye(&handle, &kill, "authentication timed out");
                     }
                 }
                 () = self.stop.cancelled() => {
-                    let _ = handle.disconnect(russh::Disconnect::ByApplication, "sluice is shutting down".into(), String::new()).await;
-                    // Give the disconnect a moment to be written, then stop waiting.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut session).await;
+                    say_goodbye(&handle, &kill, "sluice is shutting down");
+                    let _ = tokio::time::timeout(GOODBYE + Duration::from_secs(1), &mut session).await;
                     break Ok(());
                 }
             }
@@ -154,6 +178,24 @@ impl SshServer {
             Err(e) => format!("ssh session ended{who}: {e}"),
         }
     }
+}
+
+/// How long a disconnect message gets to reach the client before the connection is cut.
+pub(crate) const GOODBYE: Duration = Duration::from_secs(2);
+
+/// Sends SSH_MSG_DISCONNECT (when the transport can carry it), then cuts the connection
+/// after [`GOODBYE`] whatever the client does.
+pub(crate) fn say_goodbye(handle: &russh::server::Handle, kill: &CancellationToken, why: &str) {
+    let (handle, kill, why) = (handle.clone(), kill.clone(), why.to_string());
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(
+            GOODBYE,
+            handle.disconnect(russh::Disconnect::ByApplication, why, String::new()),
+        )
+        .await;
+        tokio::time::sleep(GOODBYE).await;
+        kill.cancel();
+    });
 }
 
 fn russh_config(s: &SshSettings, host_key: PrivateKey) -> russh::server::Config {
@@ -210,6 +252,56 @@ fn russh_config(s: &SshSettings, host_key: PrivateKey) -> russh::server::Config 
         keepalive_max: 3,
         preferred,
         ..Default::default()
+    }
+}
+
+/// How long failures from one address are remembered, and how long it is then refused.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(600);
+
+/// Authentication failures per client address (IPv6 per /64) within [`FAILURE_WINDOW`].
+pub(crate) struct FailureLog {
+    max: u32,
+    map: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, tokio::time::Instant)>>,
+}
+
+impl FailureLog {
+    fn new(max: u32) -> Self {
+        FailureLog {
+            max,
+            map: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn key(ip: std::net::IpAddr) -> std::net::IpAddr {
+        match policy::unmap(ip) {
+            std::net::IpAddr::V6(v6) => {
+                std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())
+            }
+            v4 => v4,
+        }
+    }
+
+    /// Counts one failure from `ip`.
+    pub(crate) fn record(&self, ip: std::net::IpAddr) {
+        let now = tokio::time::Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded memory under a spray of addresses: forget expired entries as we go.
+        if map.len() > 100_000 {
+            map.retain(|_, (_, since)| now.duration_since(*since) < FAILURE_WINDOW);
+        }
+        let e = map.entry(Self::key(ip)).or_insert((0, now));
+        if now.duration_since(e.1) >= FAILURE_WINDOW {
+            *e = (0, now);
+        }
+        e.0 += 1;
+    }
+
+    /// `Some(time left)` if `ip` has reached the limit within the window.
+    pub(crate) fn blocked(&self, ip: std::net::IpAddr) -> Option<Duration> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, since) = map.get(&Self::key(ip))?;
+        let age = tokio::time::Instant::now().duration_since(*since);
+        (*n >= self.max && age < FAILURE_WINDOW).then(|| FAILURE_WINDOW - age)
     }
 }
 

@@ -125,19 +125,19 @@ fn example_config_is_valid() {
 }
 
 /// A `sluice serve` child whose log is read until it says where it listens.
-struct Child2 {
-    child: Child,
-    addr: std::net::SocketAddr,
-    log: std::sync::mpsc::Receiver<String>,
+pub(crate) struct Child2 {
+    pub(crate) child: Child,
+    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) log: std::sync::mpsc::Receiver<String>,
 }
 
-fn spawn_serve(args: &[&str]) -> Child2 {
+pub(crate) fn spawn_serve(args: &[&str]) -> Child2 {
     let mut cmd = Command::new(bin());
     cmd.args(args);
     spawn_cmd(cmd)
 }
 
-fn spawn_cmd(mut cmd: Command) -> Child2 {
+pub(crate) fn spawn_cmd(mut cmd: Command) -> Child2 {
     let mut child = cmd
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
@@ -178,14 +178,14 @@ fn spawn_cmd(mut cmd: Command) -> Child2 {
     }
 }
 
-fn sigterm(c: &Child) {
+pub(crate) fn sigterm(c: &Child) {
     Command::new("kill")
         .args(["-TERM", &c.id().to_string()])
         .status()
         .unwrap();
 }
 
-fn wait_exit(c: &mut Child, limit: Duration) -> i32 {
+pub(crate) fn wait_exit(c: &mut Child, limit: Duration) -> i32 {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(s) = c.try_wait().unwrap() {

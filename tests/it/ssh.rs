@@ -68,6 +68,11 @@ struct Fixture {
 impl Fixture {
     /// `authorized` lines; `permit` extra `permit_open` entries besides the echo server.
     async fn new(authorized: &str, permit: &[String], ports: &str) -> Fixture {
+        Fixture::with(authorized, permit, ports, "").await
+    }
+
+    /// As `new`, with extra `[ssh]` keys.
+    async fn with(authorized: &str, permit: &[String], ports: &str, ssh_extra: &str) -> Fixture {
         need("ssh", "openssh-client");
         need("openssl", "openssl");
         let cert = TestCert::localhost();
@@ -79,7 +84,7 @@ impl Fixture {
         let mut permit_open = vec![format!("\"{echo}\"")];
         permit_open.extend(permit.iter().map(|p| format!("\"{p}\"")));
         let extra = format!(
-            "[routes.ssh]\n[ssh]\nhost_key = \"{}\"\nauthorized_keys = [\"{}\"]\npermit_open = [{}]\nlisten_ports = \"{ports}\"\nsocket_dir = \"{}\"\n",
+            "[routes.ssh]\n[ssh]\nhost_key = \"{}\"\nauthorized_keys = [\"{}\"]\npermit_open = [{}]\nlisten_ports = \"{ports}\"\nsocket_dir = \"{}\"\n{ssh_extra}",
             host_key.display(),
             auth_path.display(),
             permit_open.join(", "),
@@ -884,4 +889,193 @@ async fn jump_through_sluice_to_a_real_sshd() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "jumped-42");
     sshd.child.kill().await.unwrap();
     f.d.stop().await;
+}
+
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
+    let t0 = std::time::Instant::now();
+    let mut b = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit, s.read(&mut b)).await {
+            Err(_) => panic!("connection still open after {limit:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return t0.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn unauthenticated_time_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let f = Fixture::with(
+        &id.public,
+        &[],
+        &port_range(10).1,
+        "auth_timeout = \"2s\"\n",
+    )
+    .await;
+    // Sends its banner, then nothing.
+    let mut s = TcpStream::connect(f.d.addr).await.unwrap();
+    s.write_all(b"SSH-2.0-slowpoke\r\n").await.unwrap();
+    let took = closed_within(&mut s, Duration::from_secs(10)).await;
+    assert!(
+        took >= Duration::from_millis(1900),
+        "closed before auth_timeout: {took:?}"
+    );
+    // Inside TLS, sending nothing at all: routed to ssh at detect.timeout, then bounded too.
+    let tls = tls_connect(f.d.addr, &f._cert, "localhost", &["ssh"]).await;
+    let mut tls = tls;
+    let mut banner = [0u8; 14];
+    tls.read_exact(&mut banner).await.unwrap();
+    assert_eq!(&banner, b"SSH-2.0-sluice");
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
+    assert!(
+        r.is_ok(),
+        "a silent SSH client was not dropped after auth_timeout"
+    );
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_failures_from_one_address_are_refused_for_a_while() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let stranger = keygen(dir.path(), "stranger");
+    let f = Fixture::with(
+        &id.public,
+        &[],
+        &port_range(10).1,
+        "max_auth_failures_per_ip = 3\n",
+    )
+    .await;
+    for _ in 0..3 {
+        let (ok, _, _) = f.w(&stranger.private, &f.echo.to_string(), b"x").await;
+        assert!(!ok);
+    }
+    // Now even the right key is turned away from this address.
+    let (ok, out, err) = f.w(&id.private, &f.echo.to_string(), b"x").await;
+    assert!(!ok && out.is_empty(), "not throttled: {err}");
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn forwards_per_session_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let f = Fixture::with(&id.public, &[], &port_range(10).1, "max_forwards = 1\n").await;
+    let web = http_upstream().await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        f.ssh(
+            &id.private,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("0:{web}"),
+                "-R",
+                &format!("0:{}", f.echo),
+                "tunnel@localhost",
+            ],
+        )
+        .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        !out.status.success(),
+        "two -R forwards with max_forwards = 1"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("remote port forwarding failed"));
+    f.d.stop().await;
+}
+
+/// Real log lines from the binary, checked against the shipped fail2ban filter.
+#[tokio::test]
+async fn fail2ban_filter_matches_real_failure_lines() {
+    need("fail2ban-regex", "fail2ban");
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let stranger = keygen(dir.path(), "stranger");
+    let cert = TestCert::localhost();
+    std::fs::write(dir.path().join("authorized_keys"), &id.public).unwrap();
+    let echo = echo_upstream().await;
+    for format in ["text", "json"] {
+        let cfg = dir.path().join(format!("{format}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\n[ssh]\nhost_key = \"{}\"\nauthorized_keys = [\"{}\"]\npermit_open = [\"{echo}\"]\n",
+                cert.cert.display(),
+                cert.key.display(),
+                dir.path().join("hostkey").display(),
+                dir.path().join("authorized_keys").display()
+            ),
+        )
+        .unwrap();
+        let mut d = crate::cli::spawn_serve(&[
+            "--log-format",
+            format,
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+        ]);
+        let fixture_port = d.addr.port();
+        let out = Command::new("ssh")
+            .args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+            .arg("-o")
+            .arg(format!("ProxyCommand=openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{fixture_port} -servername localhost"))
+            .arg("-i")
+            .arg(&stranger.private)
+            .args(["-W", &echo.to_string(), "mallory@localhost"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        let mut lines = Vec::new();
+        while let Ok(l) = d.log.recv_timeout(Duration::from_secs(5)) {
+            let done = l.contains("connection closed");
+            lines.push(l);
+            if done {
+                break;
+            }
+        }
+        crate::cli::sigterm(&d.child);
+        crate::cli::wait_exit(&mut d.child, Duration::from_secs(10));
+        let log = dir.path().join(format!("{format}.log"));
+        std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+        let filter = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/fail2ban/filter.d/sluice.conf"
+        );
+        let out = Command::new("fail2ban-regex")
+            .arg(&log)
+            .arg(filter)
+            .output()
+            .await
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "fail2ban-regex: {report}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let matched: u32 = report
+            .lines()
+            .find(|l| l.starts_with("Lines: "))
+            .and_then(|l| l.split(',').find(|p| p.contains("matched")))
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            matched >= 1,
+            "{format}: the filter matched no line:\n{report}\n{}",
+            lines.join("\n")
+        );
+        assert!(report.contains("127.0.0.1"), "{format}: {report}");
+    }
 }
