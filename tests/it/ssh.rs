@@ -1079,3 +1079,65 @@ async fn fail2ban_filter_matches_real_failure_lines() {
         assert!(report.contains("127.0.0.1"), "{format}: {report}");
     }
 }
+
+#[tokio::test]
+async fn sighup_reloads_authorized_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let cert = TestCert::localhost();
+    let auth = dir.path().join("authorized_keys");
+    std::fs::write(&auth, "# nobody yet\n").unwrap();
+    let echo = echo_upstream().await;
+    let cfg = dir.path().join("s.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\n[ssh]\nhost_key = \"{}\"\nauthorized_keys = [\"{}\"]\npermit_open = [\"{echo}\"]\n",
+            cert.cert.display(),
+            cert.key.display(),
+            dir.path().join("hostkey").display(),
+            auth.display()
+        ),
+    )
+    .unwrap();
+    let mut d = crate::cli::spawn_serve(&["serve", "--config", cfg.to_str().unwrap()]);
+    std::fs::write(&auth, format!("{}\n", id.public)).unwrap();
+    Command::new("kill")
+        .args(["-HUP", &d.child.id().to_string()])
+        .status()
+        .await
+        .unwrap();
+    let mut reloaded = false;
+    while let Ok(l) = d.log.recv_timeout(Duration::from_secs(5)) {
+        if l.contains("SIGHUP: authorized keys reloaded") {
+            reloaded = true;
+            break;
+        }
+    }
+    assert!(reloaded, "no reload logged after SIGHUP");
+    let out = Command::new("ssh")
+        .args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+        .arg("-o")
+        .arg(format!("ProxyCommand=openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{} -servername localhost", d.addr.port()))
+        .arg("-i")
+        .arg(&id.private)
+        .args(["-W", &echo.to_string(), "tunnel@localhost"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = out;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"after-hup").await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.stdout, b"after-hup");
+    crate::cli::sigterm(&d.child);
+    assert_eq!(
+        crate::cli::wait_exit(&mut d.child, Duration::from_secs(10)),
+        0
+    );
+}
