@@ -250,6 +250,9 @@ fn russh_config(s: &SshSettings, host_key: PrivateKey) -> russh::server::Config 
         inactivity_timeout: None,
         keepalive_interval: Some(s.keepalive_interval),
         keepalive_max: 3,
+        // With window granted on consumption (vendor/russh), a channel holds at most one
+        // window (2 MiB) unread: 64 full packets. Room for that and for small packets.
+        channel_buffer_size: 256,
         preferred,
         ..Default::default()
     }

@@ -1141,3 +1141,66 @@ async fn sighup_reloads_authorized_keys() {
         0
     );
 }
+
+/// Two forwards on one connection; one target never reads. The other must keep flowing, as
+/// with OpenSSH's sshd (russh alone stalls the whole connection: see vendor/russh).
+#[tokio::test]
+async fn a_stalled_channel_does_not_stall_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    // Accepts and never reads.
+    let (hold_tx, mut hold_rx) = tokio::sync::mpsc::unbounded_channel();
+    let stuck = serve_upstream(move |s| {
+        let hold_tx = hold_tx.clone();
+        async move {
+            let _ = hold_tx.send(s);
+        }
+    })
+    .await;
+    let f = Fixture::new(&id.public, &[stuck.to_string()], &port_range(10).1).await;
+    let (la, lb) = (dead_port().port(), dead_port().port());
+    let mut child = f
+        .ssh(
+            &id.private,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-L",
+                &format!("127.0.0.1:{la}:{}", f.echo),
+                "-L",
+                &format!("127.0.0.1:{lb}:{stuck}"),
+                "tunnel@localhost",
+            ],
+        )
+        .spawn()
+        .unwrap();
+    wait_listening(la).await;
+    wait_listening(lb).await;
+    // Fill everything on the way to the stuck target.
+    let mut b = TcpStream::connect(("127.0.0.1", lb)).await.unwrap();
+    let pusher = tokio::spawn(async move {
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..64 {
+            if b.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        b
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _held = hold_rx.recv().await;
+    // The other forward still answers.
+    let mut a = TcpStream::connect(("127.0.0.1", la)).await.unwrap();
+    a.write_all(b"still-flowing").await.unwrap();
+    let mut got = [0u8; 13];
+    let r = tokio::time::timeout(Duration::from_secs(10), a.read_exact(&mut got)).await;
+    assert!(
+        r.is_ok(),
+        "a channel stalled behind another channel's unread data"
+    );
+    assert_eq!(&got, b"still-flowing");
+    pusher.abort();
+    term(&mut child).await;
+    f.d.stop().await;
+}
