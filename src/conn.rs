@@ -24,6 +24,9 @@ use crate::upstream;
 /// decision are bounded by this plus 24.
 const PEEK_READ: usize = 4096;
 
+/// After the shutdown grace, how long connections get to end on their own (an SSH disconnect).
+const FORCE_LINGER: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// How long a closing goodbye (close_notify, a short HTTP answer) may take.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -156,13 +159,21 @@ pub(crate) async fn handle(
         noisy: false,
     };
     let force = shared.force_close.clone();
-    tokio::select! {
-        () = serve(&shared, tcp, &mut log, unrouted) => {}
-        () = force.cancelled() => {
-            if log.outcome.is_empty() {
-                log.outcome = "closed at shutdown".into();
+    let mut cut = false;
+    {
+        let serve = serve(&shared, tcp, &mut log, unrouted);
+        tokio::pin!(serve);
+        tokio::select! {
+            () = &mut serve => {}
+            () = force.cancelled() => {
+                // Relays and SSH sessions end on this token themselves (SSH says goodbye
+                // first): give them that moment, then drop what is still mid-handshake.
+                cut = tokio::time::timeout(FORCE_LINGER, &mut serve).await.is_err();
             }
         }
+    }
+    if cut && log.outcome.is_empty() {
+        log.outcome = "closed at shutdown".into();
     }
     log.emit(&shared);
 }

@@ -1204,3 +1204,190 @@ async fn a_stalled_channel_does_not_stall_the_others() {
     term(&mut child).await;
     f.d.stop().await;
 }
+
+#[tokio::test]
+async fn a_certificate_expiring_ends_its_live_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = keygen(dir.path(), "ca");
+    let user = keygen(dir.path(), "user");
+    // Valid from a minute ago until 5 seconds from now.
+    sign(&ca, &user, "tunnel", "-1m:+5s", &[]);
+    let f = Fixture::new(
+        &format!("cert-authority {}", ca.public),
+        &[],
+        &port_range(10).1,
+    )
+    .await;
+    let mut child = f
+        .ssh(
+            &user.private,
+            &["-W", &f.echo.to_string(), "tunnel@localhost"],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    stdin.write_all(b"alive").await.unwrap();
+    assert_eq!(read_n(&mut stdout, 5).await, b"alive");
+    tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the session outlived its certificate")
+        .unwrap();
+    drop(stdin);
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn strict_kex_and_modern_algorithms_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let f = Fixture::new(&id.public, &[], &port_range(10).1).await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        f.ssh(
+            &id.private,
+            &["-vv", "-W", &f.echo.to_string(), "tunnel@localhost"],
+        )
+        .stdin(Stdio::null())
+        .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let proposal = err
+        .lines()
+        .skip_while(|l| !l.contains("peer server KEXINIT proposal"))
+        .take(12)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        proposal.contains("kex-strict-s-v00@openssh.com"),
+        "no strict kex offered:\n{proposal}"
+    );
+    for weak in [
+        "diffie-hellman-group14-sha1",
+        "diffie-hellman-group1-sha1",
+        "hmac-sha1",
+        "zlib",
+        "3des-cbc",
+        "aes128-cbc",
+    ] {
+        assert!(!proposal.contains(weak), "offers {weak}:\n{proposal}");
+    }
+    // A client that insists on an old key exchange is turned away.
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        f.ssh(
+            &id.private,
+            &[
+                "-o",
+                "KexAlgorithms=diffie-hellman-group14-sha1",
+                "-W",
+                &f.echo.to_string(),
+                "tunnel@localhost",
+            ],
+        )
+        .stdin(Stdio::null())
+        .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no matching key exchange method"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_sends_ssh_sessions_a_disconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let cert = TestCert::localhost();
+    std::fs::write(dir.path().join("authorized_keys"), &id.public).unwrap();
+    let cfg = dir.path().join("s.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\n[ssh]\nhost_key = \"{}\"\nauthorized_keys = [\"{}\"]\n",
+            cert.cert.display(),
+            cert.key.display(),
+            dir.path().join("hostkey").display(),
+            dir.path().join("authorized_keys").display()
+        ),
+    )
+    .unwrap();
+    let mut d = crate::cli::spawn_serve(&["serve", "--config", cfg.to_str().unwrap()]);
+    let child = Command::new("ssh")
+        .args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+        .arg("-o")
+        .arg(format!("ProxyCommand=openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{} -servername localhost", d.addr.port()))
+        .arg("-i")
+        .arg(&id.private)
+        .args(["-N", "tunnel@localhost"])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut logged_in = false;
+    while let Ok(l) = d.log.recv_timeout(Duration::from_secs(10)) {
+        if l.contains("Accepted publickey") {
+            logged_in = true;
+            break;
+        }
+    }
+    assert!(logged_in);
+    crate::cli::sigterm(&d.child);
+    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .expect("ssh -N still connected after shutdown")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sluice is shutting down"), "{err}");
+    assert_eq!(
+        crate::cli::wait_exit(&mut d.child, Duration::from_secs(10)),
+        0
+    );
+}
+
+#[test]
+fn hostkey_command_prints_the_fingerprint_the_server_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["hostkey", "--state-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fp = text.split_whitespace().next().unwrap().to_string();
+    assert!(fp.starts_with("SHA256:"), "{text}");
+    // The same key again, and the same fingerprint ssh-keygen computes.
+    let again = std::process::Command::new(bin())
+        .args(["hostkey", "--state-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&again.stdout), text);
+    let pubfile = dir.path().join("ssh_host_ed25519_key.pub");
+    let kg = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(&pubfile)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&kg.stdout).contains(&fp),
+        "{}",
+        String::from_utf8_lossy(&kg.stdout)
+    );
+}
