@@ -114,6 +114,11 @@ pub fn parse_line(line: &str, tz: &dyn LocalOffset) -> Result<(PublicKey, KeyOpt
     if key_type == "ssh-dss" {
         return Err("DSA keys are not accepted".into());
     }
+    if key_type.starts_with("sk-") {
+        // russh checks the signature but not the user-presence flag: a token would sign
+        // without a touch. Refuse rather than weaken what OpenSSH would enforce.
+        return Err("security-key (sk-) keys are not supported".into());
+    }
     let key = PublicKey::from_openssh(key_text).map_err(|e| format!("bad key: {e}"))?;
     Ok((key, options))
 }
@@ -186,8 +191,8 @@ fn parse_options(text: &str, tz: &dyn LocalOffset) -> Result<KeyOptions, String>
     if text.is_empty() {
         return Ok(o);
     }
-    let mut restrict = false;
-    let mut forwarding: Option<bool> = None;
+    // Applied in order, as OpenSSH does: `port-forwarding,restrict` ends up restricted.
+    let mut forwarding = true;
     for (name, value) in split_options(text)? {
         let need = |v: &Option<String>| {
             v.clone()
@@ -203,15 +208,15 @@ fn parse_options(text: &str, tz: &dyn LocalOffset) -> Result<KeyOptions, String>
         match name.as_str() {
             "restrict" => {
                 flag(&value)?;
-                restrict = true;
+                forwarding = false;
             }
             "port-forwarding" => {
                 flag(&value)?;
-                forwarding = Some(true);
+                forwarding = true;
             }
             "no-port-forwarding" => {
                 flag(&value)?;
-                forwarding = Some(false);
+                forwarding = false;
             }
             "permitopen" => {
                 let v = need(&value)?;
@@ -227,17 +232,19 @@ fn parse_options(text: &str, tz: &dyn LocalOffset) -> Result<KeyOptions, String>
             }
             "from" => {
                 let v = need(&value)?;
-                o.from = Some(
-                    FromList::parse(&v)
-                        .ok_or_else(|| format!("from=\"{v}\" is not a pattern list"))?,
-                );
+                if o.from.is_some() {
+                    return Err("more than one from= option".into());
+                }
+                let list = FromList::parse(&v)
+                    .ok_or_else(|| format!("from=\"{v}\" is not a pattern list"))?;
+                o.from = Some(list);
             }
             "expiry-time" => {
                 let v = need(&value)?;
-                o.expiry =
-                    Some(parse_expiry(&v, tz).ok_or_else(|| {
-                        format!("expiry-time=\"{v}\" is not YYYYMMDD[HHMM[SS]][Z]")
-                    })?);
+                let t = parse_expiry(&v, tz)
+                    .ok_or_else(|| format!("expiry-time=\"{v}\" is not YYYYMMDD[HHMM[SS]][Z]"))?;
+                // Several: the earliest wins.
+                o.expiry = Some(o.expiry.map_or(t, |e| e.min(t)));
             }
             "cert-authority" => {
                 flag(&value)?;
@@ -252,6 +259,9 @@ fn parse_options(text: &str, tz: &dyn LocalOffset) -> Result<KeyOptions, String>
                     .collect();
                 if list.is_empty() {
                     return Err("principals=\"\" lists no principal".into());
+                }
+                if o.principals.is_some() {
+                    return Err("more than one principals= option".into());
                 }
                 o.principals = Some(list);
             }
@@ -271,7 +281,7 @@ fn parse_options(text: &str, tz: &dyn LocalOffset) -> Result<KeyOptions, String>
             other => return Err(format!("unsupported option `{other}`")),
         }
     }
-    o.port_forwarding = forwarding.unwrap_or(!restrict);
+    o.port_forwarding = forwarding;
     if o.principals.is_some() && !o.cert_authority {
         return Err("principals= is only valid on a cert-authority line".into());
     }
@@ -307,7 +317,10 @@ mod tests {
     fn restrict_and_forwarding() {
         assert!(!opts("restrict").unwrap().port_forwarding);
         assert!(opts("restrict,port-forwarding").unwrap().port_forwarding);
-        assert!(opts("port-forwarding,restrict").unwrap().port_forwarding);
+        assert!(
+            !opts("port-forwarding,restrict").unwrap().port_forwarding,
+            "applied in order"
+        );
         assert!(!opts("no-port-forwarding").unwrap().port_forwarding);
         assert!(!opts("NO-PORT-FORWARDING,no-pty").unwrap().port_forwarding);
     }
@@ -331,6 +344,12 @@ mod tests {
             o.expiry,
             Some(UNIX_EPOCH + Duration::from_secs(1_795_392_000 + 15 * 3600))
         );
+    }
+
+    #[test]
+    fn earliest_expiry_wins() {
+        let o = opts(r#"expiry-time="20300101Z",expiry-time="20290101Z""#).unwrap();
+        assert_eq!(o.expiry, parse_expiry("20290101Z", &Utc));
     }
 
     #[test]
@@ -368,6 +387,19 @@ mod tests {
                 "`ssh-foo` is not a known key type",
             ),
             (format!("restrict,,port-forwarding {KEY}"), "empty option"),
+            (
+                format!("from=\"10.0.0.1\",from=\"*\" {KEY}"),
+                "more than one from=",
+            ),
+            (
+                format!("cert-authority,principals=\"a\",principals=\"b\" {KEY}"),
+                "more than one principals=",
+            ),
+            (
+                "sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAIA== x"
+                    .to_string(),
+                "security-key",
+            ),
         ] {
             let e = parse_line(&line, &Utc).unwrap_err();
             assert!(e.contains(why), "{line}: {e}");

@@ -192,18 +192,40 @@ pub(crate) fn socket_name(requested: &str) -> Option<String> {
     ok.then(|| name.to_string())
 }
 
-/// Binds a unix socket at `path`, replacing a stale file but never a live listener.
-pub(crate) fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+/// Binds the unix socket `name` at `path` for one session. Names are claimed in a registry in
+/// this process first, so two sessions cannot race for one name; a file left by a crashed
+/// run is replaced.
+pub(crate) fn bind_unix(
+    server: &SshServer,
+    name: &str,
+    path: &Path,
+) -> std::io::Result<UnixListener> {
+    let mut names = server
+        .socket_names
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if names.contains(name) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another session holds this socket",
+        ));
+    }
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another session holds this socket",
-            ));
-        }
         std::fs::remove_file(path)?;
     }
-    UnixListener::bind(path)
+    let l = UnixListener::bind(path)?;
+    names.insert(name.to_string());
+    Ok(l)
+}
+
+/// Gives a socket name back: the file goes, then the name.
+pub(crate) fn release_unix(server: &SshServer, name: &str, path: &Path) {
+    let mut names = server
+        .socket_names
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let _ = std::fs::remove_file(path);
+    names.remove(name);
 }
 
 /// Accepts on a `-R` unix socket and opens a forwarded channel for each connection.

@@ -15,7 +15,7 @@ use russh::keys::{Algorithm, Certificate, HashAlg, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::forward;
 use super::policy::{Cidr, KeyPermitOpen, PermitListen};
@@ -33,13 +33,25 @@ pub(crate) struct Grant {
     pub(crate) expires: Option<SystemTime>,
 }
 
-/// What the connection log line should say about the session.
+/// What the connection log line should say about the session, and how authentication went.
 #[derive(Default)]
 pub(crate) struct ConnState {
     who: Mutex<Option<String>>,
+    /// The last rejected attempt (user, what was offered, why), logged once if the connection
+    /// ends without authenticating: one failed connection is one fail2ban line, however many
+    /// keys the client's agent tried.
+    last_failure: Mutex<Option<(String, String, String)>>,
 }
 
 impl ConnState {
+    /// The last rejected attempt, if any.
+    pub(crate) fn last_failure(&self) -> Option<(String, String, String)> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub(crate) fn describe(&self) -> String {
         match &*self.who.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(w) => format!(" ({w})"),
@@ -124,17 +136,18 @@ impl Conn {
         }
     }
 
-    /// One line per failure, in OpenSSH's words so that fail2ban filters match it.
+    /// A rejected attempt: remembered for the one line logged when the connection ends
+    /// unauthenticated (see `SshServer::serve`), in detail at debug level now.
     fn fail(&mut self, user: &str, what: &str, reason: &str) -> Auth {
         self.failures += 1;
-        self.server.failures.record(self.peer.ip());
-        warn!(
-            target: "sluice::ssh::auth",
-            "Failed publickey for {user} from {} port {} ssh2: {what}: {reason}",
-            self.peer.ip(),
-            self.peer.port()
-        );
-        if self.failures >= self.server.settings.max_auth_attempts {
+        let (user, what) = (super::clean(user), super::clean_text(what));
+        debug!(target: "sluice::ssh::auth", peer = %self.peer, user, what, reason, "publickey attempt rejected");
+        *self
+            .state
+            .last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((user.clone(), what, reason.to_string()));
+        if self.failures == self.server.settings.max_auth_attempts {
             warn!(
                 target: "sluice::ssh::auth",
                 "maximum authentication attempts exceeded for {user} from {} port {} ssh2",
@@ -149,10 +162,10 @@ impl Conn {
         info!(
             target: "sluice::ssh::auth",
             "Accepted {kind} for {} from {} port {} ssh2: {}",
-            grant.user,
+            super::clean(&grant.user),
             self.peer.ip(),
             self.peer.port(),
-            grant.label
+            super::clean_text(&grant.label)
         );
         self.pending = Some(grant);
         Auth::Accept
@@ -191,12 +204,18 @@ impl Drop for Conn {
         }
         for (_, (task, path)) in self.sockets.drain() {
             task.abort();
-            let _ = std::fs::remove_file(path);
+            forward::release_unix(&self.server, &socket_name_of(&path), &path);
         }
         if let Some(t) = self.expiry.take() {
             t.abort();
         }
     }
+}
+
+fn socket_name_of(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn fingerprint(key: &PublicKey) -> String {
@@ -299,11 +318,15 @@ impl russh::server::Handler for Conn {
         let keys = self.server.keys.current();
         let ca_fp = cert.signature_key().fingerprint(HashAlg::Sha256);
         let what = format!(
-            "certificate ID \"{}\" serial {} CA {ca_fp}",
-            cert.key_id(),
+            "certificate ID {} serial {} CA {ca_fp}",
+            super::clean(cert.key_id()),
             cert.serial()
         );
         let mut reason = "certificate authority not trusted".to_string();
+        // SHA-1 CA signatures are refused, as OpenSSH does since 8.2 (CASignatureAlgorithms).
+        if cert.signature().algorithm() == (Algorithm::Rsa { hash: None }) {
+            return Ok(self.fail(user, &what, "the CA signed with ssh-rsa (SHA-1)"));
+        }
         for ca in keys.cas_for(cert.signature_key()) {
             let o = &ca.options;
             if let Err(e) = cert.validate([&ca_fp]) {
@@ -648,8 +671,15 @@ impl russh::server::Handler for Conn {
         if self.forwards.len() + self.sockets.len() >= self.server.settings.max_forwards as usize {
             return deny("too many forwards on this connection (ssh.max_forwards)");
         }
+        if grant
+            .permit_listen
+            .as_ref()
+            .is_some_and(|l| !l.iter().any(|p| p.matches_socket(&name)))
+        {
+            return deny("not in the key's permitlisten (socket entries are \"/name-glob\")");
+        }
         let path = self.server.socket_dir.join(&name);
-        let listener = match forward::bind_unix(&path) {
+        let listener = match forward::bind_unix(&self.server, &name, &path) {
             Ok(l) => l,
             Err(e) => return deny(&format!("cannot listen: {e}")),
         };
@@ -673,7 +703,7 @@ impl russh::server::Handler for Conn {
         match self.sockets.remove(socket_path) {
             Some((task, path)) => {
                 task.abort();
-                let _ = std::fs::remove_file(path);
+                forward::release_unix(&self.server, &socket_name_of(&path), &path);
                 Ok(true)
             }
             None => Ok(false),

@@ -51,7 +51,7 @@ pub struct KeyStore {
 impl KeyStore {
     /// Loads every file; an unreadable file is a config error, a bad line only a warning.
     pub fn load(files: &[ConfigPath], source: Option<&Path>) -> Result<KeyStore, ConfigError> {
-        let (set, skipped) = read_all(files, source)?;
+        let (set, skipped) = read_all(files, source, false)?;
         super::log_skipped(&skipped);
         let store = KeyStore {
             files: files.to_vec(),
@@ -64,7 +64,7 @@ impl KeyStore {
 
     /// Re-reads the files; on any unreadable file the old set stays in force.
     pub fn reload(&self) -> Result<(), ConfigError> {
-        let (set, skipped) = read_all(&self.files, self.source.as_deref())?;
+        let (set, skipped) = read_all(&self.files, self.source.as_deref(), true)?;
         super::log_skipped(&skipped);
         self.current.store(Arc::new(set));
         super::log_loaded(self);
@@ -83,20 +83,30 @@ impl KeyStore {
     }
 }
 
+/// On a reload (`missing_is_empty`), a deleted file revokes its keys; other read errors keep
+/// the old set in force. At start, a missing file is a config error (a typo, most likely).
 fn read_all(
     files: &[ConfigPath],
     source: Option<&Path>,
+    missing_is_empty: bool,
 ) -> Result<(KeySet, Vec<Skipped>), ConfigError> {
     let mut set = KeySet::default();
     let mut skipped = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(&f.path).map_err(|e| {
-            ConfigError::at(
-                source,
-                &f.at,
-                format!("{}: cannot read authorized keys: {e}", f.path.display()),
-            )
-        })?;
+        let text = match std::fs::read_to_string(&f.path) {
+            Ok(t) => t,
+            Err(e) if missing_is_empty && e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(file = %f.path.display(), "authorized_keys file is gone: its keys no longer log in");
+                String::new()
+            }
+            Err(e) => {
+                return Err(ConfigError::at(
+                    source,
+                    &f.at,
+                    format!("{}: cannot read authorized keys: {e}", f.path.display()),
+                ))
+            }
+        };
         let (keys, bad) = authorized_keys::parse(&text, &f.path.display().to_string(), &SystemTz);
         skipped.extend(bad);
         for k in keys {

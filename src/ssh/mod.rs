@@ -65,6 +65,8 @@ pub struct SshServer {
     pub(crate) stop: CancellationToken,
     /// Recent authentication failures per client address.
     pub(crate) failures: FailureLog,
+    /// Unix socket names held by `-R /name` forwards of live sessions.
+    pub(crate) socket_names: std::sync::Mutex<std::collections::HashSet<String>>,
     host_fingerprint: String,
 }
 
@@ -101,6 +103,7 @@ impl SshServer {
             channel_idle,
             stop,
             failures: FailureLog::new(settings.max_auth_failures_per_ip),
+            socket_names: Default::default(),
             host_fingerprint,
         })
     }
@@ -172,12 +175,49 @@ impl SshServer {
                 }
             }
         };
+        if !authenticated.load(Ordering::Acquire) {
+            if let Some((user, what, reason)) = state.last_failure() {
+                warn!(target: "sluice::ssh::auth", "Failed publickey for {user} from {} port {} ssh2: {what}: {reason}", peer.ip(), peer.port());
+                self.failures.record(peer.ip());
+            }
+        }
         let who = state.describe();
         match result {
             Ok(()) => format!("ssh session ended{who}"),
             Err(e) => format!("ssh session ended{who}: {e}"),
         }
     }
+}
+
+/// A client-chosen name (user, certificate key ID) made safe for one-line logs: anything
+/// outside `[A-Za-z0-9._@+=/-]` is percent-encoded, so it cannot fake log fields or lines.
+pub(crate) fn clean(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes().take(128) {
+        if b.is_ascii_alphanumeric() || b"._@+=/-".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("%00");
+    }
+    out
+}
+
+/// Free text that may carry client-chosen parts: control characters and quotes escaped.
+pub(crate) fn clean_text(s: &str) -> String {
+    s.chars()
+        .take(512)
+        .flat_map(|c| {
+            if c.is_control() || c == '"' || c == '\\' {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 /// How long a disconnect message gets to reach the client before the connection is cut.
@@ -261,6 +301,9 @@ fn russh_config(s: &SshSettings, host_key: PrivateKey) -> russh::server::Config 
 /// How long failures from one address are remembered, and how long it is then refused.
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(600);
 
+/// Most addresses whose failures are tracked at once.
+const FAILURE_ADDRESSES: usize = 65_536;
+
 /// Authentication failures per client address (IPv6 per /64) within [`FAILURE_WINDOW`].
 pub(crate) struct FailureLog {
     max: u32,
@@ -288,9 +331,13 @@ impl FailureLog {
     pub(crate) fn record(&self, ip: std::net::IpAddr) {
         let now = tokio::time::Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        // Bounded memory under a spray of addresses: forget expired entries as we go.
-        if map.len() > 100_000 {
+        // Bounded memory under a spray of addresses: past the cap, sweep expired entries; if
+        // that frees nothing, new addresses are not tracked until entries expire.
+        if map.len() >= FAILURE_ADDRESSES && !map.contains_key(&Self::key(ip)) {
             map.retain(|_, (_, since)| now.duration_since(*since) < FAILURE_WINDOW);
+            if map.len() >= FAILURE_ADDRESSES {
+                return;
+            }
         }
         let e = map.entry(Self::key(ip)).or_insert((0, now));
         if now.duration_since(e.1) >= FAILURE_WINDOW {

@@ -161,6 +161,16 @@ impl PermitOpen {
         let host = match Cidr::parse(host) {
             Some(c) => HostMatch::Net(c),
             None if host.contains('/') => return Err(bad()),
+            // `192.168.1.*` would be a name pattern that `192.168.1.evil.example` matches.
+            None if host != "*"
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b"*?.".contains(&b)) =>
+            {
+                return Err(format!(
+                    "`{s}`: write address ranges as CIDR (e.g. 192.168.1.0/24), not globs"
+                ))
+            }
             None if host
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-.*?_".contains(&b)) =>
@@ -219,35 +229,59 @@ impl KeyPermitOpen {
     }
 }
 
-/// A key's `permitlisten="[host:]port"`.
+/// A key's `permitlisten="[host:]port"`, or (a sluice extension) `"/name-glob"` for
+/// `ssh -R /name:...` unix sockets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PermitListen {
     host: Option<String>,
     port: PortMatch,
+    socket: Option<String>,
 }
 
 impl PermitListen {
-    /// Parses `port`, `*`, `host:port`, `[v6]:port`.
+    /// Parses `port`, `*`, `host:port`, `[v6]:port`, or `/socket-name-glob`.
     pub fn parse(s: &str) -> Option<PermitListen> {
+        if let Some(name) = s.strip_prefix('/') {
+            let ok = !name.is_empty() && !name.contains('/');
+            return ok.then(|| PermitListen {
+                host: None,
+                port: PortMatch::Any,
+                socket: Some(name.to_string()),
+            });
+        }
         if let Some(port) = PortMatch::parse(s) {
-            return Some(PermitListen { host: None, port });
+            return Some(PermitListen {
+                host: None,
+                port,
+                socket: None,
+            });
         }
         let (host, port) = split_host_port(s)?;
         let port = PortMatch::parse(port)?;
         (!host.is_empty()).then(|| PermitListen {
             host: Some(host.to_ascii_lowercase()),
             port,
+            socket: None,
         })
     }
 
-    /// Whether a forward request for `address:port` matches; port 0 (allocate) needs a `*` port.
+    /// Whether a TCP forward request for `address:port` matches; port 0 (allocate) needs a
+    /// `*` port. Socket entries never match TCP requests.
     pub fn matches(&self, address: &str, port: u16) -> bool {
+        if self.socket.is_some() {
+            return false;
+        }
         let port_ok = match (self.port, port) {
             (PortMatch::Any, _) => true,
             (PortMatch::Port(_), 0) => false,
             (PortMatch::Port(p), q) => p == q,
         };
         port_ok && self.host.as_deref().is_none_or(|h| glob(h, address))
+    }
+
+    /// Whether a unix-socket forward for the socket `name` matches a `/glob` entry.
+    pub fn matches_socket(&self, name: &str) -> bool {
+        self.socket.as_deref().is_some_and(|g| glob(g, name))
     }
 }
 
@@ -421,6 +455,9 @@ mod tests {
         let p = PermitOpen::parse("[fd00::/8]:443").unwrap();
         assert!(p.allows_addr(ip("fd12::1"), 443));
         assert!(p.allows_name("[fd12::1]", 443));
+        assert!(PermitOpen::parse("*:22").is_ok());
+        assert!(PermitOpen::parse("192.168.1.*:22").is_err());
+        assert!(PermitOpen::parse("10.?.0.1:*").is_err());
         for bad in [
             "127.0.0.1",
             "127.0.0.1:0",
@@ -450,6 +487,16 @@ mod tests {
         assert!(l.matches("localhost", 0) && !l.matches("127.0.0.1", 5));
         assert!(PermitListen::parse("*").unwrap().matches("x", 0));
         assert_eq!(PermitListen::parse("0"), None);
+        let s = PermitListen::parse("/preview-*.sock").unwrap();
+        assert!(s.matches_socket("preview-42.sock") && !s.matches_socket("other.sock"));
+        assert!(
+            !s.matches("localhost", 0),
+            "a socket entry allows no TCP port"
+        );
+        assert!(
+            !PermitListen::parse("*").unwrap().matches_socket("x.sock"),
+            "a port entry allows no socket"
+        );
     }
 
     #[test]

@@ -1024,26 +1024,34 @@ async fn fail2ban_filter_matches_real_failure_lines() {
             cfg.to_str().unwrap(),
         ]);
         let fixture_port = d.addr.port();
-        let out = Command::new("ssh")
-            .args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-            .arg("-o")
-            .arg(format!("ProxyCommand=openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{fixture_port} -servername localhost"))
-            .arg("-i")
-            .arg(&stranger.private)
-            .args(["-W", &echo.to_string(), "mallory@localhost"])
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .unwrap();
-        assert!(!out.status.success());
         let mut lines = Vec::new();
-        while let Ok(l) = d.log.recv_timeout(Duration::from_secs(5)) {
-            let done = l.contains("connection closed");
-            lines.push(l);
-            if done {
-                break;
+        // A plain failure, then a user name that tries to plant another address in the line.
+        for user in ["mallory", "x from 198.51.100.9 port 1 ssh2"] {
+            let out = Command::new("ssh")
+                .args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+                .arg("-o")
+                .arg(format!("ProxyCommand=openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{fixture_port} -servername localhost"))
+                .arg("-i")
+                .arg(&stranger.private)
+                .args(["-l", user, "-W", &echo.to_string(), "localhost"])
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .unwrap();
+            assert!(!out.status.success());
+            while let Ok(l) = d.log.recv_timeout(Duration::from_secs(5)) {
+                let done = l.contains("connection closed");
+                lines.push(l);
+                if done {
+                    break;
+                }
             }
         }
+        let failed: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains("Failed publickey"))
+            .collect();
+        assert_eq!(failed.len(), 2, "one line per failed connection: {lines:?}");
         crate::cli::sigterm(&d.child);
         crate::cli::wait_exit(&mut d.child, Duration::from_secs(10));
         let log = dir.path().join(format!("{format}.log"));
@@ -1077,6 +1085,10 @@ async fn fail2ban_filter_matches_real_failure_lines() {
             lines.join("\n")
         );
         assert!(report.contains("127.0.0.1"), "{format}: {report}");
+        assert!(
+            !report.contains("198.51.100.9"),
+            "{format}: a user name planted an address: {report}"
+        );
     }
 }
 
