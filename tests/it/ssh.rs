@@ -1156,8 +1156,7 @@ async fn sighup_reloads_authorized_keys() {
 
 /// Two forwards on one connection; one target never reads. The other must keep flowing, as
 /// with OpenSSH's sshd (russh alone stalls the whole connection: see vendor/russh).
-#[tokio::test]
-async fn a_stalled_channel_does_not_stall_the_others() {
+async fn stalled_channel_case(chunk: usize, count: usize, pause: Duration) {
     let dir = tempfile::tempdir().unwrap();
     let id = keygen(dir.path(), "id");
     // Accepts and never reads.
@@ -1189,32 +1188,41 @@ async fn a_stalled_channel_does_not_stall_the_others() {
         .unwrap();
     wait_listening(la).await;
     wait_listening(lb).await;
-    // Fill everything on the way to the stuck target.
     let mut b = TcpStream::connect(("127.0.0.1", lb)).await.unwrap();
+    b.set_nodelay(true).unwrap();
     let pusher = tokio::spawn(async move {
-        let chunk = vec![7u8; 1 << 20];
-        for _ in 0..64 {
-            if b.write_all(&chunk).await.is_err() {
+        let data = vec![7u8; chunk];
+        for _ in 0..count {
+            if b.write_all(&data).await.is_err() {
                 break;
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
             }
         }
         b
     });
-    tokio::time::sleep(Duration::from_secs(3)).await;
     let _held = hold_rx.recv().await;
-    // The other forward still answers.
+    // Let the pusher fill everything it can on the way to the stuck target.
+    let fill = Duration::from_secs(3) + pause * count as u32;
+    tokio::time::sleep(fill.min(Duration::from_secs(12))).await;
     let mut a = TcpStream::connect(("127.0.0.1", la)).await.unwrap();
     a.write_all(b"still-flowing").await.unwrap();
     let mut got = [0u8; 13];
     let r = tokio::time::timeout(Duration::from_secs(10), a.read_exact(&mut got)).await;
     assert!(
         r.is_ok(),
-        "a channel stalled behind another channel's unread data"
+        "a channel stalled behind another channel's unread data ({chunk} B writes)"
     );
     assert_eq!(&got, b"still-flowing");
     pusher.abort();
     term(&mut child).await;
     f.d.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_channel_does_not_stall_the_others() {
+    stalled_channel_case(1 << 20, 64, Duration::ZERO).await;
 }
 
 #[tokio::test]

@@ -302,13 +302,17 @@ impl Encrypted {
         }
     }
 
-    /// sluice patch: counts received data against the window, granting nothing yet.
-    pub fn take_window(&mut self, channel: ChannelId, len: usize) {
+    /// sluice patch: counts received data against the window, granting nothing yet. Data
+    /// beyond the window is a protocol violation: the bound on unread data depends on it.
+    pub fn take_window(&mut self, channel: ChannelId, len: usize) -> Result<(), crate::Error> {
         if let Some(channel) = self.channels.get_mut(&channel) {
-            if len as u64 <= u64::from(channel.sender_window_size) {
-                channel.sender_window_size -= len as u32;
-            }
+            let len = u32::try_from(len).map_err(|_| crate::Error::Inconsistent)?;
+            channel.sender_window_size = channel
+                .sender_window_size
+                .checked_sub(len)
+                .ok_or(crate::Error::Inconsistent)?;
         }
+        Ok(())
     }
 
     /// sluice patch: records `n` bytes the application consumed, then grants window.

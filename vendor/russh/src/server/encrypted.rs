@@ -1454,7 +1454,10 @@ impl Session {
                 // Forward the close to the channel before removing it, so that
                 // consumers waiting on `Channel::wait()` receive an explicit
                 // `ChannelMsg::Close` instead of just seeing `None`.
-                if let Some(chan) = self.channels.get(&channel_num) {
+                if self.channels.get(&channel_num).is_some_and(|c| c.consumed.gated()) {
+                    // sluice patch: after any backlog, without blocking.
+                    self.deliver(channel_num, ChannelMsg::Close);
+                } else if let Some(chan) = self.channels.get(&channel_num) {
                     chan.send(ChannelMsg::Close).await.unwrap_or(())
                 }
                 self.channels.remove(&channel_num);
@@ -1467,7 +1470,10 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                if let Some(chan) = self.channels.get(&channel_num) {
+                if self.channels.get(&channel_num).is_some_and(|c| c.consumed.gated()) {
+                    // sluice patch: after any backlog, without blocking.
+                    self.deliver(channel_num, ChannelMsg::Eof);
+                } else if let Some(chan) = self.channels.get(&channel_num) {
                     chan.send(ChannelMsg::Eof).await.unwrap_or(())
                 }
                 debug!("handler.channel_eof {channel_num:?}");
@@ -1499,7 +1505,7 @@ impl Session {
                 #[allow(clippy::collapsible_if)]
                 if let Some(ref mut enc) = self.common.encrypted {
                     if gated {
-                        enc.take_window(channel_num, data.len());
+                        enc.take_window(channel_num, data.len())?;
                         enc.grant_window(channel_num, target)?;
                     } else if enc.adjust_window_size(channel_num, &data, target)? {
                         let window = handler.adjust_window(channel_num, self.target_window_size);
@@ -1509,6 +1515,18 @@ impl Session {
                     }
                 }
                 self.flush()?;
+                if gated {
+                    // sluice patch: never block the session loop on one channel's queue.
+                    let msg = match ext {
+                        Some(ext) => ChannelMsg::ExtendedData { ext, data: data.clone() },
+                        None => ChannelMsg::Data { data: data.clone() },
+                    };
+                    self.deliver(channel_num, msg);
+                    return match ext {
+                        Some(ext) => handler.extended_data(channel_num, ext, &data, self).await,
+                        None => handler.data(channel_num, &data, self).await,
+                    };
+                }
                 if let Some(ext) = ext {
                     if let Some(chan) = self.channels.get(&channel_num) {
                         chan.send(ChannelMsg::ExtendedData {

@@ -1125,6 +1125,7 @@ where
         pending_len: 0,
         channels: HashMap::new(),
         inbound: Default::default(),
+        backlog: HashMap::new(),
         open_global_requests: VecDeque::new(),
         kex: SessionKexState::Idle,
     };

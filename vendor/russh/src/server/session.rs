@@ -29,6 +29,8 @@ pub struct Session {
     pub(crate) channels: HashMap<ChannelId, ChannelRef>,
     /// sluice patch: woken when an application reads channel data, to grant window back.
     pub(crate) inbound: std::sync::Arc<tokio::sync::Notify>,
+    /// sluice patch: messages for gated channels whose queue was full, in order.
+    pub(crate) backlog: HashMap<ChannelId, Backlog>,
     pub(crate) open_global_requests: VecDeque<GlobalRequestResponse>,
     pub(crate) kex: SessionKexState<ServerKex>,
 }
@@ -1116,8 +1118,26 @@ impl Session {
         self.channels.insert(id, channel_ref);
     }
 
+    /// sluice patch: hands `msg` to a gated channel without ever waiting: if its queue is
+    /// full (or already backed up), the message waits in the channel's backlog. The backlog
+    /// holds at most one window of data, since window is only granted for consumed data.
+    pub(crate) fn deliver(&mut self, id: ChannelId, msg: ChannelMsg) {
+        if let Some(b) = self.backlog.get_mut(&id) {
+            b.push(msg);
+            return;
+        }
+        let Some(chan) = self.channels.get(&id) else { return };
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(msg)) = chan.try_send(msg) {
+            let mut b = Backlog { sender: (**chan).clone(), queue: std::collections::VecDeque::new() };
+            b.push(msg);
+            self.backlog.insert(id, b);
+        }
+    }
+
     /// sluice patch: grants window for what applications have read since the last call.
     fn grant_consumed_windows(&mut self) -> Result<(), Error> {
+        // Reads made room in the queues: move backed-up messages on first.
+        self.backlog.retain(|_, b| b.drain());
         let target = self.target_window_size;
         if let Some(enc) = self.common.encrypted.as_mut() {
             for (id, chan) in self.channels.iter() {
@@ -1678,6 +1698,7 @@ mod tests {
                     session_id: CryptoVec::new(),
                     channels: HashMap::new(),
                     inbound: Default::default(),
+                    backlog: HashMap::new(),
                     last_channel_id: Wrapping(0),
                     write: Vec::new(),
                     write_cursor: 0,
@@ -1708,6 +1729,7 @@ mod tests {
             pending_len: 0,
             channels: HashMap::new(),
                     inbound: Default::default(),
+                    backlog: HashMap::new(),
             open_global_requests: VecDeque::new(),
             kex: SessionKexState::Idle,
         }
@@ -1901,5 +1923,75 @@ mod tests {
             first_packet_from_event_loop(session, &mut peer, stream).await,
             Some(msg::KEXINIT)
         );
+    }
+}
+
+/// sluice patch: messages waiting for room in a gated channel's queue, in order. Consecutive
+/// data is merged (up to 32 KiB a message), so many small packets cost little memory.
+pub(crate) struct Backlog {
+    sender: tokio::sync::mpsc::Sender<ChannelMsg>,
+    queue: std::collections::VecDeque<Pending>,
+}
+
+enum Pending {
+    Data(bytes::BytesMut),
+    Ext(u32, bytes::BytesMut),
+    Other(ChannelMsg),
+}
+
+const BACKLOG_MERGE: usize = 32 * 1024;
+
+impl std::fmt::Debug for Backlog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backlog").field("queued", &self.queue.len()).finish()
+    }
+}
+
+impl Backlog {
+    fn push(&mut self, msg: ChannelMsg) {
+        match (self.queue.back_mut(), msg) {
+            (Some(Pending::Data(b)), ChannelMsg::Data { data }) if b.len() + data.len() <= BACKLOG_MERGE => {
+                b.extend_from_slice(&data)
+            }
+            (Some(Pending::Ext(e, b)), ChannelMsg::ExtendedData { ext, data })
+                if *e == ext && b.len() + data.len() <= BACKLOG_MERGE =>
+            {
+                b.extend_from_slice(&data)
+            }
+            (_, ChannelMsg::Data { data }) => self.queue.push_back(Pending::Data(bytes::BytesMut::from(&data[..]))),
+            (_, ChannelMsg::ExtendedData { ext, data }) => {
+                self.queue.push_back(Pending::Ext(ext, bytes::BytesMut::from(&data[..])))
+            }
+            (_, other) => self.queue.push_back(Pending::Other(other)),
+        }
+    }
+
+    /// Moves what fits into the channel's queue; `true` while something is left.
+    fn drain(&mut self) -> bool {
+        while let Some(p) = self.queue.pop_front() {
+            let msg = match p {
+                Pending::Data(b) => ChannelMsg::Data { data: b.freeze() },
+                Pending::Ext(ext, b) => ChannelMsg::ExtendedData { ext, data: b.freeze() },
+                Pending::Other(m) => m,
+            };
+            match self.sender.try_send(msg) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Full(msg)) => {
+                    self.push_front(msg);
+                    return true;
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        false
+    }
+
+    fn push_front(&mut self, msg: ChannelMsg) {
+        let p = match msg {
+            ChannelMsg::Data { data } => Pending::Data(bytes::BytesMut::from(&data[..])),
+            ChannelMsg::ExtendedData { ext, data } => Pending::Ext(ext, bytes::BytesMut::from(&data[..])),
+            other => Pending::Other(other),
+        };
+        self.queue.push_front(p);
     }
 }
