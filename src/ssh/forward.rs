@@ -17,6 +17,9 @@ use tracing::{info, warn};
 use super::handler::{ChannelCount, ChannelSlot};
 use super::SshServer;
 
+/// Name lookups in flight at once, across all sessions.
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
+
 /// How long the client gets to accept a forwarded channel before the connection is dropped.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -45,6 +48,12 @@ pub(crate) async fn direct(
 ) {
     let target = format!("{host}:{port}");
     let deadline = Instant::now() + server.settings.connect_timeout;
+    // getaddrinfo runs on the blocking pool and cannot be cancelled: bound how many run at once.
+    let Ok(Ok(lookup)) = timeout_at(deadline, LOOKUPS.acquire()).await else {
+        warn!(target: "sluice::ssh", %peer, user, target, "direct-tcpip: too many name lookups in progress");
+        reply.reject(ChannelOpenFailure::ResourceShortage).await;
+        return;
+    };
     let addrs: Vec<SocketAddr> = match timeout_at(
         deadline,
         tokio::net::lookup_host((host.trim_matches(|c| c == '[' || c == ']'), port)),
@@ -63,6 +72,7 @@ pub(crate) async fn direct(
             return;
         }
     };
+    drop(lookup);
     // A name allowed as a name may go to any of its addresses; otherwise each address must be
     // allowed itself, and only those are tried (no DNS tricks past a CIDR rule).
     let rules = &server.settings.permit_open;

@@ -505,6 +505,19 @@ impl russh::server::Handler for Conn {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let target = format!("{host}:{port}");
+        // A host name or address literal, nothing else reaches the resolver or the logs.
+        let host_ok = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b));
+        if !host_ok {
+            self.deny_channel("direct-tcpip", &super::clean(host), "malformed host");
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
         let Some(grant) = self.grant.clone() else {
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
