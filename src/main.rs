@@ -228,9 +228,11 @@ fn announce(server: &Server, cfg: &Config) {
             };
             let port = a.port();
             info!(
-                "self-signed certificate {}; try: curl --cacert {} https://{host}:{port}/ ; ssh -o ProxyCommand='openssl s_client -quiet -connect %h:%p -servername {host}' -p {port} {host}",
+                "self-signed certificate {}; try: curl --cacert {} https://{host}:{port}/ ; ssh -N -o ProxyCommand='openssl s_client -quiet -verify_return_error -CAfile {} -connect %h:%p -servername {host} -alpn ssh' -p {port} tunnel@{host}{}",
                 cert.display(),
-                cert.display()
+                cert.display(),
+                cert.display(),
+                if server.ssh().is_some_and(|s| s.keys().counts() == (0, 0)) { " (once your public key is in an [ssh] authorized_keys file)" } else { "" }
             );
         }
     }
