@@ -1,4 +1,4 @@
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -27,19 +27,6 @@ async fn start(cert: &TestCert) -> Daemon {
         &format!("[routes.ssh]\nupstream = \"{}\"\n", banner_upstream().await),
     )
     .await
-}
-
-/// Reads until EOF or error; returns how long it took.
-async fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
-    let t0 = Instant::now();
-    let mut b = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(limit, s.read(&mut b)).await {
-            Err(_) => panic!("connection still open after {limit:?}"),
-            Ok(Ok(0)) | Ok(Err(_)) => return t0.elapsed(),
-            Ok(Ok(_)) => {}
-        }
-    }
 }
 
 #[tokio::test]

@@ -103,16 +103,7 @@ impl Fixture {
 
     /// `ssh` through sluice's TLS port with `key`, plus `args`.
     fn ssh(&self, key: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new("ssh");
-        c.args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no"])
-            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10"])
-            .arg("-o")
-            .arg(format!("ProxyCommand=openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{} -servername localhost", self.d.addr.port()))
-            .arg("-i")
-            .arg(key)
-            .args(args)
-            .kill_on_drop(true);
-        c
+        ssh_via(self.d.addr.port(), key, args)
     }
 
     /// `ssh -W target` with `input` on stdin: (success, stdout, stderr).
@@ -141,6 +132,21 @@ impl Fixture {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
+}
+
+/// The real OpenSSH client through sluice's TLS port `port` (openssl s_client as ProxyCommand),
+/// logging in with `key`, plus `args`.
+fn ssh_via(port: u16, key: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("ssh");
+    c.args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no"])
+        .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10"])
+        .arg("-o")
+        .arg(format!("ProxyCommand=openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{port} -servername localhost"))
+        .arg("-i")
+        .arg(key)
+        .args(args)
+        .kill_on_drop(true);
+    c
 }
 
 /// A free port range of `n` ports for `listen_ports`, unlikely to clash with parallel tests.
@@ -891,18 +897,6 @@ async fn jump_through_sluice_to_a_real_sshd() {
     f.d.stop().await;
 }
 
-async fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
-    let t0 = std::time::Instant::now();
-    let mut b = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(limit, s.read(&mut b)).await {
-            Err(_) => panic!("connection still open after {limit:?}"),
-            Ok(Ok(0)) | Ok(Err(_)) => return t0.elapsed(),
-            Ok(Ok(_)) => {}
-        }
-    }
-}
-
 #[tokio::test]
 async fn unauthenticated_time_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
@@ -1027,17 +1021,15 @@ async fn fail2ban_filter_matches_real_failure_lines() {
         let mut lines = Vec::new();
         // A plain failure, then a user name that tries to plant another address in the line.
         for user in ["mallory", "x from 198.51.100.9 port 1 ssh2"] {
-            let out = Command::new("ssh")
-                .args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-                .arg("-o")
-                .arg(format!("ProxyCommand=openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{fixture_port} -servername localhost"))
-                .arg("-i")
-                .arg(&stranger.private)
-                .args(["-l", user, "-W", &echo.to_string(), "localhost"])
-                .stdin(Stdio::null())
-                .output()
-                .await
-                .unwrap();
+            let out = ssh_via(
+                fixture_port,
+                &stranger.private,
+                &["-l", user, "-W", &echo.to_string(), "localhost"],
+            )
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap();
             assert!(!out.status.success());
             while let Ok(l) = d.log.recv_timeout(Duration::from_secs(5)) {
                 let done = l.contains("connection closed");
@@ -1127,18 +1119,15 @@ async fn sighup_reloads_authorized_keys() {
         }
     }
     assert!(reloaded, "no reload logged after SIGHUP");
-    let out = Command::new("ssh")
-        .args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-        .arg("-o")
-        .arg(format!("ProxyCommand=openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{} -servername localhost", d.addr.port()))
-        .arg("-i")
-        .arg(&id.private)
-        .args(["-W", &echo.to_string(), "tunnel@localhost"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = out;
+    let mut child = ssh_via(
+        d.addr.port(),
+        &id.private,
+        &["-W", &echo.to_string(), "tunnel@localhost"],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"after-hup").await.unwrap();
     drop(stdin);
@@ -1344,15 +1333,8 @@ async fn shutdown_sends_ssh_sessions_a_disconnect() {
     )
     .unwrap();
     let mut d = crate::cli::spawn_serve(&["serve", "--config", cfg.to_str().unwrap()]);
-    let child = Command::new("ssh")
-        .args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-        .arg("-o")
-        .arg(format!("ProxyCommand=openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{} -servername localhost", d.addr.port()))
-        .arg("-i")
-        .arg(&id.private)
-        .args(["-N", "tunnel@localhost"])
+    let child = ssh_via(d.addr.port(), &id.private, &["-N", "tunnel@localhost"])
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut logged_in = false;

@@ -272,3 +272,16 @@ pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: S, data: &[u8]) -> V
 pub fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_sluice"))
 }
+
+/// Reads until EOF or error (failing the test after `limit`); returns how long it took.
+pub async fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
+    let t0 = std::time::Instant::now();
+    let mut b = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit, s.read(&mut b)).await {
+            Err(_) => panic!("connection still open after {limit:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return t0.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
