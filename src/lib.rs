@@ -13,11 +13,14 @@
 //! - [`builtin`]: sluice's own small HTTP answers (status page, redirect, 502).
 //! - [`io`]: a stream that replays bytes already read.
 //! - [`state`]: the state directory for generated secrets.
+//! - [`ssh`]: the embedded SSH server (tunnels and jump host).
+//! - [`client`]: `sluice connect`, the ProxyCommand TLS helper.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod builtin;
+pub mod client;
 pub mod config;
 mod conn;
 pub mod detect;

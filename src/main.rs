@@ -53,6 +53,34 @@ enum Command {
         #[arg(long, env = "SLUICE_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Connect to a sluice (or any TLS) server and relay stdin/stdout: an OpenSSH ProxyCommand.
+    /// The server is verified by default (system trust store, --ca or --pin).
+    Connect {
+        /// HOST[:PORT]; the port defaults to 443. `[::1]:8443` for IPv6 addresses.
+        target: String,
+        /// Server name to send (SNI) and to verify; default: HOST.
+        #[arg(long, conflicts_with = "no_sni")]
+        sni: Option<String>,
+        /// Send no SNI.
+        #[arg(long)]
+        no_sni: bool,
+        /// ALPN ids to offer, comma-separated.
+        #[arg(long, default_value = "ssh", value_delimiter = ',')]
+        alpn: Vec<String>,
+        /// Trust only these PEM certificates (CA certificates, or the server's own).
+        #[arg(long, conflicts_with_all = ["pin", "insecure"])]
+        ca: Option<PathBuf>,
+        /// Trust the server whose certificate has this SHA-256: sha256:BASE64, sha256//BASE64,
+        /// or AB:CD:.. hex as `openssl x509 -fingerprint -sha256` and `sluice serve` print it.
+        #[arg(long, conflicts_with = "insecure")]
+        pin: Option<String>,
+        /// Do not verify the server at all (dangerous; says so on stderr).
+        #[arg(long)]
+        insecure: bool,
+        /// Deadline for connecting and the TLS handshake.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        connect_timeout: std::time::Duration,
+    },
     /// Validate a config file (certificates included) and print the routing table.
     Check {
         /// Config file (TOML).
@@ -63,8 +91,32 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The helper keeps stderr for its own one-line errors and stdout for data: no logging.
+    if let Command::Connect {
+        target,
+        sni,
+        no_sni,
+        alpn,
+        ca,
+        pin,
+        insecure,
+        connect_timeout,
+    } = cli.command
+    {
+        return connect(
+            target,
+            sni,
+            no_sni,
+            alpn,
+            ca,
+            pin,
+            insecure,
+            connect_timeout,
+        );
+    }
     init_logging(cli.log_format);
     match cli.command {
+        Command::Connect { .. } => unreachable!("handled above"),
         Command::Check { config } => check(&config),
         Command::Serve { config, state_dir } => serve(config, state_dir),
         Command::Hostkey { config, state_dir } => hostkey(config, state_dir),
@@ -113,6 +165,67 @@ fn check(path: &PathBuf) -> ExitCode {
     print!("{}", cfg.describe());
     println!("config OK: {}", path.display());
     ExitCode::SUCCESS
+}
+
+#[allow(clippy::too_many_arguments)]
+fn connect(
+    target: String,
+    sni: Option<String>,
+    no_sni: bool,
+    alpn: Vec<String>,
+    ca: Option<PathBuf>,
+    pin: Option<String>,
+    insecure: bool,
+    connect_timeout: std::time::Duration,
+) -> ExitCode {
+    use sluice::client::{ConnectError, ConnectOptions, Trust};
+    let fail = |e: ConnectError| {
+        eprintln!("sluice connect: {e}");
+        ExitCode::from(e.exit_code())
+    };
+    let (host, port) = match sluice::client::parse_target(&target) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let trust = match (ca, pin, insecure) {
+        (Some(ca), _, _) => Trust::CaFile(ca),
+        (None, Some(p), _) => match sluice::client::parse_pin(&p) {
+            Ok(d) => Trust::Pin(d),
+            Err(m) => return fail(ConnectError::Usage(format!("--pin {m}"))),
+        },
+        (None, None, true) => {
+            eprintln!("sluice connect: WARNING: --insecure: the server is not verified; anyone on the path can read and change this connection");
+            Trust::Insecure
+        }
+        (None, None, false) => Trust::System,
+    };
+    let opts = ConnectOptions {
+        sni: if no_sni {
+            None
+        } else {
+            Some(sni.unwrap_or_else(|| host.clone()))
+        },
+        host,
+        port,
+        alpn: alpn
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .map(String::into_bytes)
+            .collect(),
+        trust,
+        connect_timeout,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(ConnectError::Io(format!("cannot start: {e}"))),
+    };
+    match rt.block_on(sluice::client::run(&opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
 }
 
 fn hostkey(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {

@@ -19,5 +19,8 @@ mod clients;
 /// The embedded SSH server, driven by the real OpenSSH client through TLS.
 mod ssh;
 
+/// `sluice connect`, the ProxyCommand helper, against the daemon and with OpenSSH.
+mod connect;
+
 /// The `sluice` binary: config errors, `check`, the embedded default, signals.
 mod cli;

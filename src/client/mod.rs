@@ -1,0 +1,433 @@
+//! `sluice connect`: the ProxyCommand TLS helper. Connects, verifies the server (system trust
+//! store, `--ca`, or `--pin`), sends SNI and ALPN `ssh`, then relays stdin/stdout. Nothing but
+//! data goes to stdout; errors are one or two lines on stderr with a sysexits code.
+
+mod pin;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+
+pub use pin::{format_hex, format_pin, parse_pin};
+
+/// How the server is verified.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// The system trust store (SSL_CERT_FILE, or the distribution's bundle).
+    System,
+    /// Only these PEM certificates: CA certificates, or the server's own self-signed one.
+    CaFile(PathBuf),
+    /// The SHA-256 of the server's certificate.
+    Pin([u8; 32]),
+    /// Nothing. Loud, never the default.
+    Insecure,
+}
+
+/// What `sluice connect` does.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Host to connect to (name or address).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// SNI to send; `None` sends none.
+    pub sni: Option<String>,
+    /// ALPN ids to offer.
+    pub alpn: Vec<Vec<u8>>,
+    /// Server verification.
+    pub trust: Trust,
+    /// Deadline for resolving and connecting (all addresses together) and the handshake.
+    pub connect_timeout: Duration,
+}
+
+/// Why the helper failed; each maps to a sysexits code.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// A file named in the arguments (a CA bundle) is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The server could not be reached.
+    #[error("{0}")]
+    Unavailable(String),
+    /// TLS failed: verification or protocol.
+    #[error("{0}")]
+    Tls(String),
+    /// Reading or writing the streams failed after connecting.
+    #[error("{0}")]
+    Io(String),
+}
+
+impl ConnectError {
+    /// The sysexits code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ConnectError::Usage(_) => 64,
+            ConnectError::Unavailable(_) => 69,
+            ConnectError::Io(_) => 74,
+            ConnectError::Tls(_) => 76,
+            ConnectError::Config(_) => 78,
+        }
+    }
+}
+
+/// Splits `HOST[:PORT]` (`[v6]:port` for IPv6), default port 443.
+pub fn parse_target(s: &str) -> Result<(String, u16), ConnectError> {
+    let bad = || ConnectError::Usage(format!("`{s}` is not HOST[:PORT]"));
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or_else(bad)?;
+        match after.strip_prefix(':') {
+            Some(p) => (h, Some(p)),
+            None if after.is_empty() => (h, None),
+            None => return Err(bad()),
+        }
+    } else if s.matches(':').count() == 1 {
+        let (h, p) = s.split_once(':').ok_or_else(bad)?;
+        (h, Some(p))
+    } else {
+        (s, None)
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    let port = match port {
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?,
+        None => 443,
+    };
+    Ok((host.to_string(), port))
+}
+
+/// The certificate verifier: WebPKI with the chosen roots, plus exact matches of self-signed
+/// certificates from `--ca` (as OpenSSL accepts them), or a pin. Remembers what the server
+/// presented, for the error message.
+#[derive(Debug)]
+struct Verifier {
+    webpki: Option<Arc<WebPkiServerVerifier>>,
+    ca_certs: Vec<CertificateDer<'static>>,
+    pin: Option<[u8; 32]>,
+    insecure: bool,
+    provider: Arc<CryptoProvider>,
+    presented: Mutex<Option<[u8; 32]>>,
+}
+
+fn sha256(der: &[u8]) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let digest = sha256(end_entity.as_ref());
+        *self.presented.lock().unwrap_or_else(|p| p.into_inner()) = Some(digest);
+        if self.insecure {
+            return Ok(ServerCertVerified::assertion());
+        }
+        if let Some(pin) = self.pin {
+            // The pin is the identity: no name or chain checks, as with ssh host keys.
+            return if pin == digest {
+                Ok(ServerCertVerified::assertion())
+            } else {
+                Err(rustls::Error::General("pin mismatch".into()))
+            };
+        }
+        let Some(webpki) = &self.webpki else {
+            return Err(rustls::Error::General("no trust anchors".into()));
+        };
+        match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // A self-signed server certificate given with --ca is trusted as itself, the
+                // way OpenSSL treats it; its name must still match.
+                if self
+                    .ca_certs
+                    .iter()
+                    .any(|c| c.as_ref() == end_entity.as_ref())
+                {
+                    let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                    rustls::client::verify_server_name(&parsed, server_name)?;
+                    return Ok(ServerCertVerified::assertion());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+fn read_pem_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e:?}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
+fn verifier(trust: &Trust, provider: &Arc<CryptoProvider>) -> Result<Verifier, ConnectError> {
+    let mut v = Verifier {
+        webpki: None,
+        ca_certs: Vec::new(),
+        pin: None,
+        insecure: false,
+        provider: provider.clone(),
+        presented: Mutex::new(None),
+    };
+    let certs = match trust {
+        Trust::Insecure => {
+            v.insecure = true;
+            return Ok(v);
+        }
+        Trust::Pin(p) => {
+            v.pin = Some(*p);
+            return Ok(v);
+        }
+        Trust::CaFile(path) => {
+            read_pem_certs(path).map_err(|e| ConnectError::Config(format!("--ca {e}")))?
+        }
+        Trust::System => {
+            let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+            let path = env.into_iter().chain(SYSTEM_BUNDLES.iter().map(PathBuf::from)).find(|p| p.exists()).ok_or_else(|| {
+                ConnectError::Config("no system trust store found (install ca-certificates, or set SSL_CERT_FILE); or use --ca FILE or --pin".into())
+            })?;
+            read_pem_certs(&path).map_err(ConnectError::Config)?
+        }
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in &certs {
+        // A self-signed leaf may not be a valid anchor; it is still matched exactly below.
+        let _ = roots.add(c.clone());
+    }
+    if !roots.is_empty() {
+        let w = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| ConnectError::Config(format!("trust anchors: {e}")))?;
+        v.webpki = Some(w);
+    }
+    v.ca_certs = certs;
+    Ok(v)
+}
+
+/// Connects and verifies; returns the TLS stream.
+pub async fn connect(
+    opts: &ConnectOptions,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    let provider = crate::tls::provider();
+    let verifier = Arc::new(verifier(&opts.trust, &provider)?);
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| ConnectError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    config.alpn_protocols = opts.alpn.clone();
+    config.enable_sni = opts.sni.is_some();
+    let name_str = opts.sni.clone().unwrap_or_else(|| opts.host.clone());
+    let name = ServerName::try_from(name_str.trim_matches(|c| c == '[' || c == ']').to_string())
+        .map_err(|_| ConnectError::Usage(format!("`{name_str}` is not a valid server name")))?;
+
+    let deadline = Instant::now() + opts.connect_timeout;
+    let target = format!("{}:{}", opts.host, opts.port);
+    let tcp = connect_tcp(&opts.host, opts.port, deadline).await?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    match timeout_at(deadline, connector.connect(name, tcp)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(tls_error(&target, &opts.trust, &verifier, &e)),
+        Err(_) => Err(ConnectError::Unavailable(format!(
+            "{target}: TLS handshake timed out"
+        ))),
+    }
+}
+
+/// The message for a failed handshake: what failed and what to do, with the fingerprint seen.
+fn tls_error(target: &str, trust: &Trust, v: &Verifier, e: &io::Error) -> ConnectError {
+    let presented = *v.presented.lock().unwrap_or_else(|p| p.into_inner());
+    let seen = presented.map(|d| format!("{} ({})", format_pin(&d), format_hex(&d)));
+    let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    let msg = match (inner, trust, seen) {
+        (Some(rustls::Error::General(g)), Trust::Pin(p), Some(seen)) if g == "pin mismatch" => format!(
+            "{target}: certificate does not match --pin {}\n  the server presented {seen}; if it changed its certificate on purpose, update the pin",
+            format_pin(p)
+        ),
+        (Some(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext { expected, presented })), _, _) => format!(
+            "{target}: the certificate is not valid for {expected:?}; it names {}\n  connect with the name it has, or pass --sni NAME",
+            presented.join(", ")
+        ),
+        (Some(rustls::Error::InvalidCertificate(c)), _, Some(seen)) => format!(
+            "{target}: certificate not trusted ({c:?})\n  the server presented {seen}; trust it with --ca FILE, or --pin {}",
+            seen.split(' ').next().unwrap_or_default()
+        ),
+        _ => format!("{target}: TLS handshake failed: {e}"),
+    };
+    ConnectError::Tls(msg)
+}
+
+async fn connect_tcp(host: &str, port: u16, deadline: Instant) -> Result<TcpStream, ConnectError> {
+    let target = format!("{host}:{port}");
+    let host = host.trim_matches(|c| c == '[' || c == ']');
+    let addrs: Vec<SocketAddr> =
+        match timeout_at(deadline, tokio::net::lookup_host((host, port))).await {
+            Ok(Ok(a)) => a.collect(),
+            Ok(Err(e)) => {
+                return Err(ConnectError::Unavailable(format!(
+                    "cannot resolve {host}: {e}"
+                )))
+            }
+            Err(_) => {
+                return Err(ConnectError::Unavailable(format!(
+                    "{target}: resolving timed out"
+                )))
+            }
+        };
+    let mut last = None;
+    for a in &addrs {
+        match timeout_at(deadline, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = Some(format!("{a}: {e}")),
+            Err(_) => {
+                return Err(ConnectError::Unavailable(format!(
+                    "{target}: connect timed out"
+                )))
+            }
+        }
+    }
+    Err(ConnectError::Unavailable(format!(
+        "cannot connect to {target}: {}",
+        last.unwrap_or_else(|| "no address".into())
+    )))
+}
+
+/// Connects, then relays stdin to the server and the server to stdout. stdin EOF sends
+/// close_notify and FIN while replies keep flowing; server EOF ends it once stdout is flushed.
+pub async fn run(opts: &ConnectOptions) -> Result<(), ConnectError> {
+    let tls = connect(opts).await?;
+    let (mut from_server, mut to_server) = tokio::io::split(tls);
+    let up = async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = stdin.read(&mut buf).await?;
+            if n == 0 {
+                return to_server.shutdown().await;
+            }
+            to_server.write_all(&buf[..n]).await?;
+            to_server.flush().await?;
+        }
+    };
+    let down = async move {
+        let mut stdout = tokio::io::stdout();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_server.read(&mut buf).await {
+                Ok(n) => n,
+                // A server that closes without close_notify has still said everything.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                return stdout.flush().await;
+            }
+            stdout.write_all(&buf[..n]).await?;
+            stdout.flush().await?;
+        }
+    };
+    tokio::pin!(down);
+    tokio::select! {
+        r = &mut down => r.map_err(|e| ConnectError::Io(format!("{}:{}: {e}", opts.host, opts.port))),
+        r = up => match r {
+            // stdin is done and our side is closed: keep delivering the server's replies.
+            Ok(()) => down.await.map_err(|e| ConnectError::Io(format!("{}:{}: {e}", opts.host, opts.port))),
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            Err(e) => Err(ConnectError::Io(format!("{}:{}: {e}", opts.host, opts.port))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            parse_target("example.org").unwrap(),
+            ("example.org".into(), 443)
+        );
+        assert_eq!(
+            parse_target("example.org:8443").unwrap(),
+            ("example.org".into(), 8443)
+        );
+        assert_eq!(parse_target("[::1]:22").unwrap(), ("::1".into(), 22));
+        assert_eq!(parse_target("[::1]").unwrap(), ("::1".into(), 443));
+        assert_eq!(parse_target("::1").unwrap(), ("::1".into(), 443));
+        for bad in ["", ":443", "h:0", "h:x", "[::1", "[::1]x"] {
+            assert!(parse_target(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,270 @@
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use crate::support::*;
+
+/// `sluice connect ARGS`, with stdin piped; returns the child.
+fn connect(args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("connect")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+/// Runs `sluice connect ARGS` with `input` on stdin: (exit code, stdout, stderr).
+async fn run(args: &[&str], input: &[u8]) -> (i32, Vec<u8>, String) {
+    let mut child = connect(args).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = input.to_vec();
+    let w = tokio::spawn(async move {
+        let _ = stdin.write_all(&data).await;
+    });
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("sluice connect hung")
+        .unwrap();
+    w.await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn pins(cert: &TestCert) -> Vec<String> {
+    let d = sha256(cert.der.as_ref());
+    let hex = sluice::client::format_hex(&d);
+    let b64 = sluice::client::format_pin(<&[u8; 32]>::try_from(d.as_slice()).unwrap());
+    let bare = b64.trim_start_matches("sha256:").to_string();
+    vec![
+        b64.clone(),
+        format!("sha256//{bare}"),
+        bare,
+        hex.clone(),
+        format!("sha256:{hex}"),
+    ]
+}
+
+#[tokio::test]
+async fn ca_and_every_pin_spelling_reach_the_server_and_stdout_is_only_data() {
+    let cert = TestCert::localhost();
+    let d = Daemon::start(
+        &cert,
+        &format!("[routes.ssh]\nupstream = \"{}\"\n", echo_upstream().await),
+    )
+    .await;
+    let target = format!("localhost:{}", d.addr.port());
+    let data = pattern(21, 4 << 20);
+    let (code, out, err) = run(&["--ca", cert.cert.to_str().unwrap(), &target], &data).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        sha256(&out),
+        sha256(&data),
+        "stdout carries exactly the server's bytes"
+    );
+    assert!(err.is_empty(), "no noise on stderr on success: {err}");
+    for p in pins(&cert) {
+        let (code, out, err) = run(&["--pin", &p, &target], b"pinned").await;
+        assert_eq!(
+            (code, out.as_slice()),
+            (0, &b"pinned"[..]),
+            "--pin {p}: {err}"
+        );
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_pin_unknown_ca_and_wrong_name_are_refused_clearly() {
+    let cert = TestCert::new(&["localhost"]);
+    let other = TestCert::localhost();
+    let d = Daemon::start(
+        &cert,
+        &format!("[routes.ssh]\nupstream = \"{}\"\n", echo_upstream().await),
+    )
+    .await;
+    let target = format!("localhost:{}", d.addr.port());
+    let presented = sluice::client::format_hex(&sha256(cert.der.as_ref()));
+
+    let bad = pins(&other)[0].clone();
+    let (code, out, err) = run(&["--pin", &bad, &target], b"x").await;
+    assert_eq!(code, 76, "{err}");
+    assert!(out.is_empty());
+    assert!(
+        err.contains("does not match --pin") && err.contains(&presented),
+        "{err}"
+    );
+    assert!(err.lines().count() <= 2, "{err}");
+
+    // Not trusted: the system store (pointed at an unrelated CA) does not know it.
+    let mut c = connect(&[&target]);
+    c.env("SSL_CERT_FILE", &other.cert);
+    let out = c.output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(76), "{err}");
+    assert!(
+        err.contains("not trusted") && err.contains(&presented) && err.contains("--pin"),
+        "{err}"
+    );
+    assert!(err.lines().count() <= 2, "{err}");
+
+    // The right certificate for the wrong name.
+    let (code, _, err) = run(
+        &[
+            "--ca",
+            cert.cert.to_str().unwrap(),
+            "--sni",
+            "elsewhere.test",
+            &target,
+        ],
+        b"x",
+    )
+    .await;
+    assert_eq!(code, 76, "{err}");
+    assert!(
+        err.contains("not trusted") || err.contains("NotValidForName"),
+        "{err}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn insecure_is_loud_and_refused_connections_are_one_line() {
+    let cert = TestCert::localhost();
+    let d = Daemon::start(
+        &cert,
+        &format!("[routes.ssh]\nupstream = \"{}\"\n", echo_upstream().await),
+    )
+    .await;
+    let (code, out, err) = run(
+        &["--insecure", &format!("127.0.0.1:{}", d.addr.port())],
+        b"hi",
+    )
+    .await;
+    assert_eq!((code, out.as_slice()), (0, &b"hi"[..]));
+    assert!(
+        err.contains("WARNING") && err.contains("not verified"),
+        "{err}"
+    );
+    let (code, _, err) = run(
+        &["--insecure", &format!("127.0.0.1:{}", dead_port().port())],
+        b"",
+    )
+    .await;
+    assert_eq!(code, 69, "{err}");
+    assert!(
+        err.contains("cannot connect") && err.lines().count() <= 2,
+        "{err}"
+    );
+    let (code, _, err) = run(&["--pin", "nonsense", "localhost"], b"").await;
+    assert_eq!(code, 64, "{err}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn stdin_eof_half_closes_and_the_reply_still_arrives() {
+    let cert = TestCert::localhost();
+    let up = serve_upstream(|mut s| async move {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        s.write_all(format!("got {} bytes after EOF", got.len()).as_bytes())
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+    })
+    .await;
+    let d = Daemon::start(&cert, &format!("[routes.ssh]\nupstream = \"{up}\"\n")).await;
+    let (code, out, err) = run(
+        &[
+            "--ca",
+            cert.cert.to_str().unwrap(),
+            &format!("localhost:{}", d.addr.port()),
+        ],
+        b"0123456789",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out), "got 10 bytes after EOF");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn openssh_through_sluice_connect_to_the_embedded_server() {
+    need("ssh", "openssh-client");
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id");
+    assert!(std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    std::fs::write(dir.path().join("authorized_keys"), public).unwrap();
+    let echo = echo_upstream().await;
+    let extra = format!(
+        "[routes.ssh]\n[ssh]\nhost_key = \"{}\"\nauthorized_keys = [\"{}\"]\npermit_open = [\"{echo}\"]\n",
+        dir.path().join("hk").display(),
+        dir.path().join("authorized_keys").display()
+    );
+    let d = Daemon::start(&cert, &extra).await;
+    let proxy = format!(
+        "ProxyCommand={} connect --ca {} localhost:{}",
+        bin().display(),
+        cert.cert.display(),
+        d.addr.port()
+    );
+    let mut child = Command::new("ssh")
+        .args([
+            "-F",
+            "none",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .arg("-o")
+        .arg(&proxy)
+        .arg("-i")
+        .arg(&key)
+        .args(["-W", &echo.to_string(), "tunnel@localhost"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let data = pattern(22, 16 << 20);
+    let mut stdin = child.stdin.take().unwrap();
+    let d2 = data.clone();
+    let w = tokio::spawn(async move {
+        stdin.write_all(&d2).await.unwrap();
+    });
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    w.await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sha256(&out.stdout),
+        sha256(&data),
+        "16 MiB through ssh -W over sluice connect"
+    );
+    d.stop().await;
+}
