@@ -81,6 +81,19 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         connect_timeout: std::time::Duration,
     },
+    /// Print a ready ~/.ssh/config block that reaches HOST through `sluice connect`.
+    SshConfig {
+        /// The name to use with ssh (`ssh ALIAS`).
+        alias: String,
+        /// HOST[:PORT] of the sluice server; the port defaults to 443.
+        target: String,
+        /// Pin the server's certificate (any spelling `sluice connect --pin` takes).
+        #[arg(long, conflicts_with = "ca")]
+        pin: Option<String>,
+        /// Trust only this PEM file.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
     /// Validate a config file (certificates included) and print the routing table.
     Check {
         /// Config file (TOML).
@@ -115,8 +128,17 @@ fn main() -> ExitCode {
         );
     }
     init_logging(cli.log_format);
+    if let Command::SshConfig {
+        alias,
+        target,
+        pin,
+        ca,
+    } = cli.command
+    {
+        return ssh_config(&alias, &target, pin, ca);
+    }
     match cli.command {
-        Command::Connect { .. } => unreachable!("handled above"),
+        Command::Connect { .. } | Command::SshConfig { .. } => unreachable!("handled above"),
         Command::Check { config } => check(&config),
         Command::Serve { config, state_dir } => serve(config, state_dir),
         Command::Hostkey { config, state_dir } => hostkey(config, state_dir),
@@ -164,6 +186,42 @@ fn check(path: &PathBuf) -> ExitCode {
     }
     print!("{}", cfg.describe());
     println!("config OK: {}", path.display());
+    ExitCode::SUCCESS
+}
+
+fn ssh_config(alias: &str, target: &str, pin: Option<String>, ca: Option<PathBuf>) -> ExitCode {
+    let (host, port) = match sluice::client::parse_target(target) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("sluice ssh-config: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    if alias.is_empty() || alias.chars().any(|c| c.is_whitespace() || c == '#') {
+        eprintln!("sluice ssh-config: `{alias}` cannot be a Host alias");
+        return ExitCode::from(64);
+    }
+    let mut trust = Vec::new();
+    if let Some(p) = pin {
+        match sluice::client::parse_pin(&p) {
+            Ok(d) => trust.extend(["--pin".to_string(), sluice::client::format_pin(&d)]),
+            Err(m) => {
+                eprintln!("sluice ssh-config: --pin {m}");
+                return ExitCode::from(64);
+            }
+        }
+    }
+    if let Some(ca) = ca {
+        let abs = std::fs::canonicalize(&ca).unwrap_or(ca);
+        trust.extend(["--ca".to_string(), abs.display().to_string()]);
+    }
+    let program = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "sluice".into());
+    print!(
+        "{}",
+        sluice::client::ssh_config_block(alias, &host, port, &program, &trust)
+    );
     ExitCode::SUCCESS
 }
 

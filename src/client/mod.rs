@@ -409,9 +409,72 @@ pub async fn run(opts: &ConnectOptions) -> Result<(), ConnectError> {
     }
 }
 
+/// Quotes `s` for the shell OpenSSH runs a ProxyCommand with, and escapes `%` for ssh itself.
+fn shell_word(s: &str) -> String {
+    let s = s.replace('%', "%%");
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@,".contains(&b))
+    {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// A `~/.ssh/config` block that reaches `host:port` through `sluice connect`.
+pub fn ssh_config_block(
+    alias: &str,
+    host: &str,
+    port: u16,
+    program: &str,
+    trust_args: &[String],
+) -> String {
+    let mut cmd = vec![shell_word(program), "connect".to_string()];
+    cmd.extend(trust_args.iter().map(|a| shell_word(a)));
+    cmd.push("%h:%p".to_string());
+    let host_name = if host.contains(':') {
+        host.to_string()
+    } else {
+        host.to_string()
+    };
+    format!(
+        "Host {alias}\n  HostName {host_name}\n  Port {port}\n  ProxyCommand {}\n  ServerAliveInterval 30\n  ServerAliveCountMax 3\n",
+        cmd.join(" ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ssh_config_quoting() {
+        let b = ssh_config_block(
+            "work",
+            "sluice.example.org",
+            443,
+            "/usr/local/bin/sluice",
+            &["--pin".into(), "sha256:ab+/c=".into()],
+        );
+        assert_eq!(
+            b,
+            "Host work\n  HostName sluice.example.org\n  Port 443\n  ProxyCommand /usr/local/bin/sluice connect --pin sha256:ab+/c= %h:%p\n  ServerAliveInterval 30\n  ServerAliveCountMax 3\n"
+        );
+        let b = ssh_config_block(
+            "x",
+            "h",
+            8443,
+            "/opt/my tools/100%/sluice",
+            &["--ca".into(), "/etc/it's.pem".into()],
+        );
+        assert!(
+            b.contains(
+                "ProxyCommand '/opt/my tools/100%%/sluice' connect --ca '/etc/it'\\''s.pem' %h:%p"
+            ),
+            "{b}"
+        );
+    }
 
     #[test]
     fn targets() {

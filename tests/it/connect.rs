@@ -268,3 +268,83 @@ async fn openssh_through_sluice_connect_to_the_embedded_server() {
     );
     d.stop().await;
 }
+
+#[tokio::test]
+async fn ssh_config_block_works_as_printed() {
+    need("ssh", "openssh-client");
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id");
+    assert!(std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::write(
+        dir.path().join("authorized_keys"),
+        std::fs::read(key.with_extension("pub")).unwrap(),
+    )
+    .unwrap();
+    let echo = echo_upstream().await;
+    let extra = format!(
+        "[routes.ssh]\n[ssh]\nhost_key = \"{}\"\nauthorized_keys = [\"{}\"]\npermit_open = [\"{echo}\"]\n",
+        dir.path().join("hk").display(),
+        dir.path().join("authorized_keys").display()
+    );
+    let d = Daemon::start(&cert, &extra).await;
+    let pin = pins(&cert).remove(3); // the hex spelling `sluice serve` logs
+    let out = Command::new(bin())
+        .args([
+            "ssh-config",
+            "mytunnel",
+            &format!("localhost:{}", d.addr.port()),
+            "--pin",
+            &pin,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let block = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        block.starts_with("Host mytunnel\n") && block.contains("ServerAliveInterval"),
+        "{block}"
+    );
+    let cfg = dir.path().join("ssh_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{block}  User tunnel\n  IdentityFile {}\n  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-W", &echo.to_string(), "mytunnel"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"via-ssh-config").await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        out.stdout,
+        b"via-ssh-config",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.stop().await;
+}
