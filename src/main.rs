@@ -80,6 +80,13 @@ enum Command {
         /// Deadline for connecting and the TLS handshake.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         connect_timeout: std::time::Duration,
+        /// Go through this HTTP proxy with CONNECT: http://[user:pass@]host:port. Default:
+        /// HTTPS_PROXY (or ALL_PROXY) unless NO_PROXY covers HOST.
+        #[arg(long, conflicts_with = "no_proxy")]
+        proxy: Option<String>,
+        /// Ignore HTTPS_PROXY and ALL_PROXY.
+        #[arg(long)]
+        no_proxy: bool,
     },
     /// Print a ready ~/.ssh/config block that reaches HOST through `sluice connect`.
     SshConfig {
@@ -114,6 +121,8 @@ fn main() -> ExitCode {
         pin,
         insecure,
         connect_timeout,
+        proxy,
+        no_proxy,
     } = cli.command
     {
         return connect(
@@ -125,6 +134,8 @@ fn main() -> ExitCode {
             pin,
             insecure,
             connect_timeout,
+            proxy,
+            no_proxy,
         );
     }
     init_logging(cli.log_format);
@@ -235,8 +246,10 @@ fn connect(
     pin: Option<String>,
     insecure: bool,
     connect_timeout: std::time::Duration,
+    proxy: Option<String>,
+    no_proxy: bool,
 ) -> ExitCode {
-    use sluice::client::{ConnectError, ConnectOptions, Trust};
+    use sluice::client::{ConnectError, ConnectOptions, Proxy, Trust};
     let fail = |e: ConnectError| {
         eprintln!("sluice connect: {e}");
         ExitCode::from(e.exit_code())
@@ -257,7 +270,17 @@ fn connect(
         }
         (None, None, false) => Trust::System,
     };
+    let proxy = match (proxy, no_proxy) {
+        (Some(url), _) => Some(Proxy::parse(&url)),
+        (None, true) => None,
+        (None, false) => Proxy::from_env(&host),
+    };
+    let proxy = match proxy.transpose() {
+        Ok(p) => p,
+        Err(m) => return fail(ConnectError::Usage(format!("proxy: {m}"))),
+    };
     let opts = ConnectOptions {
+        proxy,
         sni: if no_sni {
             None
         } else {

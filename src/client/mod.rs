@@ -50,6 +50,185 @@ pub struct ConnectOptions {
     pub trust: Trust,
     /// Deadline for resolving and connecting (all addresses together) and the handshake.
     pub connect_timeout: Duration,
+    /// An HTTP CONNECT proxy to go through.
+    pub proxy: Option<Proxy>,
+}
+
+/// An HTTP proxy that tunnels with CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proxy {
+    /// Proxy host.
+    pub host: String,
+    /// Proxy port.
+    pub port: u16,
+    /// `user:password` for Basic authentication, if the URL has one.
+    pub credentials: Option<String>,
+}
+
+impl Proxy {
+    /// Parses `http://[user:pass@]host[:port]` (a bare `host:port` is taken as http).
+    pub fn parse(url: &str) -> Result<Proxy, String> {
+        let rest = match url.split_once("://") {
+            Some(("http", rest)) | Some(("HTTP", rest)) => rest,
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "`{url}`: only http:// proxies are supported, not {scheme}://"
+                ))
+            }
+            None => url,
+        };
+        let rest = rest.trim_end_matches('/');
+        let (credentials, hostport) = match rest.rsplit_once('@') {
+            Some((userinfo, hp)) => (
+                Some(
+                    percent_decode(userinfo)
+                        .ok_or_else(|| format!("`{url}`: bad percent-encoding"))?,
+                ),
+                hp,
+            ),
+            None => (None, rest),
+        };
+        let (host, port) = if hostport.contains(':') {
+            parse_target(hostport)
+                .map_err(|_| format!("`{url}` is not http://[user:pass@]host:port"))?
+        } else {
+            (hostport.to_string(), 80)
+        };
+        if host.is_empty() || host.contains('/') {
+            return Err(format!("`{url}` is not http://[user:pass@]host:port"));
+        }
+        Ok(Proxy {
+            host,
+            port,
+            credentials,
+        })
+    }
+
+    /// The proxy from `HTTPS_PROXY`/`https_proxy` (then `ALL_PROXY`), unless `NO_PROXY` covers
+    /// `host`.
+    pub fn from_env(host: &str) -> Option<Result<Proxy, String>> {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let url = get("HTTPS_PROXY")
+            .or_else(|| get("https_proxy"))
+            .or_else(|| get("ALL_PROXY"))
+            .or_else(|| get("all_proxy"))?;
+        let no_proxy = get("NO_PROXY")
+            .or_else(|| get("no_proxy"))
+            .unwrap_or_default();
+        if no_proxy_matches(&no_proxy, host) {
+            return None;
+        }
+        Some(Proxy::parse(&url))
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Whether a `NO_PROXY` list (comma or space separated: `*`, names, `.suffix`, addresses,
+/// CIDRs, optional `:port`) covers `host`.
+pub fn no_proxy_matches(list: &str, host: &str) -> bool {
+    let host = host
+        .trim_matches(|c| c == '[' || c == ']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let ip: Option<std::net::IpAddr> = host.parse().ok();
+    list.split([',', ' '])
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .any(|e| {
+            if e == "*" {
+                return true;
+            }
+            let e = e.trim_start_matches('[');
+            let e = match e.rsplit_once(':') {
+                Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') => h,
+                _ => e,
+            };
+            let e = e
+                .trim_end_matches(']')
+                .trim_start_matches("*.")
+                .trim_start_matches('.')
+                .to_ascii_lowercase();
+            match (ip, crate::ssh::policy::Cidr::parse(&e)) {
+                (Some(ip), Some(c)) => c.contains(ip),
+                _ => host == e || host.ends_with(&format!(".{e}")),
+            }
+        })
+}
+
+/// Opens a tunnel through `proxy` with CONNECT.
+async fn via_proxy(
+    proxy: &Proxy,
+    host: &str,
+    port: u16,
+    deadline: Instant,
+) -> Result<TcpStream, ConnectError> {
+    let p = format!("{}:{}", proxy.host, proxy.port);
+    let mut s = connect_tcp(&proxy.host, proxy.port, deadline)
+        .await
+        .map_err(|e| ConnectError::Unavailable(format!("proxy {e}")))?;
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let mut req = format!(
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: sluice/{}\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    if let Some(c) = &proxy.credentials {
+        req.push_str(&format!(
+            "Proxy-Authorization: Basic {}\r\n",
+            pin::base64(c.as_bytes())
+        ));
+    }
+    req.push_str("\r\n");
+    let io_err = |e: io::Error| ConnectError::Unavailable(format!("proxy {p}: {e}"));
+    timeout_at(deadline, s.write_all(req.as_bytes()))
+        .await
+        .map_err(|_| ConnectError::Unavailable(format!("proxy {p}: timed out")))?
+        .map_err(io_err)?;
+    let head = crate::builtin::read_head(&mut s, b"", deadline)
+        .await
+        .map_err(io_err)?;
+    let status_line =
+        String::from_utf8_lossy(head.split(|&b| b == b'\n').next().unwrap_or_default())
+            .trim()
+            .to_string();
+    let code: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    match code {
+        200..=299 => Ok(s),
+        407 => Err(ConnectError::Unavailable(format!(
+            "proxy {p} requires authentication (407){}",
+            if proxy.credentials.is_some() {
+                ": it refused the credentials given"
+            } else {
+                "\n  put them in the proxy URL: http://user:password@host:port"
+            }
+        ))),
+        _ => Err(ConnectError::Unavailable(format!(
+            "proxy {p} refused CONNECT {authority}: {status_line}"
+        ))),
+    }
 }
 
 /// Why the helper failed; each maps to a sysexits code.
@@ -291,7 +470,10 @@ pub async fn connect(
 
     let deadline = Instant::now() + opts.connect_timeout;
     let target = format!("{}:{}", opts.host, opts.port);
-    let tcp = connect_tcp(&opts.host, opts.port, deadline).await?;
+    let tcp = match &opts.proxy {
+        Some(p) => via_proxy(p, &opts.host, opts.port, deadline).await?,
+        None => connect_tcp(&opts.host, opts.port, deadline).await?,
+    };
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     match timeout_at(deadline, connector.connect(name, tcp)).await {
         Ok(Ok(s)) => Ok(s),
@@ -474,6 +656,45 @@ mod tests {
             ),
             "{b}"
         );
+    }
+
+    #[test]
+    fn proxies() {
+        assert_eq!(
+            Proxy::parse("http://proxy.corp:3128").unwrap(),
+            Proxy {
+                host: "proxy.corp".into(),
+                port: 3128,
+                credentials: None
+            }
+        );
+        assert_eq!(
+            Proxy::parse("http://me%40corp:p%3Ass@10.0.0.1:8080/").unwrap(),
+            Proxy {
+                host: "10.0.0.1".into(),
+                port: 8080,
+                credentials: Some("me@corp:p:ss".into())
+            }
+        );
+        assert_eq!(Proxy::parse("proxy:3128").unwrap().port, 3128);
+        assert_eq!(Proxy::parse("http://proxy").unwrap().port, 80);
+        assert!(Proxy::parse("https://proxy:443")
+            .unwrap_err()
+            .contains("only http://"));
+        assert!(Proxy::parse("socks5://p:1080").is_err());
+        for (list, host, hit) in [
+            ("*", "a.example", true),
+            ("example.org", "ssh.example.org", true),
+            (".example.org", "example.org", true),
+            ("example.org", "badexample.org", false),
+            ("localhost,127.0.0.0/8", "127.0.0.1", true),
+            ("10.0.0.0/8 internal", "10.1.2.3", true),
+            ("internal:443", "host.internal", true),
+            ("[::1]", "::1", true),
+            ("", "a", false),
+        ] {
+            assert_eq!(no_proxy_matches(list, host), hit, "{list} / {host}");
+        }
     }
 
     #[test]

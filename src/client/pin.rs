@@ -49,6 +49,11 @@ pub fn format_hex(digest: &[u8]) -> String {
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
+/// Standard base64 with padding.
+pub(crate) fn base64(data: &[u8]) -> String {
+    base64_encode(data)
+}
+
 fn base64_encode(data: &[u8]) -> String {
     let mut out = String::new();
     for chunk in data.chunks(3) {

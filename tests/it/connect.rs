@@ -325,6 +325,10 @@ async fn ssh_config_block_works_as_printed() {
     )
     .unwrap();
     let mut child = Command::new("ssh")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("ALL_PROXY")
+        .env_remove("all_proxy")
         .arg("-F")
         .arg(&cfg)
         .args(["-W", &echo.to_string(), "mytunnel"])
@@ -346,5 +350,108 @@ async fn ssh_config_block_works_as_printed() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    d.stop().await;
+}
+
+/// A CONNECT proxy for tests: requires `user:pw` when `auth`; records each request line.
+async fn connect_proxy(
+    auth: bool,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = serve_upstream(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let head = sluice::builtin::read_head(&mut s, b"", tokio::time::Instant::now() + Duration::from_secs(5)).await.unwrap();
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let line = text.lines().next().unwrap_or_default().to_string();
+            tx.send(line.clone()).unwrap();
+            // "user:pw" in base64.
+            if auth && !text.contains("Proxy-Authorization: Basic dXNlcjpwdw==") {
+                let _ = s.write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"t\"\r\n\r\n").await;
+                return;
+            }
+            let target = line.split_whitespace().nth(1).unwrap().to_string();
+            let mut up = tokio::net::TcpStream::connect(target).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.unwrap();
+            let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn through_http_connect_proxies() {
+    let cert = TestCert::localhost();
+    let d = Daemon::start(
+        &cert,
+        &format!("[routes.ssh]\nupstream = \"{}\"\n", echo_upstream().await),
+    )
+    .await;
+    let target = format!("localhost:{}", d.addr.port());
+    let ca = cert.cert.to_str().unwrap().to_string();
+
+    let (p, mut seen) = connect_proxy(true).await;
+    let (code, out, err) = run(
+        &[
+            "--ca",
+            &ca,
+            "--proxy",
+            &format!("http://user:pw@{p}"),
+            &target,
+        ],
+        b"proxied",
+    )
+    .await;
+    assert_eq!((code, out.as_slice()), (0, &b"proxied"[..]), "{err}");
+    assert_eq!(
+        seen.recv().await.unwrap(),
+        format!("CONNECT {target} HTTP/1.1")
+    );
+
+    let (code, _, err) = run(
+        &["--ca", &ca, "--proxy", &format!("http://{p}"), &target],
+        b"x",
+    )
+    .await;
+    assert_eq!(code, 69, "{err}");
+    assert!(
+        err.contains("requires authentication (407)") && err.lines().count() <= 2,
+        "{err}"
+    );
+
+    // From the environment, and NO_PROXY.
+    let (p, mut seen) = connect_proxy(false).await;
+    let mut c = connect(&["--ca", &ca, &target]);
+    c.env("HTTPS_PROXY", format!("http://{p}"))
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy");
+    let mut child = c.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"env").await.unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(
+        out.stdout,
+        b"env",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(seen.recv().await.is_some(), "HTTPS_PROXY was not used");
+    let mut c = connect(&["--ca", &ca, &target]);
+    c.env("HTTPS_PROXY", format!("http://{p}"))
+        .env("NO_PROXY", "localhost");
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"direct")
+        .await
+        .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(out.stdout, b"direct");
+    assert!(seen.try_recv().is_err(), "NO_PROXY was ignored");
     d.stop().await;
 }
