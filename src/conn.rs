@@ -282,6 +282,17 @@ async fn serve_tls(
         }
     };
     log.by = Some(by);
+    let client_cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|c| !c.is_empty());
+    let decision = match decision {
+        Decision::Route(k) if cfg.route(k).require_client_cert && !client_cert => {
+            Decision::Close("route requires a client certificate")
+        }
+        d => d,
+    };
     drop(unrouted);
     let h2 = alpn.as_deref() == Some(b"h2") || prefix.starts_with(b"PRI ");
     dispatch(shared, tls, prefix, decision, log, h2).await;

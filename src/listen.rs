@@ -76,7 +76,14 @@ impl Server {
     pub async fn bind(cfg: Config, state_dir: PathBuf) -> Result<Server, ServeError> {
         crate::sys::raise_nofile_limit();
         let certs = Arc::new(CertStore::new(tls::load_certs(&cfg, &state_dir)?));
-        let tls_config = tls::server_config(certs.clone(), cfg.alpn_offered())?;
+        let tls_config = tls::server_config(
+            certs.clone(),
+            cfg.alpn_offered(),
+            cfg.tls
+                .client_ca
+                .as_ref()
+                .map(|c| (c, cfg.source.as_deref())),
+        )?;
         let force_close = CancellationToken::new();
         let ssh = match cfg.ssh.upstream {
             Some(_) => None,

@@ -87,6 +87,12 @@ enum Command {
         /// Ignore HTTPS_PROXY and ALL_PROXY.
         #[arg(long)]
         no_proxy: bool,
+        /// Client certificate chain (PEM) for servers that require one; needs --key.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// Private key (PEM) for --cert.
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
     },
     /// Print a ready ~/.ssh/config block that reaches HOST through `sluice connect`.
     SshConfig {
@@ -123,8 +129,11 @@ fn main() -> ExitCode {
         connect_timeout,
         proxy,
         no_proxy,
+        cert,
+        key,
     } = cli.command
     {
+        let client_cert = cert.zip(key);
         return connect(
             target,
             sni,
@@ -136,6 +145,7 @@ fn main() -> ExitCode {
             connect_timeout,
             proxy,
             no_proxy,
+            client_cert,
         );
     }
     init_logging(cli.log_format);
@@ -248,6 +258,7 @@ fn connect(
     connect_timeout: std::time::Duration,
     proxy: Option<String>,
     no_proxy: bool,
+    client_cert: Option<(PathBuf, PathBuf)>,
 ) -> ExitCode {
     use sluice::client::{ConnectError, ConnectOptions, Proxy, Trust};
     let fail = |e: ConnectError| {
@@ -280,6 +291,7 @@ fn connect(
         Err(m) => return fail(ConnectError::Usage(format!("proxy: {m}"))),
     };
     let opts = ConnectOptions {
+        client_cert,
         proxy,
         sni: if no_sni {
             None

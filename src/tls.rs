@@ -271,15 +271,37 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
         .join(":")
 }
 
-/// The rustls server config: TLS 1.2 and 1.3, certificates from `store`, the routes' ALPN ids.
+/// The rustls server config: TLS 1.2 and 1.3, certificates from `store`, the routes' ALPN ids,
+/// and, with `client_ca`, client certificates verified when offered (routes decide whether one
+/// is required).
 pub fn server_config(
     store: Arc<CertStore>,
     alpn: Vec<Vec<u8>>,
+    client_ca: Option<(&ConfigPath, Option<&Path>)>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let mut cfg = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_cert_resolver(store);
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some((ca, file)) => {
+            let bad = |m: String| ConfigError::at(file, &ca.at, m);
+            let mut roots = rustls::RootCertStore::empty();
+            for c in read_chain(&ca.path).map_err(bad)? {
+                roots
+                    .add(c)
+                    .map_err(|e| bad(format!("{}: {e}", ca.path.display())))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| bad(format!("{}: {e}", ca.path.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder.with_cert_resolver(store);
     cfg.alpn_protocols = alpn;
     cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     Ok(Arc::new(cfg))

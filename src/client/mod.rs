@@ -52,6 +52,8 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// An HTTP CONNECT proxy to go through.
     pub proxy: Option<Proxy>,
+    /// A client certificate chain and key (PEM files) for servers that require one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// An HTTP proxy that tunnels with CONNECT.
@@ -456,12 +458,27 @@ pub async fn connect(
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
     let provider = crate::tls::provider();
     let verifier = Arc::new(verifier(&opts.trust, &provider)?);
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| ConnectError::Tls(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier.clone());
+    let mut config = match &opts.client_cert {
+        None => config.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain =
+                read_pem_certs(cert).map_err(|e| ConnectError::Config(format!("--cert {e}")))?;
+            let key_der = rustls::pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                ConnectError::Config(format!(
+                    "--key {}: no usable private key: {e:?}",
+                    key.display()
+                ))
+            })?;
+            config
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| ConnectError::Config(format!("--cert/--key: {e}")))?
+        }
+    };
     config.alpn_protocols = opts.alpn.clone();
     config.enable_sni = opts.sni.is_some();
     let name_str = opts.sni.clone().unwrap_or_else(|| opts.host.clone());

@@ -58,6 +58,7 @@ pub struct Tls {
     pub cert: Option<Spanned<PathBuf>>,
     pub key: Option<Spanned<PathBuf>>,
     pub handshake_timeout: Option<Spanned<Dur>>,
+    pub client_ca: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub sni: Vec<Spanned<SniCert>>,
 }
@@ -106,4 +107,5 @@ pub struct Route {
     pub sni: Vec<Spanned<String>>,
     pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
     pub h2: Option<Spanned<bool>>,
+    pub require_client_cert: Option<Spanned<bool>>,
 }

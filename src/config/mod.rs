@@ -150,6 +150,8 @@ pub struct TlsSettings {
     pub sni: Vec<SniCert>,
     /// Deadline for the whole TLS handshake.
     pub handshake_timeout: Duration,
+    /// CA certificates for client certificates; clients may present one, routes may require it.
+    pub client_ca: Option<ConfigPath>,
 }
 
 /// What to do with a connection that detection could not place.
@@ -258,6 +260,8 @@ pub struct Route {
     pub alpn: Vec<String>,
     /// Close a relayed connection after this long without bytes in either direction.
     pub idle_timeout: Duration,
+    /// Only TLS clients with a certificate from `tls.client_ca` reach this route.
+    pub require_client_cert: bool,
 }
 
 /// Where in the config file something is.
@@ -336,6 +340,7 @@ impl Config {
                 cert: CertSource::SelfSigned,
                 sni: Vec::new(),
                 handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+                client_ca: None,
             },
             detect: DetectSettings {
                 timeout: DEFAULT_DETECT_TIMEOUT,
@@ -431,6 +436,9 @@ impl Config {
                 r.kind.as_str(),
                 r.target_description()
             ));
+            if r.require_client_cert {
+                s.push_str("              requires a client certificate from tls.client_ca\n");
+            }
             s.push_str(&format!(
                 "              alpn [{}]  sni [{}]  plaintext {}  idle {}\n",
                 r.alpn.join(", "),
@@ -460,6 +468,7 @@ impl Route {
             sni: Vec::new(),
             alpn: default_alpn(kind, false),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            require_client_cert: false,
         }
     }
 
@@ -608,6 +617,7 @@ impl Validator<'_> {
             if let Some(h) = &t.handshake_timeout {
                 cfg.tls.handshake_timeout = self.duration(h, MIN_TIMEOUT, 5 * MINUTE)?;
             }
+            cfg.tls.client_ca = t.client_ca.as_ref().map(|p| self.path(p));
             let mut seen = std::collections::HashSet::new();
             for s in &t.sni {
                 let sc = s.get_ref();
@@ -667,6 +677,16 @@ impl Validator<'_> {
         }
         if let Some(r) = &raw.routes.ssh {
             cfg.ssh = self.route(RouteKind::Ssh, r)?;
+        }
+        for r in [&raw.routes.http, &raw.routes.ssh].into_iter().flatten() {
+            if let Some(req) = r.require_client_cert.as_ref().filter(|v| *v.get_ref()) {
+                if cfg.tls.client_ca.is_none() {
+                    return self.err(
+                        req.span(),
+                        "needs [tls] client_ca, the CA that signs client certificates",
+                    );
+                }
+            }
         }
         // An SNI name or ALPN id bound to both routes would make the choice arbitrary.
         for n in &cfg.http.sni {
@@ -860,6 +880,19 @@ impl Validator<'_> {
                 ("redirect", RouteKind::Ssh) => return self.err(p.span(), "\"redirect\" is for the http route only; use \"accept\" or \"reject\""),
                 (other, _) => return self.err(p.span(), format!("`{other}` is not a plaintext policy; expected \"accept\", \"reject\" or \"redirect\"")),
             };
+        }
+        if let Some(req) = r.require_client_cert.as_ref().filter(|v| *v.get_ref()) {
+            route.require_client_cert = true;
+            // Without TLS there is no certificate: plaintext would walk around the requirement.
+            match &r.plaintext {
+                None => route.plaintext = Plaintext::Reject,
+                Some(p) if route.plaintext != Plaintext::Reject => return self.err(
+                    p.span(),
+                    "a route that requires client certificates takes no plaintext; use \"reject\"",
+                ),
+                Some(_) => {}
+            }
+            let _ = req;
         }
         for n in &r.sni {
             route.sni.push(self.server_name(n)?);

@@ -195,3 +195,26 @@ fn duplicate_sni_names_are_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn client_certificate_requirements() {
+    let e = err("[routes.ssh]\nrequire_client_cert = true\n");
+    assert!(
+        e.contains(":2:23: routes.ssh.require_client_cert: needs [tls] client_ca"),
+        "{e}"
+    );
+    let e = err("[tls]\nclient_ca = \"ca.pem\"\n[routes.ssh]\nrequire_client_cert = true\nplaintext = \"accept\"\n");
+    assert!(
+        e.contains(
+            "routes.ssh.plaintext: a route that requires client certificates takes no plaintext"
+        ),
+        "{e}"
+    );
+    let c =
+        parse("[tls]\nclient_ca = \"ca.pem\"\n[routes.ssh]\nrequire_client_cert = true\n").unwrap();
+    assert!(c.ssh.require_client_cert && c.ssh.plaintext == Plaintext::Reject);
+    assert_eq!(
+        c.tls.client_ca.unwrap().path,
+        Path::new("/etc/sluice/ca.pem")
+    );
+}

@@ -455,3 +455,88 @@ async fn through_http_connect_proxies() {
     assert!(seen.try_recv().is_err(), "NO_PROXY was ignored");
     d.stop().await;
 }
+
+/// A client CA and a client certificate it signed, as PEM files in `dir`.
+fn client_pki(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test client CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["laptop-7".to_string()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let (ca_path, cert_path, key_path) = (
+        dir.join("client-ca.pem"),
+        dir.join("client.pem"),
+        dir.join("client.key"),
+    );
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (ca_path, cert_path, key_path)
+}
+
+#[tokio::test]
+async fn routes_can_require_client_certificates() {
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, client_cert, client_key) = client_pki(dir.path());
+    let text = format!(
+        "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n[routes.ssh]\nupstream = \"{}\"\nrequire_client_cert = true\n",
+        cert.cert.display(),
+        cert.key.display(),
+        ca.display(),
+        banner_upstream().await
+    );
+    let d = Daemon::start_raw(&text).await;
+    let target = format!("localhost:{}", d.addr.port());
+    let server_ca = cert.cert.to_str().unwrap();
+    let (code, out, err) = run(
+        &[
+            "--ca",
+            server_ca,
+            "--cert",
+            client_cert.to_str().unwrap(),
+            "--key",
+            client_key.to_str().unwrap(),
+            &target,
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out, BANNER,
+        "with a client certificate the ssh route answers"
+    );
+    // Without one, nothing of the SSH side is reachable: no banner, over TLS or plain.
+    let (_, out, _) = run(&["--ca", server_ca, &target], b"").await;
+    assert!(
+        out.is_empty(),
+        "reached the ssh route without a client certificate"
+    );
+    let mut s = tokio::net::TcpStream::connect(d.addr).await.unwrap();
+    s.write_all(b"SSH-2.0-scanner\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert!(
+        got.is_empty(),
+        "plain SSH walked around the client certificate requirement"
+    );
+    // A route without the requirement still serves anyone.
+    let mut tls = tls_connect(d.addr, &cert, "localhost", &["http/1.1"]).await;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let reply = String::from_utf8(read_all(&mut tls).await).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    d.stop().await;
+}
