@@ -540,3 +540,64 @@ async fn routes_can_require_client_certificates() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     d.stop().await;
 }
+
+#[tokio::test]
+async fn openssh_through_sluice_connect_to_an_external_sshd() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = crate::ssh::keygen(dir.path(), "id");
+    let mut sshd = crate::ssh::start_sshd(&id).await;
+    let cert = TestCert::localhost();
+    let d = Daemon::start(
+        &cert,
+        &format!("[routes.ssh]\nupstream = \"127.0.0.1:{}\"\n", sshd.port),
+    )
+    .await;
+    let user = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "root".into());
+    let proxy = format!(
+        "ProxyCommand={} connect --ca {} localhost:{}",
+        bin().display(),
+        cert.cert.display(),
+        d.addr.port()
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new("ssh")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .args([
+                "-F",
+                "none",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .arg("-o")
+            .arg(&proxy)
+            .arg("-i")
+            .arg(&id.private)
+            .args([&format!("{user}@localhost"), "echo via-sshd-$((20+22))"])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("ssh hung")
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "via-sshd-42");
+    sshd.child.kill().await.unwrap();
+    d.stop().await;
+}

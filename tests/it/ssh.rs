@@ -9,12 +9,12 @@ use tokio::process::{Child, Command};
 use crate::support::*;
 
 /// A key pair made by ssh-keygen.
-struct Key {
-    private: PathBuf,
-    public: String,
+pub(crate) struct Key {
+    pub(crate) private: PathBuf,
+    pub(crate) public: String,
 }
 
-fn keygen(dir: &Path, name: &str) -> Key {
+pub(crate) fn keygen(dir: &Path, name: &str) -> Key {
     need("ssh-keygen", "openssh-client");
     let private = dir.join(name);
     let st = std::process::Command::new("ssh-keygen")
@@ -803,13 +803,13 @@ async fn host_key_is_made_once_with_mode_0600_and_reused() {
 }
 
 /// A real OpenSSH sshd on a loopback port, for `-J` through sluice.
-struct Sshd {
-    child: Child,
-    port: u16,
+pub(crate) struct Sshd {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
     _dir: tempfile::TempDir,
 }
 
-async fn start_sshd(client: &Key) -> Sshd {
+pub(crate) async fn start_sshd(client: &Key) -> Sshd {
     need("/usr/sbin/sshd", "openssh-server");
     let dir = tempfile::tempdir().unwrap();
     let host = keygen(dir.path(), "host");
