@@ -218,7 +218,12 @@ fn ssh_config(alias: &str, target: &str, pin: Option<String>, ca: Option<PathBuf
             return ExitCode::from(e.exit_code());
         }
     };
-    if alias.is_empty() || alias.chars().any(|c| c.is_whitespace() || c == '#') {
+    // ssh treats these as patterns: `Host *` would catch every destination.
+    if alias.is_empty()
+        || alias
+            .chars()
+            .any(|c| c.is_whitespace() || "#*?!,\"".contains(c))
+    {
         eprintln!("sluice ssh-config: `{alias}` cannot be a Host alias");
         return ExitCode::from(64);
     }
@@ -233,7 +238,13 @@ fn ssh_config(alias: &str, target: &str, pin: Option<String>, ca: Option<PathBuf
         }
     }
     if let Some(ca) = ca {
-        let abs = std::fs::canonicalize(&ca).unwrap_or(ca);
+        let abs = match std::fs::canonicalize(&ca) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("sluice ssh-config: --ca {}: {e}", ca.display());
+                return ExitCode::from(78);
+            }
+        };
         trust.extend(["--ca".to_string(), abs.display().to_string()]);
     }
     let program = std::env::current_exe()
@@ -284,7 +295,7 @@ fn connect(
     let proxy = match (proxy, no_proxy) {
         (Some(url), _) => Some(Proxy::parse(&url)),
         (None, true) => None,
-        (None, false) => Proxy::from_env(&host),
+        (None, false) => Proxy::from_env(&host, port),
     };
     let proxy = match proxy.transpose() {
         Ok(p) => p,
@@ -315,7 +326,11 @@ fn connect(
         Ok(rt) => rt,
         Err(e) => return fail(ConnectError::Io(format!("cannot start: {e}"))),
     };
-    match rt.block_on(sluice::client::run(&opts)) {
+    let result = rt.block_on(sluice::client::run(&opts));
+    // stdin is read on a blocking thread that cannot be cancelled: do not wait for it, or a
+    // server that closes first would leave ssh and this helper waiting on each other.
+    rt.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }

@@ -90,11 +90,18 @@ impl Proxy {
             ),
             None => (None, rest),
         };
-        let (host, port) = if hostport.contains(':') {
+        let has_port = match hostport.strip_prefix('[') {
+            Some(v6) => v6.contains("]:"),
+            None => hostport.contains(':'),
+        };
+        let (host, port) = if has_port {
             parse_target(hostport)
                 .map_err(|_| format!("`{url}` is not http://[user:pass@]host:port"))?
         } else {
-            (hostport.to_string(), 80)
+            (
+                hostport.trim_matches(|c| c == '[' || c == ']').to_string(),
+                80,
+            )
         };
         if host.is_empty() || host.contains('/') {
             return Err(format!("`{url}` is not http://[user:pass@]host:port"));
@@ -108,7 +115,7 @@ impl Proxy {
 
     /// The proxy from `HTTPS_PROXY`/`https_proxy` (then `ALL_PROXY`), unless `NO_PROXY` covers
     /// `host`.
-    pub fn from_env(host: &str) -> Option<Result<Proxy, String>> {
+    pub fn from_env(host: &str, port: u16) -> Option<Result<Proxy, String>> {
         let get = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         let url = get("HTTPS_PROXY")
             .or_else(|| get("https_proxy"))
@@ -117,7 +124,7 @@ impl Proxy {
         let no_proxy = get("NO_PROXY")
             .or_else(|| get("no_proxy"))
             .unwrap_or_default();
-        if no_proxy_matches(&no_proxy, host) {
+        if no_proxy_matches(&no_proxy, host, port) {
             return None;
         }
         Some(Proxy::parse(&url))
@@ -143,7 +150,7 @@ fn percent_decode(s: &str) -> Option<String> {
 
 /// Whether a `NO_PROXY` list (comma or space separated: `*`, names, `.suffix`, addresses,
 /// CIDRs, optional `:port`) covers `host`.
-pub fn no_proxy_matches(list: &str, host: &str) -> bool {
+pub fn no_proxy_matches(list: &str, host: &str, port: u16) -> bool {
     let host = host
         .trim_matches(|c| c == '[' || c == ']')
         .trim_end_matches('.')
@@ -156,19 +163,34 @@ pub fn no_proxy_matches(list: &str, host: &str) -> bool {
             if e == "*" {
                 return true;
             }
-            let e = e.trim_start_matches('[');
-            let e = match e.rsplit_once(':') {
-                Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') => h,
-                _ => e,
+            // An entry may carry a port; then only that port bypasses the proxy.
+            let (name, entry_port) = match e.strip_prefix('[') {
+                Some(v6) => match v6.split_once(']') {
+                    Some((h, rest)) => (
+                        h,
+                        rest.strip_prefix(':').and_then(|p| p.parse::<u16>().ok()),
+                    ),
+                    None => (v6, None),
+                },
+                None => match e.rsplit_once(':') {
+                    Some((h, p)) if !h.contains(':') => match p.parse::<u16>() {
+                        Ok(p) => (h, Some(p)),
+                        Err(_) => (e, None),
+                    },
+                    _ => (e, None),
+                },
             };
-            let e = e
-                .trim_end_matches(']')
+            if entry_port.is_some_and(|p| p != port) {
+                return false;
+            }
+            let name = name
+                .trim_end_matches('.')
                 .trim_start_matches("*.")
                 .trim_start_matches('.')
                 .to_ascii_lowercase();
-            match (ip, crate::ssh::policy::Cidr::parse(&e)) {
-                (Some(ip), Some(c)) => c.contains(ip),
-                _ => host == e || host.ends_with(&format!(".{e}")),
+            match ip {
+                Some(ip) => crate::ssh::policy::Cidr::parse(&name).is_some_and(|c| c.contains(ip)),
+                None => host == name || host.ends_with(&format!(".{name}")),
             }
         })
 }
@@ -282,7 +304,12 @@ pub fn parse_target(s: &str) -> Result<(String, u16), ConnectError> {
     } else {
         (s, None)
     };
-    if host.is_empty() {
+    // A name or address only: nothing that could end a line in a proxy request or a log.
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:%".contains(&b))
+    {
         return Err(bad());
     }
     let port = match port {
@@ -334,25 +361,26 @@ impl ServerCertVerifier for Verifier {
                 Err(rustls::Error::General("pin mismatch".into()))
             };
         }
-        let Some(webpki) = &self.webpki else {
-            return Err(rustls::Error::General("no trust anchors".into()));
-        };
-        match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                // A self-signed server certificate given with --ca is trusted as itself, the
-                // way OpenSSL treats it; its name must still match.
-                if self
-                    .ca_certs
-                    .iter()
-                    .any(|c| c.as_ref() == end_entity.as_ref())
-                {
-                    let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-                    rustls::client::verify_server_name(&parsed, server_name)?;
-                    return Ok(ServerCertVerified::assertion());
-                }
-                Err(e)
+        // A self-signed server certificate given with --ca is trusted as itself, the way
+        // OpenSSL treats it; its name must still match. (Its validity dates are not checked:
+        // remove a retired certificate from the file.)
+        if self
+            .ca_certs
+            .iter()
+            .any(|c| c.as_ref() == end_entity.as_ref())
+        {
+            let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            if rustls::client::verify_server_name(&parsed, server_name).is_ok() {
+                return Ok(ServerCertVerified::assertion());
             }
+        }
+        match &self.webpki {
+            Some(webpki) => {
+                webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            }
+            None => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            )),
         }
     }
 
@@ -430,8 +458,15 @@ fn verifier(trust: &Trust, provider: &Arc<CryptoProvider>) -> Result<Verifier, C
             read_pem_certs(path).map_err(|e| ConnectError::Config(format!("--ca {e}")))?
         }
         Trust::System => {
-            let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-            let path = env.into_iter().chain(SYSTEM_BUNDLES.iter().map(PathBuf::from)).find(|p| p.exists()).ok_or_else(|| {
+            // SSL_CERT_FILE, when set, is the only store: a typo must not widen trust.
+            let env = std::env::var_os("SSL_CERT_FILE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from);
+            let candidates: Vec<PathBuf> = match env {
+                Some(p) => vec![p],
+                None => SYSTEM_BUNDLES.iter().map(PathBuf::from).collect(),
+            };
+            let path = candidates.into_iter().find(|p| p.exists()).ok_or_else(|| {
                 ConnectError::Config("no system trust store found (install ca-certificates, or set SSL_CERT_FILE); or use --ca FILE or --pin".into())
             })?;
             read_pem_certs(&path).map_err(ConnectError::Config)?
@@ -516,7 +551,7 @@ fn tls_error(target: &str, trust: &Trust, v: &Verifier, e: &io::Error) -> Connec
             presented.join(", ")
         ),
         (Some(rustls::Error::InvalidCertificate(c)), _, Some(seen)) => format!(
-            "{target}: certificate not trusted ({c:?})\n  the server presented {seen}; trust it with --ca FILE, or --pin {}",
+            "{target}: certificate not trusted ({c:?})\n  the server presented {seen}; if sluice serve logs that fingerprint, trust it with --pin {} (or --ca FILE)",
             seen.split(' ').next().unwrap_or_default()
         ),
         _ => format!("{target}: TLS handshake failed: {e}"),
@@ -542,18 +577,20 @@ async fn connect_tcp(host: &str, port: u16, deadline: Instant) -> Result<TcpStre
             }
         };
     let mut last = None;
-    for a in &addrs {
-        match timeout_at(deadline, TcpStream::connect(a)).await {
+    for (i, a) in addrs.iter().enumerate() {
+        // Each address gets a fair share of what is left, so a dead first address (an
+        // unreachable AAAA record) does not use up the whole timeout.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let share = (left / (addrs.len() - i) as u32)
+            .max(Duration::from_secs(1))
+            .min(left);
+        match tokio::time::timeout(share, TcpStream::connect(a)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
             }
             Ok(Err(e)) => last = Some(format!("{a}: {e}")),
-            Err(_) => {
-                return Err(ConnectError::Unavailable(format!(
-                    "{target}: connect timed out"
-                )))
-            }
+            Err(_) => last = Some(format!("{a}: timed out")),
         }
     }
     Err(ConnectError::Unavailable(format!(
@@ -566,6 +603,7 @@ async fn connect_tcp(host: &str, port: u16, deadline: Instant) -> Result<TcpStre
 /// close_notify and FIN while replies keep flowing; server EOF ends it once stdout is flushed.
 pub async fn run(opts: &ConnectOptions) -> Result<(), ConnectError> {
     let tls = connect(opts).await?;
+    let target = format!("{}:{}", opts.host, opts.port);
     let (mut from_server, mut to_server) = tokio::io::split(tls);
     let up = async move {
         let mut stdin = tokio::io::stdin();
@@ -582,6 +620,7 @@ pub async fn run(opts: &ConnectOptions) -> Result<(), ConnectError> {
     let down = async move {
         let mut stdout = tokio::io::stdout();
         let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
         loop {
             let n = match from_server.read(&mut buf).await {
                 Ok(n) => n,
@@ -590,20 +629,35 @@ pub async fn run(opts: &ConnectOptions) -> Result<(), ConnectError> {
                 Err(e) => return Err(e),
             };
             if n == 0 {
-                return stdout.flush().await;
+                stdout.flush().await?;
+                return Ok(total);
             }
+            total += n as u64;
             stdout.write_all(&buf[..n]).await?;
             stdout.flush().await?;
         }
     };
+    let finish = |r: io::Result<u64>| {
+        match r {
+        // Nothing at all, not even an SSH banner: the server turned us away after TLS.
+        Ok(0) => Err(ConnectError::Unavailable(format!(
+            "{target}: the server closed the connection without sending anything\n  does its route require a client certificate (--cert/--key)?"
+        ))),
+        Ok(_) => Ok(()),
+        // Whoever read our stdout (ssh) is gone: nothing left to deliver to.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(ConnectError::Io(format!("{target}: {e}"))),
+    }
+    };
     tokio::pin!(down);
     tokio::select! {
-        r = &mut down => r.map_err(|e| ConnectError::Io(format!("{}:{}: {e}", opts.host, opts.port))),
+        r = &mut down => finish(r),
         r = up => match r {
-            // stdin is done and our side is closed: keep delivering the server's replies.
-            Ok(()) => down.await.map_err(|e| ConnectError::Io(format!("{}:{}: {e}", opts.host, opts.port))),
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-            Err(e) => Err(ConnectError::Io(format!("{}:{}: {e}", opts.host, opts.port))),
+            // stdin is done and our side is closed (or the server stopped reading): keep
+            // delivering what the server still sends.
+            Ok(()) => finish(down.await),
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe || e.kind() == io::ErrorKind::ConnectionReset => finish(down.await),
+            Err(e) => Err(ConnectError::Io(format!("{target}: {e}"))),
         },
     }
 }
@@ -631,12 +685,9 @@ pub fn ssh_config_block(
 ) -> String {
     let mut cmd = vec![shell_word(program), "connect".to_string()];
     cmd.extend(trust_args.iter().map(|a| shell_word(a)));
-    cmd.push("%h:%p".to_string());
-    let host_name = if host.contains(':') {
-        host.to_string()
-    } else {
-        host.to_string()
-    };
+    // Brackets keep an IPv6 HostName apart from the port; names are fine in them too.
+    cmd.push("[%h]:%p".to_string());
+    let host_name = host;
     format!(
         "Host {alias}\n  HostName {host_name}\n  Port {port}\n  ProxyCommand {}\n  ServerAliveInterval 30\n  ServerAliveCountMax 3\n",
         cmd.join(" ")
@@ -658,7 +709,7 @@ mod tests {
         );
         assert_eq!(
             b,
-            "Host work\n  HostName sluice.example.org\n  Port 443\n  ProxyCommand /usr/local/bin/sluice connect --pin sha256:ab+/c= %h:%p\n  ServerAliveInterval 30\n  ServerAliveCountMax 3\n"
+            "Host work\n  HostName sluice.example.org\n  Port 443\n  ProxyCommand /usr/local/bin/sluice connect --pin sha256:ab+/c= [%h]:%p\n  ServerAliveInterval 30\n  ServerAliveCountMax 3\n"
         );
         let b = ssh_config_block(
             "x",
@@ -669,7 +720,7 @@ mod tests {
         );
         assert!(
             b.contains(
-                "ProxyCommand '/opt/my tools/100%%/sluice' connect --ca '/etc/it'\\''s.pem' %h:%p"
+                "ProxyCommand '/opt/my tools/100%%/sluice' connect --ca '/etc/it'\\''s.pem' [%h]:%p"
             ),
             "{b}"
         );
@@ -703,15 +754,28 @@ mod tests {
             ("*", "a.example", true),
             ("example.org", "ssh.example.org", true),
             (".example.org", "example.org", true),
+            ("example.org.", "example.org", true),
             ("example.org", "badexample.org", false),
             ("localhost,127.0.0.0/8", "127.0.0.1", true),
             ("10.0.0.0/8 internal", "10.1.2.3", true),
+            ("2.3", "10.1.2.3", false),
             ("internal:443", "host.internal", true),
+            ("internal:8443", "host.internal", false),
             ("[::1]", "::1", true),
+            ("[::1]:443", "::1", true),
             ("", "a", false),
         ] {
-            assert_eq!(no_proxy_matches(list, host), hit, "{list} / {host}");
+            assert_eq!(no_proxy_matches(list, host, 443), hit, "{list} / {host}");
         }
+        assert_eq!(Proxy::parse("http://[::1]").unwrap().port, 80);
+        assert_eq!(
+            Proxy::parse("http://[::1]:3128").unwrap(),
+            Proxy {
+                host: "::1".into(),
+                port: 3128,
+                credentials: None
+            }
+        );
     }
 
     #[test]

@@ -516,11 +516,12 @@ async fn routes_can_require_client_certificates() {
         "with a client certificate the ssh route answers"
     );
     // Without one, nothing of the SSH side is reachable: no banner, over TLS or plain.
-    let (_, out, _) = run(&["--ca", server_ca, &target], b"").await;
+    let (code, out, err) = run(&["--ca", server_ca, &target], b"").await;
     assert!(
         out.is_empty(),
         "reached the ssh route without a client certificate"
     );
+    assert!(code == 69 && err.contains("--cert/--key"), "{code} {err}");
     let mut s = tokio::net::TcpStream::connect(d.addr).await.unwrap();
     s.write_all(b"SSH-2.0-scanner\r\n").await.unwrap();
     let mut got = Vec::new();
@@ -599,5 +600,35 @@ async fn openssh_through_sluice_connect_to_an_external_sshd() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "via-sshd-42");
     sshd.child.kill().await.unwrap();
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn exits_when_the_server_closes_first_even_with_stdin_open() {
+    let cert = TestCert::localhost();
+    // The ssh upstream is down: sluice closes right after TLS, before any byte.
+    let d = Daemon::start(
+        &cert,
+        &format!("[routes.ssh]\nupstream = \"{}\"\n", dead_port()),
+    )
+    .await;
+    let mut child = connect(&[
+        "--ca",
+        cert.cert.to_str().unwrap(),
+        &format!("localhost:{}", d.addr.port()),
+    ])
+    .spawn()
+    .unwrap();
+    let _stdin = child.stdin.take().unwrap(); // kept open, as ssh keeps it
+    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .expect("the helper hung after the server closed")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("without sending anything") && err.lines().count() <= 2,
+        "{err}"
+    );
     d.stop().await;
 }
