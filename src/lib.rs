@@ -30,6 +30,6 @@ pub mod relay;
 pub mod route;
 pub mod ssh;
 pub mod state;
-mod sys;
+pub mod sys;
 pub mod tls;
 pub mod upstream;

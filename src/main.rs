@@ -437,6 +437,11 @@ fn announce(server: &Server, cfg: &Config) {
     if let Some(ssh) = server.ssh() {
         info!(fingerprint = %ssh.host_fingerprint(), "embedded SSH server host key");
     }
+    // kTLS would let the kernel encrypt and splice TLS legs; sluice does TLS in user space today.
+    match sluice::sys::ktls_probe() {
+        Ok(()) => info!("kTLS: offered by this kernel (not used yet: TLS runs in user space)"),
+        Err(e) => info!("kTLS: not offered by this kernel ({e}); TLS runs in user space"),
+    }
     let certs = server.certs().current();
     info!(sha256 = %certs.fingerprint, "TLS certificate fingerprint");
     if certs.self_signed {

@@ -1,4 +1,5 @@
-//! The few calls into libc that need `unsafe`, each small and commented.
+//! The few calls into libc that need `unsafe`, each small and commented: the open-files
+//! limit, local time for `expiry-time`, and the kTLS probe.
 
 #![allow(unsafe_code)]
 
@@ -71,5 +72,31 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_780), (2026, 11, 23));
         assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    }
+}
+
+/// Whether the kernel offers kTLS: sets the `tls` upper-layer protocol on a loopback TCP
+/// socket, as a kTLS implementation would (which may autoload the module). `Err` says why not.
+pub fn ktls_probe() -> Result<(), std::io::Error> {
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let _server = listener.accept()?;
+    let name = b"tls";
+    // SAFETY: a valid socket fd we own for the duration of the call, and a pointer/length pair
+    // for a live byte array.
+    let rc = unsafe {
+        libc::setsockopt(
+            client.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

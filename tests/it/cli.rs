@@ -469,3 +469,28 @@ fn second_sigterm_closes_at_once() {
         "the second SIGTERM ends the 60 s grace at once"
     );
 }
+
+#[test]
+fn start_up_log_reports_the_ktls_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "s.toml", "listen = [\"127.0.0.1:0\"]\n");
+    let mut d = spawn_serve(&[
+        "serve",
+        "--config",
+        &cfg,
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
+    ]);
+    let line = loop {
+        let l = d
+            .log
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no kTLS line at start-up");
+        if l.contains("kTLS:") {
+            break l;
+        }
+    };
+    assert!(line.contains("offered by this kernel"), "{line}");
+    sigterm(&d.child);
+    assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
+}
