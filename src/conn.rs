@@ -396,8 +396,24 @@ async fn dispatch<S>(
             return;
         }
     }
-    let (bytes, end) =
-        relay::relay(client, &mut server, route.idle_timeout, &shared.force_close).await;
+    // Plain on both sides: splice(2), no copies through user space (copy relay if no pipes).
+    let spliced = match (&*client as &dyn std::any::Any).downcast_ref::<TcpStream>() {
+        Some(tcp) => {
+            relay::splice::relay(
+                &shared.pipes,
+                tcp,
+                &server,
+                route.idle_timeout,
+                &shared.force_close,
+            )
+            .await
+        }
+        None => None,
+    };
+    let (bytes, end) = match spliced {
+        Some(r) => r,
+        None => relay::relay(client, &mut server, route.idle_timeout, &shared.force_close).await,
+    };
     log.bytes = relay::Bytes {
         up: bytes.up + prefix.len() as u64,
         down: bytes.down,

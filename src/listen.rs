@@ -57,6 +57,8 @@ pub(crate) struct Shared {
     pub(crate) next_id: AtomicU64,
     /// Cancelled when the shutdown grace runs out: open connections close.
     pub(crate) force_close: CancellationToken,
+    /// Pipes for splicing plain legs.
+    pub(crate) pipes: Arc<crate::relay::splice::PipePool>,
     /// The embedded SSH server, when the ssh route has no upstream.
     pub(crate) ssh: Option<Arc<crate::ssh::SshServer>>,
     pub(crate) refusals: Throttle,
@@ -106,6 +108,7 @@ impl Server {
         let shared = Arc::new(Shared {
             unrouted: Arc::new(PerClient::new(cfg.limits.max_unrouted_per_ip)),
             per_client: Arc::new(PerClient::new(cfg.limits.max_connections_per_ip)),
+            pipes: crate::relay::splice::PipePool::new(cfg.limits.splice_pipes as usize),
             cfg,
             tls_no_alpn: {
                 let mut c = (*tls_config).clone();

@@ -85,6 +85,7 @@ pub struct Limits {
     pub max_connections: Option<Spanned<u32>>,
     pub max_unrouted_per_ip: Option<Spanned<u32>>,
     pub max_connections_per_ip: Option<Spanned<u32>>,
+    pub splice_pipes: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -29,6 +29,7 @@ const DAY: Duration = Duration::from_secs(86_400);
 const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 const DEFAULT_MAX_UNROUTED_PER_IP: u32 = 64;
 const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 256;
+const DEFAULT_SPLICE_PIPES: u32 = 128;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -192,6 +193,8 @@ pub struct Limits {
     pub max_unrouted_per_ip: u32,
     /// Connections per client IP (IPv6: per /64), all phases.
     pub max_connections_per_ip: u32,
+    /// Pipes for splice(2) on plain legs, two per connection; 0 turns splicing off.
+    pub splice_pipes: u32,
 }
 
 /// The two kinds of route.
@@ -351,6 +354,7 @@ impl Config {
                 max_connections: DEFAULT_MAX_CONNECTIONS,
                 max_unrouted_per_ip: DEFAULT_MAX_UNROUTED_PER_IP,
                 max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+                splice_pipes: DEFAULT_SPLICE_PIPES,
             },
             http: Route::default_for(RouteKind::Http),
             ssh: Route::default_for(RouteKind::Ssh),
@@ -664,6 +668,9 @@ impl Validator<'_> {
                 return self.err(m.span(), "must be at least 1");
             }
             cfg.limits.max_unrouted_per_ip = *m.get_ref();
+        }
+        if let Some(m) = &raw.limits.splice_pipes {
+            cfg.limits.splice_pipes = *m.get_ref();
         }
         if let Some(m) = &raw.limits.max_connections_per_ip {
             if *m.get_ref() == 0 {

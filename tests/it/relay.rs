@@ -266,3 +266,68 @@ async fn upstream_refusing_an_upload_still_gets_its_answer_through() {
     upload.abort();
     d.stop().await;
 }
+
+#[tokio::test]
+async fn plain_legs_splice_and_fall_back_to_copy_when_pipes_run_out() {
+    let cert = TestCert::localhost();
+    let (up, mut rx) = {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let addr = serve_upstream(move |s| {
+            let tx = tx.clone();
+            async move {
+                let (mut r, mut w) = s.into_split();
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.unwrap();
+                // Half-close carried: the reply goes out after the client's EOF.
+                w.write_all(&pattern(got.len() as u64, 4 << 20))
+                    .await
+                    .unwrap();
+                w.shutdown().await.unwrap();
+                tx.send(sha256(&got)).unwrap();
+            }
+        })
+        .await;
+        (addr, rx)
+    };
+    // Two pipes: one connection splices, the others must fall back to the copy relay.
+    let d = Daemon::start(
+        &cert,
+        &format!("[limits]\nsplice_pipes = 2\n[routes.ssh]\nupstream = \"{up}\"\n"),
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..3u64 {
+        let addr = d.addr;
+        tasks.push(tokio::spawn(async move {
+            let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut sent = b"SSH-2.0-bulk\r\n".to_vec();
+            sent.extend_from_slice(&pattern(100 + i, 4 << 20));
+            let got = exchange(s, &sent).await;
+            (sha256(&sent), sent.len(), got)
+        }));
+    }
+    let mut sent_hashes = Vec::new();
+    for t in tasks {
+        let (sent_hash, sent_len, got) = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            sha256(&got),
+            sha256(&pattern(sent_len as u64, 4 << 20)),
+            "reply after EOF intact"
+        );
+        sent_hashes.push(sent_hash);
+    }
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        received.push(rx.recv().await.unwrap());
+    }
+    sent_hashes.sort();
+    received.sort();
+    assert_eq!(
+        received, sent_hashes,
+        "every upload intact, spliced or copied"
+    );
+    d.stop().await;
+}

@@ -6,6 +6,8 @@
 //! a small per-thread pool when data flows and given back whenever a direction goes idle, so
 //! idle connections hold no relay buffer.
 
+pub mod splice;
+
 use std::cell::RefCell;
 use std::fmt;
 use std::future::poll_fn;

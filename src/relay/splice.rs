@@ -1,0 +1,376 @@
+//! The zero-copy relay for plain TCP legs (plain SSH or HTTP to an upstream): splice(2) from
+//! one socket into a pipe and from the pipe into the other socket, one pipe per direction,
+//! driven by tokio readiness. Pipes come from a bounded pool (pipe memory per user is limited);
+//! when it is empty the caller falls back to the copy relay. Half-close, byte counts, idle
+//! timeout and shutdown behave as in the copy relay.
+
+#![allow(unsafe_code)]
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Bytes, End, Side, HALF_CLOSED_IDLE};
+
+/// Requested size of each pipe (the kernel may round it or refuse; the default is 64 KiB).
+const PIPE_SIZE: usize = 256 * 1024;
+
+/// A pipe: read end, write end, and its capacity.
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+    cap: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 writes two fds into the array we pass; we own them from here on.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds were just created by pipe2 and are owned by nobody else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl on a pipe fd we own; failure leaves the default size, which is fine.
+        let size =
+            unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        let cap = if size > 0 { size as usize } else { 64 * 1024 };
+        Ok(Pipe { r, w, cap })
+    }
+}
+
+/// A bounded pool of pipes, shared by all connections.
+pub struct PipePool {
+    free: Mutex<Vec<Pipe>>,
+    /// Pipes that may still be created or handed out.
+    budget: Mutex<usize>,
+}
+
+impl PipePool {
+    /// A pool of at most `max` pipes (two per spliced connection).
+    pub fn new(max: usize) -> Arc<PipePool> {
+        Arc::new(PipePool {
+            free: Mutex::new(Vec::new()),
+            budget: Mutex::new(max),
+        })
+    }
+
+    fn take(&self) -> Option<Pipe> {
+        let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        if *budget == 0 {
+            return None;
+        }
+        let pipe = match self.free.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            Some(p) => p,
+            None => Pipe::new().ok()?,
+        };
+        *budget -= 1;
+        Some(pipe)
+    }
+
+    /// Returns a pipe; one still holding bytes is closed instead of reused.
+    fn give(&self, pipe: Pipe, empty: bool) {
+        if empty {
+            self.free
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(pipe);
+        }
+        *self.budget.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    /// Two pipes for one connection, or none.
+    fn take_pair(self: &Arc<Self>) -> Option<(Pipe, Pipe)> {
+        let a = self.take()?;
+        match self.take() {
+            Some(b) => Some((a, b)),
+            None => {
+                self.give(a, true);
+                None
+            }
+        }
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: splice between two fds owned by live objects for the duration of the call; null
+    // offsets mean "current position", as required for sockets and pipes.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+enum HalfError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// One direction: socket -> pipe -> socket.
+struct Half {
+    pipe: Option<Pipe>,
+    in_pipe: usize,
+    eof: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Half {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        last: &mut Instant,
+    ) -> Poll<Result<(), HalfError>> {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            let Some(pipe) = &self.pipe else {
+                return Poll::Ready(Ok(()));
+            };
+            let mut progress = false;
+            if !self.eof && self.in_pipe < pipe.cap {
+                if let Poll::Ready(r) = src.poll_read_ready(cx) {
+                    r.map_err(HalfError::Read)?;
+                    let room = pipe.cap - self.in_pipe;
+                    match src.try_io(Interest::READABLE, || {
+                        splice(src.as_raw_fd(), pipe.w.as_raw_fd(), room)
+                    }) {
+                        Ok(0) => self.eof = true,
+                        Ok(n) => {
+                            self.in_pipe += n;
+                            self.bytes += n as u64;
+                            *last = Instant::now();
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(HalfError::Read(e))),
+                    }
+                    progress = true;
+                }
+            }
+            if self.in_pipe > 0 {
+                if let Poll::Ready(r) = dst.poll_write_ready(cx) {
+                    r.map_err(HalfError::Write)?;
+                    match dst.try_io(Interest::WRITABLE, || {
+                        splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), self.in_pipe)
+                    }) {
+                        Ok(n) => self.in_pipe -= n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(HalfError::Write(e))),
+                    }
+                    progress = true;
+                }
+            }
+            if self.eof && self.in_pipe == 0 {
+                // Carry the half-close: the other side reads EOF, and may still answer.
+                let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn abort(&mut self) {
+        self.done = true;
+    }
+}
+
+/// Relays between two plain sockets with splice(2). Returns `None`, touching nothing, if the
+/// pool has no pipes left: the caller then uses the copy relay.
+pub async fn relay(
+    pool: &Arc<PipePool>,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    idle: Duration,
+    stop: &CancellationToken,
+) -> Option<(Bytes, End)> {
+    let (p1, p2) = pool.take_pair()?;
+    let mut up = Half {
+        pipe: Some(p1),
+        in_pipe: 0,
+        eof: false,
+        done: false,
+        bytes: 0,
+    };
+    let mut down = Half {
+        pipe: Some(p2),
+        in_pipe: 0,
+        eof: false,
+        done: false,
+        bytes: 0,
+    };
+    let mut failed: Option<(Side, io::Error)> = None;
+    let mut last = Instant::now();
+    let sleep = tokio::time::sleep_until(last + idle);
+    tokio::pin!(sleep);
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+
+    let end = poll_fn(|cx| {
+        // As in the copy relay, an error ends only what it must.
+        loop {
+            let mut changed = false;
+            if !up.done {
+                if let Poll::Ready(Err(e)) = up.poll(cx, client, upstream, &mut last) {
+                    changed = true;
+                    match e {
+                        HalfError::Read(e) => {
+                            failed.get_or_insert((Side::Client, e));
+                            up.eof = true;
+                            down.abort();
+                        }
+                        HalfError::Write(e) => {
+                            failed.get_or_insert((Side::Upstream, e));
+                            up.abort();
+                        }
+                    }
+                }
+            }
+            if !down.done {
+                if let Poll::Ready(Err(e)) = down.poll(cx, upstream, client, &mut last) {
+                    changed = true;
+                    match e {
+                        HalfError::Read(e) => {
+                            failed.get_or_insert((Side::Upstream, e));
+                            down.eof = true;
+                            up.abort();
+                        }
+                        HalfError::Write(e) => {
+                            failed.get_or_insert((Side::Client, e));
+                            down.abort();
+                        }
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        if up.done && down.done {
+            return Poll::Ready(match failed.take() {
+                Some((side, e)) => End::Error(side, e),
+                None => End::Closed,
+            });
+        }
+        if stopped.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Shutdown);
+        }
+        let limit = if up.done != down.done {
+            idle.min(HALF_CLOSED_IDLE)
+        } else {
+            idle
+        };
+        if sleep.deadline() > last + limit {
+            sleep.as_mut().reset(last + limit);
+        }
+        while sleep.as_mut().poll(cx).is_ready() {
+            let deadline = last + limit;
+            if deadline <= Instant::now() {
+                return Poll::Ready(End::IdleTimeout);
+            }
+            sleep.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
+    for h in [&mut up, &mut down] {
+        if let Some(p) = h.pipe.take() {
+            pool.give(p, h.in_pipe == 0);
+        }
+    }
+    Some((
+        Bytes {
+            up: up.bytes,
+            down: down.bytes,
+        },
+        end,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn carries_data_both_ways_with_half_close() {
+        let pool = PipePool::new(2);
+        let (mut client_peer, client) = pair().await;
+        let (upstream, mut upstream_peer) = pair().await;
+        let stop = CancellationToken::new();
+        let relay = tokio::spawn(async move {
+            relay(&pool, &client, &upstream, Duration::from_secs(60), &stop).await
+        });
+        let data: Vec<u8> = (0..8 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        let d2 = data.clone();
+        let writer = tokio::spawn(async move {
+            client_peer.write_all(&d2).await.unwrap();
+            client_peer.shutdown().await.unwrap();
+            let mut reply = Vec::new();
+            client_peer.read_to_end(&mut reply).await.unwrap();
+            reply
+        });
+        let mut got = Vec::new();
+        upstream_peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, data, "client -> upstream, then EOF");
+        upstream_peer.write_all(b"after your EOF").await.unwrap();
+        upstream_peer.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"after your EOF");
+        let (bytes, end) = relay.await.unwrap().expect("pipes available");
+        assert!(matches!(end, End::Closed), "{end}");
+        assert_eq!(
+            bytes,
+            Bytes {
+                up: 8 << 20,
+                down: 14
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_pool_declines() {
+        let pool = PipePool::new(1); // one pipe: not enough for a connection
+        let (_a, client) = pair().await;
+        let (upstream, _b) = pair().await;
+        let stop = CancellationToken::new();
+        assert!(
+            relay(&pool, &client, &upstream, Duration::from_secs(1), &stop)
+                .await
+                .is_none()
+        );
+        // The pipe taken for the failed attempt went back.
+        assert_eq!(*pool.budget.lock().unwrap(), 1);
+    }
+}
