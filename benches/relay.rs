@@ -28,7 +28,9 @@ async fn once(splice: bool, pool: &std::sync::Arc<PipePool>) -> Duration {
     let start = Instant::now();
     let relay = tokio::spawn(async move {
         if splice {
-            relay::splice::relay(&pool, &client, &upstream, Duration::from_secs(60), &stop).await.expect("pipes");
+            relay::splice::relay(&pool, &client, &upstream, Duration::from_secs(60), &stop)
+                .await
+                .expect("pipes");
         } else {
             relay::relay(&mut client, &mut upstream, Duration::from_secs(60), &stop).await;
         }
@@ -60,7 +62,11 @@ async fn once(splice: bool, pool: &std::sync::Arc<PipePool>) -> Duration {
 }
 
 fn relays(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let pool = PipePool::new(2);
     let mut g = c.benchmark_group("relay_64MiB_loopback");
     g.throughput(Throughput::Bytes(SIZE as u64));

@@ -29,7 +29,7 @@ const DAY: Duration = Duration::from_secs(86_400);
 const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 const DEFAULT_MAX_UNROUTED_PER_IP: u32 = 64;
 const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 256;
-const DEFAULT_SPLICE_PIPES: u32 = 128;
+const DEFAULT_SPLICE_PIPES: u32 = 64;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
