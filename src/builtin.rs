@@ -17,7 +17,8 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     deadline: Instant,
 ) -> io::Result<Vec<u8>> {
     let mut head = prefix.to_vec();
-    let mut chunk = [0u8; 2048];
+    // On the heap: an array here would enlarge every connection task for its whole life.
+    let mut chunk = vec![0u8; 2048];
     loop {
         if let Some(end) = find(&head, b"\r\n\r\n") {
             head.truncate(end + 4);

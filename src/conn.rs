@@ -40,7 +40,7 @@ const LINGER_BYTES: usize = 64 * 1024;
 async fn close<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
     let deadline = Instant::now() + LINGER;
-    let mut buf = [0u8; 4096];
+    let mut buf = vec![0u8; 4096];
     let mut total = 0;
     while total < LINGER_BYTES {
         match timeout_at(deadline, client.read(&mut buf)).await {
@@ -116,7 +116,9 @@ async fn peek<S: AsyncRead + Unpin>(
     deadline: Instant,
     buf: &mut Vec<u8>,
 ) -> Peek {
-    let mut chunk = [0u8; PEEK_READ];
+    // On the heap and only while peeking: a stack array would sit in every connection
+    // task's state machine for the connection's whole life.
+    let mut chunk = vec![0u8; PEEK_READ];
     loop {
         match detect::classify(buf, cands) {
             Verdict::Match(p) => return Peek::Match(p),
