@@ -102,9 +102,115 @@ struct Half {
 }
 
 /// An I/O error tagged with whether it came from the reader or the writer.
-enum HalfError {
+pub(crate) enum HalfError {
     Read(io::Error),
     Write(io::Error),
+}
+
+/// One of the two directions of a relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dir {
+    /// Client to upstream.
+    Up,
+    /// Upstream to client.
+    Down,
+}
+
+/// The two directions of a relay, whichever core moves the bytes (copy or splice).
+pub(crate) trait Pair {
+    /// Moves bytes in direction `d`; `Ready(Ok)` once it is finished (EOF carried or aborted).
+    fn poll_dir(
+        &mut self,
+        d: Dir,
+        cx: &mut Context<'_>,
+        last: &mut Instant,
+    ) -> Poll<Result<(), HalfError>>;
+    /// The reader of `d` is gone: deliver what was read, then shut the writer down.
+    fn set_eof(&mut self, d: Dir);
+    /// The writer of `d` is gone: stop this direction.
+    fn abort(&mut self, d: Dir);
+    /// Whether `d` is finished.
+    fn is_done(&self, d: Dir) -> bool;
+}
+
+/// Runs both directions of `pair` until both are finished, nothing moves for `idle` (60 s once
+/// one direction is finished), or `stop` is cancelled.
+///
+/// An error ends only what it must: a dead reader's peer still gets what was read (then EOF),
+/// a dead writer's direction stops, and the other direction drains on its own.
+pub(crate) async fn drive(pair: &mut impl Pair, idle: Duration, stop: &CancellationToken) -> End {
+    let mut failed: Option<(Side, io::Error)> = None;
+    let mut last = Instant::now();
+    let sleep = tokio::time::sleep_until(last + idle);
+    tokio::pin!(sleep);
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    // Which side reads and which writes in each direction.
+    let sides = |d: Dir| match d {
+        Dir::Up => (Side::Client, Side::Upstream),
+        Dir::Down => (Side::Upstream, Side::Client),
+    };
+    let other = |d: Dir| match d {
+        Dir::Up => Dir::Down,
+        Dir::Down => Dir::Up,
+    };
+    poll_fn(|cx| {
+        loop {
+            let mut changed = false;
+            for d in [Dir::Up, Dir::Down] {
+                if pair.is_done(d) {
+                    continue;
+                }
+                if let Poll::Ready(Err(e)) = pair.poll_dir(d, cx, &mut last) {
+                    changed = true;
+                    let (reader, writer) = sides(d);
+                    match e {
+                        HalfError::Read(e) => {
+                            failed.get_or_insert((reader, e));
+                            pair.set_eof(d);
+                            pair.abort(other(d));
+                        }
+                        HalfError::Write(e) => {
+                            failed.get_or_insert((writer, e));
+                            pair.abort(d);
+                        }
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        let (up_done, down_done) = (pair.is_done(Dir::Up), pair.is_done(Dir::Down));
+        if up_done && down_done {
+            return Poll::Ready(match failed.take() {
+                Some((side, e)) => End::Error(side, e),
+                None => End::Closed,
+            });
+        }
+        if stopped.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Shutdown);
+        }
+        // Half-closed connections linger only briefly without traffic (cf. HAProxy client-fin).
+        let limit = if up_done != down_done {
+            idle.min(HALF_CLOSED_IDLE)
+        } else {
+            idle
+        };
+        if sleep.deadline() > last + limit {
+            sleep.as_mut().reset(last + limit);
+        }
+        // The timer is not reset on every read; when it fires, check the last activity.
+        while sleep.as_mut().poll(cx).is_ready() {
+            let deadline = last + limit;
+            if deadline <= Instant::now() {
+                return Poll::Ready(End::IdleTimeout);
+            }
+            sleep.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 impl Half {
@@ -199,6 +305,57 @@ impl Half {
     }
 }
 
+/// The copy core's two directions over any streams.
+struct CopyPair<'a, C: ?Sized, U: ?Sized> {
+    client: &'a mut C,
+    upstream: &'a mut U,
+    up: Half,
+    down: Half,
+}
+
+impl<C, U> Pair for CopyPair<'_, C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    fn poll_dir(
+        &mut self,
+        d: Dir,
+        cx: &mut Context<'_>,
+        last: &mut Instant,
+    ) -> Poll<Result<(), HalfError>> {
+        match d {
+            Dir::Up => self
+                .up
+                .poll_copy(cx, &mut *self.client, &mut *self.upstream, last),
+            Dir::Down => self
+                .down
+                .poll_copy(cx, &mut *self.upstream, &mut *self.client, last),
+        }
+    }
+
+    fn set_eof(&mut self, d: Dir) {
+        match d {
+            Dir::Up => self.up.eof = true,
+            Dir::Down => self.down.eof = true,
+        }
+    }
+
+    fn abort(&mut self, d: Dir) {
+        match d {
+            Dir::Up => self.up.abort(),
+            Dir::Down => self.down.abort(),
+        }
+    }
+
+    fn is_done(&self, d: Dir) -> bool {
+        match d {
+            Dir::Up => self.up.done,
+            Dir::Down => self.down.done,
+        }
+    }
+}
+
 /// Relays between `client` and `upstream` until both directions are finished (by EOF or by an
 /// error on one side), nothing moves for `idle`, or `stop` is cancelled. Returns the byte counts and how it ended.
 pub async fn relay<C, U>(
@@ -211,85 +368,16 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut up = Half::default();
-    let mut down = Half::default();
-    let mut failed: Option<(Side, io::Error)> = None;
-    let mut last = Instant::now();
-    let sleep = tokio::time::sleep_until(last + idle);
-    tokio::pin!(sleep);
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
-
-    let end = poll_fn(|cx| {
-        // An error ends only what it must: a dead reader's peer still gets what was read (then
-        // EOF), a dead writer's direction stops, and the other direction drains on its own.
-        loop {
-            let mut changed = false;
-            if !up.done {
-                if let Poll::Ready(Err(e)) = up.poll_copy(cx, client, upstream, &mut last) {
-                    changed = true;
-                    match e {
-                        HalfError::Read(e) => {
-                            failed.get_or_insert((Side::Client, e));
-                            up.eof = true;
-                            down.abort();
-                        }
-                        HalfError::Write(e) => {
-                            failed.get_or_insert((Side::Upstream, e));
-                            up.abort();
-                        }
-                    }
-                }
-            }
-            if !down.done {
-                if let Poll::Ready(Err(e)) = down.poll_copy(cx, upstream, client, &mut last) {
-                    changed = true;
-                    match e {
-                        HalfError::Read(e) => {
-                            failed.get_or_insert((Side::Upstream, e));
-                            down.eof = true;
-                            up.abort();
-                        }
-                        HalfError::Write(e) => {
-                            failed.get_or_insert((Side::Client, e));
-                            down.abort();
-                        }
-                    }
-                }
-            }
-            if !changed {
-                break;
-            }
-        }
-        if up.done && down.done {
-            return Poll::Ready(match failed.take() {
-                Some((side, e)) => End::Error(side, e),
-                None => End::Closed,
-            });
-        }
-        if stopped.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(End::Shutdown);
-        }
-        // Half-closed connections linger only briefly without traffic (cf. HAProxy client-fin).
-        let limit = if up.done != down.done {
-            idle.min(HALF_CLOSED_IDLE)
-        } else {
-            idle
-        };
-        if sleep.deadline() > last + limit {
-            sleep.as_mut().reset(last + limit);
-        }
-        // The timer is not reset on every read; when it fires, check the last activity.
-        while sleep.as_mut().poll(cx).is_ready() {
-            let deadline = last + limit;
-            if deadline <= Instant::now() {
-                return Poll::Ready(End::IdleTimeout);
-            }
-            sleep.as_mut().reset(deadline);
-        }
-        Poll::Pending
-    })
-    .await;
+    let mut pair = CopyPair {
+        client,
+        upstream,
+        up: Half::default(),
+        down: Half::default(),
+    };
+    let end = drive(&mut pair, idle, stop).await;
+    let CopyPair {
+        mut up, mut down, ..
+    } = pair;
     for h in [&mut up, &mut down] {
         if let Some(b) = h.buf.take() {
             give_buf(b);

@@ -6,7 +6,6 @@
 
 #![allow(unsafe_code)]
 
-use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -18,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Bytes, End, Side, HALF_CLOSED_IDLE};
+use super::{drive, Bytes, Dir, End, HalfError, Pair};
 
 /// Requested size of each pipe (the kernel may round it or refuse; the default is 64 KiB).
 /// 1 MiB measured about 0.29 CPU-s/GiB against 0.35-0.43 at 256 KiB (BENCHMARKS.md).
@@ -121,11 +120,6 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-enum HalfError {
-    Read(io::Error),
-    Write(io::Error),
-}
-
 /// One direction: socket -> pipe -> socket.
 struct Half {
     pipe: Option<Pipe>,
@@ -210,106 +204,80 @@ pub async fn relay(
     stop: &CancellationToken,
 ) -> Option<(Bytes, End)> {
     let (p1, p2) = pool.take_pair()?;
-    let mut up = Half {
-        pipe: Some(p1),
-        in_pipe: 0,
-        eof: false,
-        done: false,
-        bytes: 0,
+    let mut pair = SplicePair {
+        client,
+        upstream,
+        up: Half {
+            pipe: Some(p1),
+            in_pipe: 0,
+            eof: false,
+            done: false,
+            bytes: 0,
+        },
+        down: Half {
+            pipe: Some(p2),
+            in_pipe: 0,
+            eof: false,
+            done: false,
+            bytes: 0,
+        },
     };
-    let mut down = Half {
-        pipe: Some(p2),
-        in_pipe: 0,
-        eof: false,
-        done: false,
-        bytes: 0,
-    };
-    let mut failed: Option<(Side, io::Error)> = None;
-    let mut last = Instant::now();
-    let sleep = tokio::time::sleep_until(last + idle);
-    tokio::pin!(sleep);
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
-
-    let end = poll_fn(|cx| {
-        // As in the copy relay, an error ends only what it must.
-        loop {
-            let mut changed = false;
-            if !up.done {
-                if let Poll::Ready(Err(e)) = up.poll(cx, client, upstream, &mut last) {
-                    changed = true;
-                    match e {
-                        HalfError::Read(e) => {
-                            failed.get_or_insert((Side::Client, e));
-                            up.eof = true;
-                            down.abort();
-                        }
-                        HalfError::Write(e) => {
-                            failed.get_or_insert((Side::Upstream, e));
-                            up.abort();
-                        }
-                    }
-                }
-            }
-            if !down.done {
-                if let Poll::Ready(Err(e)) = down.poll(cx, upstream, client, &mut last) {
-                    changed = true;
-                    match e {
-                        HalfError::Read(e) => {
-                            failed.get_or_insert((Side::Upstream, e));
-                            down.eof = true;
-                            up.abort();
-                        }
-                        HalfError::Write(e) => {
-                            failed.get_or_insert((Side::Client, e));
-                            down.abort();
-                        }
-                    }
-                }
-            }
-            if !changed {
-                break;
-            }
-        }
-        if up.done && down.done {
-            return Poll::Ready(match failed.take() {
-                Some((side, e)) => End::Error(side, e),
-                None => End::Closed,
-            });
-        }
-        if stopped.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(End::Shutdown);
-        }
-        let limit = if up.done != down.done {
-            idle.min(HALF_CLOSED_IDLE)
-        } else {
-            idle
-        };
-        if sleep.deadline() > last + limit {
-            sleep.as_mut().reset(last + limit);
-        }
-        while sleep.as_mut().poll(cx).is_ready() {
-            let deadline = last + limit;
-            if deadline <= Instant::now() {
-                return Poll::Ready(End::IdleTimeout);
-            }
-            sleep.as_mut().reset(deadline);
-        }
-        Poll::Pending
-    })
-    .await;
-    for h in [&mut up, &mut down] {
+    let end = drive(&mut pair, idle, stop).await;
+    for h in [&mut pair.up, &mut pair.down] {
         if let Some(p) = h.pipe.take() {
             pool.give(p, h.in_pipe == 0);
         }
     }
     Some((
         Bytes {
-            up: up.bytes,
-            down: down.bytes,
+            up: pair.up.bytes,
+            down: pair.down.bytes,
         },
         end,
     ))
+}
+
+/// The splice core's two directions over two plain sockets.
+struct SplicePair<'a> {
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    up: Half,
+    down: Half,
+}
+
+impl Pair for SplicePair<'_> {
+    fn poll_dir(
+        &mut self,
+        d: Dir,
+        cx: &mut Context<'_>,
+        last: &mut Instant,
+    ) -> Poll<Result<(), HalfError>> {
+        match d {
+            Dir::Up => self.up.poll(cx, self.client, self.upstream, last),
+            Dir::Down => self.down.poll(cx, self.upstream, self.client, last),
+        }
+    }
+
+    fn set_eof(&mut self, d: Dir) {
+        match d {
+            Dir::Up => self.up.eof = true,
+            Dir::Down => self.down.eof = true,
+        }
+    }
+
+    fn abort(&mut self, d: Dir) {
+        match d {
+            Dir::Up => self.up.abort(),
+            Dir::Down => self.down.abort(),
+        }
+    }
+
+    fn is_done(&self, d: Dir) -> bool {
+        match d {
+            Dir::Up => self.up.done,
+            Dir::Down => self.down.done,
+        }
+    }
 }
 
 #[cfg(test)]
