@@ -106,6 +106,25 @@ impl Fixture {
         ssh_via(self.d.addr.port(), key, args)
     }
 
+    /// `ssh -N -o ExitOnForwardFailure=yes -R spec` run to its end (at most 20 s).
+    async fn forward_output(&self, key: &Path, spec: &str) -> std::process::Output {
+        let mut c = self.ssh(
+            key,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                spec,
+                "tunnel@localhost",
+            ],
+        );
+        tokio::time::timeout(Duration::from_secs(20), c.output())
+            .await
+            .expect("ssh -R hung")
+            .unwrap()
+    }
+
     /// `ssh -W target` with `input` on stdin: (success, stdout, stderr).
     async fn w(&self, key: &Path, target: &str, input: &[u8]) -> (bool, Vec<u8>, String) {
         let mut child = self
@@ -417,45 +436,15 @@ async fn reverse_forwards_allocated_fixed_and_refused() {
         .spawn()
         .unwrap();
     wait_listening(fixed).await;
-    let out = tokio::time::timeout(
-        Duration::from_secs(20),
-        f.ssh(
-            &id.private,
-            &[
-                "-N",
-                "-o",
-                "ExitOnForwardFailure=yes",
-                "-R",
-                &format!("{fixed}:{web}"),
-                "tunnel@localhost",
-            ],
-        )
-        .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let out = f
+        .forward_output(&id.private, &format!("{fixed}:{web}"))
+        .await;
     assert!(!out.status.success(), "two sessions held one port");
 
     // Outside the range: refused.
-    let out = tokio::time::timeout(
-        Duration::from_secs(20),
-        f.ssh(
-            &id.private,
-            &[
-                "-N",
-                "-o",
-                "ExitOnForwardFailure=yes",
-                "-R",
-                &format!("{}:{web}", start + 100),
-                "tunnel@localhost",
-            ],
-        )
-        .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let out = f
+        .forward_output(&id.private, &format!("{}:{web}", start + 100))
+        .await;
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("remote port forwarding failed"),
@@ -576,24 +565,9 @@ async fn key_options_are_enforced() {
         .unwrap();
     wait_listening(start + 1).await;
     drop(ok_r);
-    let out = tokio::time::timeout(
-        Duration::from_secs(20),
-        f.ssh(
-            &pl.private,
-            &[
-                "-N",
-                "-o",
-                "ExitOnForwardFailure=yes",
-                "-R",
-                &format!("{}:{web}", start + 2),
-                "tunnel@localhost",
-            ],
-        )
-        .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let out = f
+        .forward_output(&pl.private, &format!("{}:{web}", start + 2))
+        .await;
     assert!(!out.status.success(), "permitlisten allowed another port");
 
     for (k, what) in [(&fr, "from="), (&ex, "expiry-time")] {
@@ -959,26 +933,24 @@ async fn forwards_per_session_are_capped() {
     let id = keygen(dir.path(), "id");
     let f = Fixture::with(&id.public, &[], &port_range(10).1, "max_forwards = 1\n").await;
     let web = http_upstream().await;
-    let out = tokio::time::timeout(
-        Duration::from_secs(20),
-        f.ssh(
-            &id.private,
-            &[
-                "-N",
-                "-o",
-                "ExitOnForwardFailure=yes",
-                "-R",
-                &format!("0:{web}"),
-                "-R",
-                &format!("0:{}", f.echo),
-                "tunnel@localhost",
-            ],
-        )
-        .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let (a, b) = (format!("0:{web}"), format!("0:{}", f.echo));
+    let mut c = f.ssh(
+        &id.private,
+        &[
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &a,
+            "-R",
+            &b,
+            "tunnel@localhost",
+        ],
+    );
+    let out = tokio::time::timeout(Duration::from_secs(20), c.output())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         !out.status.success(),
         "two -R forwards with max_forwards = 1"
