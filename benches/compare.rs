@@ -2,11 +2,15 @@
 //! alike (same ECDSA P-256 certificate, same upstream sink on 127.0.0.1), measured interleaved
 //! (A B A B ...) and reported as medians. Peers that are not installed are skipped, and said so.
 //!
-//! Scenarios so far: (1) bulk TLS -> upstream, N MiB each way on one connection; (2) bulk on a
-//! plain leg (plain SSH -> upstream) against sslh. For each: throughput and the relay process's
-//! CPU seconds per GiB (from /proc/PID/stat).
+//! Scenarios: the ceiling (no relay; iperf3); (1) bulk TLS -> upstream, N MiB each way on one
+//! connection; (2) bulk on a plain leg (plain SSH -> upstream) against sslh; (3) new TLS
+//! connections per second and per CPU-second; (4) latency to the first upstream byte by ALPN,
+//! peek and plaintext routing; (5) resident memory per idle TLS connection; (6) the embedded SSH
+//! server's `ssh -W` against OpenSSH's sshd. CPU is the relay process's, from /proc/PID/stat.
 //!
-//! Run: `cargo bench --bench compare` (env COMPARE_MIB=1024 COMPARE_ROUNDS=3 to change sizes).
+//! Run: `cargo bench --bench compare`. Environment: COMPARE_ONLY=ceiling,1,2,3,4,5,6 (which),
+//! COMPARE_MIB=1024, COMPARE_ROUNDS=3, COMPARE_HS_SECS=3, COMPARE_HS_CLIENTS=4,
+//! COMPARE_LAT_N=500, COMPARE_IDLE=9000, COMPARE_IDLE_STUNNEL=2000.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -16,6 +20,7 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -56,30 +61,52 @@ fn wait_port(port: u16) -> bool {
     false
 }
 
-/// An upstream that discards what it reads and sends `mib` MiB back, per connection.
-async fn sink(mib: usize) -> SocketAddr {
+/// The upstream every peer relays to, on 127.0.0.1. What it does depends on the first bytes:
+/// `PING` gets `PONG` (handshake scenario); `GET /lat` records when its first byte arrived and
+/// answers `OK` (latency scenario); anything else is bulk: it discards what it reads and sends
+/// `mib` MiB back. A connection that sends nothing is held open (idle-memory scenario).
+async fn sink(mib: usize, arrivals: mpsc::UnboundedSender<Instant>) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
+            let arrivals = arrivals.clone();
             tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
                 let (mut r, mut w) = s.into_split();
-                let writer = tokio::spawn(async move {
-                    let chunk = vec![0u8; 1 << 20];
-                    for _ in 0..mib {
-                        if w.write_all(&chunk).await.is_err() {
-                            return;
+                let mut first = [0u8; 64];
+                let n = match r.read(&mut first).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let now = Instant::now();
+                let writer = if first[..n].starts_with(b"PING") {
+                    let _ = w.write_all(b"PONG").await;
+                    None
+                } else if first[..n].starts_with(b"GET /lat") {
+                    let _ = arrivals.send(now);
+                    let _ = w.write_all(b"OK").await;
+                    None
+                } else {
+                    Some(tokio::spawn(async move {
+                        let chunk = vec![0u8; 1 << 20];
+                        for _ in 0..mib {
+                            if w.write_all(&chunk).await.is_err() {
+                                return;
+                            }
                         }
-                    }
-                    let _ = w.shutdown().await;
-                });
+                        let _ = w.shutdown().await;
+                    }))
+                };
                 let mut buf = vec![0u8; 1 << 20];
                 while let Ok(n) = r.read(&mut buf).await {
                     if n == 0 {
                         break;
                     }
                 }
-                let _ = writer.await;
+                if let Some(w) = writer {
+                    let _ = w.await;
+                }
             });
         }
     });
@@ -128,17 +155,24 @@ where
     (got, Box::new((r, w)))
 }
 
-fn client_config(cert: &rustls::pki_types::CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+/// The load generator's TLS client: X25519 only (what OpenSSL 3.0 in HAProxy and stunnel
+/// would choose too; rustls would otherwise offer the ML-KEM hybrid) and no resumption, so that
+/// every connection is a full ECDSA P-256 handshake.
+fn client_config(
+    cert: &rustls::pki_types::CertificateDer<'static>,
+    alpn: Option<&[u8]>,
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.clone()).unwrap();
-    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = alpn.map(|a| vec![a.to_vec()]).unwrap_or_default();
+    c.resumption = rustls::client::Resumption::disabled();
     Arc::new(c)
 }
 
@@ -178,16 +212,33 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// What every scenario shares: the runtime, the certificate, the sink and the sluice binary.
+struct Bench {
+    rt: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    combined: std::path::PathBuf,
+    der: rustls::pki_types::CertificateDer<'static>,
+    sink: SocketAddr,
+    arrivals: mpsc::UnboundedReceiver<Instant>,
+    mib: usize,
+    rounds: usize,
+    skipped: Vec<String>,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn main() {
-    // `cargo bench` passes --bench; this harness takes no arguments.
-    let mib: usize = std::env::var("COMPARE_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    let rounds: usize = std::env::var("COMPARE_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    // `cargo bench` passes --bench; this harness reads its settings from the environment.
+    let only: String = env_or("COMPARE_ONLY", "ceiling,1,2,3,4,5,6".to_string());
+    let want = |s: &str| only.split(',').any(|o| o.trim() == s);
+    raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -207,43 +258,109 @@ fn main() {
         format!("{}{}", ck.cert.pem(), ck.key_pair.serialize_pem()),
     )
     .unwrap();
-    let der = ck.cert.der().clone();
-    let sink_addr = rt.block_on(sink(mib));
-    let sluice = env!("CARGO_BIN_EXE_sluice");
-
+    let mib = env_or("COMPARE_MIB", 1024usize);
+    let (tx, arrivals) = mpsc::unbounded_channel();
+    let sink = rt.block_on(sink(mib, tx));
+    let mut b = Bench {
+        rt,
+        dir,
+        cert,
+        key,
+        combined,
+        der: ck.cert.der().clone(),
+        sink,
+        arrivals,
+        mib,
+        rounds: env_or("COMPARE_ROUNDS", 3usize),
+        skipped: Vec::new(),
+    };
     println!(
-        "sluice compare: {mib} MiB each way per run, {rounds} interleaved rounds, 2-vCPU loopback"
+        "sluice compare: {} MiB each way per bulk run, {} interleaved rounds, loopback, {} CPUs",
+        b.mib,
+        b.rounds,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let mut skipped = Vec::new();
+    if want("ceiling") {
+        ceiling(&mut b);
+    }
+    if want("1") {
+        bulk_tls(&mut b);
+    }
+    if want("2") {
+        bulk_plain(&mut b);
+    }
+    if want("3") {
+        handshakes(&mut b);
+    }
+    if want("4") {
+        latency(&mut b);
+    }
+    if want("5") {
+        idle_memory(&mut b);
+    }
+    if want("6") {
+        ssh_forward(&mut b);
+    }
+    if !b.skipped.is_empty() {
+        b.skipped.sort();
+        b.skipped.dedup();
+        println!("\nSkipped: {}", b.skipped.join(", "));
+    }
+}
 
-    // Scenario 1: TLS -> upstream.
-    let mut tls_peers: Vec<Peer> = Vec::new();
+/// Each relay needs two descriptors per connection; the idle scenario holds thousands.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// sluice, HAProxy and stunnel in front of the sink, configured alike. sluice has both routes
+/// (so that routing by ALPN, by peeking and of plaintext can be measured) and limits high
+/// enough for the idle scenario.
+fn tls_peers(b: &mut Bench) -> Vec<Peer> {
+    let mut peers = Vec::new();
     let p = free_port();
-    let cfg = dir.path().join("sluice.toml");
+    let cfg = b.dir.path().join("sluice.toml");
     std::fs::write(
         &cfg,
-        format!("listen = [\"127.0.0.1:{p}\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.http]\nupstream = \"{sink_addr}\"\n", cert.display(), key.display()),
+        format!(
+            "listen = [\"127.0.0.1:{p}\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\nmax_unrouted_per_ip = 20000\n[routes.http]\nupstream = \"{}\"\nplaintext = \"accept\"\n[routes.ssh]\nupstream = \"{}\"\n",
+            b.cert.display(),
+            b.key.display(),
+            b.sink,
+            b.sink
+        ),
     )
     .unwrap();
     if let Some(peer) = spawn(
         "sluice",
         p,
-        Command::new(sluice)
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["serve", "--config"])
             .arg(&cfg)
             .args(["--state-dir"])
-            .arg(dir.path().join("state")),
+            .arg(b.dir.path().join("state")),
     ) {
-        tls_peers.push(peer);
+        peers.push(peer);
     }
     if have("haproxy") {
         let p = free_port();
-        let hcfg = dir.path().join("haproxy.cfg");
+        let hcfg = b.dir.path().join("haproxy.cfg");
         std::fs::write(
             &hcfg,
             format!(
-                "global\n  nbthread 1\n  tune.ssl.default-dh-param 2048\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend f\n  bind 127.0.0.1:{p} ssl crt {} alpn http/1.1\n  default_backend b\nbackend b\n  server s {sink_addr}\n",
-                combined.display()
+                "global\n  nbthread 1\n  maxconn 9500\n  tune.ssl.default-dh-param 2048\ndefaults\n  mode tcp\n  maxconn 9500\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\nfrontend f\n  bind 127.0.0.1:{p} ssl crt {} alpn http/1.1\n  default_backend b\nbackend b\n  server s {}\n",
+                b.combined.display(),
+                b.sink
             ),
         )
         .unwrap();
@@ -252,42 +369,150 @@ fn main() {
             p,
             Command::new("haproxy").arg("-db").arg("-f").arg(&hcfg),
         ) {
-            Some(peer) => tls_peers.push(peer),
-            None => skipped.push("haproxy (did not start)".to_string()),
+            Some(peer) => peers.push(peer),
+            None => b.skipped.push("haproxy (did not start)".to_string()),
         }
     } else {
-        skipped.push("haproxy (not installed)".into());
+        b.skipped.push("haproxy (not installed)".into());
     }
-    let stunnel = ["stunnel4", "stunnel"].into_iter().find(|c| have(c));
-    if let Some(bin) = stunnel {
+    if let Some(bin) = ["stunnel4", "stunnel"].into_iter().find(|c| have(c)) {
         let p = free_port();
-        let scfg = dir.path().join("stunnel.conf");
-        std::fs::write(&scfg, format!("foreground = yes\npid =\n[bench]\naccept = 127.0.0.1:{p}\nconnect = {sink_addr}\ncert = {}\n", combined.display())).unwrap();
+        let scfg = b.dir.path().join("stunnel.conf");
+        std::fs::write(
+            &scfg,
+            format!(
+                "foreground = yes\npid =\n[bench]\naccept = 127.0.0.1:{p}\nconnect = {}\ncert = {}\n",
+                b.sink,
+                b.combined.display()
+            ),
+        )
+        .unwrap();
         match spawn("stunnel", p, Command::new(bin).arg(&scfg)) {
-            Some(peer) => tls_peers.push(peer),
-            None => skipped.push("stunnel (did not start)".into()),
+            Some(peer) => peers.push(peer),
+            None => b.skipped.push("stunnel (did not start)".into()),
         }
     } else {
-        skipped.push("stunnel (not installed)".into());
+        b.skipped.push("stunnel (not installed)".into());
     }
+    peers
+}
 
-    let mut results: Vec<(&'static str, Vec<f64>, Vec<f64>)> = tls_peers
+async fn tls_connect(
+    cc: &Arc<rustls::ClientConfig>,
+    port: u16,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.set_nodelay(true)?;
+    tokio_rustls::TlsConnector::from(cc.clone())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// The ceiling: the same transfer straight to the sink (no relay), and iperf3 over loopback.
+fn ceiling(b: &mut Bench) {
+    let mib = b.mib;
+    let mut direct = Vec::new();
+    for _ in 0..b.rounds {
+        let sink = b.sink;
+        let start = Instant::now();
+        let got = b.rt.block_on(async {
+            let tcp = TcpStream::connect(sink).await.unwrap();
+            push_pull(tcp, b"", mib).await.0
+        });
+        assert_eq!(got, mib << 20);
+        direct.push(2.0 * mib as f64 / 1024.0 / start.elapsed().as_secs_f64());
+    }
+    println!("\nCeiling: no relay");
+    println!(
+        "direct to the sink (harness both ends): {:.2} GiB/s both ways",
+        median(direct)
+    );
+    if !have("iperf3") {
+        b.skipped.push("iperf3 (not installed)".into());
+        return;
+    }
+    let mut runs = Vec::new();
+    for _ in 0..b.rounds {
+        let p = free_port();
+        let Some(server) = spawn(
+            "iperf3",
+            p,
+            Command::new("iperf3").args(["-s", "-1", "-p", &p.to_string()]),
+        ) else {
+            b.skipped.push("iperf3 (server did not start)".into());
+            return;
+        };
+        // wait_port connected once, which a one-shot server may take as its client: give it a
+        // fresh one.
+        drop(server);
+        let server = Command::new("iperf3")
+            .args(["-s", "-1", "-p", &p.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        std::thread::sleep(Duration::from_millis(300));
+        let out = Command::new("iperf3")
+            .args([
+                "-c",
+                "127.0.0.1",
+                "-p",
+                &p.to_string(),
+                "-t",
+                "3",
+                "--bidir",
+                "-J",
+            ])
+            .output();
+        if let Ok(mut s) = server {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let Ok(out) = out else { continue };
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let bps = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            + v["end"]["sum_received_bidir_reverse"]["bits_per_second"]
+                .as_f64()
+                .unwrap_or(0.0);
+        if bps > 0.0 {
+            runs.push(bps / 8.0 / (1u64 << 30) as f64);
+        }
+    }
+    if !runs.is_empty() {
+        println!(
+            "iperf3 --bidir (one TCP stream each way): {:.2} GiB/s both ways",
+            median(runs)
+        );
+    }
+}
+
+/// Scenario 1: TLS -> upstream, `mib` MiB each way on one connection.
+fn bulk_tls(b: &mut Bench) {
+    let peers = tls_peers(b);
+    let cc = client_config(&b.der, Some(b"http/1.1"));
+    let mib = b.mib;
+    let mut results: Vec<(&'static str, Vec<f64>, Vec<f64>)> = peers
         .iter()
         .map(|p| (p.name, Vec::new(), Vec::new()))
         .collect();
-    let cc = client_config(&der);
-    for _ in 0..rounds {
-        for (i, peer) in tls_peers.iter().enumerate() {
+    let mut suites = Vec::new();
+    for _ in 0..b.rounds {
+        for (i, peer) in peers.iter().enumerate() {
             let pid = peer.child.id();
             let t0 = cpu_ticks(pid);
             let start = Instant::now();
-            let got = rt.block_on(async {
-                let tcp = TcpStream::connect(("127.0.0.1", peer.port)).await.unwrap();
-                let tls = tokio_rustls::TlsConnector::from(cc.clone())
-                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
-                    .await
-                    .unwrap();
-                push_pull(tls, b"", mib).await.0
+            let (got, suite) = b.rt.block_on(async {
+                let tls = tls_connect(&cc, peer.port).await.unwrap();
+                let (_, c) = tls.get_ref();
+                let suite = format!(
+                    "{}: {:?} {:?} {:?}",
+                    peer.name,
+                    c.protocol_version().unwrap(),
+                    c.negotiated_cipher_suite().unwrap().suite(),
+                    c.negotiated_key_exchange_group().map(|g| g.name())
+                );
+                (push_pull(tls, b"", mib).await.0, suite)
             });
             let secs = start.elapsed().as_secs_f64();
             let cpu = (cpu_ticks(pid) - t0) as f64 / 100.0;
@@ -295,24 +520,42 @@ fn main() {
             let gib = 2.0 * mib as f64 / 1024.0;
             results[i].1.push(gib / secs);
             results[i].2.push(cpu / gib);
+            suites.push(suite);
         }
     }
     println!("\nScenario 1: bulk TLS -> upstream ({mib} MiB each way, one connection)");
     report(&results);
+    suites.sort();
+    suites.dedup();
+    for s in suites {
+        println!("negotiated: {s}");
+    }
+}
 
-    // Scenario 2: plain leg (plain SSH -> upstream).
+/// Scenario 2: plain leg (plain SSH -> upstream) against sslh.
+fn bulk_plain(b: &mut Bench) {
+    let mib = b.mib;
     let mut plain_peers: Vec<Peer> = Vec::new();
     let p = free_port();
-    let cfg2 = dir.path().join("sluice-plain.toml");
-    std::fs::write(&cfg2, format!("listen = [\"127.0.0.1:{p}\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\nupstream = \"{sink_addr}\"\n", cert.display(), key.display())).unwrap();
+    let cfg2 = b.dir.path().join("sluice-plain.toml");
+    std::fs::write(
+        &cfg2,
+        format!(
+            "listen = [\"127.0.0.1:{p}\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\nupstream = \"{}\"\n",
+            b.cert.display(),
+            b.key.display(),
+            b.sink
+        ),
+    )
+    .unwrap();
     if let Some(peer) = spawn(
         "sluice",
         p,
-        Command::new(sluice)
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["serve", "--config"])
             .arg(&cfg2)
             .args(["--state-dir"])
-            .arg(dir.path().join("state")),
+            .arg(b.dir.path().join("state")),
     ) {
         plain_peers.push(peer);
     }
@@ -326,39 +569,35 @@ fn main() {
                 "-p",
                 &format!("127.0.0.1:{p}"),
                 "--ssh",
-                &sink_addr.to_string(),
+                &b.sink.to_string(),
             ]),
         ) {
             Some(peer) => plain_peers.push(peer),
-            None => skipped.push("sslh (did not start)".into()),
+            None => b.skipped.push("sslh (did not start)".into()),
         }
     } else {
-        skipped.push("sslh (not installed)".into());
+        b.skipped.push("sslh (not installed)".into());
     }
     let mut notes: Vec<String> = Vec::new();
     let mut results: Vec<(&'static str, Vec<f64>, Vec<f64>)> = plain_peers
         .iter()
         .map(|p| (p.name, Vec::new(), Vec::new()))
         .collect();
-    for _ in 0..rounds {
+    for _ in 0..b.rounds {
         for (i, peer) in plain_peers.iter().enumerate() {
-            // sslh-fork does the work in a child process; count the whole process group's CPU
-            // by summing children too.
-            let pid = peer.child.id();
-            // Children may exit before the transfer returns (sslh closes at the first EOF) and
-            // sslh ignores SIGCHLD, so their CPU is never added to it: sample while it runs.
-            let sampler = TreeSampler::start(pid);
+            // sslh-fork relays in a child per connection, which may exit before the transfer
+            // returns (it closes at the first EOF) and is never reaped into sslh's CPU: sample
+            // the whole tree while it runs.
+            let sampler = TreeSampler::start(peer.child.id());
             let start = Instant::now();
-            let (got, open) = rt.block_on(async {
+            let (got, open) = b.rt.block_on(async {
                 let tcp = TcpStream::connect(("127.0.0.1", peer.port)).await.unwrap();
                 push_pull(tcp, b"SSH-2.0-bench\r\n", mib).await
             });
             let secs = start.elapsed().as_secs_f64();
-            // Measured while the connection (and a forked per-connection process) still exists.
             let cpu = sampler.finish() as f64 / 100.0;
             drop(open);
             if got != mib << 20 {
-                // sslh closes both directions at the first EOF: the tail of the reply is lost.
                 notes.push(format!(
                     "{}: delivered {got} of {} bytes back",
                     peer.name,
@@ -375,9 +614,391 @@ fn main() {
     for n in &notes {
         println!("note: {n}");
     }
-    if !skipped.is_empty() {
-        println!("\nSkipped: {}", skipped.join(", "));
+}
+
+/// Scenario 3: new TLS connections per second, each a full handshake (ECDSA P-256, X25519, no
+/// resumption) plus one small request and reply, from `COMPARE_HS_CLIENTS` concurrent clients
+/// for `COMPARE_HS_SECS` per run.
+fn handshakes(b: &mut Bench) {
+    let peers = tls_peers(b);
+    let cc = client_config(&b.der, Some(b"http/1.1"));
+    let secs: f64 = env_or("COMPARE_HS_SECS", 3.0);
+    let clients: usize = env_or("COMPARE_HS_CLIENTS", 4);
+    // (name, conns/s, conns per CPU-s)
+    let mut results: Vec<(&'static str, Vec<f64>, Vec<f64>)> = peers
+        .iter()
+        .map(|p| (p.name, Vec::new(), Vec::new()))
+        .collect();
+    let mut failures = vec![0usize; peers.len()];
+    for _ in 0..b.rounds {
+        for (i, peer) in peers.iter().enumerate() {
+            let pid = peer.child.id();
+            let t0 = cpu_ticks(pid);
+            let start = Instant::now();
+            let deadline = start + Duration::from_secs_f64(secs);
+            let (ok, bad) = b.rt.block_on(async {
+                let mut set = tokio::task::JoinSet::new();
+                for _ in 0..clients {
+                    let cc = cc.clone();
+                    let port = peer.port;
+                    set.spawn(async move {
+                        let (mut ok, mut bad) = (0usize, 0usize);
+                        while Instant::now() < deadline {
+                            let one = async {
+                                let mut tls = tls_connect(&cc, port).await?;
+                                tls.write_all(b"PING").await?;
+                                let mut pong = [0u8; 4];
+                                tls.read_exact(&mut pong).await?;
+                                let _ = tls.shutdown().await;
+                                std::io::Result::Ok(())
+                            };
+                            match tokio::time::timeout(Duration::from_secs(5), one).await {
+                                Ok(Ok(())) => ok += 1,
+                                _ => bad += 1,
+                            }
+                        }
+                        (ok, bad)
+                    });
+                }
+                let (mut ok, mut bad) = (0, 0);
+                while let Some(Ok((o, f))) = set.join_next().await {
+                    ok += o;
+                    bad += f;
+                }
+                (ok, bad)
+            });
+            let wall = start.elapsed().as_secs_f64();
+            // Let the relay finish closing before reading its CPU.
+            std::thread::sleep(Duration::from_millis(200));
+            let cpu = (cpu_ticks(pid) - t0) as f64 / 100.0;
+            failures[i] += bad;
+            results[i].1.push(ok as f64 / wall);
+            results[i].2.push(ok as f64 / cpu.max(0.01));
+        }
     }
+    println!(
+        "\nScenario 3: new TLS connections, full handshake + 4-byte request and reply ({clients} clients, {secs} s per run)"
+    );
+    let base = results
+        .iter()
+        .find(|r| r.0 == "sluice")
+        .map(|r| median(r.2.clone()));
+    println!(
+        "{:<10} {:>12} {:>16} {:>18} {:>9}",
+        "peer", "conns/s", "conns per CPU-s", "sluice per CPU-s x", "failures"
+    );
+    for (i, (name, rate, per_cpu)) in results.iter().enumerate() {
+        let pc = median(per_cpu.clone());
+        println!(
+            "{:<10} {:>12.0} {:>16.0} {:>18.2} {:>9}",
+            name,
+            median(rate.clone()),
+            pc,
+            base.map_or(0.0, |s| s / pc),
+            failures[i]
+        );
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Scenario 4: time from connect() to the first byte at the upstream, and from the client's
+/// write of its first request byte to that arrival (the routing decision), p50 and p99.
+fn latency(b: &mut Bench) {
+    let peers = tls_peers(b);
+    let n: usize = env_or("COMPARE_LAT_N", 500);
+    let alpn = client_config(&b.der, Some(b"http/1.1"));
+    let no_alpn = client_config(&b.der, None);
+    #[derive(Clone, Copy)]
+    enum Mode {
+        Alpn,
+        Peek,
+        Plain,
+    }
+    let mut cases: Vec<(String, u16, Mode)> = Vec::new();
+    for p in &peers {
+        if p.name == "sluice" {
+            cases.push(("sluice, no ALPN (peek)".into(), p.port, Mode::Peek));
+            cases.push(("sluice, plaintext HTTP".into(), p.port, Mode::Plain));
+            cases.push(("sluice, ALPN http/1.1".into(), p.port, Mode::Alpn));
+        } else {
+            cases.push((format!("{}, ALPN http/1.1", p.name), p.port, Mode::Alpn));
+        }
+    }
+    let req = b"GET /lat HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut total: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut after_send: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for _ in 0..n {
+        for (i, (_, port, mode)) in cases.iter().enumerate() {
+            let (port, mode) = (*port, *mode);
+            let (cc_alpn, cc_none) = (alpn.clone(), no_alpn.clone());
+            let arrivals = &mut b.arrivals;
+            let (t0, sent, arrived) = b.rt.block_on(async move {
+                let t0 = Instant::now();
+                let sent;
+                let keep: Box<dyn std::any::Any> = match mode {
+                    Mode::Plain => {
+                        let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+                        tcp.set_nodelay(true).unwrap();
+                        sent = Instant::now();
+                        tcp.write_all(req).await.unwrap();
+                        Box::new(tcp)
+                    }
+                    Mode::Alpn | Mode::Peek => {
+                        let cc = if matches!(mode, Mode::Alpn) {
+                            cc_alpn
+                        } else {
+                            cc_none
+                        };
+                        let mut tls = tls_connect(&cc, port).await.unwrap();
+                        sent = Instant::now();
+                        tls.write_all(req).await.unwrap();
+                        tls.flush().await.unwrap();
+                        Box::new(tls)
+                    }
+                };
+                let arrived = tokio::time::timeout(Duration::from_secs(5), arrivals.recv())
+                    .await
+                    .expect("no request reached the upstream")
+                    .unwrap();
+
+                drop(keep);
+                // Let this peer finish closing before the next case starts (stunnel takes ms).
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                (t0, sent, arrived)
+            });
+            total[i].push(arrived.duration_since(t0).as_secs_f64() * 1e3);
+            after_send[i].push(arrived.duration_since(sent).as_secs_f64() * 1e3);
+        }
+    }
+    println!(
+        "\nScenario 4: latency to the first upstream byte, ms ({n} sequential connections per case, interleaved)"
+    );
+    println!(
+        "{:<28} {:>14} {:>14} {:>18} {:>18}",
+        "case", "connect p50", "connect p99", "first byte p50", "first byte p99"
+    );
+    for (i, (name, _, _)) in cases.iter().enumerate() {
+        println!(
+            "{:<28} {:>14.3} {:>14.3} {:>18.3} {:>18.3}",
+            name,
+            percentile(&mut total[i], 0.5),
+            percentile(&mut total[i], 0.99),
+            percentile(&mut after_send[i], 0.5),
+            percentile(&mut after_send[i], 0.99)
+        );
+    }
+    println!("(connect: from connect() to the upstream's first byte; first byte: from the client's write of its request)");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Scenario 5: resident memory per idle, established TLS connection (relayed to the sink),
+/// at `COMPARE_IDLE` connections (default 9000: each costs the relay two descriptors and the
+/// harness two, under a 20,000 per-process limit).
+fn idle_memory(b: &mut Bench) {
+    let n: usize = env_or("COMPARE_IDLE", 9000);
+    let stunnel_n: usize = env_or("COMPARE_IDLE_STUNNEL", 2000).min(n);
+    let peers = tls_peers(b);
+    let cc = client_config(&b.der, Some(b"http/1.1"));
+    println!("\nScenario 5: resident memory per idle TLS connection");
+    println!(
+        "{:<10} {:>12} {:>14} {:>14} {:>12}",
+        "peer", "connections", "RSS before", "RSS after", "KiB / conn"
+    );
+    for peer in &peers {
+        // stunnel runs a thread per connection.
+        let n = if peer.name == "stunnel" { stunnel_n } else { n };
+        let pid = peer.child.id();
+        let before = rss_kib(pid);
+        let conns = b.rt.block_on(async {
+            let sem = Arc::new(tokio::sync::Semaphore::new(32));
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..n {
+                let permit = sem.clone().acquire_owned().await.unwrap();
+                let cc = cc.clone();
+                let port = peer.port;
+                set.spawn(async move {
+                    let s = tls_connect(&cc, port).await;
+                    drop(permit);
+                    s
+                });
+            }
+            let mut conns = Vec::with_capacity(n);
+            while let Some(r) = set.join_next().await {
+                if let Ok(Ok(s)) = r {
+                    conns.push(s);
+                }
+            }
+            conns
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let after = rss_kib(pid);
+        println!(
+            "{:<10} {:>12} {:>10} KiB {:>10} KiB {:>12.1}",
+            peer.name,
+            conns.len(),
+            before,
+            after,
+            (after as f64 - before as f64) / conns.len().max(1) as f64
+        );
+        b.rt.block_on(async move { drop(conns) });
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Scenario 6: `ssh -W` through sluice's embedded server (plain SSH on its port) against
+/// OpenSSH's sshd doing the same forward, same client, same cipher.
+fn ssh_forward(b: &mut Bench) {
+    for (cmd, pkg) in [
+        ("ssh", "openssh-client"),
+        ("/usr/sbin/sshd", "openssh-server"),
+    ] {
+        if !have(cmd) {
+            b.skipped
+                .push(format!("ssh forward ({cmd} not installed: {pkg})"));
+            return;
+        }
+    }
+    let d = b.dir.path().join("ssh");
+    std::fs::create_dir_all(&d).unwrap();
+    for k in ["client", "host"] {
+        let _ = std::fs::remove_file(d.join(k));
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join(k))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let auth = d.join("authorized_keys");
+    std::fs::copy(d.join("client.pub"), &auth).unwrap();
+    let mut peers = Vec::new();
+    let p = free_port();
+    let cfg = d.join("sluice.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:{p}\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\npermit_open = [\"127.0.0.1:*\"]\n",
+            b.cert.display(),
+            b.key.display(),
+            auth.display()
+        ),
+    )
+    .unwrap();
+    if let Some(peer) = spawn(
+        "sluice",
+        p,
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .args(["--state-dir"])
+            .arg(d.join("state")),
+    ) {
+        peers.push(peer);
+    }
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let p = free_port();
+    let scfg = d.join("sshd_config");
+    std::fs::write(
+        &scfg,
+        format!(
+            "Port {p}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nStrictModes no\nUsePAM no\nPidFile none\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
+            d.join("host").display(),
+            auth.display()
+        ),
+    )
+    .unwrap();
+    match spawn(
+        "sshd",
+        p,
+        Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&scfg),
+    ) {
+        Some(peer) => peers.push(peer),
+        None => b.skipped.push("sshd (did not start)".into()),
+    }
+    let mib = b.mib;
+    let cipher = "aes128-gcm@openssh.com";
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let mut results: Vec<(&'static str, Vec<f64>, Vec<f64>)> = peers
+        .iter()
+        .map(|p| (p.name, Vec::new(), Vec::new()))
+        .collect();
+    for _ in 0..b.rounds {
+        for (i, peer) in peers.iter().enumerate() {
+            let sampler = TreeSampler::start(peer.child.id());
+            let start = Instant::now();
+            let mut child = Command::new("ssh")
+                .args(["-F", "/dev/null", "-i"])
+                .arg(d.join("client"))
+                .args([
+                    "-o",
+                    "IdentitiesOnly=yes",
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "LogLevel=ERROR",
+                    "-c",
+                    cipher,
+                    "-p",
+                    &peer.port.to_string(),
+                    "-W",
+                    &b.sink.to_string(),
+                    &format!("{user}@127.0.0.1"),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let mut stdout = child.stdout.take().unwrap();
+            let writer = std::thread::spawn(move || {
+                use std::io::Write;
+                let chunk = vec![0x5au8; 1 << 20];
+                for _ in 0..mib {
+                    if stdin.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 1 << 20];
+            use std::io::Read;
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            let _ = writer.join();
+            let _ = child.wait();
+            let secs = start.elapsed().as_secs_f64();
+            let cpu = sampler.finish() as f64 / 100.0;
+            assert_eq!(got, mib << 20, "{}: short ssh -W transfer", peer.name);
+            let gib = 2.0 * mib as f64 / 1024.0;
+            results[i].1.push(gib / secs);
+            results[i].2.push(cpu / gib);
+        }
+    }
+    println!("\nScenario 6: ssh -W ({cipher}, {mib} MiB each way): sluice's embedded server vs OpenSSH sshd");
+    report(&results);
 }
 
 /// Samples the CPU of a process and its children every 20 ms; `finish` gives the ticks used

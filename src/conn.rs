@@ -187,7 +187,11 @@ async fn serve(shared: &Shared, mut tcp: TcpStream, log: &mut ConnLog, unrouted:
     let (decision, by) = match peek(&mut tcp, Candidates::OUTER, deadline, &mut prefix).await {
         Peek::Match(Protocol::Tls) => {
             log.tls = true;
-            return serve_tls(shared, tcp, prefix, log, unrouted).await;
+            let routed = Box::pin(handshake_and_route(shared, tcp, prefix, log, unrouted)).await;
+            if let Some(r) = routed {
+                Box::pin(dispatch(shared, r.tls, r.prefix, r.decision, log, r.h2)).await;
+            }
+            return;
         }
         Peek::Match(p) => (route::plaintext(cfg, p), RoutedBy::Plaintext),
         Peek::Timeout => (route::plaintext_timeout(cfg), RoutedBy::Timeout),
@@ -204,16 +208,28 @@ async fn serve(shared: &Shared, mut tcp: TcpStream, log: &mut ConnLog, unrouted:
     };
     log.by = Some(by);
     drop(unrouted);
-    dispatch(shared, tcp, prefix, decision, log, false).await;
+    Box::pin(dispatch(shared, tcp, prefix, decision, log, false)).await;
 }
 
-async fn serve_tls(
+/// A TLS connection, handshaken and routed, ready for [`dispatch`].
+struct RoutedTls {
+    /// Boxed: moved through several futures, it would take room in each one's state.
+    tls: Box<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>>,
+    prefix: Vec<u8>,
+    decision: Decision,
+    h2: bool,
+}
+
+/// The TLS handshake and the inner routing decision; `None` if the connection is done (the
+/// outcome is in `log`). Returning instead of dispatching from here keeps this phase's state
+/// out of the memory an established connection holds.
+async fn handshake_and_route(
     shared: &Shared,
     tcp: TcpStream,
     prefix: Vec<u8>,
     log: &mut ConnLog,
     unrouted: ClientSlot,
-) {
+) -> Option<RoutedTls> {
     let cfg = &shared.cfg;
     let handshake = async {
         let start = tokio_rustls::LazyConfigAcceptor::new(
@@ -233,12 +249,12 @@ async fn serve_tls(
         };
         start.into_stream(config).await
     };
-    let mut tls = match tokio::time::timeout(cfg.tls.handshake_timeout, handshake).await {
+    let mut tls = match tokio::time::timeout(cfg.tls.handshake_timeout, Box::pin(handshake)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             log.noisy = true;
             log.outcome = format!("TLS handshake failed: {e}");
-            return;
+            return None;
         }
         Err(_) => {
             log.noisy = true;
@@ -246,7 +262,7 @@ async fn serve_tls(
                 "TLS handshake timed out after {}",
                 humantime::format_duration(cfg.tls.handshake_timeout)
             );
-            return;
+            return None;
         }
     };
     let (alpn, sni) = {
@@ -279,7 +295,7 @@ async fn serve_tls(
             Peek::Error(e) => {
                 log.noisy = true;
                 log.outcome = format!("client error: {e}");
-                return;
+                return None;
             }
         }
     };
@@ -297,7 +313,12 @@ async fn serve_tls(
     };
     drop(unrouted);
     let h2 = alpn.as_deref() == Some(b"h2") || prefix.starts_with(b"PRI ");
-    dispatch(shared, tls, prefix, decision, log, h2).await;
+    Some(RoutedTls {
+        tls: Box::new(tls),
+        prefix,
+        decision,
+        h2,
+    })
 }
 
 /// Sends a routed connection to its target. `prefix` holds client bytes already read.
@@ -322,7 +343,7 @@ async fn dispatch<S>(
             log.target = Some("redirect to https".into());
             log.outcome = match timeout_at(
                 reply_deadline + CLOSE_TIMEOUT,
-                builtin::redirect(client, &prefix, reply_deadline),
+                Box::pin(builtin::redirect(client, &prefix, reply_deadline)),
             )
             .await
             {
@@ -348,7 +369,7 @@ async fn dispatch<S>(
                 log.target = Some("status page".into());
                 log.outcome = match timeout_at(
                     reply_deadline + CLOSE_TIMEOUT,
-                    builtin::status_page(client, &prefix, reply_deadline),
+                    Box::pin(builtin::status_page(client, &prefix, reply_deadline)),
                 )
                 .await
                 {
@@ -367,14 +388,14 @@ async fn dispatch<S>(
                 };
                 // russh reads the stream itself: no relay, the peeked bytes replayed first.
                 let (counted, counts) = crate::io::Counted::new(Prefixed::new(prefix, stream));
-                log.outcome = ssh.serve(counted, log.peer).await;
+                log.outcome = Box::pin(ssh.serve(counted, log.peer)).await;
                 log.bytes = counts.get();
             }
         }
         return;
     };
     log.target = Some(up.addr.clone());
-    let (mut server, addr) = match upstream::connect(up).await {
+    let (mut server, addr) = match Box::pin(upstream::connect(up)).await {
         Ok(s) => s,
         Err(e) => {
             warn!(id = log.id, peer = %log.peer, route = kind.as_str(), error = %e, "upstream unreachable");
@@ -401,20 +422,28 @@ async fn dispatch<S>(
     // Plain on both sides: splice(2), no copies through user space (copy relay if no pipes).
     let spliced = match (&*client as &dyn std::any::Any).downcast_ref::<TcpStream>() {
         Some(tcp) => {
-            relay::splice::relay(
+            Box::pin(relay::splice::relay(
                 &shared.pipes,
                 tcp,
                 &server,
                 route.idle_timeout,
                 &shared.force_close,
-            )
+            ))
             .await
         }
         None => None,
     };
     let (bytes, end) = match spliced {
         Some(r) => r,
-        None => relay::relay(client, &mut server, route.idle_timeout, &shared.force_close).await,
+        None => {
+            Box::pin(relay::relay(
+                client,
+                &mut server,
+                route.idle_timeout,
+                &shared.force_close,
+            ))
+            .await
+        }
     };
     log.bytes = relay::Bytes {
         up: bytes.up + prefix.len() as u64,
