@@ -15,7 +15,7 @@ use crate::builtin;
 use crate::config::{Route, RouteKind};
 use crate::detect::{self, Candidates, Protocol, Verdict};
 use crate::io::Prefixed;
-use crate::listen::{ClientSlot, Shared};
+use crate::listen::{ClientSlot, Shared, Snapshot};
 use crate::relay::{self, End};
 use crate::route::{self, Decision, RoutedBy};
 use crate::upstream;
@@ -70,6 +70,23 @@ struct ConnLog {
 
 impl ConnLog {
     fn emit(&self, shared: &Shared) {
+        let m = crate::metrics::get();
+        m.connections
+            .get_or_create(&crate::metrics::ConnLabels {
+                route: self.route.map_or("none", RouteKind::as_str),
+                routed_by: self.by.map_or("none", RoutedBy::as_str),
+            })
+            .inc();
+        for (direction, n) in [
+            ("from_client", self.bytes.up),
+            ("to_client", self.bytes.down),
+        ] {
+            if n > 0 {
+                m.bytes
+                    .get_or_create(&crate::metrics::DirectionLabels { direction })
+                    .inc_by(n);
+            }
+        }
         // Only throttled lines say how many similar ones were dropped before them.
         let suppressed = if self.noisy {
             match shared.failures.allow() {
@@ -135,14 +152,82 @@ async fn peek<S: AsyncRead + Unpin>(
     }
 }
 
-/// Serves one accepted connection to the end.
+fn looks_like_proxy_header(prefix: &[u8]) -> bool {
+    !matches!(
+        upstream::decode_proxy_header(prefix),
+        Ok(upstream::Decoded::NotProxy)
+    )
+}
+
+/// Reads the PROXY header a trusted load balancer sends first. Returns the client's address,
+/// the address it connected to, and any client bytes read past the header. Bytes that are not
+/// a header are the client's own (the proxy host itself connecting): the socket's addresses
+/// stand. `None` (logged) when the header is malformed or stops half-way.
+pub(crate) async fn read_proxy_header(
+    shared: &Shared,
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> {
+    let deadline = Instant::now() + shared.snapshot.load().cfg.detect.timeout;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 2048];
+    let refuse = |why: &str| {
+        crate::metrics::get().refuse("proxy_header_invalid");
+        if let Some(n) = shared.failures.allow() {
+            warn!(%peer, suppressed_similar = n, "closed connection from a trusted proxy: {why}");
+        }
+    };
+    loop {
+        match upstream::decode_proxy_header(&buf) {
+            Ok(upstream::Decoded::Header { addrs, len }) => {
+                let rest = buf.split_off(len);
+                let (src, dst) = addrs.unwrap_or((peer, local));
+                return Some((src, dst, rest));
+            }
+            Ok(upstream::Decoded::NotProxy) => return Some((peer, local, buf)),
+            Ok(upstream::Decoded::Incomplete) => {}
+            Err(why) => {
+                refuse(why);
+                return None;
+            }
+        }
+        match timeout_at(deadline, tcp.read(&mut chunk)).await {
+            // Silent: a client waiting for the server, straight from the proxy host.
+            Err(_) if buf.is_empty() => return Some((peer, local, buf)),
+            Err(_) => {
+                refuse("incomplete PROXY header (timed out)");
+                return None;
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// What one connection is served with: the server's shared state and the snapshot (config,
+/// TLS, SSH server) that was current when it was accepted.
+struct Ctx {
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+}
+
+/// Serves one accepted connection to the end. `prefix` holds client bytes already read (after
+/// a PROXY header).
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     unrouted: ClientSlot,
+    prefix: Vec<u8>,
 ) {
+    let _active = crate::metrics::GaugeGuard::new(&crate::metrics::get().connections_active);
+    let cx = Ctx {
+        snap: shared.snapshot.load_full(),
+        shared,
+    };
+    let shared = &cx.shared;
     let mut log = ConnLog {
         id: shared
             .next_id
@@ -163,7 +248,7 @@ pub(crate) async fn handle(
     let force = shared.force_close.clone();
     let mut cut = false;
     {
-        let serve = serve(&shared, tcp, &mut log, unrouted);
+        let serve = serve(&cx, tcp, prefix, &mut log, unrouted);
         tokio::pin!(serve);
         tokio::select! {
             () = &mut serve => {}
@@ -177,24 +262,37 @@ pub(crate) async fn handle(
     if cut && log.outcome.is_empty() {
         log.outcome = "closed at shutdown".into();
     }
-    log.emit(&shared);
+    log.emit(shared);
 }
 
-async fn serve(shared: &Shared, mut tcp: TcpStream, log: &mut ConnLog, unrouted: ClientSlot) {
-    let cfg = &shared.cfg;
-    let mut prefix = Vec::new();
+async fn serve(
+    cx: &Ctx,
+    mut tcp: TcpStream,
+    mut prefix: Vec<u8>,
+    log: &mut ConnLog,
+    unrouted: ClientSlot,
+) {
+    let cfg = &cx.snap.cfg;
+    let detect_start = StdInstant::now();
     let deadline = Instant::now() + cfg.detect.timeout;
     let (decision, by) = match peek(&mut tcp, Candidates::OUTER, deadline, &mut prefix).await {
         Peek::Match(Protocol::Tls) => {
             log.tls = true;
-            let routed = Box::pin(handshake_and_route(shared, tcp, prefix, log, unrouted)).await;
+            let routed = Box::pin(handshake_and_route(cx, tcp, prefix, log, unrouted)).await;
             if let Some(r) = routed {
-                Box::pin(dispatch(shared, r.tls, r.prefix, r.decision, log, r.h2)).await;
+                Box::pin(dispatch(cx, r.tls, r.prefix, r.decision, log, r.h2)).await;
             }
             return;
         }
         Peek::Match(p) => (route::plaintext(cfg, p), RoutedBy::Plaintext),
         Peek::Timeout => (route::plaintext_timeout(cfg), RoutedBy::Timeout),
+        Peek::NoMatch if prefix.len() >= 3 && looks_like_proxy_header(&prefix) => {
+            crate::metrics::get().refuse("proxy_header_untrusted");
+            (
+                Decision::Close("PROXY protocol header from an address not in trusted_proxies"),
+                RoutedBy::Plaintext,
+            )
+        }
         Peek::NoMatch => (Decision::Close("unknown protocol"), RoutedBy::Plaintext),
         Peek::Eof => (
             Decision::Close("client closed before sending"),
@@ -207,8 +305,11 @@ async fn serve(shared: &Shared, mut tcp: TcpStream, log: &mut ConnLog, unrouted:
         }
     };
     log.by = Some(by);
+    crate::metrics::get()
+        .detect_seconds
+        .observe(detect_start.elapsed().as_secs_f64());
     drop(unrouted);
-    Box::pin(dispatch(shared, tcp, prefix, decision, log, false)).await;
+    Box::pin(dispatch(cx, tcp, prefix, decision, log, false)).await;
 }
 
 /// A TLS connection, handshaken and routed, ready for [`dispatch`].
@@ -224,13 +325,13 @@ struct RoutedTls {
 /// outcome is in `log`). Returning instead of dispatching from here keeps this phase's state
 /// out of the memory an established connection holds.
 async fn handshake_and_route(
-    shared: &Shared,
+    cx: &Ctx,
     tcp: TcpStream,
     prefix: Vec<u8>,
     log: &mut ConnLog,
     unrouted: ClientSlot,
 ) -> Option<RoutedTls> {
-    let cfg = &shared.cfg;
+    let cfg = &cx.snap.cfg;
     let handshake = async {
         let start = tokio_rustls::LazyConfigAcceptor::new(
             rustls::server::Acceptor::default(),
@@ -238,25 +339,27 @@ async fn handshake_and_route(
         )
         .await?;
         let hello = start.client_hello();
-        let offered = &shared.tls.alpn_protocols;
+        let offered = &cx.snap.tls.alpn_protocols;
         let overlap = hello
             .alpn()
             .map(|mut theirs| theirs.any(|p| offered.iter().any(|o| o.as_slice() == p)));
         let config = if overlap == Some(false) {
-            shared.tls_no_alpn.clone()
+            cx.snap.tls_no_alpn.clone()
         } else {
-            shared.tls.clone()
+            cx.snap.tls.clone()
         };
         start.into_stream(config).await
     };
     let mut tls = match tokio::time::timeout(cfg.tls.handshake_timeout, Box::pin(handshake)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
+            crate::metrics::get().tls_handshake_failures.inc();
             log.noisy = true;
             log.outcome = format!("TLS handshake failed: {e}");
             return None;
         }
         Err(_) => {
+            crate::metrics::get().tls_handshake_failures.inc();
             log.noisy = true;
             log.outcome = format!(
                 "TLS handshake timed out after {}",
@@ -278,6 +381,7 @@ async fn handshake_and_route(
     log.sni = sni.clone();
 
     let mut prefix = Vec::new();
+    let detect_start = StdInstant::now();
     let (decision, by) = if let Some(kind) = alpn.as_deref().and_then(|a| route::by_alpn(cfg, a)) {
         (Decision::Route(kind), RoutedBy::Alpn)
     } else if let Some(kind) = sni.as_deref().and_then(|n| route::by_sni(cfg, n)) {
@@ -300,6 +404,9 @@ async fn handshake_and_route(
         }
     };
     log.by = Some(by);
+    crate::metrics::get()
+        .detect_seconds
+        .observe(detect_start.elapsed().as_secs_f64());
     let client_cert = tls
         .get_ref()
         .1
@@ -323,7 +430,7 @@ async fn handshake_and_route(
 
 /// Sends a routed connection to its target. `prefix` holds client bytes already read.
 async fn dispatch<S>(
-    shared: &Shared,
+    cx: &Ctx,
     mut stream: S,
     prefix: Vec<u8>,
     decision: Decision,
@@ -333,7 +440,7 @@ async fn dispatch<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = &mut stream;
-    let cfg = &shared.cfg;
+    let cfg = &cx.snap.cfg;
     let reply_deadline =
         Instant::now() + cfg.detect.timeout.max(std::time::Duration::from_secs(10));
     let kind = match decision {
@@ -381,7 +488,7 @@ async fn dispatch<S>(
             }
             RouteKind::Ssh => {
                 log.target = Some("embedded ssh".into());
-                let Some(ssh) = &shared.ssh else {
+                let Some(ssh) = &cx.snap.ssh else {
                     log.outcome = "closed: no embedded SSH server".into();
                     close(client).await;
                     return;
@@ -398,6 +505,12 @@ async fn dispatch<S>(
     let (mut server, addr) = match Box::pin(upstream::connect(up)).await {
         Ok(s) => s,
         Err(e) => {
+            crate::metrics::get()
+                .upstream_failures
+                .get_or_create(&crate::metrics::RouteLabels {
+                    route: kind.as_str(),
+                })
+                .inc();
             warn!(id = log.id, peer = %log.peer, route = kind.as_str(), error = %e, "upstream unreachable");
             log.outcome = format!("upstream unreachable: {e}");
             if kind == RouteKind::Http && !h2 {
@@ -423,11 +536,11 @@ async fn dispatch<S>(
     let spliced = match (&*client as &dyn std::any::Any).downcast_ref::<TcpStream>() {
         Some(tcp) => {
             Box::pin(relay::splice::relay(
-                &shared.pipes,
+                &cx.shared.pipes,
                 tcp,
                 &server,
                 route.idle_timeout,
-                &shared.force_close,
+                &cx.shared.force_close,
             ))
             .await
         }
@@ -440,7 +553,7 @@ async fn dispatch<S>(
                 client,
                 &mut server,
                 route.idle_timeout,
-                &shared.force_close,
+                &cx.shared.force_close,
             ))
             .await
         }

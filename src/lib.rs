@@ -19,6 +19,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod builtin;
 pub mod client;
 pub mod config;
@@ -26,10 +27,12 @@ mod conn;
 pub mod detect;
 pub mod io;
 pub mod listen;
+pub mod metrics;
 pub mod relay;
 pub mod route;
 pub mod ssh;
 pub mod state;
 pub mod sys;
+pub mod systemd;
 pub mod tls;
 pub mod upstream;

@@ -13,12 +13,14 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::Readiness;
 use crate::config::Config;
 use crate::tls::{self, CertStore, TlsError};
 
@@ -40,16 +42,30 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    /// Sockets passed by systemd are unusable.
+    #[error(transparent)]
+    Activation(#[from] crate::systemd::ActivationError),
 }
 
-/// Shared, read-only state of a running server.
-pub(crate) struct Shared {
+/// What new connections are served with: replaced whole by a reload, while open connections
+/// keep the one they started with.
+pub(crate) struct Snapshot {
     pub(crate) cfg: Config,
     /// The TLS config offering the routes' ALPN ids.
     pub(crate) tls: Arc<rustls::ServerConfig>,
     /// The same without ALPN, for clients whose ALPN list matches none of ours: they are
     /// routed by SNI or by their first bytes instead of failing the handshake.
     pub(crate) tls_no_alpn: Arc<rustls::ServerConfig>,
+    /// The embedded SSH server, when the ssh route has no upstream.
+    pub(crate) ssh: Option<Arc<crate::ssh::SshServer>>,
+}
+
+/// Shared state of a running server.
+pub(crate) struct Shared {
+    /// Config, TLS and SSH for new connections.
+    pub(crate) snapshot: ArcSwap<Snapshot>,
+    /// Limits fixed at start (a reload does not resize them).
+    pub(crate) limits: crate::config::Limits,
     /// Connections per client still in handshake or detection.
     pub(crate) unrouted: Arc<PerClient>,
     /// All connections per client.
@@ -59,8 +75,6 @@ pub(crate) struct Shared {
     pub(crate) force_close: CancellationToken,
     /// Pipes for splicing plain legs.
     pub(crate) pipes: Arc<crate::relay::splice::PipePool>,
-    /// The embedded SSH server, when the ssh route has no upstream.
-    pub(crate) ssh: Option<Arc<crate::ssh::SshServer>>,
     pub(crate) refusals: Throttle,
     pub(crate) failures: Throttle,
 }
@@ -68,65 +82,71 @@ pub(crate) struct Shared {
 /// A bound, ready server.
 pub struct Server {
     listeners: Vec<TcpListener>,
+    admin: Option<TcpListener>,
+    readiness: Readiness,
     shared: Arc<Shared>,
-    certs: Arc<CertStore>,
-    state_dir: PathBuf,
+    reloader: Reloader,
+    activated: bool,
 }
 
 impl Server {
-    /// Loads certificates and binds every listen address; nothing is served yet.
+    /// Loads certificates and keys and binds every listen address (or takes the sockets
+    /// systemd passed); nothing is served yet.
     pub async fn bind(cfg: Config, state_dir: PathBuf) -> Result<Server, ServeError> {
         crate::sys::raise_nofile_limit();
         let certs = Arc::new(CertStore::new(tls::load_certs(&cfg, &state_dir)?));
-        let tls_config = tls::server_config(
-            certs.clone(),
-            cfg.alpn_offered(),
-            cfg.tls
-                .client_ca
-                .as_ref()
-                .map(|c| (c, cfg.source.as_deref())),
-        )?;
         let force_close = CancellationToken::new();
-        let ssh = match cfg.ssh.upstream {
-            Some(_) => None,
-            None => Some(Arc::new(crate::ssh::SshServer::new(
-                &cfg.embedded_ssh,
-                &state_dir,
-                cfg.source.as_deref(),
-                cfg.ssh.idle_timeout,
-                force_close.clone(),
-            )?)),
-        };
+        let snapshot = build_snapshot(cfg.clone(), &certs, &state_dir, &force_close, None)?;
+        let inherited = crate::systemd::inherited_listeners()?;
+        let activated = !inherited.is_empty();
         let mut listeners = Vec::new();
-        for addr in &cfg.listen {
-            let l = bind(*addr).map_err(|source| ServeError::Bind {
-                addr: *addr,
-                source,
-            })?;
-            listeners.push(l);
+        if activated {
+            for l in inherited {
+                listeners.push(TcpListener::from_std(l).map_err(|source| ServeError::Bind {
+                    addr: cfg.listen[0],
+                    source,
+                })?);
+            }
+        } else {
+            for addr in &cfg.listen {
+                let l = bind(*addr).map_err(|source| ServeError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+                listeners.push(l);
+            }
         }
+        let admin = match cfg.admin {
+            Some(addr) => {
+                Some(crate::admin::bind(addr).map_err(|source| ServeError::Bind { addr, source })?)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             unrouted: Arc::new(PerClient::new(cfg.limits.max_unrouted_per_ip)),
             per_client: Arc::new(PerClient::new(cfg.limits.max_connections_per_ip)),
             pipes: crate::relay::splice::PipePool::new(cfg.limits.splice_pipes as usize),
-            cfg,
-            tls_no_alpn: {
-                let mut c = (*tls_config).clone();
-                c.alpn_protocols.clear();
-                Arc::new(c)
-            },
-            tls: tls_config,
+            limits: cfg.limits.clone(),
+            snapshot: ArcSwap::from_pointee(snapshot),
             next_id: AtomicU64::new(1),
             force_close,
-            ssh,
             refusals: Throttle::new(),
             failures: Throttle::new(),
         });
-        Ok(Server {
-            listeners,
-            shared,
+        let reloader = Reloader {
+            shared: shared.clone(),
             certs,
             state_dir,
+            started: Arc::new(cfg),
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+        };
+        Ok(Server {
+            listeners,
+            admin,
+            readiness: Readiness::ready(),
+            shared,
+            reloader,
+            activated,
         })
     }
 
@@ -138,9 +158,24 @@ impl Server {
             .collect()
     }
 
+    /// Whether the listening sockets came from systemd (socket activation).
+    pub fn socket_activated(&self) -> bool {
+        self.activated
+    }
+
+    /// The admin listener's address, if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// The certificates in force.
     pub fn certs(&self) -> Arc<CertStore> {
-        self.certs.clone()
+        self.reloader.certs.clone()
+    }
+
+    /// Re-reads config, certificates and keys on request (SIGHUP) or when files change.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// Cancelling this token closes every open connection at once (e.g. on a second SIGTERM).
@@ -148,23 +183,27 @@ impl Server {
         self.shared.force_close.clone()
     }
 
-    /// The embedded SSH server, if the ssh route uses it.
-    pub fn ssh(&self) -> Option<&Arc<crate::ssh::SshServer>> {
-        self.shared.ssh.as_ref()
+    /// `/readyz` turns 503 when this is set to draining.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// The embedded SSH server new connections get, if the ssh route uses it.
+    pub fn ssh(&self) -> Option<Arc<crate::ssh::SshServer>> {
+        self.shared.snapshot.load().ssh.clone()
     }
 
     /// The state directory in use.
     pub fn state_dir(&self) -> &std::path::Path {
-        &self.state_dir
+        &self.reloader.state_dir
     }
 
     /// Serves until `shutdown` resolves, then drains for `shutdown_grace` and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let stop_accepting = CancellationToken::new();
+        let stop_admin = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(
-            self.shared.cfg.limits.max_connections as usize,
-        ));
+        let limit = Arc::new(Semaphore::new(self.shared.limits.max_connections as usize));
         let mut accepting = tokio::task::JoinSet::new();
         for l in self.listeners {
             let (shared, stop, tracker, limit) = (
@@ -175,11 +214,20 @@ impl Server {
             );
             accepting.spawn(accept_loop(l, shared, stop, tracker, limit));
         }
+        if let Some(admin) = self.admin {
+            tokio::spawn(crate::admin::serve(
+                admin,
+                self.readiness.clone(),
+                stop_admin.clone(),
+            ));
+        }
+        self.reloader.watch_certs(CERT_POLL, stop_accepting.clone());
         shutdown.await;
+        self.readiness.set_draining();
         stop_accepting.cancel();
         while accepting.join_next().await.is_some() {}
         tracker.close();
-        let grace = self.shared.cfg.shutdown_grace;
+        let grace = self.shared.snapshot.load().cfg.shutdown_grace;
         let open = tracker.len();
         info!(open_connections = open, grace = %humantime::format_duration(grace), "shutting down: no new connections; open ones may finish");
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
@@ -198,8 +246,217 @@ impl Server {
                 );
             }
         }
+        stop_admin.cancel();
         info!("stopped");
     }
+}
+
+/// How often certificate files are checked for new content.
+const CERT_POLL: Duration = Duration::from_secs(2);
+
+/// Builds what new connections are served with. The embedded SSH server is kept from
+/// `previous` when its settings did not change (its -R ports and failure counts carry over).
+fn build_snapshot(
+    cfg: Config,
+    certs: &Arc<CertStore>,
+    state_dir: &std::path::Path,
+    force_close: &CancellationToken,
+    previous: Option<&Snapshot>,
+) -> Result<Snapshot, ServeError> {
+    let tls_config = tls::server_config(
+        certs.clone(),
+        cfg.alpn_offered(),
+        cfg.tls
+            .client_ca
+            .as_ref()
+            .map(|c| (c, cfg.source.as_deref())),
+    )?;
+    let ssh = match cfg.ssh.upstream {
+        Some(_) => None,
+        None => match previous.and_then(|p| {
+            p.ssh.as_ref().filter(|_| {
+                p.cfg.embedded_ssh == cfg.embedded_ssh
+                    && p.cfg.ssh.idle_timeout == cfg.ssh.idle_timeout
+            })
+        }) {
+            Some(same) => Some(same.clone()),
+            None => Some(Arc::new(crate::ssh::SshServer::new(
+                &cfg.embedded_ssh,
+                state_dir,
+                cfg.source.as_deref(),
+                cfg.ssh.idle_timeout,
+                force_close.clone(),
+            )?)),
+        },
+    };
+    Ok(Snapshot {
+        tls_no_alpn: {
+            let mut c = (*tls_config).clone();
+            c.alpn_protocols.clear();
+            Arc::new(c)
+        },
+        tls: tls_config,
+        ssh,
+        cfg,
+    })
+}
+
+/// Re-reads the config file, certificates and authorized keys. A reload that fails anywhere
+/// changes nothing: the old state stays in force.
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+    certs: Arc<CertStore>,
+    state_dir: PathBuf,
+    /// The config at start: settings that need a restart are compared against it.
+    started: Arc<Config>,
+    /// One reload at a time (SIGHUP and the certificate poll may race).
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Reloader {
+    /// Reloads everything (SIGHUP). Returns what changed, or why nothing did.
+    pub async fn reload(&self) -> Result<String, String> {
+        let _one = self.lock.lock().await;
+        let m = crate::metrics::get();
+        let old = self.shared.snapshot.load_full();
+        let cfg = match &old.cfg.source {
+            Some(path) => match Config::load(path) {
+                Ok(c) => c,
+                Err(e) => {
+                    m.reload("config", false);
+                    return Err(format!("config error: {e}"));
+                }
+            },
+            None => old.cfg.clone(),
+        };
+        let certs = match tls::load_certs(&cfg, &self.state_dir) {
+            Ok(c) => c,
+            Err(e) => {
+                m.reload("config", false);
+                return Err(e.to_string());
+            }
+        };
+        let snapshot = match build_snapshot(
+            cfg,
+            &self.certs,
+            &self.state_dir,
+            &self.shared.force_close,
+            Some(&old),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                m.reload("config", false);
+                return Err(e.to_string());
+            }
+        };
+        let mut notes = Vec::new();
+        let reused_ssh = match (&old.ssh, &snapshot.ssh) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if reused_ssh {
+            if let Some(ssh) = &snapshot.ssh {
+                // The same server: its keys are re-read in place.
+                match ssh.keys().reload() {
+                    Ok(()) => {
+                        m.reload("authorized_keys", true);
+                        notes.push("authorized keys reloaded".to_string());
+                    }
+                    Err(e) => {
+                        m.reload("authorized_keys", false);
+                        notes.push(format!("authorized keys kept: {e}"));
+                    }
+                }
+            }
+        }
+        let restart_only = restart_only_changes(&self.started, &snapshot.cfg);
+        let fingerprint = certs.fingerprint.clone();
+        self.certs.replace(certs);
+        self.shared.snapshot.store(Arc::new(snapshot));
+        m.reload("config", true);
+        let mut summary = format!("certificate {fingerprint}");
+        if !notes.is_empty() {
+            summary.push_str("; ");
+            summary.push_str(&notes.join("; "));
+        }
+        if !restart_only.is_empty() {
+            summary.push_str(&format!(
+                "; changed but only applied at restart: {}",
+                restart_only.join(", ")
+            ));
+        }
+        Ok(summary)
+    }
+
+    /// Polls the certificate files every `every` and reloads them when their content changed.
+    /// A pair that fails to load is reported once it is stable (certbot and Kubernetes swap
+    /// the certificate and the key one after the other), and the old one stays.
+    pub fn watch_certs(&self, every: Duration, stop: CancellationToken) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let files = |r: &Reloader| tls::cert_files(&r.shared.snapshot.load().cfg);
+            let mut last = crate::state::digest_files(files(&me).iter().map(PathBuf::as_path));
+            let mut failed: Option<Vec<Option<u64>>> = None;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                let paths = files(&me);
+                let now = crate::state::digest_files(paths.iter().map(PathBuf::as_path));
+                if now == last {
+                    continue;
+                }
+                match me.reload_certs().await {
+                    Ok(fp) => {
+                        info!(sha256 = %fp, "certificates reloaded: a file changed");
+                        last = now;
+                        failed = None;
+                    }
+                    Err(e) if failed.as_ref() == Some(&now) => {
+                        // Failed twice on the same content: not a swap in progress.
+                        warn!(
+                            "certificates changed but do not load; the old ones stay in force: {e}"
+                        );
+                        crate::metrics::get().reload("certificates", false);
+                        last = now;
+                        failed = None;
+                    }
+                    Err(_) => failed = Some(now),
+                }
+            }
+        });
+    }
+
+    /// Reloads only the certificates named by the config in force.
+    async fn reload_certs(&self) -> Result<String, TlsError> {
+        let _one = self.lock.lock().await;
+        let cfg = &self.shared.snapshot.load().cfg;
+        let certs = tls::load_certs(cfg, &self.state_dir)?;
+        let fp = certs.fingerprint.clone();
+        self.certs.replace(certs);
+        crate::metrics::get().reload("certificates", true);
+        Ok(fp)
+    }
+}
+
+/// Settings a reload cannot apply to a running server.
+fn restart_only_changes(started: &Config, now: &Config) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if started.listen != now.listen {
+        v.push("listen");
+    }
+    if started.admin != now.admin {
+        v.push("admin.listen");
+    }
+    if started.limits != now.limits {
+        v.push("limits");
+    }
+    if started.state_dir != now.state_dir {
+        v.push("state_dir");
+    }
+    v
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -251,32 +508,68 @@ async fn accept_loop(
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
+            crate::metrics::get().refuse("max_connections");
             if let Some(n) = shared.refusals.allow() {
-                warn!(%peer, limit = shared.cfg.limits.max_connections, suppressed = n, "refused connection: limits.max_connections reached");
+                warn!(%peer, limit = shared.limits.max_connections, suppressed = n, "refused connection: limits.max_connections reached");
             }
             drop(tcp);
             continue;
         };
-        let Some(client_slot) = shared.per_client.enter(peer.ip()) else {
-            if let Some(n) = shared.refusals.allow() {
-                warn!(%peer, limit = shared.cfg.limits.max_connections_per_ip, suppressed = n, "refused connection: limits.max_connections_per_ip reached for this client");
-            }
-            continue;
-        };
-        let Some(unrouted) = shared.unrouted.enter(peer.ip()) else {
-            if let Some(n) = shared.refusals.allow() {
-                warn!(%peer, limit = shared.cfg.limits.max_unrouted_per_ip, suppressed = n, "refused connection: limits.max_unrouted_per_ip reached for this client");
-            }
-            continue;
-        };
         let local = tcp.local_addr().unwrap_or(peer);
         configure(&tcp);
+        let trusted = shared
+            .snapshot
+            .load()
+            .cfg
+            .trusted_proxies
+            .iter()
+            .any(|c| c.contains(peer.ip()));
+        if trusted {
+            // The real client is in the PROXY header: limits apply to it, once it is read.
+            let shared = shared.clone();
+            tracker.spawn(async move {
+                let mut tcp = tcp;
+                let Some((peer, local, prefix)) =
+                    crate::conn::read_proxy_header(&shared, &mut tcp, peer, local).await
+                else {
+                    return;
+                };
+                let Some((client_slot, unrouted)) = admit(&shared, peer) else {
+                    return;
+                };
+                crate::conn::handle(shared, tcp, peer, local, unrouted, prefix).await;
+                drop((permit, client_slot));
+            });
+            continue;
+        }
+        let Some((client_slot, unrouted)) = admit(&shared, peer) else {
+            continue;
+        };
         let shared = shared.clone();
         tracker.spawn(async move {
-            crate::conn::handle(shared, tcp, peer, local, unrouted).await;
+            crate::conn::handle(shared, tcp, peer, local, unrouted, Vec::new()).await;
             drop((permit, client_slot));
         });
     }
+}
+
+/// Takes the per-client slots for a new connection from `peer`, or logs why not.
+fn admit(shared: &Shared, peer: SocketAddr) -> Option<(ClientSlot, ClientSlot)> {
+    let Some(client_slot) = shared.per_client.enter(peer.ip()) else {
+        crate::metrics::get().refuse("max_connections_per_ip");
+        if let Some(n) = shared.refusals.allow() {
+            warn!(%peer, limit = shared.limits.max_connections_per_ip, suppressed = n, "refused connection: limits.max_connections_per_ip reached for this client");
+        }
+        return None;
+    };
+    let Some(unrouted) = shared.unrouted.enter(peer.ip()) else {
+        crate::metrics::get().refuse("max_unrouted_per_ip");
+        if let Some(n) = shared.refusals.allow() {
+            warn!(%peer, limit = shared.limits.max_unrouted_per_ip, suppressed = n, "refused connection: limits.max_unrouted_per_ip reached for this client");
+        }
+        return None;
+    };
+    Some((client_slot, unrouted))
 }
 
 fn configure(tcp: &TcpStream) {
@@ -319,7 +612,7 @@ impl PerClient {
     }
 
     /// Takes a slot for `ip`, or `None` if its client is at the limit.
-    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+    pub(crate) fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
         let key = Self::key(ip);
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(key).or_insert(0);

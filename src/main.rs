@@ -113,6 +113,22 @@ enum Command {
         #[arg(long, short, env = "SLUICE_CONFIG")]
         config: PathBuf,
     },
+    /// Ask a running sluice's admin endpoint whether it is ready (exit 0) or not (exit 1): an
+    /// exec probe for images without curl.
+    Healthcheck {
+        /// The admin address; default: [admin] listen from --config, else 127.0.0.1:9090.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// Take the admin address from this config file.
+        #[arg(long, short, env = "SLUICE_CONFIG", conflicts_with = "admin")]
+        config: Option<PathBuf>,
+        /// Check liveness (/livez) instead of readiness (/readyz).
+        #[arg(long)]
+        live: bool,
+        /// Give up after this long.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -148,6 +164,15 @@ fn main() -> ExitCode {
             client_cert,
         );
     }
+    if let Command::Healthcheck {
+        admin,
+        config,
+        live,
+        timeout,
+    } = cli.command
+    {
+        return healthcheck(admin, config, live, timeout);
+    }
     init_logging(cli.log_format);
     if let Command::SshConfig {
         alias,
@@ -159,7 +184,9 @@ fn main() -> ExitCode {
         return ssh_config(&alias, &target, pin, ca);
     }
     match cli.command {
-        Command::Connect { .. } | Command::SshConfig { .. } => unreachable!("handled above"),
+        Command::Connect { .. } | Command::SshConfig { .. } | Command::Healthcheck { .. } => {
+            unreachable!("handled above")
+        }
         Command::Check { config } => check(&config),
         Command::Serve { config, state_dir } => serve(config, state_dir),
         Command::Hostkey { config, state_dir } => hostkey(config, state_dir),
@@ -208,6 +235,47 @@ fn check(path: &PathBuf) -> ExitCode {
     print!("{}", cfg.describe());
     println!("config OK: {}", path.display());
     ExitCode::SUCCESS
+}
+
+fn healthcheck(
+    admin: Option<std::net::SocketAddr>,
+    config: Option<PathBuf>,
+    live: bool,
+    timeout: std::time::Duration,
+) -> ExitCode {
+    let addr = match (admin, config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => match Config::load(&path) {
+            Ok(cfg) => match cfg.admin {
+                Some(a) => a,
+                None => {
+                    eprintln!(
+                        "sluice healthcheck: {} has no [admin] table: nothing to ask",
+                        path.display()
+                    );
+                    return ExitCode::from(EX_CONFIG);
+                }
+            },
+            Err(e) => {
+                eprintln!("sluice healthcheck: config error: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        },
+        (None, None) => sluice::config::DEFAULT_ADMIN_LISTEN
+            .parse()
+            .expect("constant address parses"),
+    };
+    let path = if live { "/livez" } else { "/readyz" };
+    match sluice::admin::check(sluice::admin::probe_addr(addr), path, timeout) {
+        Ok(()) => {
+            println!("{} ok", if live { "live" } else { "ready" });
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluice healthcheck: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn ssh_config(alias: &str, target: &str, pin: Option<String>, ca: Option<PathBuf>) -> ExitCode {
@@ -381,6 +449,22 @@ fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // Handlers first: a signal that arrives while certificates load must not kill sluice.
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = (|| -> std::io::Result<_> {
+            Ok((
+                signal(SignalKind::hangup())?,
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })();
+        let (hup, term, int) = match signals {
+            Ok(s) => s,
+            Err(e) => {
+                error!("cannot install signal handlers: {e}");
+                return ExitCode::from(EX_OSERR);
+            }
+        };
         let server = match Server::bind(cfg.clone(), state_dir).await {
             Ok(s) => s,
             Err(ServeError::Tls(TlsError::Config(e))) => {
@@ -407,21 +491,17 @@ fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
                 error!("{e}");
                 return ExitCode::from(EX_OSERR);
             }
+            Err(e @ ServeError::Activation(_)) => {
+                error!("{e}");
+                return ExitCode::from(EX_CONFIG);
+            }
         };
         announce(&server, &cfg);
-        if let Some(ssh) = server.ssh() {
-            if let Err(e) = reload_on_sighup(ssh.keys().clone()) {
-                error!("cannot install the SIGHUP handler: {e}");
-                return ExitCode::from(EX_OSERR);
-            }
-        }
-        let shutdown = match shutdown_signal(server.force_close_token()) {
-            Ok(f) => f,
-            Err(e) => {
-                error!("cannot install signal handlers: {e}");
-                return ExitCode::from(EX_OSERR);
-            }
-        };
+        reload_on_sighup(server.reloader(), hup);
+        let shutdown = shutdown_signal(server.force_close_token(), term, int);
+        sluice::systemd::ready();
+        sluice::systemd::status("serving");
+        sluice::systemd::spawn_watchdog();
         server.run(shutdown).await;
         ExitCode::SUCCESS
     })
@@ -430,7 +510,17 @@ fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
 fn announce(server: &Server, cfg: &Config) {
     let addrs = server.local_addrs();
     let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    info!(listen = %list.join(", "), version = env!("CARGO_PKG_VERSION"), "sluice is serving");
+    if server.socket_activated() {
+        info!(listen = %list.join(", "), version = env!("CARGO_PKG_VERSION"), "sluice is serving on sockets from systemd (socket activation; `listen` is not used)");
+    } else {
+        info!(listen = %list.join(", "), version = env!("CARGO_PKG_VERSION"), "sluice is serving");
+    }
+    if !cfg.trusted_proxies.is_empty() {
+        info!(
+            count = cfg.trusted_proxies.len(),
+            "PROXY protocol headers accepted from trusted_proxies"
+        );
+    }
     for r in [&cfg.ssh, &cfg.http] {
         info!(route = r.kind.as_str(), target = %r.target_description(), "route");
     }
@@ -464,35 +554,41 @@ fn announce(server: &Server, cfg: &Config) {
     }
 }
 
-/// SIGHUP re-reads the authorized keys (certificates and config follow in a later release).
-fn reload_on_sighup(keys: std::sync::Arc<sluice::ssh::KeyStore>) -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup())?;
+/// SIGHUP re-reads the config file, the certificates and the authorized keys; a reload that
+/// fails anywhere changes nothing. systemd hears RELOADING=1 then READY=1 either way.
+fn reload_on_sighup(reloader: sluice::listen::Reloader, mut hup: tokio::signal::unix::Signal) {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            match keys.reload() {
-                Ok(()) => info!("SIGHUP: authorized keys reloaded"),
-                Err(e) => tracing::warn!(
-                    "SIGHUP: authorized keys not reloaded, the old ones stay in force: {e}"
-                ),
+            sluice::systemd::reloading();
+            match reloader.reload().await {
+                Ok(summary) => {
+                    info!("SIGHUP: reloaded: {summary}");
+                    sluice::systemd::status("serving; last reload succeeded");
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "SIGHUP: reload refused, the running configuration stays in force: {e}"
+                    );
+                    sluice::systemd::status("serving; last reload FAILED, see the log");
+                }
             }
+            sluice::systemd::ready();
         }
     });
-    Ok(())
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one cancels `force` (close everything now).
 fn shutdown_signal(
     force: tokio_util::sync::CancellationToken,
-) -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+) -> impl std::future::Future<Output = ()> {
+    async move {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
+        sluice::systemd::stopping();
         info!(
             signal = name,
             "shutdown requested; a second signal closes open connections at once"
@@ -505,5 +601,5 @@ fn shutdown_signal(
             tracing::warn!("second signal: closing open connections now");
             force.cancel();
         });
-    })
+    }
 }

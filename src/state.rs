@@ -70,3 +70,19 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     }
     result
 }
+
+/// A hash of each file's content (`None`: unreadable), to notice changes by content: mtimes
+/// and inotify miss the symlink swaps of certbot and Kubernetes secret volumes.
+pub(crate) fn digest_files<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Vec<Option<u64>> {
+    use std::hash::{Hash, Hasher};
+    paths
+        .into_iter()
+        .map(|p| {
+            std::fs::read(p).ok().map(|b| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                b.hash(&mut h);
+                h.finish()
+            })
+        })
+        .collect()
+}

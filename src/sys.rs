@@ -100,3 +100,48 @@ pub fn ktls_probe() -> Result<(), std::io::Error> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Takes ownership of `fd`, a listening socket systemd passed to this process (socket
+/// activation), after checking that it is one; the error says what it is instead.
+pub fn adopt_tcp_listener(fd: std::os::fd::RawFd) -> Result<std::net::TcpListener, String> {
+    use std::os::fd::FromRawFd;
+    check_tcp_listener(fd)?;
+    // SAFETY: systemd passed `fd` to this process (LISTEN_PID matched, checked by the caller's
+    // sd_notify::listen_fds) and nothing else owns it; it is a listening TCP socket.
+    Ok(unsafe { std::net::TcpListener::from_raw_fd(fd) })
+}
+
+/// Whether `fd` is a listening TCP (IPv4 or IPv6) stream socket; the error says what it is.
+fn check_tcp_listener(fd: std::os::fd::RawFd) -> Result<(), String> {
+    let get = |level: libc::c_int, opt: libc::c_int| -> Result<libc::c_int, String> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`, which we own; a bad fd
+        // only makes it fail.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                level,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r == 0 {
+            Ok(v)
+        } else {
+            Err(std::io::Error::last_os_error().to_string())
+        }
+    };
+    let domain = get(libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    if domain != libc::AF_INET && domain != libc::AF_INET6 {
+        return Err(format!("address family {domain}, not IPv4/IPv6"));
+    }
+    if get(libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return Err("not a stream socket".into());
+    }
+    if get(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? == 0 {
+        return Err("not listening".into());
+    }
+    Ok(())
+}

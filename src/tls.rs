@@ -306,3 +306,15 @@ pub fn server_config(
     cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     Ok(Arc::new(cfg))
 }
+
+/// Every file the certificates in `cfg` come from (watched for renewals).
+pub fn cert_files(cfg: &Config) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    if let CertSource::Files { cert, key } = &cfg.tls.cert {
+        files.extend([cert.path.clone(), key.path.clone()]);
+    }
+    for s in &cfg.tls.sni {
+        files.extend([s.cert.path.clone(), s.key.path.clone()]);
+    }
+    files
+}

@@ -29,6 +29,15 @@ pub struct File {
     #[serde(default)]
     pub routes: Routes,
     pub ssh: Option<Spanned<Ssh>>,
+    pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
+    pub admin: Option<Spanned<Admin>>,
+}
+
+/// `[admin]`: health and metrics listener.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub listen: Option<Spanned<String>>,
 }
 
 /// `[ssh]`: the embedded SSH server.

@@ -54,10 +54,18 @@ pub struct Config {
     pub ssh: Route,
     /// `[ssh]`: the embedded SSH server (used when the ssh route has no upstream).
     pub embedded_ssh: SshSettings,
+    /// Load balancers whose PROXY protocol header (v1 or v2) is accepted; from anyone else a
+    /// header is refused.
+    pub trusted_proxies: Vec<crate::ssh::policy::Cidr>,
+    /// `[admin]`: where `/livez`, `/readyz` and `/metrics` are served; `None`: nowhere.
+    pub admin: Option<SocketAddr>,
 }
 
+/// The admin listener's address when `[admin]` sets none.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
 /// `[ssh]`: the embedded SSH server.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SshSettings {
     /// The Ed25519 host key; `None`: `ssh_host_ed25519_key` in the state directory.
     pub host_key: Option<PathBuf>,
@@ -109,7 +117,7 @@ impl Default for SshSettings {
 }
 
 /// A path from the config file, with where it was written (for errors found when loading it).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConfigPath {
     /// The resolved path.
     pub path: PathBuf,
@@ -185,7 +193,7 @@ pub struct DetectSettings {
 }
 
 /// `[limits]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     /// Open connections at once, all phases.
     pub max_connections: u32,
@@ -268,7 +276,7 @@ pub struct Route {
 }
 
 /// Where in the config file something is.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Location {
     /// 1-based line (0 when unknown).
     pub line: usize,
@@ -359,6 +367,8 @@ impl Config {
             http: Route::default_for(RouteKind::Http),
             ssh: Route::default_for(RouteKind::Ssh),
             embedded_ssh: SshSettings::default(),
+            trusted_proxies: Vec::new(),
+            admin: None,
         }
     }
 
@@ -505,6 +515,40 @@ fn default_alpn(kind: RouteKind, h2: bool) -> Vec<String> {
     }
 }
 
+/// Replaces each `${NAME}` in `text` with the variable's value; an unset or empty variable,
+/// or an unclosed `${`, is an error naming it.
+pub(crate) fn expand_env(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("`${{` without a closing `}}` in `{text}`"));
+        };
+        let name = &after[..end];
+        match lookup(name).filter(|v| !v.is_empty()) {
+            Some(v) => out.push_str(&v.to_string_lossy()),
+            None => {
+                return Err(format!(
+                    "`${{{name}}}` is not set{}",
+                    if name == "CREDENTIALS_DIRECTORY" {
+                        " (systemd sets it for units with LoadCredential=)"
+                    } else {
+                        ""
+                    }
+                ))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// 1-based line and column of a byte offset, plus the dotted key being defined there.
 fn locate(text: &str, span: Range<usize>) -> Location {
     let start = span.start.min(text.len());
@@ -565,16 +609,24 @@ impl Validator<'_> {
         Err(ConfigError::at(self.file, &self.loc(span), message))
     }
 
-    fn path(&self, p: &Spanned<PathBuf>) -> ConfigPath {
-        let path = if p.get_ref().is_absolute() {
-            p.get_ref().clone()
-        } else {
-            self.base.join(p.get_ref())
+    /// A path, `${VAR}` expanded from the environment (systemd's `${CREDENTIALS_DIRECTORY}`,
+    /// `${STATE_DIRECTORY}`), relative ones resolved against the config file's directory.
+    fn path(&self, p: &Spanned<PathBuf>) -> Result<ConfigPath, ConfigError> {
+        let expanded = match p.get_ref().to_str() {
+            Some(text) if text.contains("${") => PathBuf::from(
+                expand_env(text, |v| std::env::var_os(v)).or_else(|m| self.err(p.span(), m))?,
+            ),
+            _ => p.get_ref().clone(),
         };
-        ConfigPath {
+        let path = if expanded.is_absolute() {
+            expanded
+        } else {
+            self.base.join(expanded)
+        };
+        Ok(ConfigPath {
             path,
             at: self.loc(p.span()),
-        }
+        })
     }
 
     fn validate(&self, raw: file::File) -> Result<Config, ConfigError> {
@@ -598,7 +650,10 @@ impl Validator<'_> {
                 }
             }
         }
-        cfg.state_dir = raw.state_dir.as_ref().map(|p| self.path(p).path);
+        cfg.state_dir = match &raw.state_dir {
+            Some(p) => Some(self.path(p)?.path),
+            None => None,
+        };
         if let Some(g) = &raw.shutdown_grace {
             cfg.shutdown_grace = self.duration(g, Duration::ZERO, DAY)?;
         }
@@ -607,8 +662,8 @@ impl Validator<'_> {
             let t = tls.get_ref();
             cfg.tls.cert = match (&t.cert, &t.key) {
                 (Some(c), Some(k)) => CertSource::Files {
-                    cert: self.path(c),
-                    key: self.path(k),
+                    cert: self.path(c)?,
+                    key: self.path(k)?,
                 },
                 (None, None) => CertSource::SelfSigned,
                 (Some(_), None) | (None, Some(_)) => {
@@ -621,7 +676,10 @@ impl Validator<'_> {
             if let Some(h) = &t.handshake_timeout {
                 cfg.tls.handshake_timeout = self.duration(h, MIN_TIMEOUT, 5 * MINUTE)?;
             }
-            cfg.tls.client_ca = t.client_ca.as_ref().map(|p| self.path(p));
+            cfg.tls.client_ca = match &t.client_ca {
+                Some(p) => Some(self.path(p)?),
+                None => None,
+            };
             let mut seen = std::collections::HashSet::new();
             for s in &t.sni {
                 let sc = s.get_ref();
@@ -641,8 +699,8 @@ impl Validator<'_> {
                 }
                 cfg.tls.sni.push(SniCert {
                     names,
-                    cert: self.path(&sc.cert),
-                    key: self.path(&sc.key),
+                    cert: self.path(&sc.cert)?,
+                    key: self.path(&sc.key)?,
                 });
             }
         }
@@ -730,13 +788,52 @@ impl Validator<'_> {
             }
             cfg.embedded_ssh = self.ssh(ssh.get_ref())?;
         }
+        if let Some(list) = &raw.trusted_proxies {
+            for c in list.get_ref() {
+                match crate::ssh::policy::Cidr::parse(c.get_ref()) {
+                    Some(cidr) => cfg.trusted_proxies.push(cidr),
+                    None => {
+                        return self.err(
+                            c.span(),
+                            format!(
+                                "`{}` is not an address or CIDR, e.g. \"10.0.0.0/8\"",
+                                c.get_ref()
+                            ),
+                        )
+                    }
+                }
+            }
+        }
+        if let Some(admin) = &raw.admin {
+            cfg.admin = Some(match &admin.get_ref().listen {
+                Some(l) => l.get_ref().parse().or_else(|_| {
+                    self.err(
+                        l.span(),
+                        format!(
+                            "`{}` is not an IP address and port, e.g. \"127.0.0.1:9090\"",
+                            l.get_ref()
+                        ),
+                    )
+                })?,
+                None => DEFAULT_ADMIN_LISTEN
+                    .parse()
+                    .expect("constant address parses"),
+            });
+        }
         Ok(cfg)
     }
 
     fn ssh(&self, raw: &file::Ssh) -> Result<SshSettings, ConfigError> {
         let mut s = SshSettings::default();
-        s.host_key = raw.host_key.as_ref().map(|p| self.path(p).path);
-        s.authorized_keys = raw.authorized_keys.iter().map(|p| self.path(p)).collect();
+        s.host_key = match &raw.host_key {
+            Some(p) => Some(self.path(p)?.path),
+            None => None,
+        };
+        s.authorized_keys = raw
+            .authorized_keys
+            .iter()
+            .map(|p| self.path(p))
+            .collect::<Result<_, _>>()?;
         for p in &raw.permit_open {
             s.permit_open.push(
                 crate::ssh::policy::PermitOpen::parse(p.get_ref())
@@ -759,7 +856,10 @@ impl Validator<'_> {
                 Ok,
             )?;
         }
-        s.socket_dir = raw.socket_dir.as_ref().map(|p| self.path(p).path);
+        s.socket_dir = match &raw.socket_dir {
+            Some(p) => Some(self.path(p)?.path),
+            None => None,
+        };
         if let Some(t) = &raw.connect_timeout {
             s.connect_timeout = self.duration(t, MIN_TIMEOUT, 10 * MINUTE)?;
         }

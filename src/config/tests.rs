@@ -218,3 +218,57 @@ fn client_certificate_requirements() {
         Path::new("/etc/sluice/ca.pem")
     );
 }
+
+#[test]
+fn trusted_proxies_and_admin() {
+    let c = parse(
+        "trusted_proxies = [\"10.0.0.0/8\", \"fd00::/8\", \"192.0.2.7\"]\n[admin]\nlisten = \"127.0.0.1:9191\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.trusted_proxies.len(), 3);
+    assert!(c.trusted_proxies[0].contains("10.1.2.3".parse().unwrap()));
+    assert!(!c.trusted_proxies[0].contains("11.1.2.3".parse().unwrap()));
+    assert_eq!(c.admin, Some("127.0.0.1:9191".parse().unwrap()));
+    // An empty [admin] table turns it on at the default address; no table: off.
+    let c = parse("[admin]\n").unwrap();
+    assert_eq!(c.admin, Some(DEFAULT_ADMIN_LISTEN.parse().unwrap()));
+    assert_eq!(parse("").unwrap().admin, None);
+    let e = err("trusted_proxies = [\"10.0.0.0/33\"]\n");
+    assert!(
+        e.contains(":1:") && e.contains("trusted_proxies") && e.contains("10.0.0.0/33"),
+        "{e}"
+    );
+    let e = err("[admin]\nlisten = \"localhost:9090\"\n");
+    assert!(e.contains(":2:") && e.contains("admin.listen"), "{e}");
+    let e = err("[admin]\nport = 9090\n");
+    assert!(e.contains("port"), "{e}");
+}
+
+#[test]
+fn paths_expand_environment_variables() {
+    let env = |v: &str| match v {
+        "CREDENTIALS_DIRECTORY" => {
+            Some(std::ffi::OsString::from("/run/credentials/sluice.service"))
+        }
+        "EMPTY" => Some(std::ffi::OsString::new()),
+        _ => None,
+    };
+    assert_eq!(
+        expand_env("${CREDENTIALS_DIRECTORY}/tls.key", env).unwrap(),
+        "/run/credentials/sluice.service/tls.key"
+    );
+    assert_eq!(expand_env("/plain/path", env).unwrap(), "/plain/path");
+    let e = expand_env("${STATE_DIRECTORY}/k", env).unwrap_err();
+    assert!(
+        e.contains("STATE_DIRECTORY") && e.contains("not set"),
+        "{e}"
+    );
+    assert!(expand_env("${EMPTY}/k", env).is_err());
+    assert!(expand_env("${CREDENTIALS_DIRECTORY/k", env).is_err());
+    // Through the parser: the error names the key and where it stands.
+    let e = err("[tls]\ncert = \"${SLUICE_TEST_SURELY_UNSET}/c.pem\"\nkey = \"k.pem\"\n");
+    assert!(
+        e.contains(":2:") && e.contains("tls.cert") && e.contains("SLUICE_TEST_SURELY_UNSET"),
+        "{e}"
+    );
+}

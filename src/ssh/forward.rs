@@ -46,6 +46,7 @@ pub(crate) async fn direct(
     user: String,
     slot: ChannelSlot,
 ) {
+    let _forward = crate::metrics::GaugeGuard::new(&crate::metrics::get().ssh_forwards_active);
     let target = format!("{host}:{port}");
     let deadline = Instant::now() + server.settings.connect_timeout;
     // getaddrinfo runs on the blocking pool and cannot be cancelled: bound how many run at once.
@@ -156,6 +157,8 @@ pub(crate) async fn reverse_tcp(
     port: u32,
     channels: Arc<ChannelCount>,
 ) {
+    // Held while the -R listener lives (the task is aborted when the forward ends).
+    let _forward = crate::metrics::GaugeGuard::new(&crate::metrics::get().ssh_forwards_active);
     loop {
         let (tcp, from) = match listener.accept().await {
             Ok(a) => a,
@@ -246,6 +249,7 @@ pub(crate) async fn reverse_unix(
     socket_path: String,
     channels: Arc<ChannelCount>,
 ) {
+    let _forward = crate::metrics::GaugeGuard::new(&crate::metrics::get().ssh_forwards_active);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,

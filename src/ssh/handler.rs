@@ -100,6 +100,8 @@ pub(crate) struct Conn {
     channels: Arc<ChannelCount>,
     /// Session channels hold a slot until the client closes them.
     session_channels: HashMap<ChannelId, ChannelSlot>,
+    /// Counts this session in `sluice_ssh_sessions_active` while it lives.
+    session_gauge: Option<crate::metrics::GaugeGuard>,
     forwards: HashMap<(String, u32), JoinHandle<()>>,
     sockets: HashMap<String, (JoinHandle<()>, PathBuf)>,
     expiry: Option<JoinHandle<()>>,
@@ -129,6 +131,7 @@ impl Conn {
                 max,
             }),
             session_channels: HashMap::new(),
+            session_gauge: None,
             forwards: HashMap::new(),
             sockets: HashMap::new(),
             expiry: None,
@@ -410,6 +413,11 @@ impl russh::server::Handler for Conn {
         *self.state.who.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(format!("user {} {}", grant.user, grant.label));
         self.authenticated.store(true, Ordering::Release);
+        let m = crate::metrics::get();
+        m.ssh_auth
+            .get_or_create(&crate::metrics::ResultLabels { result: "accepted" })
+            .inc();
+        self.session_gauge = Some(crate::metrics::GaugeGuard::new(&m.ssh_sessions_active));
         if let Some(exp) = grant.expires {
             // Expiry ends the live session, not just future logins.
             let handle = session.handle();

@@ -147,15 +147,5 @@ impl KeyStore {
 }
 
 fn content_digest(files: &[ConfigPath]) -> Vec<Option<u64>> {
-    use std::hash::{Hash, Hasher};
-    files
-        .iter()
-        .map(|f| {
-            std::fs::read(&f.path).ok().map(|b| {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                b.hash(&mut h);
-                h.finish()
-            })
-        })
-        .collect()
+    crate::state::digest_files(files.iter().map(|f| f.path.as_path()))
 }

@@ -126,6 +126,10 @@ impl SshServer {
     {
         if let Some(left) = self.failures.blocked(peer.ip()) {
             warn!(target: "sluice::ssh::auth", "Refused connection from {} port {}: too many authentication failures from this address, for {}s more", peer.ip(), peer.port(), left.as_secs());
+            crate::metrics::get()
+                .ssh_auth
+                .get_or_create(&crate::metrics::ResultLabels { result: "blocked" })
+                .inc();
             return "refused: too many authentication failures from this address".into();
         }
         let authenticated = Arc::new(AtomicBool::new(false));
@@ -179,6 +183,10 @@ impl SshServer {
             if let Some((user, what, reason)) = state.last_failure() {
                 warn!(target: "sluice::ssh::auth", "Failed publickey for {user} from {} port {} ssh2: {what}: {reason}", peer.ip(), peer.port());
                 self.failures.record(peer.ip());
+                crate::metrics::get()
+                    .ssh_auth
+                    .get_or_create(&crate::metrics::ResultLabels { result: "rejected" })
+                    .inc();
             }
         }
         let who = state.describe();

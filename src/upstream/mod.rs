@@ -11,7 +11,8 @@ use tokio::time::{timeout_at, Instant};
 use crate::config::Upstream;
 
 pub use proxy_header::{
-    decode_v2, encode as encode_proxy_header, DecodedV2, ProxyVersion, V2_SIGNATURE,
+    decode as decode_proxy_header, decode_v2, encode as encode_proxy_header, Decoded, DecodedV2,
+    ProxyVersion, MAX_HEADER as MAX_PROXY_HEADER, V2_SIGNATURE,
 };
 
 /// Why an upstream could not be reached.

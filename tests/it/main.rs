@@ -24,3 +24,6 @@ mod connect;
 
 /// The `sluice` binary: config errors, `check`, the embedded default, signals.
 mod cli;
+
+/// systemd (socket activation, sd_notify), reloads, the admin endpoint, PROXY input, deploy/.
+mod ops;

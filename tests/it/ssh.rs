@@ -1085,7 +1085,7 @@ async fn sighup_reloads_authorized_keys() {
         .unwrap();
     let mut reloaded = false;
     while let Ok(l) = d.log.recv_timeout(Duration::from_secs(5)) {
-        if l.contains("SIGHUP: authorized keys reloaded") {
+        if l.contains("SIGHUP: reloaded") && l.contains("authorized keys reloaded") {
             reloaded = true;
             break;
         }

@@ -1,0 +1,227 @@
+//! The admin listener: `/livez`, `/readyz` (503 while draining) and `/metrics`, plus the client
+//! side used by `sluice healthcheck`. A deliberately tiny HTTP/1 server: GET only, one request
+//! per connection, bounded in time, bytes and concurrency.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+/// Requests larger than this are refused (a GET line and a few headers fit easily).
+const MAX_REQUEST: usize = 8 * 1024;
+/// A request must arrive and its answer be written within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Admin connections served at once; more wait in the backlog.
+const MAX_CONCURRENT: usize = 32;
+
+/// Whether the server takes new connections: false from the first shutdown signal on.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// Ready.
+    pub fn ready() -> Readiness {
+        Readiness(Arc::new(AtomicBool::new(true)))
+    }
+
+    /// `/readyz` answers 503 from now on.
+    pub fn set_draining(&self) {
+        self.0.store(false, Ordering::SeqCst);
+        crate::metrics::get().draining.set(1);
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Binds the admin address (a failure is reported at start, like the main listeners).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(64)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Serves admin requests until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, readiness: Readiness, stop: CancellationToken) {
+    if let Ok(a) = listener.local_addr() {
+        info!(admin = %a, "admin endpoint: /livez /readyz /metrics");
+    }
+    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &readiness)).await
+            {
+                debug!(%peer, error = %e, "admin request timed out");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn answer(mut s: TcpStream, readiness: &Readiness) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let head_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n").or_else(|| find(&buf, b"\n\n")) {
+            break i;
+        }
+        if buf.len() > MAX_REQUEST {
+            let _ = respond(&mut s, 431, "text/plain", "request too large\n").await;
+            return;
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    if method != "GET" && method != "HEAD" {
+        let _ = respond(&mut s, 405, "text/plain", "only GET\n").await;
+        return;
+    }
+    let (status, ctype, body) = match path {
+        "/livez" => (200, "text/plain", "ok\n".to_string()),
+        "/readyz" if readiness.is_ready() => (200, "text/plain", "ready\n".to_string()),
+        "/readyz" => (503, "text/plain", "draining\n".to_string()),
+        "/metrics" => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            crate::metrics::get().encode(),
+        ),
+        _ => (
+            404,
+            "text/plain",
+            "not found; try /livez, /readyz or /metrics\n".to_string(),
+        ),
+    };
+    let body = if method == "HEAD" { "" } else { &body };
+    let _ = respond(&mut s, status, ctype, body).await;
+}
+
+async fn respond(s: &mut TcpStream, status: u16, ctype: &str, body: &str) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body.as_bytes()).await?;
+    s.shutdown().await
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// What `sluice healthcheck` found.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    /// Nothing answered.
+    #[error("cannot reach the admin endpoint at {addr}: {source}")]
+    Unreachable {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// It answered, but not 200.
+    #[error("{path} at {addr} answered: {status}")]
+    NotOk {
+        /// Where.
+        addr: SocketAddr,
+        /// Which endpoint.
+        path: &'static str,
+        /// The status line.
+        status: String,
+    },
+}
+
+/// Asks the admin endpoint at `addr` for `path` (`/readyz` or `/livez`); Ok if it answers 200.
+/// Blocking and dependency-free, for exec probes in images without curl.
+pub fn check(addr: SocketAddr, path: &'static str, timeout: Duration) -> Result<(), HealthError> {
+    use std::io::{Read, Write};
+    let unreachable = |source| HealthError::Unreachable { addr, source };
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(unreachable)?;
+    s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
+    s.set_write_timeout(Some(timeout)).map_err(unreachable)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(unreachable)?;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !reply.contains(&b'\n') && reply.len() < 4096 {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => reply.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(unreachable(e)),
+        }
+    }
+    let line = String::from_utf8_lossy(&reply);
+    let status = line.lines().next().unwrap_or("").trim().to_string();
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(())
+    } else {
+        Err(HealthError::NotOk {
+            addr,
+            path,
+            status: if status.is_empty() {
+                "nothing".into()
+            } else {
+                status
+            },
+        })
+    }
+}
+
+/// The address to probe for a listen address: a wildcard becomes loopback.
+pub fn probe_addr(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}

@@ -1,0 +1,250 @@
+//! Process-wide counters, served as Prometheus text by the admin listener.
+//!
+//! One process, one set of counters (like the tracing subscriber): a global avoids threading
+//! a handle through every module that counts something.
+
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// How a connection ended up where it went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    /// `http`, `ssh` or `none` (closed before reaching a route).
+    pub route: &'static str,
+    /// `alpn`, `sni`, `peek`, `timeout`, `plaintext` or `none`.
+    pub routed_by: &'static str,
+}
+
+/// A direction of relayed bytes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `from_client` or `to_client`.
+    pub direction: &'static str,
+}
+
+/// Why a connection was refused at accept.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The limit or check that refused it.
+    pub reason: &'static str,
+}
+
+/// A route.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// `http` or `ssh`.
+    pub route: &'static str,
+}
+
+/// An outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `accepted`/`rejected`, or `success`/`failure`.
+    pub result: &'static str,
+}
+
+/// What was reloaded, and how it went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `config`, `certificates` or `authorized_keys`.
+    pub what: &'static str,
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
+/// Every metric sluice exports. Names get the `sluice_` prefix (and `_total` for counters).
+pub struct Metrics {
+    registry: Registry,
+    /// Connections that finished, by route and by how they were routed.
+    pub connections: Family<ConnLabels, Counter>,
+    /// Connections open now.
+    pub connections_active: Gauge,
+    /// Connections refused at accept (limits, PROXY header problems).
+    pub refused: Family<ReasonLabels, Counter>,
+    /// Payload bytes relayed, counted when a connection closes.
+    pub bytes: Family<DirectionLabels, Counter>,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: Counter,
+    /// Upstreams that could not be reached.
+    pub upstream_failures: Family<RouteLabels, Counter>,
+    /// Seconds from the start of detection (accept, or the end of the TLS handshake) to the
+    /// routing decision.
+    pub detect_seconds: Histogram,
+    /// Embedded SSH server: authentication results (one per connection that ends or succeeds).
+    pub ssh_auth: Family<ResultLabels, Counter>,
+    /// Embedded SSH server: authenticated sessions open now.
+    pub ssh_sessions_active: Gauge,
+    /// Embedded SSH server: open `-W`/`-L`/`-J` channels and `-R` listeners.
+    pub ssh_forwards_active: Gauge,
+    /// Reloads of the config, certificates and authorized keys.
+    pub reloads: Family<ReloadLabels, Counter>,
+    /// 1 while draining for shutdown (then `/readyz` answers 503).
+    pub draining: Gauge,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("sluice");
+        let m = Metrics {
+            connections: Family::default(),
+            connections_active: Gauge::default(),
+            refused: Family::default(),
+            bytes: Family::default(),
+            tls_handshake_failures: Counter::default(),
+            upstream_failures: Family::default(),
+            // 50 us .. ~1.6 s, doubling: routing normally takes well under a millisecond after
+            // the deciding byte; silent clients show up at detect.timeout.
+            detect_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16),
+            ),
+            ssh_auth: Family::default(),
+            ssh_sessions_active: Gauge::default(),
+            ssh_forwards_active: Gauge::default(),
+            reloads: Family::default(),
+            draining: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Connections closed, by route and by how they were routed",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Connections open now",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused at accept, by reason",
+            m.refused.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Bytes relayed, by direction (counted when a connection closes)",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "upstream_connect_failures",
+            "Upstreams that could not be reached, by route",
+            m.upstream_failures.clone(),
+        );
+        registry.register(
+            "detect_seconds",
+            "Time from the start of detection to the routing decision",
+            m.detect_seconds.clone(),
+        );
+        registry.register(
+            "ssh_auth",
+            "Embedded SSH server authentication results",
+            m.ssh_auth.clone(),
+        );
+        registry.register(
+            "ssh_sessions_active",
+            "Embedded SSH server: authenticated sessions open now",
+            m.ssh_sessions_active.clone(),
+        );
+        registry.register(
+            "ssh_forwards_active",
+            "Embedded SSH server: forwarding channels and -R listeners open now",
+            m.ssh_forwards_active.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Reloads of the config, certificates and authorized keys, by result",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "draining",
+            "1 while draining for shutdown",
+            m.draining.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus/OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts a reload.
+    pub fn reload(&self, what: &'static str, ok: bool) {
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                what,
+                result: if ok { "success" } else { "failure" },
+            })
+            .inc();
+    }
+
+    /// Counts a refused connection.
+    pub fn refuse(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+}
+
+/// Decrements a gauge when dropped: keeps "active" gauges right on every exit path.
+pub struct GaugeGuard(&'static Gauge);
+
+impl GaugeGuard {
+    /// Increments `gauge` now and decrements it on drop.
+    pub fn new(gauge: &'static Gauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_prefixed_and_counters_move() {
+        let m = Metrics::new();
+        m.connections
+            .get_or_create(&ConnLabels {
+                route: "ssh",
+                routed_by: "alpn",
+            })
+            .inc();
+        m.reload("config", false);
+        let text = m.encode();
+        assert!(
+            text.contains("sluice_connections_total{route=\"ssh\",routed_by=\"alpn\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_reloads_total{what=\"config\",result=\"failure\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("sluice_detect_seconds_bucket"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

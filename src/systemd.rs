@@ -1,0 +1,88 @@
+//! systemd integration: listening sockets passed by socket activation, and sd_notify state
+//! messages (READY, RELOADING, STOPPING, WATCHDOG). Every call is a no-op outside systemd.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use tracing::warn;
+
+/// Why inherited sockets cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    /// `LISTEN_FDS`/`LISTEN_PID` are malformed.
+    #[error("socket activation: {0}")]
+    Env(io::Error),
+    /// A passed descriptor is not a listening TCP socket.
+    #[error("socket activation: descriptor {fd} is not a listening TCP socket ({why}); sluice.socket needs ListenStream=")]
+    NotTcpListener {
+        /// The descriptor.
+        fd: RawFd,
+        /// What it is instead.
+        why: String,
+    },
+}
+
+/// The listening sockets systemd passed (`LISTEN_FDS` for this PID), non-blocking and ready for
+/// tokio; empty when not socket-activated.
+pub fn inherited_listeners() -> Result<Vec<std::net::TcpListener>, ActivationError> {
+    let fds: Vec<RawFd> = sd_notify::listen_fds()
+        .map_err(ActivationError::Env)?
+        .collect();
+    let mut out = Vec::with_capacity(fds.len());
+    for fd in fds {
+        let l = crate::sys::adopt_tcp_listener(fd)
+            .map_err(|why| ActivationError::NotTcpListener { fd, why })?;
+        // Inherited sockets are blocking; tokio needs O_NONBLOCK.
+        l.set_nonblocking(true)
+            .map_err(|e| ActivationError::NotTcpListener {
+                fd,
+                why: e.to_string(),
+            })?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn send(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Config, certificates, keys and listeners are ready.
+pub fn ready() {
+    send(&[sd_notify::NotifyState::Ready]);
+}
+
+/// A reload starts (systemd then waits for [`ready`] again).
+pub fn reloading() {
+    match sd_notify::NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[sd_notify::NotifyState::Reloading, now]),
+        Err(_) => send(&[sd_notify::NotifyState::Reloading]),
+    }
+}
+
+/// Shutdown starts.
+pub fn stopping() {
+    send(&[sd_notify::NotifyState::Stopping]);
+}
+
+/// A one-line status shown by `systemctl status`.
+pub fn status(text: &str) {
+    send(&[sd_notify::NotifyState::Status(text)]);
+}
+
+/// If the unit sets `WatchdogSec=`, pings systemd at half the interval from a runtime task: a
+/// stalled runtime stops the pings and systemd restarts the service.
+pub fn spawn_watchdog() {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval / 2);
+        loop {
+            tick.tick().await;
+            send(&[sd_notify::NotifyState::Watchdog]);
+        }
+    });
+}
