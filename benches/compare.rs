@@ -116,14 +116,11 @@ async fn sink(mib: usize, arrivals: mpsc::UnboundedSender<Instant>) -> SocketAdd
 /// Writes `mib` MiB while reading `mib` MiB; returns when both are done.
 /// Returns the bytes read and the two halves, still open (so that CPU can be measured while a
 /// per-connection process still exists).
-async fn push_pull<S: AsyncRead + AsyncWrite + Unpin>(
+async fn push_pull<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     s: S,
     first: &[u8],
     mib: usize,
-) -> (usize, Box<dyn std::any::Any>)
-where
-    S: 'static,
-{
+) -> (usize, Box<dyn std::any::Any>) {
     let (mut r, mut w) = tokio::io::split(s);
     let first = first.to_vec();
     let write = async move {

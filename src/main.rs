@@ -578,12 +578,12 @@ fn reload_on_sighup(reloader: sluice::listen::Reloader, mut hup: tokio::signal::
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one cancels `force` (close everything now).
-fn shutdown_signal(
+async fn shutdown_signal(
     force: tokio_util::sync::CancellationToken,
     mut term: tokio::signal::unix::Signal,
     mut int: tokio::signal::unix::Signal,
-) -> impl std::future::Future<Output = ()> {
-    async move {
+) {
+    {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",

@@ -63,7 +63,7 @@ pub fn by_sni(cfg: &Config, sni: &str) -> Option<RouteKind> {
     let sni = sni.trim_end_matches('.').to_ascii_lowercase();
     let routes = [&cfg.ssh, &cfg.http];
     // An exact name beats a wildcard, whichever route holds them (as certificate choice does).
-    let exact = routes.iter().find(|r| r.sni.iter().any(|p| *p == sni));
+    let exact = routes.iter().find(|r| r.sni.contains(&sni));
     let wildcard = || {
         let parent = sni.split_once('.')?.1;
         routes

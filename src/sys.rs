@@ -63,18 +63,6 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_780), (2026, 11, 23));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-    }
-}
-
 /// Whether the kernel offers kTLS: sets the `tls` upper-layer protocol on a loopback TCP
 /// socket, as a kTLS implementation would (which may autoload the module). `Err` says why not.
 pub fn ktls_probe() -> Result<(), std::io::Error> {
@@ -144,4 +132,16 @@ fn check_tcp_listener(fd: std::os::fd::RawFd) -> Result<(), String> {
         return Err("not listening".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_780), (2026, 11, 23));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    }
 }

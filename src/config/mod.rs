@@ -432,6 +432,15 @@ impl Config {
                 c.cert.path.display()
             ));
         }
+        if !self.trusted_proxies.is_empty() {
+            s.push_str(&format!(
+                "proxy in      PROXY headers accepted from {} trusted address range(s)\n",
+                self.trusted_proxies.len()
+            ));
+        }
+        if let Some(a) = self.admin {
+            s.push_str(&format!("admin         http://{a}/ (livez, readyz, metrics)\n"));
+        }
         let alpn: Vec<String> = self
             .alpn_offered()
             .iter()
@@ -824,10 +833,12 @@ impl Validator<'_> {
     }
 
     fn ssh(&self, raw: &file::Ssh) -> Result<SshSettings, ConfigError> {
-        let mut s = SshSettings::default();
-        s.host_key = match &raw.host_key {
-            Some(p) => Some(self.path(p)?.path),
-            None => None,
+        let mut s = SshSettings {
+            host_key: match &raw.host_key {
+                Some(p) => Some(self.path(p)?.path),
+                None => None,
+            },
+            ..SshSettings::default()
         };
         s.authorized_keys = raw
             .authorized_keys

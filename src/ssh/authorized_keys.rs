@@ -383,7 +383,7 @@ mod tests {
             ("ssh-ed25519 AAAAnotbase64!! x".to_string(), "bad key"),
             ("ssh-foo AAAA".to_string(), "`ssh-foo`"),
             (
-                format!("restrict ssh-foo AAAA"),
+                "restrict ssh-foo AAAA".to_string(),
                 "`ssh-foo` is not a known key type",
             ),
             (format!("restrict,,port-forwarding {KEY}"), "empty option"),

@@ -534,7 +534,7 @@ mod tests {
         );
         // Local time one hour east of UTC is one hour earlier in UTC.
         assert_eq!(at("202611231500", 3600), Some(1_795_392_000 + 14 * 3600));
-        assert_eq!(at("20240229Z", 0).is_some(), true);
+        assert!(at("20240229Z", 0).is_some());
         for bad in [
             "20230229Z",
             "2026112",

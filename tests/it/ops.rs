@@ -149,7 +149,8 @@ fn socket_activation_and_sd_notify_messages() {
     let mut cmd = Command::new("systemd-socket-activate");
     cmd.args(["-l", &format!("127.0.0.1:{port}")])
         .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
-        .args(["--setenv=RUST_LOG=info", "--"])
+        // The unit's WatchdogSec=, as systemd passes it: pings every 100 ms.
+        .args(["--setenv=RUST_LOG=info", "--setenv=WATCHDOG_USEC=200000", "--"])
         .arg(bin())
         .args(["serve", "--config", &cfg, "--state-dir"])
         .arg(dir.path().join("state"));
@@ -193,7 +194,7 @@ fn socket_activation_and_sd_notify_messages() {
     };
     // STATUS= lines may come between; collect until the expected state shows up.
     let expect = |state: &str, buf: &mut [u8]| -> String {
-        for _ in 0..5 {
+        for _ in 0..50 {
             let m = recv(buf);
             if m.lines().any(|l| l == state) {
                 return m;
@@ -202,6 +203,7 @@ fn socket_activation_and_sd_notify_messages() {
         panic!("no {state} from sluice");
     };
     expect("READY=1", &mut buf);
+    expect("WATCHDOG=1", &mut buf);
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", unused)).is_err(),
         "bound `listen` although sockets were passed"
