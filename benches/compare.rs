@@ -10,7 +10,8 @@
 //!
 //! Run: `cargo bench --bench compare`. Environment: COMPARE_ONLY=ceiling,1,2,3,4,5,6 (which),
 //! COMPARE_MIB=1024, COMPARE_ROUNDS=3, COMPARE_HS_SECS=3, COMPARE_HS_CLIENTS=4,
-//! COMPARE_LAT_N=500, COMPARE_IDLE=9000, COMPARE_IDLE_STUNNEL=2000.
+//! COMPARE_LAT_N=500, COMPARE_IDLE=9000, COMPARE_IDLE_STUNNEL=2000, COMPARE_SLUICE_THREADS=1
+//! (sluice's `threads`; HAProxy runs with `nbthread 1`).
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -224,6 +225,11 @@ struct Bench {
     skipped: Vec<String>,
 }
 
+/// sluice's `threads` for the comparison: 1 by default, as HAProxy runs with `nbthread 1`.
+fn sluice_threads() -> u32 {
+    env_or("COMPARE_SLUICE_THREADS", 1)
+}
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -330,7 +336,8 @@ fn tls_peers(b: &mut Bench) -> Vec<Peer> {
     std::fs::write(
         &cfg,
         format!(
-            "listen = [\"127.0.0.1:{p}\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\nmax_unrouted_per_ip = 20000\n[routes.http]\nupstream = \"{}\"\nplaintext = \"accept\"\n[routes.ssh]\nupstream = \"{}\"\n",
+            "listen = [\"127.0.0.1:{p}\"]\nthreads = {}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\nmax_unrouted_per_ip = 20000\n[routes.http]\nupstream = \"{}\"\nplaintext = \"accept\"\n[routes.ssh]\nupstream = \"{}\"\n",
+            sluice_threads(),
             b.cert.display(),
             b.key.display(),
             b.sink,
@@ -538,7 +545,8 @@ fn bulk_plain(b: &mut Bench) {
     std::fs::write(
         &cfg2,
         format!(
-            "listen = [\"127.0.0.1:{p}\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\nupstream = \"{}\"\n",
+            "listen = [\"127.0.0.1:{p}\"]\nthreads = {}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\nupstream = \"{}\"\n",
+            sluice_threads(),
             b.cert.display(),
             b.key.display(),
             b.sink
@@ -886,7 +894,8 @@ fn ssh_forward(b: &mut Bench) {
     std::fs::write(
         &cfg,
         format!(
-            "listen = [\"127.0.0.1:{p}\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\npermit_open = [\"127.0.0.1:*\"]\n",
+            "listen = [\"127.0.0.1:{p}\"]\nthreads = {}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\npermit_open = [\"127.0.0.1:*\"]\n",
+            sluice_threads(),
             b.cert.display(),
             b.key.display(),
             auth.display()

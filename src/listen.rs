@@ -66,6 +66,8 @@ pub(crate) struct Shared {
     pub(crate) snapshot: ArcSwap<Snapshot>,
     /// Limits fixed at start (a reload does not resize them).
     pub(crate) limits: crate::config::Limits,
+    /// `threads` at start.
+    pub(crate) limits_threads: Option<u32>,
     /// Connections per client still in handshake or detection.
     pub(crate) unrouted: Arc<PerClient>,
     /// All connections per client.
@@ -127,6 +129,7 @@ impl Server {
             per_client: Arc::new(PerClient::new(cfg.limits.max_connections_per_ip)),
             pipes: crate::relay::splice::PipePool::new(cfg.limits.splice_pipes as usize),
             limits: cfg.limits.clone(),
+            limits_threads: cfg.threads,
             snapshot: ArcSwap::from_pointee(snapshot),
             next_id: AtomicU64::new(1),
             force_close,
@@ -204,16 +207,13 @@ impl Server {
         let stop_admin = CancellationToken::new();
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(self.shared.limits.max_connections as usize));
-        let mut accepting = tokio::task::JoinSet::new();
-        for l in self.listeners {
-            let (shared, stop, tracker, limit) = (
-                self.shared.clone(),
-                stop_accepting.clone(),
-                tracker.clone(),
-                limit.clone(),
-            );
-            accepting.spawn(accept_loop(l, shared, stop, tracker, limit));
-        }
+        let accepting = spawn_acceptors(
+            self.listeners,
+            &self.shared,
+            &stop_accepting,
+            &tracker,
+            &limit,
+        );
         if let Some(admin) = self.admin {
             tokio::spawn(crate::admin::serve(
                 admin,
@@ -225,7 +225,7 @@ impl Server {
         shutdown.await;
         self.readiness.set_draining();
         stop_accepting.cancel();
-        while accepting.join_next().await.is_some() {}
+        accepting.stopped().await;
         tracker.close();
         let grace = self.shared.snapshot.load().cfg.shutdown_grace;
         let open = tracker.len();
@@ -453,10 +453,100 @@ fn restart_only_changes(started: &Config, now: &Config) -> Vec<&'static str> {
     if started.limits != now.limits {
         v.push("limits");
     }
+    if started.threads != now.threads {
+        v.push("threads");
+    }
     if started.state_dir != now.state_dir {
         v.push("state_dir");
     }
     v
+}
+
+/// The accept loops, and a way to wait until they have all stopped.
+struct Acceptors {
+    /// Closed (all senders dropped) once every accept loop has returned.
+    done: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl Acceptors {
+    async fn stopped(mut self) {
+        while self.done.recv().await.is_some() {}
+    }
+}
+
+/// One thread per core, each with its own single-threaded runtime accepting on every listener
+/// (a clone of the socket) and running the connections it accepted to the end: a connection's
+/// handshake and relay never hop threads, which saves the cross-thread wake-ups a work-stealing
+/// scheduler pays per connection. The kernel hands each connection to one of the waiting
+/// threads. A thread keeps its runtime until every tracked connection has finished.
+fn spawn_acceptors(
+    listeners: Vec<TcpListener>,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+    tracker: &TaskTracker,
+    limit: &Arc<Semaphore>,
+) -> Acceptors {
+    let (done_tx, done) = tokio::sync::mpsc::channel(1);
+    let threads = match shared.limits_threads {
+        Some(n) => n as usize,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let std_listeners: Vec<std::net::TcpListener> = listeners
+        .into_iter()
+        .filter_map(|l| l.into_std().ok())
+        .collect();
+    for i in 0..threads {
+        let clones: Vec<std::net::TcpListener> = std_listeners
+            .iter()
+            .filter_map(|l| l.try_clone().ok())
+            .collect();
+        let (shared, stop, tracker, limit, done_tx) = (
+            shared.clone(),
+            stop.clone(),
+            tracker.clone(),
+            limit.clone(),
+            done_tx.clone(),
+        );
+        let serve = async move {
+            let mut loops = tokio::task::JoinSet::new();
+            for l in clones {
+                match TcpListener::from_std(l) {
+                    Ok(l) => {
+                        loops.spawn(accept_loop(
+                            l,
+                            shared.clone(),
+                            stop.clone(),
+                            tracker.clone(),
+                            limit.clone(),
+                        ));
+                    }
+                    Err(e) => warn!(error = %e, "cannot register a listener"),
+                }
+            }
+            while loops.join_next().await.is_some() {}
+            drop(done_tx);
+            // The connections this runtime runs must finish before it goes away.
+            tracker.wait().await;
+        };
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => {
+                let spawned = std::thread::Builder::new()
+                    .name(format!("sluice-worker-{i}"))
+                    .spawn(move || rt.block_on(serve));
+                if let Err(e) = spawned {
+                    warn!(error = %e, "cannot start a worker thread; the others accept");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot build a worker runtime; accepting on the main one");
+                tokio::spawn(serve);
+            }
+        }
+    }
+    Acceptors { done }
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {

@@ -21,6 +21,7 @@ pub struct File {
     pub listen: Option<Spanned<Vec<Spanned<String>>>>,
     pub state_dir: Option<Spanned<PathBuf>>,
     pub shutdown_grace: Option<Spanned<Dur>>,
+    pub threads: Option<Spanned<u32>>,
     pub tls: Option<Spanned<Tls>>,
     #[serde(default)]
     pub detect: Detect,

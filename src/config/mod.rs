@@ -42,6 +42,8 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// How long open connections may finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// Threads that accept and serve connections; `None`: one per CPU.
+    pub threads: Option<u32>,
     /// TLS settings.
     pub tls: TlsSettings,
     /// Detection settings.
@@ -347,6 +349,7 @@ impl Config {
             listen: vec![listen],
             state_dir: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            threads: None,
             tls: TlsSettings {
                 cert: CertSource::SelfSigned,
                 sni: Vec::new(),
@@ -439,7 +442,9 @@ impl Config {
             ));
         }
         if let Some(a) = self.admin {
-            s.push_str(&format!("admin         http://{a}/ (livez, readyz, metrics)\n"));
+            s.push_str(&format!(
+                "admin         http://{a}/ (livez, readyz, metrics)\n"
+            ));
         }
         let alpn: Vec<String> = self
             .alpn_offered()
@@ -665,6 +670,12 @@ impl Validator<'_> {
         };
         if let Some(g) = &raw.shutdown_grace {
             cfg.shutdown_grace = self.duration(g, Duration::ZERO, DAY)?;
+        }
+        if let Some(t) = &raw.threads {
+            if !(1..=1024).contains(t.get_ref()) {
+                return self.err(t.span(), "must be between 1 and 1024");
+            }
+            cfg.threads = Some(*t.get_ref());
         }
 
         if let Some(tls) = &raw.tls {

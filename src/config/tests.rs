@@ -272,3 +272,11 @@ fn paths_expand_environment_variables() {
         "{e}"
     );
 }
+
+#[test]
+fn threads_is_bounded() {
+    assert_eq!(parse("threads = 3\n").unwrap().threads, Some(3));
+    assert_eq!(parse("").unwrap().threads, None);
+    let e = err("threads = 0\n");
+    assert!(e.contains(":1:") && e.contains("threads"), "{e}");
+}

@@ -150,7 +150,11 @@ fn socket_activation_and_sd_notify_messages() {
     cmd.args(["-l", &format!("127.0.0.1:{port}")])
         .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
         // The unit's WatchdogSec=, as systemd passes it: pings every 100 ms.
-        .args(["--setenv=RUST_LOG=info", "--setenv=WATCHDOG_USEC=200000", "--"])
+        .args([
+            "--setenv=RUST_LOG=info",
+            "--setenv=WATCHDOG_USEC=200000",
+            "--",
+        ])
         .arg(bin())
         .args(["serve", "--config", &cfg, "--state-dir"])
         .arg(dir.path().join("state"));
