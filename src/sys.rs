@@ -134,6 +134,23 @@ fn check_tcp_listener(fd: std::os::fd::RawFd) -> Result<(), String> {
     Ok(())
 }
 
+/// The host name, from uname(2).
+pub fn hostname() -> Option<String> {
+    // SAFETY: `utsname` is a plain C struct; zeroed is valid, and uname only writes into it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = u
+        .nodename
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    String::from_utf8(bytes).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

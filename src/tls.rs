@@ -4,7 +4,6 @@
 //! that a reload can swap them without touching the `ServerConfig` or open connections.
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -252,7 +251,8 @@ fn self_signed(dir: &Path, provider: &CryptoProvider) -> Result<Arc<CertifiedKey
 }
 
 fn hostname() -> Option<String> {
-    let h = fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    // uname(2), not /proc/sys/kernel/hostname: hardened units hide /proc/sys (ProcSubset=pid).
+    let h = crate::sys::hostname()?;
     let h = h.trim().to_ascii_lowercase();
     let valid = !h.is_empty()
         && h != "localhost"
