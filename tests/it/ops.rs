@@ -791,11 +791,22 @@ print(json.dumps(out))
     // systemd: the example config (with credentials), then the units.
     let cert = TestCert::localhost();
     let creds = tempfile::tempdir().unwrap();
-    std::fs::copy(&cert.cert, creds.path().join("tls.crt")).unwrap();
     std::fs::copy(&cert.key, creds.path().join("tls.key")).unwrap();
+    // The chain is read in place from /etc/sluice/tls.crt: point that at a test certificate.
+    let shipped = std::fs::read_to_string(root.join("deploy/systemd/sluice.toml")).unwrap();
+    assert!(
+        shipped.contains("\"/etc/sluice/tls.crt\""),
+        "the shipped config moved the chain"
+    );
+    let local = creds.path().join("sluice.toml");
+    std::fs::write(
+        &local,
+        shipped.replace("/etc/sluice/tls.crt", &cert.cert.display().to_string()),
+    )
+    .unwrap();
     let out = Command::new(bin())
         .args(["check", "--config"])
-        .arg(root.join("deploy/systemd/sluice.toml"))
+        .arg(&local)
         .env("CREDENTIALS_DIRECTORY", creds.path())
         .output()
         .unwrap();
