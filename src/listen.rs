@@ -221,7 +221,7 @@ impl Server {
                 stop_admin.clone(),
             ));
         }
-        self.reloader.watch_certs(CERT_POLL, stop_accepting.clone());
+        self.reloader.watch_certs(stop_accepting.clone());
         shutdown.await;
         self.readiness.set_draining();
         stop_accepting.cancel();
@@ -251,8 +251,28 @@ impl Server {
     }
 }
 
-/// How often certificate files are checked for new content.
-const CERT_POLL: Duration = Duration::from_secs(2);
+/// After a certificate pair failed to load, when to look again.
+const CERT_RETRY: Duration = Duration::from_secs(1);
+/// After an inotify event, how long to let further renames settle.
+const CERT_SETTLE: Duration = Duration::from_millis(100);
+
+/// Resolves when a watched directory has events (never, without inotify).
+async fn dir_changed(w: Option<&tokio::io::unix::AsyncFd<crate::sys::DirWatch>>) {
+    let Some(w) = w else {
+        return std::future::pending().await;
+    };
+    loop {
+        let Ok(mut ready) = w.readable().await else {
+            return std::future::pending().await;
+        };
+        let any = ready.get_inner().drain();
+        // Drained until EAGAIN: wait for the next readiness.
+        ready.clear_ready();
+        if any {
+            return;
+        }
+    }
+}
 
 /// Builds what new connections are served with. The embedded SSH server is kept from
 /// `previous` when its settings did not change (its -R ports and failure counts carry over).
@@ -389,23 +409,56 @@ impl Reloader {
         Ok(summary)
     }
 
-    /// Polls the certificate files every `every` and reloads them when their content changed.
-    /// A pair that fails to load is reported once it is stable (certbot and Kubernetes swap
-    /// the certificate and the key one after the other), and the old one stays.
-    pub fn watch_certs(&self, every: Duration, stop: CancellationToken) {
+    /// Reloads the certificates when their files' content changes: woken by inotify on the
+    /// files' directories, and checked every `tls.poll_interval` besides (inotify misses some
+    /// network file systems). A pair that fails to load is retried shortly (certbot and
+    /// Kubernetes swap the certificate and the key one after the other) and reported once it
+    /// fails twice on the same content; the old one stays.
+    pub fn watch_certs(&self, stop: CancellationToken) {
         let me = self.clone();
         tokio::spawn(async move {
             let files = |r: &Reloader| tls::cert_files(&r.shared.snapshot.load().cfg);
             let mut last = crate::state::digest_files(files(&me).iter().map(PathBuf::as_path));
             let mut failed: Option<Vec<Option<u64>>> = None;
+            let inotify = match crate::sys::DirWatch::new_async() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    warn!(error = %e, "inotify unavailable: certificate files are polled only");
+                    None
+                }
+            };
+            let mut watched = std::collections::HashSet::new();
             loop {
+                let paths = files(&me);
+                if let Some(w) = &inotify {
+                    for dir in paths.iter().filter_map(|p| p.parent()) {
+                        if watched.insert(dir.to_path_buf()) {
+                            if let Err(e) = w.get_ref().add(dir) {
+                                warn!(dir = %dir.display(), error = %e, "cannot watch certificate directory; polling it");
+                            }
+                        }
+                    }
+                }
+                let wait = if failed.is_some() {
+                    CERT_RETRY
+                } else {
+                    me.shared.snapshot.load().cfg.tls.poll_interval
+                };
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    () = tokio::time::sleep(every) => {}
+                    () = tokio::time::sleep(wait) => {}
+                    () = dir_changed(inotify.as_ref()) => {
+                        // Let a burst of renames settle, then read the result once.
+                        tokio::time::sleep(CERT_SETTLE).await;
+                        if let Some(w) = &inotify {
+                            w.get_ref().drain();
+                        }
+                    }
                 }
                 let paths = files(&me);
                 let now = crate::state::digest_files(paths.iter().map(PathBuf::as_path));
                 if now == last {
+                    failed = None;
                     continue;
                 }
                 match me.reload_certs().await {

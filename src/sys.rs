@@ -151,6 +151,77 @@ pub fn hostname() -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// An inotify instance that reports entries created, replaced, written or removed in the
+/// directories it watches (certificate renewals swap files and symlinks there).
+pub struct DirWatch {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl DirWatch {
+    /// A new, non-blocking inotify instance.
+    pub fn new() -> std::io::Result<DirWatch> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; the returned descriptor is checked and then owned.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by inotify_init1 and nothing else owns it.
+        Ok(DirWatch {
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Watches `dir` (adding it twice is harmless).
+    pub fn add(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+        let mask = libc::IN_CLOSE_WRITE
+            | libc::IN_MOVED_TO
+            | libc::IN_CREATE
+            | libc::IN_DELETE
+            | libc::IN_ATTRIB;
+        // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), path.as_ptr(), mask) };
+        if wd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Reads and discards the pending events; whether there were any.
+    pub fn drain(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 4096];
+        let mut any = false;
+        loop {
+            // SAFETY: reads at most `buf.len()` bytes into `buf`, which we own.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return any;
+            }
+            any = true;
+        }
+    }
+}
+
+impl DirWatch {
+    /// A new watch registered with the current tokio runtime.
+    pub fn new_async() -> std::io::Result<tokio::io::unix::AsyncFd<DirWatch>> {
+        let w = DirWatch::new()?;
+        // SAFETY: the descriptor is owned by the DirWatch that the AsyncFd owns, so it stays
+        // open for as long as it is registered.
+        unsafe { tokio::io::unix::AsyncFd::register(w) }.map_err(std::io::Error::from)
+    }
+}
+
+impl std::os::fd::AsRawFd for DirWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,6 +68,7 @@ pub struct Tls {
     pub cert: Option<Spanned<PathBuf>>,
     pub key: Option<Spanned<PathBuf>>,
     pub handshake_timeout: Option<Spanned<Dur>>,
+    pub poll_interval: Option<Spanned<Dur>>,
     pub client_ca: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub sni: Vec<Spanned<SniCert>>,

@@ -163,6 +163,8 @@ pub struct TlsSettings {
     pub handshake_timeout: Duration,
     /// CA certificates for client certificates; clients may present one, routes may require it.
     pub client_ca: Option<ConfigPath>,
+    /// How often certificate files are checked for new content (besides inotify and SIGHUP).
+    pub poll_interval: Duration,
 }
 
 /// What to do with a connection that detection could not place.
@@ -354,6 +356,7 @@ impl Config {
                 cert: CertSource::SelfSigned,
                 sni: Vec::new(),
                 handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+                poll_interval: Duration::from_secs(2),
                 client_ca: None,
             },
             detect: DetectSettings {
@@ -695,6 +698,10 @@ impl Validator<'_> {
             };
             if let Some(h) = &t.handshake_timeout {
                 cfg.tls.handshake_timeout = self.duration(h, MIN_TIMEOUT, 5 * MINUTE)?;
+            }
+            if let Some(p) = &t.poll_interval {
+                cfg.tls.poll_interval =
+                    self.duration(p, Duration::from_millis(100), 60 * MINUTE)?;
             }
             cfg.tls.client_ca = match &t.client_ca {
                 Some(p) => Some(self.path(p)?),

@@ -280,3 +280,11 @@ fn threads_is_bounded() {
     let e = err("threads = 0\n");
     assert!(e.contains(":1:") && e.contains("threads"), "{e}");
 }
+
+#[test]
+fn tls_poll_interval_is_bounded() {
+    let c = parse("[tls]\npoll_interval = \"30s\"\n").unwrap();
+    assert_eq!(c.tls.poll_interval, Duration::from_secs(30));
+    let e = err("[tls]\npoll_interval = \"1ms\"\n");
+    assert!(e.contains(":2:") && e.contains("tls.poll_interval"), "{e}");
+}

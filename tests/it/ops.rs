@@ -879,3 +879,41 @@ fn reload_without_admin_or_ssh_keeps_serving_and_sighup_is_not_fatal() {
     sigterm(&d.child);
     assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
 }
+
+#[test]
+fn certificate_swaps_are_seen_by_inotify_between_polls() {
+    let (a, b) = (TestCert::localhost(), TestCert::localhost());
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    install_pair(&tls_dir, 1, &a);
+    // An hour between polls: only the directory watch can notice the swap in time.
+    let cfg = config_file(
+        dir.path(),
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{0}/tls.crt\"\nkey = \"{0}/tls.key\"\npoll_interval = \"1h\"\n[routes.http]\n",
+            tls_dir.display()
+        ),
+    );
+    let mut d = spawn_serve(&[
+        "serve",
+        "--config",
+        &cfg,
+        "--state-dir",
+        &dir.path().join("state").display().to_string(),
+    ]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = tls_config_trusting(&[&a.der, &b.der]);
+    assert_eq!(
+        rt.block_on(handshake(d.addr, &client)).unwrap(),
+        a.der.to_vec()
+    );
+    install_pair(&tls_dir, 2, &b);
+    wait_for_line(&d.log, "certificates reloaded", Duration::from_secs(20));
+    assert_eq!(
+        rt.block_on(handshake(d.addr, &client)).unwrap(),
+        b.der.to_vec()
+    );
+    sigterm(&d.child);
+    assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
+}
