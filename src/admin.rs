@@ -17,9 +17,9 @@ use tracing::{debug, info};
 /// Requests larger than this are refused (a GET line and a few headers fit easily).
 const MAX_REQUEST: usize = 8 * 1024;
 /// A request must arrive and its answer be written within this.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Admin connections served at once; more wait in the backlog.
-const MAX_CONCURRENT: usize = 32;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Admin connections served at once; more get an immediate 503.
+const MAX_CONCURRENT: usize = 64;
 
 /// Whether the server takes new connections: false from the first shutdown signal on.
 #[derive(Clone, Default)]
@@ -43,6 +43,85 @@ impl Readiness {
     }
 }
 
+/// A heartbeat older than this means its runtime is stuck.
+const STALE: Duration = Duration::from_secs(10);
+
+/// Whether the runtimes that serve connections are alive: each ticks a [`Heartbeat`].
+#[derive(Clone)]
+pub struct Liveness(Arc<LivenessInner>);
+
+struct LivenessInner {
+    epoch: std::time::Instant,
+    beats: std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicU64>>>,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness(Arc::new(LivenessInner {
+            epoch: std::time::Instant::now(),
+            beats: std::sync::Mutex::new(Vec::new()),
+        }))
+    }
+}
+
+impl Liveness {
+    /// A heartbeat for one more runtime.
+    pub fn register(&self) -> Heartbeat {
+        let cell = Arc::new(std::sync::atomic::AtomicU64::new(self.now_ms()));
+        self.0
+            .beats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(cell.clone());
+        Heartbeat {
+            cell,
+            liveness: self.clone(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.0.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether every registered runtime ticked recently.
+    pub fn is_live(&self) -> bool {
+        let now = self.now_ms();
+        let stale = STALE.as_millis() as u64;
+        self.0
+            .beats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .all(|t| t == RETIRED || now.saturating_sub(t) < stale)
+    }
+}
+
+/// A heartbeat that has stopped on purpose (its runtime finished).
+const RETIRED: u64 = u64::MAX;
+
+/// One runtime's heartbeat: [`Heartbeat::run`] ticks it every second on that runtime.
+pub struct Heartbeat {
+    cell: Arc<std::sync::atomic::AtomicU64>,
+    liveness: Liveness,
+}
+
+impl Heartbeat {
+    /// Ticks until dropped (then it counts as retired, not stuck).
+    pub async fn run(self) {
+        loop {
+            self.cell.store(self.liveness.now_ms(), Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.cell.store(RETIRED, Ordering::Relaxed);
+    }
+}
+
 /// Binds the admin address (a failure is reported at start, like the main listeners).
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = socket2::Socket::new(
@@ -58,17 +137,18 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Serves admin requests until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, readiness: Readiness, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    readiness: Readiness,
+    liveness: Liveness,
+    stop: CancellationToken,
+) {
     if let Ok(a) = listener.local_addr() {
         info!(admin = %a, "admin endpoint: /livez /readyz /metrics");
     }
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
     loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
-        let (stream, peer) = tokio::select! {
+        let (mut stream, peer) = tokio::select! {
             () = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(a) => a,
@@ -79,9 +159,21 @@ pub async fn serve(listener: TcpListener, readiness: Readiness, stop: Cancellati
                 }
             },
         };
-        let readiness = readiness.clone();
+        // Full: answer at once rather than leave probes waiting behind slow clients.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    respond(&mut stream, 503, "text/plain", "busy\n"),
+                )
+                .await;
+            });
+            continue;
+        };
+        let (readiness, liveness) = (readiness.clone(), liveness.clone());
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &readiness)).await
+            if let Err(e) =
+                tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &readiness, &liveness)).await
             {
                 debug!(%peer, error = %e, "admin request timed out");
             }
@@ -90,7 +182,7 @@ pub async fn serve(listener: TcpListener, readiness: Readiness, stop: Cancellati
     }
 }
 
-async fn answer(mut s: TcpStream, readiness: &Readiness) {
+async fn answer(mut s: TcpStream, readiness: &Readiness, liveness: &Liveness) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let head_end = loop {
@@ -115,7 +207,8 @@ async fn answer(mut s: TcpStream, readiness: &Readiness) {
         return;
     }
     let (status, ctype, body) = match path {
-        "/livez" => (200, "text/plain", "ok\n".to_string()),
+        "/livez" if liveness.is_live() => (200, "text/plain", "ok\n".to_string()),
+        "/livez" => (503, "text/plain", "a worker runtime is stuck\n".to_string()),
         "/readyz" if readiness.is_ready() => (200, "text/plain", "ready\n".to_string()),
         "/readyz" => (503, "text/plain", "draining\n".to_string()),
         "/metrics" => (

@@ -289,7 +289,9 @@ async fn serve(
         Peek::NoMatch if prefix.len() >= 3 && looks_like_proxy_header(&prefix) => {
             crate::metrics::get().refuse("proxy_header_untrusted");
             (
-                Decision::Close("PROXY protocol header from an address not in trusted_proxies"),
+                Decision::Close(
+                    "unexpected PROXY protocol header (not from trusted_proxies, or a second one)",
+                ),
                 RoutedBy::Plaintext,
             )
         }

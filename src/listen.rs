@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::admin::Readiness;
+use crate::admin::{Heartbeat, Liveness, Readiness};
 use crate::config::Config;
 use crate::tls::{self, CertStore, TlsError};
 
@@ -86,6 +86,7 @@ pub struct Server {
     listeners: Vec<TcpListener>,
     admin: Option<TcpListener>,
     readiness: Readiness,
+    liveness: Liveness,
     shared: Arc<Shared>,
     reloader: Reloader,
     activated: bool,
@@ -98,7 +99,15 @@ impl Server {
         crate::sys::raise_nofile_limit();
         let certs = Arc::new(CertStore::new(tls::load_certs(&cfg, &state_dir)?));
         let force_close = CancellationToken::new();
-        let snapshot = build_snapshot(cfg.clone(), &certs, &state_dir, &force_close, None)?;
+        let ticketer = tls::ticketer()?;
+        let snapshot = build_snapshot(
+            cfg.clone(),
+            &certs,
+            &ticketer,
+            &state_dir,
+            &force_close,
+            None,
+        )?;
         let inherited = crate::systemd::inherited_listeners()?;
         let activated = !inherited.is_empty();
         let mut listeners = Vec::new();
@@ -140,13 +149,16 @@ impl Server {
             shared: shared.clone(),
             certs,
             state_dir,
+            cert_digest: Arc::new(tokio::sync::Mutex::new(cert_digest(&cfg))),
             started: Arc::new(cfg),
             lock: Arc::new(tokio::sync::Mutex::new(())),
+            ticketer,
         };
         Ok(Server {
             listeners,
             admin,
             readiness: Readiness::ready(),
+            liveness: Liveness::default(),
             shared,
             reloader,
             activated,
@@ -191,6 +203,11 @@ impl Server {
         self.readiness.clone()
     }
 
+    /// Whether the connection-serving runtimes are alive (for `/livez` and the watchdog).
+    pub fn liveness(&self) -> Liveness {
+        self.liveness.clone()
+    }
+
     /// The embedded SSH server new connections get, if the ssh route uses it.
     pub fn ssh(&self) -> Option<Arc<crate::ssh::SshServer>> {
         self.shared.snapshot.load().ssh.clone()
@@ -213,11 +230,13 @@ impl Server {
             &stop_accepting,
             &tracker,
             &limit,
+            &self.liveness,
         );
         if let Some(admin) = self.admin {
             tokio::spawn(crate::admin::serve(
                 admin,
                 self.readiness.clone(),
+                self.liveness.clone(),
                 stop_admin.clone(),
             ));
         }
@@ -279,6 +298,7 @@ async fn dir_changed(w: Option<&tokio::io::unix::AsyncFd<crate::sys::DirWatch>>)
 fn build_snapshot(
     cfg: Config,
     certs: &Arc<CertStore>,
+    ticketer: &Arc<dyn rustls::server::ProducesTickets>,
     state_dir: &std::path::Path,
     force_close: &CancellationToken,
     previous: Option<&Snapshot>,
@@ -290,6 +310,7 @@ fn build_snapshot(
             .client_ca
             .as_ref()
             .map(|c| (c, cfg.source.as_deref())),
+        ticketer.clone(),
     )?;
     let ssh = match cfg.ssh.upstream {
         Some(_) => None,
@@ -306,6 +327,7 @@ fn build_snapshot(
                 cfg.source.as_deref(),
                 cfg.ssh.idle_timeout,
                 force_close.clone(),
+                previous.and_then(|p| p.ssh.as_deref()),
             )?)),
         },
     };
@@ -332,6 +354,15 @@ pub struct Reloader {
     started: Arc<Config>,
     /// One reload at a time (SIGHUP and the certificate poll may race).
     lock: Arc<tokio::sync::Mutex<()>>,
+    /// The content of the certificate files last loaded (or last found broken).
+    cert_digest: Arc<tokio::sync::Mutex<Vec<Option<u64>>>>,
+    /// Session-ticket keys, kept across reloads so that tickets issued before still resume.
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+}
+
+/// The content of `cfg`'s certificate files, to notice changes.
+fn cert_digest(cfg: &Config) -> Vec<Option<u64>> {
+    crate::state::digest_files(tls::cert_files(cfg).iter().map(PathBuf::as_path))
 }
 
 impl Reloader {
@@ -350,16 +381,19 @@ impl Reloader {
             },
             None => old.cfg.clone(),
         };
+        let digest = cert_digest(&cfg);
         let certs = match tls::load_certs(&cfg, &self.state_dir) {
             Ok(c) => c,
             Err(e) => {
                 m.reload("config", false);
+                m.reload("certificates", false);
                 return Err(e.to_string());
             }
         };
         let snapshot = match build_snapshot(
             cfg,
             &self.certs,
+            &self.ticketer,
             &self.state_dir,
             &self.shared.force_close,
             Some(&old),
@@ -393,8 +427,10 @@ impl Reloader {
         let restart_only = restart_only_changes(&self.started, &snapshot.cfg);
         let fingerprint = certs.fingerprint.clone();
         self.certs.replace(certs);
+        *self.cert_digest.lock().await = digest;
         self.shared.snapshot.store(Arc::new(snapshot));
         m.reload("config", true);
+        m.reload("certificates", true);
         let mut summary = format!("certificate {fingerprint}");
         if !notes.is_empty() {
             summary.push_str("; ");
@@ -418,7 +454,6 @@ impl Reloader {
         let me = self.clone();
         tokio::spawn(async move {
             let files = |r: &Reloader| tls::cert_files(&r.shared.snapshot.load().cfg);
-            let mut last = crate::state::digest_files(files(&me).iter().map(PathBuf::as_path));
             let mut failed: Option<Vec<Option<u64>>> = None;
             let inotify = match crate::sys::DirWatch::new_async() {
                 Ok(w) => Some(w),
@@ -427,14 +462,21 @@ impl Reloader {
                     None
                 }
             };
-            let mut watched = std::collections::HashSet::new();
+            let mut unwatchable = std::collections::HashSet::new();
             loop {
                 let paths = files(&me);
                 if let Some(w) = &inotify {
+                    // Added on every round: re-adding is a no-op, and a directory that was
+                    // missing, or deleted and made again, gets its watch back.
                     for dir in paths.iter().filter_map(|p| p.parent()) {
-                        if watched.insert(dir.to_path_buf()) {
-                            if let Err(e) = w.get_ref().add(dir) {
-                                warn!(dir = %dir.display(), error = %e, "cannot watch certificate directory; polling it");
+                        match w.get_ref().add(dir) {
+                            Ok(()) => {
+                                unwatchable.remove(dir);
+                            }
+                            Err(e) => {
+                                if unwatchable.insert(dir.to_path_buf()) {
+                                    warn!(dir = %dir.display(), error = %e, "cannot watch certificate directory; polling it");
+                                }
                             }
                         }
                     }
@@ -457,14 +499,13 @@ impl Reloader {
                 }
                 let paths = files(&me);
                 let now = crate::state::digest_files(paths.iter().map(PathBuf::as_path));
-                if now == last {
+                if now == *me.cert_digest.lock().await {
                     failed = None;
                     continue;
                 }
                 match me.reload_certs().await {
                     Ok(fp) => {
                         info!(sha256 = %fp, "certificates reloaded: a file changed");
-                        last = now;
                         failed = None;
                     }
                     Err(e) if failed.as_ref() == Some(&now) => {
@@ -473,7 +514,7 @@ impl Reloader {
                             "certificates changed but do not load; the old ones stay in force: {e}"
                         );
                         crate::metrics::get().reload("certificates", false);
-                        last = now;
+                        *me.cert_digest.lock().await = now;
                         failed = None;
                     }
                     Err(_) => failed = Some(now),
@@ -486,9 +527,11 @@ impl Reloader {
     async fn reload_certs(&self) -> Result<String, TlsError> {
         let _one = self.lock.lock().await;
         let cfg = &self.shared.snapshot.load().cfg;
+        let digest = cert_digest(cfg);
         let certs = tls::load_certs(cfg, &self.state_dir)?;
         let fp = certs.fingerprint.clone();
         self.certs.replace(certs);
+        *self.cert_digest.lock().await = digest;
         crate::metrics::get().reload("certificates", true);
         Ok(fp)
     }
@@ -530,14 +573,16 @@ impl Acceptors {
 /// One thread per core, each with its own single-threaded runtime accepting on every listener
 /// (a clone of the socket) and running the connections it accepted to the end: a connection's
 /// handshake and relay never hop threads, which saves the cross-thread wake-ups a work-stealing
-/// scheduler pays per connection. The kernel hands each connection to one of the waiting
-/// threads. A thread keeps its runtime until every tracked connection has finished.
+/// scheduler pays per connection. Every waiting thread is woken for a new connection and one
+/// of them gets it. A thread keeps its runtime until every tracked connection has finished.
+/// A worker that cannot get a thread or a runtime runs on the calling runtime instead.
 fn spawn_acceptors(
     listeners: Vec<TcpListener>,
     shared: &Arc<Shared>,
     stop: &CancellationToken,
     tracker: &TaskTracker,
     limit: &Arc<Semaphore>,
+    liveness: &Liveness,
 ) -> Acceptors {
     let (done_tx, done) = tokio::sync::mpsc::channel(1);
     let threads = match shared.limits_threads {
@@ -548,58 +593,89 @@ fn spawn_acceptors(
         .into_iter()
         .filter_map(|l| l.into_std().ok())
         .collect();
+    let here = tokio::runtime::Handle::current();
     for i in 0..threads {
-        let clones: Vec<std::net::TcpListener> = std_listeners
-            .iter()
-            .filter_map(|l| l.try_clone().ok())
-            .collect();
-        let (shared, stop, tracker, limit, done_tx) = (
-            shared.clone(),
-            stop.clone(),
-            tracker.clone(),
-            limit.clone(),
-            done_tx.clone(),
-        );
-        let serve = async move {
-            let mut loops = tokio::task::JoinSet::new();
-            for l in clones {
-                match TcpListener::from_std(l) {
-                    Ok(l) => {
-                        loops.spawn(accept_loop(
-                            l,
-                            shared.clone(),
-                            stop.clone(),
-                            tracker.clone(),
-                            limit.clone(),
-                        ));
-                    }
-                    Err(e) => warn!(error = %e, "cannot register a listener"),
-                }
-            }
-            while loops.join_next().await.is_some() {}
-            drop(done_tx);
-            // The connections this runtime runs must finish before it goes away.
-            tracker.wait().await;
+        let worker = Worker {
+            listeners: std_listeners
+                .iter()
+                .filter_map(|l| l.try_clone().ok())
+                .collect(),
+            shared: shared.clone(),
+            stop: stop.clone(),
+            tracker: tracker.clone(),
+            limit: limit.clone(),
+            done: done_tx.clone(),
+            beat: liveness.register(),
         };
-        match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => {
-                let spawned = std::thread::Builder::new()
-                    .name(format!("sluice-worker-{i}"))
-                    .spawn(move || rt.block_on(serve));
-                if let Err(e) = spawned {
-                    warn!(error = %e, "cannot start a worker thread; the others accept");
+        // The worker is handed over only once the thread exists, so that it can run here
+        // instead if the thread cannot be made (a tasks or pids limit).
+        let (give, take) = std::sync::mpsc::channel::<Worker>();
+        let fallback = here.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("sluice-worker-{i}"))
+            .spawn(move || {
+                let Ok(worker) = take.recv() else { return };
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(worker.run()),
+                    Err(e) => {
+                        warn!(error = %e, "cannot build a worker runtime; accepting on the main one");
+                        fallback.spawn(worker.run());
+                    }
                 }
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = give.send(worker);
             }
             Err(e) => {
-                warn!(error = %e, "cannot build a worker runtime; accepting on the main one");
-                tokio::spawn(serve);
+                warn!(error = %e, "cannot start a worker thread; accepting on the main runtime");
+                here.spawn(worker.run());
             }
         }
     }
     Acceptors { done }
+}
+
+/// What one accepting thread needs.
+struct Worker {
+    listeners: Vec<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    limit: Arc<Semaphore>,
+    /// Dropped when this worker's accept loops have all returned.
+    done: tokio::sync::mpsc::Sender<()>,
+    /// Ticked while this worker's runtime runs (liveness, watchdog).
+    beat: Heartbeat,
+}
+
+impl Worker {
+    async fn run(self) {
+        let mut loops = tokio::task::JoinSet::new();
+        for l in self.listeners {
+            match TcpListener::from_std(l) {
+                Ok(l) => {
+                    loops.spawn(accept_loop(
+                        l,
+                        self.shared.clone(),
+                        self.stop.clone(),
+                        self.tracker.clone(),
+                        self.limit.clone(),
+                    ));
+                }
+                Err(e) => warn!(error = %e, "cannot register a listener"),
+            }
+        }
+        let beating = tokio::spawn(self.beat.run());
+        while loops.join_next().await.is_some() {}
+        drop(self.done);
+        // The connections this runtime runs must finish before it goes away.
+        self.tracker.wait().await;
+        beating.abort();
+    }
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {

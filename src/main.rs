@@ -119,8 +119,8 @@ enum Command {
         /// The admin address; default: [admin] listen from --config, else 127.0.0.1:9090.
         #[arg(long)]
         admin: Option<std::net::SocketAddr>,
-        /// Take the admin address from this config file.
-        #[arg(long, short, env = "SLUICE_CONFIG", conflicts_with = "admin")]
+        /// Take the admin address from this config file (--admin wins if both are given).
+        #[arg(long, short, env = "SLUICE_CONFIG")]
         config: Option<PathBuf>,
         /// Check liveness (/livez) instead of readiness (/readyz).
         #[arg(long)]
@@ -438,7 +438,10 @@ fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
         }
     };
     let state_dir = sluice::state::resolve(state_dir.as_deref().or(cfg.state_dir.as_deref()));
+    // Connections run on their own per-core threads (see listen); this runtime only carries
+    // signals, reloads, the admin endpoint and watchers.
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
     {
@@ -497,11 +500,12 @@ fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
             }
         };
         announce(&server, &cfg);
-        reload_on_sighup(server.reloader(), hup);
-        let shutdown = shutdown_signal(server.force_close_token(), term, int);
+        // READY before anything can say RELOADING (a SIGHUP may already be queued).
         sluice::systemd::ready();
         sluice::systemd::status("serving");
-        sluice::systemd::spawn_watchdog();
+        sluice::systemd::spawn_watchdog(server.liveness());
+        reload_on_sighup(server.reloader(), server.readiness(), hup);
+        let shutdown = shutdown_signal(server.force_close_token(), term, int);
         server.run(shutdown).await;
         ExitCode::SUCCESS
     })
@@ -556,9 +560,17 @@ fn announce(server: &Server, cfg: &Config) {
 
 /// SIGHUP re-reads the config file, the certificates and the authorized keys; a reload that
 /// fails anywhere changes nothing. systemd hears RELOADING=1 then READY=1 either way.
-fn reload_on_sighup(reloader: sluice::listen::Reloader, mut hup: tokio::signal::unix::Signal) {
+fn reload_on_sighup(
+    reloader: sluice::listen::Reloader,
+    readiness: sluice::admin::Readiness,
+    mut hup: tokio::signal::unix::Signal,
+) {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            if !readiness.is_ready() {
+                info!("SIGHUP ignored: shutting down");
+                continue;
+            }
             sluice::systemd::reloading();
             match reloader.reload().await {
                 Ok(summary) => {

@@ -25,6 +25,12 @@ pub enum ActivationError {
 /// The listening sockets systemd passed (`LISTEN_FDS` for this PID), non-blocking and ready for
 /// tokio; empty when not socket-activated.
 pub fn inherited_listeners() -> Result<Vec<std::net::TcpListener>, ActivationError> {
+    // The environment stays (unsetting it is unsound once threads run): adopt the descriptors
+    // once per process, or a second server would own them twice.
+    static ADOPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if ADOPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(Vec::new());
+    }
     let fds: Vec<RawFd> = sd_notify::listen_fds()
         .map_err(ActivationError::Env)?
         .collect();
@@ -72,9 +78,9 @@ pub fn status(text: &str) {
     send(&[sd_notify::NotifyState::Status(text)]);
 }
 
-/// If the unit sets `WatchdogSec=`, pings systemd at half the interval from a runtime task: a
-/// stalled runtime stops the pings and systemd restarts the service.
-pub fn spawn_watchdog() {
+/// If the unit sets `WatchdogSec=`, pings systemd at half the interval while `liveness` holds:
+/// a stalled runtime stops the pings and systemd restarts the service.
+pub fn spawn_watchdog(liveness: crate::admin::Liveness) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
     };
@@ -82,7 +88,11 @@ pub fn spawn_watchdog() {
         let mut tick = tokio::time::interval(interval / 2);
         loop {
             tick.tick().await;
-            send(&[sd_notify::NotifyState::Watchdog]);
+            if liveness.is_live() {
+                send(&[sd_notify::NotifyState::Watchdog]);
+            } else {
+                warn!("a worker runtime is stuck: not pinging the systemd watchdog");
+            }
         }
     });
 }

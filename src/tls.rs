@@ -271,13 +271,19 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
         .join(":")
 }
 
+/// Session-ticket keys (rotating), made once per process so that reloads keep resumption.
+pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, TlsError> {
+    Ok(rustls::crypto::aws_lc_rs::Ticketer::new()?)
+}
+
 /// The rustls server config: TLS 1.2 and 1.3, certificates from `store`, the routes' ALPN ids,
-/// and, with `client_ca`, client certificates verified when offered (routes decide whether one
-/// is required).
+/// session tickets from `ticketer`, and, with `client_ca`, client certificates verified when
+/// offered (routes decide whether one is required).
 pub fn server_config(
     store: Arc<CertStore>,
     alpn: Vec<Vec<u8>>,
     client_ca: Option<(&ConfigPath, Option<&Path>)>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
@@ -303,7 +309,7 @@ pub fn server_config(
     };
     let mut cfg = builder.with_cert_resolver(store);
     cfg.alpn_protocols = alpn;
-    cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    cfg.ticketer = ticketer;
     Ok(Arc::new(cfg))
 }
 

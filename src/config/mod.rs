@@ -119,12 +119,19 @@ impl Default for SshSettings {
 }
 
 /// A path from the config file, with where it was written (for errors found when loading it).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ConfigPath {
     /// The resolved path.
     pub path: PathBuf,
     /// Where the key stands in the file.
     pub at: Location,
+}
+
+/// Two config paths are the same when they name the same file, wherever they were written.
+impl PartialEq for ConfigPath {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path
+    }
 }
 
 /// The certificate and key served by default.

@@ -288,3 +288,14 @@ fn tls_poll_interval_is_bounded() {
     let e = err("[tls]\npoll_interval = \"1ms\"\n");
     assert!(e.contains(":2:") && e.contains("tls.poll_interval"), "{e}");
 }
+
+#[test]
+fn ssh_settings_compare_by_meaning_not_position() {
+    // A reload keeps the embedded SSH server when only comments or layout changed.
+    let text = "[routes.ssh]\n[ssh]\nauthorized_keys = [\"/etc/sluice/keys\"]\n";
+    let a = parse(text).unwrap();
+    let b = parse(&format!("# a comment\n\n{text}")).unwrap();
+    assert_eq!(a.embedded_ssh, b.embedded_ssh);
+    let c = parse(&text.replace("/keys", "/other")).unwrap();
+    assert_ne!(a.embedded_ssh, c.embedded_ssh);
+}

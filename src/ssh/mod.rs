@@ -63,10 +63,12 @@ pub struct SshServer {
     pub(crate) channel_idle: Duration,
     /// Cancelled when open connections must close (shutdown grace over).
     pub(crate) stop: CancellationToken,
-    /// Recent authentication failures per client address.
-    pub(crate) failures: FailureLog,
-    /// Unix socket names held by `-R /name` forwards of live sessions.
-    pub(crate) socket_names: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Recent authentication failures per client address (shared with the server a reload
+    /// replaces, so lockouts survive it).
+    pub(crate) failures: Arc<FailureLog>,
+    /// Unix socket names held by `-R /name` forwards of live sessions, shared the same way: a
+    /// session on the old server and one on the new must not take each other's sockets.
+    pub(crate) socket_names: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     host_fingerprint: String,
 }
 
@@ -78,6 +80,7 @@ impl SshServer {
         source: Option<&Path>,
         channel_idle: Duration,
         stop: CancellationToken,
+        previous: Option<&SshServer>,
     ) -> Result<SshServer, SshError> {
         let key_path = host_key_path(settings, state_dir);
         let host_key = load_or_create_host_key(&key_path)?;
@@ -102,8 +105,13 @@ impl SshServer {
             socket_dir,
             channel_idle,
             stop,
-            failures: FailureLog::new(settings.max_auth_failures_per_ip),
-            socket_names: Default::default(),
+            failures: match previous {
+                Some(p) if p.failures.max == settings.max_auth_failures_per_ip => {
+                    p.failures.clone()
+                }
+                _ => Arc::new(FailureLog::new(settings.max_auth_failures_per_ip)),
+            },
+            socket_names: previous.map_or_else(Default::default, |p| p.socket_names.clone()),
             host_fingerprint,
         })
     }

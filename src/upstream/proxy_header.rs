@@ -176,7 +176,11 @@ fn decode_v1(buf: &[u8]) -> Result<Decoded, &'static str> {
             };
             let port = |s: &str| -> Result<u16, &'static str> {
                 // No sign, no leading zeros: the spec's form, nothing looser.
-                if s.is_empty() || s.len() > 5 || (s.len() > 1 && s.starts_with('0')) {
+                if s.is_empty()
+                    || s.len() > 5
+                    || !s.bytes().all(|b| b.is_ascii_digit())
+                    || (s.len() > 1 && s.starts_with('0'))
+                {
                     return Err("PROXY v1 port does not parse");
                 }
                 s.parse().map_err(|_| "PROXY v1 port does not parse")
@@ -374,6 +378,7 @@ mod tests {
         assert!(decode(b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 443\r\n").is_err());
         assert!(decode(b"PROXY TCP4 ::1 5.6.7.8 1 443\r\n").is_err());
         assert!(decode(b"PROXY TCP4 1.2.3.4 5.6.7.8 01 443\r\n").is_err());
+        assert!(decode(b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 443\r\n").is_err());
         assert!(decode(b"PROXY TCP9 a b c d\r\n").is_err());
         assert!(decode(&[b"PROXY ".as_slice(), &[b'x'; 120]].concat()).is_err());
         let mut v2 = V2_SIGNATURE.to_vec();

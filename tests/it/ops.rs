@@ -490,6 +490,13 @@ fn admin_endpoint_metrics_and_readyz_during_drain() {
         .output()
         .unwrap();
     assert!(hc.status.success(), "{hc:?}");
+    // --admin wins over SLUICE_CONFIG from the environment (a container may set both).
+    let hc = Command::new(bin())
+        .args(["healthcheck", "--admin", &admin.to_string()])
+        .env("SLUICE_CONFIG", "/nonexistent/sluice.toml")
+        .output()
+        .unwrap();
+    assert!(hc.status.success(), "{hc:?}");
     // healthcheck finds the address in the config file too.
     let hc = Command::new(bin())
         .args(["healthcheck", "--live", "--config", &cfg])
