@@ -168,8 +168,9 @@ pub(crate) async fn read_proxy_header(
     tcp: &mut TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    accepted: Instant,
 ) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> {
-    let deadline = Instant::now() + shared.snapshot.load().cfg.detect.timeout;
+    let deadline = accepted + shared.snapshot.load().cfg.detect.timeout;
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 2048];
     let refuse = |why: &str| {
@@ -210,6 +211,9 @@ pub(crate) async fn read_proxy_header(
 struct Ctx {
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
+    /// When the connection was accepted: a client that stays silent has `detect.timeout` from
+    /// here, PROXY header included.
+    accepted: Instant,
 }
 
 /// Serves one accepted connection to the end. `prefix` holds client bytes already read (after
@@ -221,11 +225,13 @@ pub(crate) async fn handle(
     local: SocketAddr,
     unrouted: ClientSlot,
     prefix: Vec<u8>,
+    accepted: Instant,
 ) {
     let _active = crate::metrics::GaugeGuard::new(&crate::metrics::get().connections_active);
     let cx = Ctx {
         snap: shared.snapshot.load_full(),
         shared,
+        accepted,
     };
     let shared = &cx.shared;
     let mut log = ConnLog {
@@ -274,7 +280,7 @@ async fn serve(
 ) {
     let cfg = &cx.snap.cfg;
     let detect_start = StdInstant::now();
-    let deadline = Instant::now() + cfg.detect.timeout;
+    let deadline = cx.accepted + cfg.detect.timeout;
     let (decision, by) = match peek(&mut tcp, Candidates::OUTER, deadline, &mut prefix).await {
         Peek::Match(Protocol::Tls) => {
             log.tls = true;

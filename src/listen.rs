@@ -726,6 +726,7 @@ async fn accept_loop(
                 continue;
             }
         };
+        let accepted_at = tokio::time::Instant::now();
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             crate::metrics::get().refuse("max_connections");
             if let Some(n) = shared.refusals.allow() {
@@ -749,14 +750,15 @@ async fn accept_loop(
             tracker.spawn(async move {
                 let mut tcp = tcp;
                 let Some((peer, local, prefix)) =
-                    crate::conn::read_proxy_header(&shared, &mut tcp, peer, local).await
+                    crate::conn::read_proxy_header(&shared, &mut tcp, peer, local, accepted_at)
+                        .await
                 else {
                     return;
                 };
                 let Some((client_slot, unrouted)) = admit(&shared, peer) else {
                     return;
                 };
-                crate::conn::handle(shared, tcp, peer, local, unrouted, prefix).await;
+                crate::conn::handle(shared, tcp, peer, local, unrouted, prefix, accepted_at).await;
                 drop((permit, client_slot));
             });
             continue;
@@ -766,7 +768,7 @@ async fn accept_loop(
         };
         let shared = shared.clone();
         tracker.spawn(async move {
-            crate::conn::handle(shared, tcp, peer, local, unrouted, Vec::new()).await;
+            crate::conn::handle(shared, tcp, peer, local, unrouted, Vec::new(), accepted_at).await;
             drop((permit, client_slot));
         });
     }

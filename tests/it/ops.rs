@@ -924,3 +924,25 @@ fn certificate_swaps_are_seen_by_inotify_between_polls() {
     sigterm(&d.child);
     assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
 }
+
+#[tokio::test]
+async fn a_silent_client_behind_a_trusted_proxy_waits_one_detect_timeout() {
+    // detect.timeout counts from accept, PROXY header wait included, not twice.
+    let cert = TestCert::localhost();
+    let up = banner_upstream().await;
+    let d = Daemon::start_raw(&format!(
+        "trusted_proxies = [\"127.0.0.1\"]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[detect]\ntimeout = \"2s\"\non_timeout = \"ssh\"\n[routes.ssh]\nupstream = \"{up}\"\n",
+        cert.cert.display(),
+        cert.key.display()
+    ))
+    .await;
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(d.addr).await.unwrap();
+    assert_eq!(read_n(&mut s, BANNER.len()).await, BANNER);
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_millis(3500),
+        "routed after {waited:?}, expected one detect.timeout (2s)"
+    );
+    d.stop().await;
+}
