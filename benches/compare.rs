@@ -153,6 +153,32 @@ async fn push_pull<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     (got, Box::new((r, w)))
 }
 
+/// Starts sluice on a free port with the bench certificate, `threads` and `rest` of a config
+/// (written to `dir/file`, state in `dir/state`).
+fn spawn_sluice(b: &Bench, dir: &std::path::Path, file: &str, rest: &str) -> Option<Peer> {
+    let p = free_port();
+    let cfg = dir.join(file);
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:{p}\"]\nthreads = {}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n{rest}",
+            sluice_threads(),
+            b.cert.display(),
+            b.key.display(),
+        ),
+    )
+    .unwrap();
+    spawn(
+        "sluice",
+        p,
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .args(["--state-dir"])
+            .arg(dir.join("state")),
+    )
+}
+
 /// The load generator's TLS client: X25519 only (what OpenSSL 3.0 in HAProxy and stunnel
 /// would choose too; rustls would otherwise offer the ML-KEM hybrid) and no resumption, so that
 /// every connection is a full ECDSA P-256 handshake.
@@ -331,29 +357,11 @@ fn raise_nofile() {
 /// enough for the idle scenario.
 fn tls_peers(b: &mut Bench) -> Vec<Peer> {
     let mut peers = Vec::new();
-    let p = free_port();
-    let cfg = b.dir.path().join("sluice.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = [\"127.0.0.1:{p}\"]\nthreads = {}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\nmax_unrouted_per_ip = 20000\n[routes.http]\nupstream = \"{}\"\nplaintext = \"accept\"\n[routes.ssh]\nupstream = \"{}\"\n",
-            sluice_threads(),
-            b.cert.display(),
-            b.key.display(),
-            b.sink,
-            b.sink
-        ),
-    )
-    .unwrap();
-    if let Some(peer) = spawn(
-        "sluice",
-        p,
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .args(["--state-dir"])
-            .arg(b.dir.path().join("state")),
-    ) {
+    let routes = format!(
+        "[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\nmax_unrouted_per_ip = 20000\n[routes.http]\nupstream = \"{0}\"\nplaintext = \"accept\"\n[routes.ssh]\nupstream = \"{0}\"\n",
+        b.sink
+    );
+    if let Some(peer) = spawn_sluice(b, b.dir.path(), "sluice.toml", &routes) {
         peers.push(peer);
     }
     if have("haproxy") {
@@ -540,28 +548,8 @@ fn bulk_tls(b: &mut Bench) {
 fn bulk_plain(b: &mut Bench) {
     let mib = b.mib;
     let mut plain_peers: Vec<Peer> = Vec::new();
-    let p = free_port();
-    let cfg2 = b.dir.path().join("sluice-plain.toml");
-    std::fs::write(
-        &cfg2,
-        format!(
-            "listen = [\"127.0.0.1:{p}\"]\nthreads = {}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\nupstream = \"{}\"\n",
-            sluice_threads(),
-            b.cert.display(),
-            b.key.display(),
-            b.sink
-        ),
-    )
-    .unwrap();
-    if let Some(peer) = spawn(
-        "sluice",
-        p,
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--config"])
-            .arg(&cfg2)
-            .args(["--state-dir"])
-            .arg(b.dir.path().join("state")),
-    ) {
+    let routes = format!("[routes.ssh]\nupstream = \"{}\"\n", b.sink);
+    if let Some(peer) = spawn_sluice(b, b.dir.path(), "sluice-plain.toml", &routes) {
         plain_peers.push(peer);
     }
     if have("sslh") {
@@ -889,28 +877,11 @@ fn ssh_forward(b: &mut Bench) {
     let auth = d.join("authorized_keys");
     std::fs::copy(d.join("client.pub"), &auth).unwrap();
     let mut peers = Vec::new();
-    let p = free_port();
-    let cfg = d.join("sluice.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = [\"127.0.0.1:{p}\"]\nthreads = {}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\npermit_open = [\"127.0.0.1:*\"]\n",
-            sluice_threads(),
-            b.cert.display(),
-            b.key.display(),
-            auth.display()
-        ),
-    )
-    .unwrap();
-    if let Some(peer) = spawn(
-        "sluice",
-        p,
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .args(["--state-dir"])
-            .arg(d.join("state")),
-    ) {
+    let ssh = format!(
+        "[routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\npermit_open = [\"127.0.0.1:*\"]\n",
+        auth.display()
+    );
+    if let Some(peer) = spawn_sluice(b, &d, "sluice.toml", &ssh) {
         peers.push(peer);
     }
     let _ = std::fs::create_dir_all("/run/sshd");

@@ -94,6 +94,17 @@ fn config_file(dir: &Path, text: &str) -> String {
     p.display().to_string()
 }
 
+/// `sluice serve` with `cfg`, its state under `dir`.
+fn serve_in(dir: &Path, cfg: &str) -> crate::cli::Child2 {
+    spawn_serve(&[
+        "serve",
+        "--config",
+        cfg,
+        "--state-dir",
+        &dir.join("state").display().to_string(),
+    ])
+}
+
 fn tls_config_trusting(certs: &[&CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in certs {
@@ -320,13 +331,7 @@ fn certificate_renewal_under_load_fails_no_handshake() {
             tls_dir.display()
         ),
     );
-    let mut d = spawn_serve(&[
-        "serve",
-        "--config",
-        &cfg,
-        "--state-dir",
-        &dir.path().join("state").display().to_string(),
-    ]);
+    let mut d = serve_in(dir.path(), &cfg);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = tls_config_trusting(&[&a.der, &b.der, &c.der]);
     let stop = Arc::new(AtomicBool::new(false));
@@ -367,13 +372,7 @@ fn broken_reloads_are_refused_and_the_old_state_serves_on() {
         cert.key.display()
     );
     let cfg = config_file(dir.path(), &good);
-    let mut d = spawn_serve(&[
-        "serve",
-        "--config",
-        &cfg,
-        "--state-dir",
-        &dir.path().join("state").display().to_string(),
-    ]);
+    let mut d = serve_in(dir.path(), &cfg);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     let client = tls_config_trusting(&[&cert.der]);
@@ -474,13 +473,7 @@ fn admin_endpoint_metrics_and_readyz_during_drain() {
             cert.key.display()
         ),
     );
-    let mut d = spawn_serve(&[
-        "serve",
-        "--config",
-        &cfg,
-        "--state-dir",
-        &dir.path().join("state").display().to_string(),
-    ]);
+    let mut d = serve_in(dir.path(), &cfg);
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     assert_eq!(admin_get(admin, "/livez").0, 200);
     assert_eq!(admin_get(admin, "/readyz").0, 200);
@@ -902,13 +895,7 @@ fn certificate_swaps_are_seen_by_inotify_between_polls() {
             tls_dir.display()
         ),
     );
-    let mut d = spawn_serve(&[
-        "serve",
-        "--config",
-        &cfg,
-        "--state-dir",
-        &dir.path().join("state").display().to_string(),
-    ]);
+    let mut d = serve_in(dir.path(), &cfg);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = tls_config_trusting(&[&a.der, &b.der]);
     assert_eq!(
