@@ -58,6 +58,12 @@ fn proxy_header(c: &mut Criterion) {
                 out.len()
             })
         });
+        // Decoding the same header, as sluice does for trusted_proxies.
+        let mut header = Vec::new();
+        encode_proxy_header(v, s, d, &mut header);
+        g.bench_function(format!("decode-{name}"), |b| {
+            b.iter(|| sluice::upstream::decode_proxy_header(black_box(&header)))
+        });
     }
     g.finish();
 }
