@@ -77,16 +77,6 @@ impl ConnLog {
                 routed_by: self.by.map_or("none", RoutedBy::as_str),
             })
             .inc();
-        for (direction, n) in [
-            ("from_client", self.bytes.up),
-            ("to_client", self.bytes.down),
-        ] {
-            if n > 0 {
-                m.bytes
-                    .get_or_create(&crate::metrics::DirectionLabels { direction })
-                    .inc_by(n);
-            }
-        }
         // Only throttled lines say how many similar ones were dropped before them.
         let suppressed = if self.noisy {
             match shared.failures.allow() {
@@ -539,6 +529,7 @@ async fn dispatch<S>(
             log.outcome = format!("upstream error: {e}");
             return;
         }
+        crate::metrics::get().relayed(true, prefix.len() as u64);
     }
     // Plain on both sides: splice(2), no copies through user space (copy relay if no pipes).
     let spliced = match (&*client as &dyn std::any::Any).downcast_ref::<TcpStream>() {

@@ -135,6 +135,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
             .0
              .0
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::get().relayed(true, n);
         r
     }
 }
@@ -151,6 +152,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
                 .0
                  .1
                 .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::get().relayed(false, n as u64);
         }
         r
     }

@@ -67,8 +67,10 @@ pub struct Metrics {
     pub connections_active: Gauge,
     /// Connections refused at accept (limits, PROXY header problems).
     pub refused: Family<ReasonLabels, Counter>,
-    /// Payload bytes relayed, counted when a connection closes.
+    /// Payload bytes relayed, counted as they move.
     pub bytes: Family<DirectionLabels, Counter>,
+    from_client: Counter,
+    to_client: Counter,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: Counter,
     /// Upstreams that could not be reached.
@@ -98,11 +100,24 @@ pub fn get() -> &'static Metrics {
 impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::with_prefix("sluice");
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        let from_client = bytes
+            .get_or_create(&DirectionLabels {
+                direction: "from_client",
+            })
+            .clone();
+        let to_client = bytes
+            .get_or_create(&DirectionLabels {
+                direction: "to_client",
+            })
+            .clone();
         let m = Metrics {
             connections: Family::default(),
             connections_active: Gauge::default(),
             refused: Family::default(),
-            bytes: Family::default(),
+            bytes,
+            from_client,
+            to_client,
             tls_handshake_failures: Counter::default(),
             upstream_failures: Family::default(),
             // 50 us .. ~1.6 s, doubling: routing normally takes well under a millisecond after
@@ -132,11 +147,7 @@ impl Metrics {
             "Connections refused at accept, by reason",
             m.refused.clone(),
         );
-        registry.register(
-            "bytes",
-            "Bytes relayed, by direction (counted when a connection closes)",
-            m.bytes.clone(),
-        );
+        registry.register("bytes", "Bytes relayed, by direction", m.bytes.clone());
         registry.register(
             "tls_handshake_failures",
             "TLS handshakes that failed or timed out",
@@ -196,6 +207,15 @@ impl Metrics {
                 result: if ok { "success" } else { "failure" },
             })
             .inc();
+    }
+
+    /// Counts `n` bytes relayed from the client (`true`) or to it.
+    pub fn relayed(&self, from_client: bool, n: u64) {
+        if from_client {
+            self.from_client.inc_by(n);
+        } else {
+            self.to_client.inc_by(n);
+        }
     }
 
     /// Counts a refused connection.

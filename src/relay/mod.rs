@@ -99,6 +99,8 @@ struct Half {
     done: bool,
     need_flush: bool,
     bytes: u64,
+    /// Client to upstream (for the process-wide byte counters).
+    from_client: bool,
 }
 
 /// An I/O error tagged with whether it came from the reader or the writer.
@@ -251,6 +253,7 @@ impl Half {
                             self.pos = 0;
                             self.cap = n;
                             self.bytes += n as u64;
+                            crate::metrics::get().relayed(self.from_client, n as u64);
                             *last = Instant::now();
                         }
                     }
@@ -371,7 +374,10 @@ where
     let mut pair = CopyPair {
         client,
         upstream,
-        up: Half::default(),
+        up: Half {
+            from_client: true,
+            ..Half::default()
+        },
         down: Half::default(),
     };
     let end = drive(&mut pair, idle, stop).await;

@@ -127,6 +127,8 @@ struct Half {
     eof: bool,
     done: bool,
     bytes: u64,
+    /// Client to upstream (for the process-wide byte counters).
+    from_client: bool,
 }
 
 impl Half {
@@ -156,6 +158,7 @@ impl Half {
                         Ok(n) => {
                             self.in_pipe += n;
                             self.bytes += n as u64;
+                            crate::metrics::get().relayed(self.from_client, n as u64);
                             *last = Instant::now();
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -213,6 +216,7 @@ pub async fn relay(
             eof: false,
             done: false,
             bytes: 0,
+            from_client: true,
         },
         down: Half {
             pipe: Some(p2),
@@ -220,6 +224,7 @@ pub async fn relay(
             eof: false,
             done: false,
             bytes: 0,
+            from_client: false,
         },
     };
     let end = drive(&mut pair, idle, stop).await;

@@ -553,6 +553,13 @@ fn admin_endpoint_metrics_and_readyz_during_drain() {
         open.write_all(b"x").await.unwrap();
         read_n(&mut open, 1).await;
     });
+    // Bytes are counted as they move, not only when a connection closes.
+    let live = samples(&admin_get(admin, "/metrics").1);
+    assert!(
+        sample(&live, "sluice_bytes_total{direction=\"from_client\"}")
+            > sample(&after, "sluice_bytes_total{direction=\"from_client\"}"),
+        "bytes of an open connection are not counted"
+    );
     sigterm(&d.child);
     let t0 = Instant::now();
     loop {
