@@ -347,8 +347,10 @@ fn certificate_renewal_under_load_fails_no_handshake() {
         b.der.to_vec(),
         "the renewed certificate is not served"
     );
-    // 2. Renewal followed by SIGHUP (what a certbot deploy hook does).
+    // 2. Renewal and a changed config, then SIGHUP (a certbot deploy hook, an edit).
     install_pair(&tls_dir, 3, &c);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}[detect]\ntimeout = \"3s\"\n")).unwrap();
     hup(d.child.id());
     wait_for_line(&d.log, "SIGHUP: reloaded", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(300));
