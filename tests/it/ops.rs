@@ -942,3 +942,84 @@ async fn a_silent_client_behind_a_trusted_proxy_waits_one_detect_timeout() {
     );
     d.stop().await;
 }
+
+#[test]
+fn tls_sessions_resume_across_a_reload() {
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_file(
+        dir.path(),
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.http]\n",
+            cert.cert.display(),
+            cert.key.display()
+        ),
+    );
+    let mut d = serve_in(dir.path(), &cfg);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // One client config: its session cache carries the ticket to the next connection.
+    let client = tls_config_trusting(&[&cert.der]);
+    let connect = |client: Arc<rustls::ClientConfig>| {
+        rt.block_on(async {
+            let tcp = TcpStream::connect(d.addr).await.unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(client)
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap();
+            let kind = tls.get_ref().1.handshake_kind();
+            // Reading the answer also takes in the session tickets sent after the handshake.
+            tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .await
+                .unwrap();
+            read_all(&mut tls).await;
+            kind
+        })
+    };
+    assert_eq!(connect(client.clone()), Some(rustls::HandshakeKind::Full));
+    assert_eq!(
+        connect(client.clone()),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}[detect]\ntimeout = \"3s\"\n")).unwrap();
+    hup(d.child.id());
+    wait_for_line(&d.log, "SIGHUP: reloaded", Duration::from_secs(10));
+    assert_eq!(
+        connect(client.clone()),
+        Some(rustls::HandshakeKind::Resumed),
+        "a reload made tickets issued before it useless"
+    );
+    sigterm(&d.child);
+    assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn a_full_admin_endpoint_answers_503_at_once() {
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let admin_port = free_port();
+    let cfg = config_file(
+        dir.path(),
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[routes.http]\n",
+            cert.cert.display(),
+            cert.key.display()
+        ),
+    );
+    let mut d = serve_in(dir.path(), &cfg);
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    assert_eq!(admin_get(admin, "/readyz").0, 200);
+    // 64 clients that send nothing hold every slot...
+    let idle: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(admin).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // ...so the next request is told "busy" instead of waiting behind them.
+    let (code, body) = admin_get(admin, "/readyz");
+    assert_eq!((code, body.as_str()), (503, "busy\n"));
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(admin_get(admin, "/readyz").0, 200);
+    sigterm(&d.child);
+    assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
+}
