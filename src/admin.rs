@@ -20,6 +20,8 @@ const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Admin connections served at once; more get an immediate 503.
 const MAX_CONCURRENT: usize = 64;
+/// How long a "busy" answer may take.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Whether the server takes new connections: false from the first shutdown signal on.
 #[derive(Clone, Default)]
@@ -147,6 +149,7 @@ pub async fn serve(
         info!(admin = %a, "admin endpoint: /livez /readyz /metrics");
     }
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    let busy = Arc::new(Semaphore::new(MAX_CONCURRENT));
     loop {
         let (mut stream, peer) = tokio::select! {
             () = stop.cancelled() => return,
@@ -159,14 +162,15 @@ pub async fn serve(
                 }
             },
         };
-        // Full: answer at once rather than leave probes waiting behind slow clients.
+        // Full: answer 503 at once rather than leave probes waiting behind slow clients (and
+        // if even the "busy" answers are all taken, just close).
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            let Ok(busy_permit) = busy.clone().try_acquire_owned() else {
+                continue;
+            };
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    respond(&mut stream, 503, "text/plain", "busy\n"),
-                )
-                .await;
+                let _ = tokio::time::timeout(BUSY_TIMEOUT, busy_answer(&mut stream)).await;
+                drop(busy_permit);
             });
             continue;
         };
@@ -224,6 +228,20 @@ async fn answer(mut s: TcpStream, readiness: &Readiness, liveness: &Liveness) {
     };
     let body = if method == "HEAD" { "" } else { &body };
     let _ = respond(&mut s, status, ctype, body).await;
+}
+
+/// Reads what the request sends at once (closing on unread bytes would reset the connection
+/// and lose the answer), then says 503.
+async fn busy_answer(s: &mut TcpStream) {
+    let mut chunk = [0u8; 1024];
+    let mut seen = Vec::new();
+    while find(&seen, b"\r\n\r\n").is_none() && seen.len() < MAX_REQUEST {
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    let _ = respond(s, 503, "text/plain", "busy\n").await;
 }
 
 async fn respond(s: &mut TcpStream, status: u16, ctype: &str, body: &str) -> io::Result<()> {
