@@ -1049,30 +1049,6 @@ fn children(pid: u32) -> Vec<(u32, u64)> {
     out
 }
 
-/// CPU of a process and its live children (sslh-fork relays in a child per connection).
-#[allow(dead_code)]
-fn tree_ticks(pid: u32) -> u64 {
-    let mut total = cpu_ticks(pid);
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-            let f: Vec<&str> = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
-            if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
-                total += cpu_ticks(child);
-            }
-        }
-    }
-    total
-}
-
 fn report(results: &[(&'static str, Vec<f64>, Vec<f64>)]) {
     let Some(base) = results.iter().find(|r| r.0.starts_with("sluice")) else {
         return;
