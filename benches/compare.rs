@@ -309,26 +309,19 @@ fn main() {
         b.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    if want("ceiling") {
-        ceiling(&mut b);
-    }
-    if want("1") {
-        bulk_tls(&mut b);
-    }
-    if want("2") {
-        bulk_plain(&mut b);
-    }
-    if want("3") {
-        handshakes(&mut b);
-    }
-    if want("4") {
-        latency(&mut b);
-    }
-    if want("5") {
-        idle_memory(&mut b);
-    }
-    if want("6") {
-        ssh_forward(&mut b);
+    let scenarios: [(&str, fn(&mut Bench)); 7] = [
+        ("ceiling", ceiling),
+        ("1", bulk_tls),
+        ("2", bulk_plain),
+        ("3", handshakes),
+        ("4", latency),
+        ("5", idle_memory),
+        ("6", ssh_forward),
+    ];
+    for (name, run) in scenarios {
+        if want(name) {
+            run(&mut b);
+        }
     }
     if !b.skipped.is_empty() {
         b.skipped.sort();

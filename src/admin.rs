@@ -8,14 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-/// Requests larger than this are refused (a GET line and a few headers fit easily).
-const MAX_REQUEST: usize = 8 * 1024;
 /// A request must arrive and its answer be written within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Admin connections served at once; more get an immediate 503.
@@ -187,82 +185,78 @@ pub async fn serve(
 }
 
 async fn answer(mut s: TcpStream, readiness: &Readiness, liveness: &Liveness) {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let head_end = loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n").or_else(|| find(&buf, b"\n\n")) {
-            break i;
-        }
-        if buf.len() > MAX_REQUEST {
-            let _ = respond(&mut s, 431, "text/plain", "request too large\n").await;
+    use crate::builtin::{read_head, request_line, respond, TEXT};
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let head = match read_head(&mut s, &[], deadline).await {
+        Ok(h) => h,
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            let _ = respond(
+                &mut s,
+                "431 Request Header Fields Too Large",
+                TEXT,
+                "",
+                "request too large\n",
+                false,
+            )
+            .await;
+            let _ = s.shutdown().await;
             return;
         }
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
+        Err(_) => return,
     };
-    let head = String::from_utf8_lossy(&buf[..head_end]);
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (method, target) = request_line(&head).unwrap_or(("", ""));
     let path = target.split('?').next().unwrap_or("");
-    if method != "GET" && method != "HEAD" {
-        let _ = respond(&mut s, 405, "text/plain", "only GET\n").await;
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        let _ = respond(
+            &mut s,
+            "405 Method Not Allowed",
+            TEXT,
+            "",
+            "only GET\n",
+            false,
+        )
+        .await;
+        let _ = s.shutdown().await;
         return;
     }
+    const OK: &str = "200 OK";
+    const UNAVAILABLE: &str = "503 Service Unavailable";
     let (status, ctype, body) = match path {
-        "/livez" if liveness.is_live() => (200, "text/plain", "ok\n".to_string()),
-        "/livez" => (503, "text/plain", "a worker runtime is stuck\n".to_string()),
-        "/readyz" if readiness.is_ready() => (200, "text/plain", "ready\n".to_string()),
-        "/readyz" => (503, "text/plain", "draining\n".to_string()),
+        "/livez" if liveness.is_live() => (OK, TEXT, "ok\n".to_string()),
+        "/livez" => (UNAVAILABLE, TEXT, "a worker runtime is stuck\n".to_string()),
+        "/readyz" if readiness.is_ready() => (OK, TEXT, "ready\n".to_string()),
+        "/readyz" => (UNAVAILABLE, TEXT, "draining\n".to_string()),
         "/metrics" => (
-            200,
+            OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             crate::metrics::get().encode(),
         ),
         _ => (
-            404,
-            "text/plain",
+            "404 Not Found",
+            TEXT,
             "not found; try /livez, /readyz or /metrics\n".to_string(),
         ),
     };
-    let body = if method == "HEAD" { "" } else { &body };
-    let _ = respond(&mut s, status, ctype, body).await;
+    let _ = respond(&mut s, status, ctype, "", &body, head_only).await;
+    let _ = s.shutdown().await;
 }
 
-/// Reads what the request sends at once (closing on unread bytes would reset the connection
-/// and lose the answer), then says 503.
+/// Reads the request (closing on unread bytes would reset the connection and lose the
+/// answer), then says 503.
 async fn busy_answer(s: &mut TcpStream) {
-    let mut chunk = [0u8; 1024];
-    let mut seen = Vec::new();
-    while find(&seen, b"\r\n\r\n").is_none() && seen.len() < MAX_REQUEST {
-        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&chunk[..n]),
-            _ => break,
-        }
-    }
-    let _ = respond(s, 503, "text/plain", "busy\n").await;
-}
-
-async fn respond(s: &mut TcpStream, status: u16, ctype: &str, body: &str) -> io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        _ => "Service Unavailable",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body.as_bytes()).await?;
-    s.shutdown().await
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    let _ = crate::builtin::read_head(s, &[], deadline).await;
+    let _ = crate::builtin::respond(
+        s,
+        "503 Service Unavailable",
+        crate::builtin::TEXT,
+        "",
+        "busy\n",
+        false,
+    )
+    .await;
+    let _ = s.shutdown().await;
 }
 
 /// What `sluice healthcheck` found.

@@ -79,15 +79,21 @@ pub fn https_location(head: &[u8]) -> Option<String> {
     (host_ok && target_ok).then(|| format!("https://{host}{target}"))
 }
 
-async fn respond<S: AsyncWrite + Unpin>(
+/// The content type of sluice's own answers.
+pub const TEXT: &str = "text/plain; charset=utf-8";
+
+/// Writes one complete answer (`extra`: more header lines, each ending in CRLF); with
+/// `head_only`, the headers alone (an answer to HEAD).
+pub async fn respond<S: AsyncWrite + Unpin>(
     s: &mut S,
     status: &str,
+    content_type: &str,
     extra: &str,
     body: &str,
     head_only: bool,
 ) -> io::Result<()> {
     let mut out = format!(
-        "HTTP/1.1 {status}\r\nServer: sluice\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n{extra}\r\n",
+        "HTTP/1.1 {status}\r\nServer: sluice\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n{extra}\r\n",
         body.len()
     );
     if !head_only {
@@ -110,7 +116,7 @@ pub async fn status_page<S: AsyncRead + AsyncWrite + Unpin>(
         env!("CARGO_PKG_VERSION"),
         "\nThis port carries HTTPS and SSH over one TLS listener.\nNo HTTP upstream is configured: set [routes.http] upstream.\n"
     );
-    respond(s, "200 OK", "", body, head_only).await
+    respond(s, "200 OK", TEXT, "", body, head_only).await
 }
 
 /// Answers one plain HTTP request with a 308 to the same URL over https.
@@ -125,6 +131,7 @@ pub async fn redirect<S: AsyncRead + AsyncWrite + Unpin>(
             respond(
                 s,
                 "308 Permanent Redirect",
+                TEXT,
                 &format!("Location: {loc}\r\n"),
                 &format!("{loc}\n"),
                 false,
@@ -135,6 +142,7 @@ pub async fn redirect<S: AsyncRead + AsyncWrite + Unpin>(
             respond(
                 s,
                 "400 Bad Request",
+                TEXT,
                 "",
                 "a Host header is needed to redirect to https\n",
                 false,
@@ -149,6 +157,7 @@ pub async fn bad_gateway<S: AsyncWrite + Unpin>(s: &mut S) -> io::Result<()> {
     respond(
         s,
         "502 Bad Gateway",
+        TEXT,
         "",
         "the upstream HTTP server is not reachable\n",
         false,

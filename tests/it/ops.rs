@@ -275,6 +275,32 @@ fn install_pair(root: &Path, generation: u32, cert: &TestCert) {
     }
 }
 
+/// `sluice serve` with `first` installed the Kubernetes way in `<dir>/tls` (`tls_extra`: more
+/// `[tls]` keys): (dir, tls dir, config path, daemon).
+fn serve_swappable(
+    first: &TestCert,
+    tls_extra: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    String,
+    crate::cli::Child2,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    install_pair(&tls_dir, 1, first);
+    let cfg = config_file(
+        dir.path(),
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{0}/tls.crt\"\nkey = \"{0}/tls.key\"\n{tls_extra}[routes.http]\n",
+            tls_dir.display()
+        ),
+    );
+    let d = serve_in(dir.path(), &cfg);
+    (dir, tls_dir, cfg, d)
+}
+
 /// Handshakes in a loop from 4 clients until `stop`; returns (ok, failures, last leaf seen).
 fn handshake_loop(
     rt: &tokio::runtime::Runtime,
@@ -320,18 +346,7 @@ fn certificate_renewal_under_load_fails_no_handshake() {
         TestCert::localhost(),
         TestCert::localhost(),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let tls_dir = dir.path().join("tls");
-    std::fs::create_dir_all(&tls_dir).unwrap();
-    install_pair(&tls_dir, 1, &a);
-    let cfg = config_file(
-        dir.path(),
-        &format!(
-            "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{0}/tls.crt\"\nkey = \"{0}/tls.key\"\n[routes.http]\n",
-            tls_dir.display()
-        ),
-    );
-    let mut d = serve_in(dir.path(), &cfg);
+    let (_dir, tls_dir, cfg, mut d) = serve_swappable(&a, "");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = tls_config_trusting(&[&a.der, &b.der, &c.der]);
     let stop = Arc::new(AtomicBool::new(false));
@@ -892,19 +907,8 @@ fn reload_without_admin_or_ssh_keeps_serving_and_sighup_is_not_fatal() {
 #[test]
 fn certificate_swaps_are_seen_by_inotify_between_polls() {
     let (a, b) = (TestCert::localhost(), TestCert::localhost());
-    let dir = tempfile::tempdir().unwrap();
-    let tls_dir = dir.path().join("tls");
-    std::fs::create_dir_all(&tls_dir).unwrap();
-    install_pair(&tls_dir, 1, &a);
     // An hour between polls: only the directory watch can notice the swap in time.
-    let cfg = config_file(
-        dir.path(),
-        &format!(
-            "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{0}/tls.crt\"\nkey = \"{0}/tls.key\"\npoll_interval = \"1h\"\n[routes.http]\n",
-            tls_dir.display()
-        ),
-    );
-    let mut d = serve_in(dir.path(), &cfg);
+    let (_dir, tls_dir, _cfg, mut d) = serve_swappable(&a, "poll_interval = \"1h\"\n");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = tls_config_trusting(&[&a.der, &b.der]);
     assert_eq!(
