@@ -481,6 +481,29 @@ impl Reloader {
                         }
                     }
                 }
+                let now = crate::state::digest_files(paths.iter().map(PathBuf::as_path));
+                // Checked before waiting too: a change between start-up and the first watch
+                // would otherwise wait for the next poll.
+                if now == *me.cert_digest.lock().await {
+                    failed = None;
+                } else {
+                    match me.reload_certs().await {
+                        Ok(fp) => {
+                            info!(sha256 = %fp, "certificates reloaded: a file changed");
+                            failed = None;
+                        }
+                        Err(e) if failed.as_ref() == Some(&now) => {
+                            // Failed twice on the same content: not a swap in progress.
+                            warn!(
+                                "certificates changed but do not load; the old ones stay in force: {e}"
+                            );
+                            crate::metrics::get().reload("certificates", false);
+                            *me.cert_digest.lock().await = now;
+                            failed = None;
+                        }
+                        Err(_) => failed = Some(now),
+                    }
+                }
                 let wait = if failed.is_some() {
                     CERT_RETRY
                 } else {
@@ -496,28 +519,6 @@ impl Reloader {
                             w.get_ref().drain();
                         }
                     }
-                }
-                let paths = files(&me);
-                let now = crate::state::digest_files(paths.iter().map(PathBuf::as_path));
-                if now == *me.cert_digest.lock().await {
-                    failed = None;
-                    continue;
-                }
-                match me.reload_certs().await {
-                    Ok(fp) => {
-                        info!(sha256 = %fp, "certificates reloaded: a file changed");
-                        failed = None;
-                    }
-                    Err(e) if failed.as_ref() == Some(&now) => {
-                        // Failed twice on the same content: not a swap in progress.
-                        warn!(
-                            "certificates changed but do not load; the old ones stay in force: {e}"
-                        );
-                        crate::metrics::get().reload("certificates", false);
-                        *me.cert_digest.lock().await = now;
-                        failed = None;
-                    }
-                    Err(_) => failed = Some(now),
                 }
             }
         });
