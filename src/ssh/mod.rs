@@ -309,10 +309,18 @@ fn russh_config(s: &SshSettings, host_key: PrivateKey) -> russh::server::Config 
         // With window granted on consumption (vendor/russh), a channel holds at most one
         // window (2 MiB) unread: 64 full packets. Room for that and for small packets.
         channel_buffer_size: 256,
+        window_budget: WINDOW_BUDGET,
         preferred,
         ..Default::default()
     }
 }
+
+/// Process-wide budget for unread SSH channel data (vendor/russh, `Config::window_budget`):
+/// window offered to clients plus data received and not yet relayed, over all sessions. When
+/// it is used up, clients wait for window instead of the daemon's memory growing. 256 MiB is
+/// 128 channels at the full 2 MiB window; without it, 32 channels x 2 MiB x 256 connections
+/// from one address could pin 16 GiB. (A candidate for an `[ssh]` setting.)
+pub const WINDOW_BUDGET: usize = 256 << 20;
 
 /// How long failures from one address are remembered, and how long it is then refused.
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(600);

@@ -19,6 +19,10 @@ mod clients;
 /// The embedded SSH server, driven by the real OpenSSH client through TLS.
 mod ssh;
 
+/// The embedded SSH server's bounds (vendor/russh): EOF and request floods on a stalled
+/// channel, data after EOF, the process-wide window budget; driven by a russh client.
+mod ssh_limits;
+
 /// `sluice connect`, the ProxyCommand helper, against the daemon and with OpenSSH.
 mod connect;
 

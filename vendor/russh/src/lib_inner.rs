@@ -243,6 +243,11 @@ pub enum Error {
     /// This is common in SSH-Agent, for example when the Agent client directly rejects an authorization request.
     #[error("Unable to receive more messages from the channel")]
     RecvError,
+
+    /// sluice patch: the peer broke the connection protocol; it was sent
+    /// SSH_MSG_DISCONNECT (protocol error) with this reason.
+    #[error("protocol violation: {0}")]
+    ProtocolViolation(String),
 }
 
 pub(crate) fn strict_kex_violation(message_type: u8, sequence_number: usize) -> crate::Error {

@@ -315,29 +315,41 @@ impl Encrypted {
         Ok(())
     }
 
-    /// sluice patch: records `n` bytes the application consumed, then grants window.
+    /// sluice patch: records `n` bytes the application consumed (or window the budget could
+    /// not give at open), then grants window. `true` if the window budget held it back.
     pub fn credit_consumed(
         &mut self,
         channel: ChannelId,
         n: usize,
         target: u32,
-    ) -> Result<(), crate::Error> {
+        budget: &crate::channels::Consumed,
+        limit: usize,
+    ) -> Result<bool, crate::Error> {
         if let Some(ch) = self.channels.get_mut(&channel) {
             ch.consumed_credit = ch
                 .consumed_credit
                 .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
         }
-        self.grant_window(channel, target)
+        self.grant_window(channel, target, budget, limit)
     }
 
     /// sluice patch: once the peer's window is below half the target, grants back what
-    /// the application has consumed (never more), so unread data stays within one window.
-    pub fn grant_window(&mut self, channel: ChannelId, target: u32) -> Result<(), crate::Error> {
+    /// the application has consumed (never more), so unread data stays within one window,
+    /// and only what the process-wide window budget (`limit` bytes) has left: `true` if it
+    /// held the grant back, and the channel waits for budget.
+    pub fn grant_window(
+        &mut self,
+        channel: ChannelId,
+        target: u32,
+        budget: &crate::channels::Consumed,
+        limit: usize,
+    ) -> Result<bool, crate::Error> {
         if let Some(channel) = self.channels.get_mut(&channel) {
-            if channel.sender_window_size < target / 2 {
-                let grant = channel
+            if channel.confirmed && channel.sender_window_size < target / 2 {
+                let want = channel
                     .consumed_credit
                     .min(target.saturating_sub(channel.sender_window_size));
+                let grant = budget.try_charge(want as usize, limit) as u32;
                 if grant > 0 {
                     push_packet!(self.write, {
                         self.write.push(msg::CHANNEL_WINDOW_ADJUST);
@@ -347,9 +359,10 @@ impl Encrypted {
                     channel.sender_window_size += grant;
                     channel.consumed_credit -= grant;
                 }
+                return Ok(grant < want);
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     pub fn adjust_window_size(
@@ -833,7 +846,7 @@ impl Encrypted {
                     pending_data: std::collections::VecDeque::new(),
                     pending_eof: false,
                     pending_close: false,
-            consumed_credit: 0,
+                    consumed_credit: 0,
                 });
                 return ChannelId(self.last_channel_id.0);
             }

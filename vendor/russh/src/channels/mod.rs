@@ -11,6 +11,11 @@ pub mod io;
 
 mod channel_ref;
 pub use channel_ref::{ChannelRef, Consumed};
+// sluice patch: the process-wide window budget and the per-channel request cap.
+pub use channel_ref::window_budget_in_use;
+pub(crate) use channel_ref::{
+    MAX_QUEUED_REQUESTS, Starved, budget_freed, budget_left, request_cost,
+};
 
 mod channel_stream;
 pub use channel_stream::ChannelStream;
@@ -161,6 +166,9 @@ impl ChannelReadHalf {
         let msg = self.receiver.recv().await;
         if let Some(ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. }) = &msg {
             self.consumed.add(data.len());
+        } else if let Some(msg) = &msg {
+            // sluice patch: a request read leaves the channel's request cap.
+            self.consumed.seen(msg);
         }
         msg
     }
@@ -477,7 +485,10 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
         let (tx, rx) = tokio::sync::mpsc::channel(channel_buffer_size);
         let window_size = WindowSizeRef::new(window_size);
         let consumed = std::sync::Arc::new(channel_ref::Consumed::default());
-        let read_half = ChannelReadHalf { receiver: rx, consumed: consumed.clone() };
+        let read_half = ChannelReadHalf {
+            receiver: rx,
+            consumed: consumed.clone(),
+        };
         let write_half = ChannelWriteHalf {
             id,
             sender,
@@ -494,6 +505,8 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
                 sender: tx,
                 window_size,
                 consumed,
+                eof_received: false,
+                logged: false,
             },
         )
     }

@@ -855,7 +855,7 @@ impl Session {
                     pending_data: std::collections::VecDeque::new(),
                     pending_eof: false,
                     pending_close: false,
-            consumed_credit: 0,
+                    consumed_credit: 0,
                 };
 
                 let (channel, channel_ref) = Channel::new(

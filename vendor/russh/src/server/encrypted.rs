@@ -1448,19 +1448,32 @@ impl Session {
                     return Ok(());
                 }
                 if let Some(ref mut enc) = self.common.encrypted {
+                    // sluice patch: the peer sends nothing more: the window it did not use
+                    // goes back to the budget (unread data stays charged until read).
+                    if let (Some(c), Some(p)) = (
+                        self.channels.get(&channel_num),
+                        enc.channels.get(&channel_num),
+                    ) {
+                        c.consumed.release(p.sender_window_size as usize);
+                    }
                     // Reply with CHANNEL_CLOSE per RFC 4254 Section 5.3.
                     enc.close(channel_num)?;
                 }
                 // Forward the close to the channel before removing it, so that
                 // consumers waiting on `Channel::wait()` receive an explicit
                 // `ChannelMsg::Close` instead of just seeing `None`.
-                if self.channels.get(&channel_num).is_some_and(|c| c.consumed.gated()) {
+                if self
+                    .channels
+                    .get(&channel_num)
+                    .is_some_and(|c| c.consumed.gated())
+                {
                     // sluice patch: after any backlog, without blocking.
                     self.deliver(channel_num, ChannelMsg::Close);
                 } else if let Some(chan) = self.channels.get(&channel_num) {
                     chan.send(ChannelMsg::Close).await.unwrap_or(())
                 }
                 self.channels.remove(&channel_num);
+                self.sweep_backlog(channel_num);
                 debug!("handler.channel_close {channel_num:?}");
                 handler.channel_close(channel_num, self).await
             }
@@ -1470,7 +1483,24 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                if self.channels.get(&channel_num).is_some_and(|c| c.consumed.gated()) {
+                // sluice patch: EOF comes once; a repeated one is dropped, so that a peer
+                // looping on EOF queues nothing.
+                if let Some(chan) = self.channels.get_mut(&channel_num) {
+                    if chan.eof_received {
+                        if !std::mem::replace(&mut chan.logged, true) {
+                            warn!(
+                                "channel {channel_num}: duplicate CHANNEL_EOF dropped (and any more)"
+                            );
+                        }
+                        return Ok(());
+                    }
+                    chan.eof_received = true;
+                }
+                if self
+                    .channels
+                    .get(&channel_num)
+                    .is_some_and(|c| c.consumed.gated())
+                {
                     // sluice patch: after any backlog, without blocking.
                     self.deliver(channel_num, ChannelMsg::Eof);
                 } else if let Some(chan) = self.channels.get(&channel_num) {
@@ -1493,6 +1523,16 @@ impl Session {
                 trace!("handler.data {ext:?} {channel_num:?}");
                 let data = map_err!(Bytes::decode(r))?;
                 map_err!(ensure_end(r))?;
+                // sluice patch: the peer said it sends nothing more on this channel.
+                if self
+                    .channels
+                    .get(&channel_num)
+                    .is_some_and(|c| c.eof_received)
+                {
+                    return Err(self
+                        .violation(format!("data after CHANNEL_EOF on channel {channel_num}"))
+                        .into());
+                }
                 let target = self.target_window_size;
                 // sluice patch: channels read through a `Channel` get window back as the
                 // application consumes data, not on receipt, so one unread channel cannot
@@ -1502,11 +1542,16 @@ impl Session {
                     .get(&channel_num)
                     .is_some_and(|c| c.consumed.gated());
 
+                let limit = self.common.config.window_budget;
+                let mut beyond = false;
                 #[allow(clippy::collapsible_if)]
                 if let Some(ref mut enc) = self.common.encrypted {
-                    if gated {
-                        enc.take_window(channel_num, data.len())?;
-                        enc.grant_window(channel_num, target)?;
+                    if let (true, Some(chan)) = (gated, self.channels.get(&channel_num)) {
+                        if enc.take_window(channel_num, data.len()).is_err() {
+                            beyond = true;
+                        } else if enc.grant_window(channel_num, target, &chan.consumed, limit)? {
+                            self.starved.set(true);
+                        }
                     } else if enc.adjust_window_size(channel_num, &data, target)? {
                         let window = handler.adjust_window(channel_num, self.target_window_size);
                         if window > 0 {
@@ -1514,11 +1559,19 @@ impl Session {
                         }
                     }
                 }
+                if beyond {
+                    return Err(self
+                        .violation(format!("data beyond the window on channel {channel_num}"))
+                        .into());
+                }
                 self.flush()?;
                 if gated {
                     // sluice patch: never block the session loop on one channel's queue.
                     let msg = match ext {
-                        Some(ext) => ChannelMsg::ExtendedData { ext, data: data.clone() },
+                        Some(ext) => ChannelMsg::ExtendedData {
+                            ext,
+                            data: data.clone(),
+                        },
                         None => ChannelMsg::Data { data: data.clone() },
                     };
                     self.deliver(channel_num, msg);
@@ -1591,6 +1644,14 @@ impl Session {
 
                 if let Some(ref mut enc) = self.common.encrypted {
                     if let Some(parameters) = enc.channels.get_mut(&local_id) {
+                        // sluice patch: a channel is confirmed once.
+                        if parameters.confirmed {
+                            return Err(self
+                                .violation(format!(
+                                    "CHANNEL_OPEN_CONFIRMATION for channel {local_id}, which is open"
+                                ))
+                                .into());
+                        }
                         parameters.confirm(&msg);
                     } else {
                         // We've not requested this channel, close connection.
@@ -1600,15 +1661,26 @@ impl Session {
                     return Err(Error::Inconsistent.into());
                 };
 
-                if let Some(channel) = self.channels.get(&local_id) {
-                    channel
-                        .send(ChannelMsg::Open {
+                if self.channels.contains_key(&local_id) {
+                    // sluice patch: without blocking; window the budget held back at open
+                    // can be granted now that the channel has a peer.
+                    self.deliver(
+                        local_id,
+                        ChannelMsg::Open {
                             id: local_id,
                             max_packet_size: msg.maximum_packet_size,
                             window_size: msg.initial_window_size,
-                        })
-                        .await
-                        .unwrap_or(());
+                        },
+                    );
+                    let (target, limit) =
+                        (self.target_window_size, self.common.config.window_budget);
+                    if let (Some(enc), Some(chan)) =
+                        (self.common.encrypted.as_mut(), self.channels.get(&local_id))
+                    {
+                        if enc.grant_window(local_id, target, &chan.consumed, limit)? {
+                            self.starved.set(true);
+                        }
+                    }
                 } else {
                     error!("no channel for id {local_id:?}");
                 }
@@ -1686,23 +1758,26 @@ impl Session {
                         }
                         map_err!(ensure_end(r))?;
 
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            // Only the first `i` entries were decoded from the
-                            // request; the rest of `modes` is padding and must
-                            // not be passed on as if the client had sent it.
-                            #[allow(clippy::indexing_slicing)] // `i <= modes.len()` checked above
-                            let terminal_modes = modes[..i].to_vec();
-                            let _ = chan
-                                .send(ChannelMsg::RequestPty {
-                                    want_reply: true,
-                                    term: term.clone(),
-                                    col_width,
-                                    row_height,
-                                    pix_width,
-                                    pix_height,
-                                    terminal_modes,
-                                })
-                                .await;
+                        // sluice patch: never blocks the session; refused past the channel's cap.
+                        // Only the first `i` entries were decoded from the
+                        // request; the rest of `modes` is padding and must
+                        // not be passed on as if the client had sent it.
+                        #[allow(clippy::indexing_slicing)] // `i <= modes.len()` checked above
+                        let terminal_modes = modes[..i].to_vec();
+                        if !self.deliver_request(
+                            channel_num,
+                            ChannelMsg::RequestPty {
+                                want_reply: true,
+                                term: term.clone(),
+                                col_width,
+                                row_height,
+                                pix_width,
+                                pix_height,
+                                terminal_modes,
+                            },
+                        ) {
+                            self.channel_failure(channel_num)?;
+                            return Ok(());
                         }
 
                         debug!("handler.pty_request {channel_num:?}");
@@ -1727,16 +1802,19 @@ impl Session {
                         let x11_screen_number = map_err!(u32::decode(r))?;
                         map_err!(ensure_end(r))?;
 
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::RequestX11 {
-                                    want_reply: true,
-                                    single_connection,
-                                    x11_authentication_cookie: x11_auth_cookie.clone(),
-                                    x11_authentication_protocol: x11_auth_protocol.clone(),
-                                    x11_screen_number,
-                                })
-                                .await;
+                        // sluice patch: never blocks the session; refused past the channel's cap.
+                        if !self.deliver_request(
+                            channel_num,
+                            ChannelMsg::RequestX11 {
+                                want_reply: true,
+                                single_connection,
+                                x11_authentication_cookie: x11_auth_cookie.clone(),
+                                x11_authentication_protocol: x11_auth_protocol.clone(),
+                                x11_screen_number,
+                            },
+                        ) {
+                            self.channel_failure(channel_num)?;
+                            return Ok(());
                         }
                         debug!("handler.x11_request {channel_num:?}");
                         handler
@@ -1755,14 +1833,17 @@ impl Session {
                         let env_value = map_err!(String::decode(r))?;
                         map_err!(ensure_end(r))?;
 
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::SetEnv {
-                                    want_reply: true,
-                                    variable_name: env_variable.clone(),
-                                    variable_value: env_value.clone(),
-                                })
-                                .await;
+                        // sluice patch: never blocks the session; refused past the channel's cap.
+                        if !self.deliver_request(
+                            channel_num,
+                            ChannelMsg::SetEnv {
+                                want_reply: true,
+                                variable_name: env_variable.clone(),
+                                variable_value: env_value.clone(),
+                            },
+                        ) {
+                            self.channel_failure(channel_num)?;
+                            return Ok(());
                         }
 
                         debug!("handler.env_request {channel_num:?}");
@@ -1772,20 +1853,26 @@ impl Session {
                     }
                     "shell" => {
                         map_err!(ensure_end(r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::RequestShell { want_reply: true })
-                                .await;
+                        // sluice patch: never blocks the session; refused past the channel's cap.
+                        if !self.deliver_request(
+                            channel_num,
+                            ChannelMsg::RequestShell { want_reply: true },
+                        ) {
+                            self.channel_failure(channel_num)?;
+                            return Ok(());
                         }
                         debug!("handler.shell_request {channel_num:?}");
                         handler.shell_request(channel_num, self).await
                     }
                     "auth-agent-req@openssh.com" => {
                         map_err!(ensure_end(r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::AgentForward { want_reply: true })
-                                .await;
+                        // sluice patch: never blocks the session; refused past the channel's cap.
+                        if !self.deliver_request(
+                            channel_num,
+                            ChannelMsg::AgentForward { want_reply: true },
+                        ) {
+                            self.channel_failure(channel_num)?;
+                            return Ok(());
                         }
                         debug!("handler.agent_request {channel_num:?}");
 
@@ -1800,13 +1887,16 @@ impl Session {
                     "exec" => {
                         let req = map_err!(Bytes::decode(r))?;
                         map_err!(ensure_end(r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::Exec {
-                                    want_reply: true,
-                                    command: req.to_vec(),
-                                })
-                                .await;
+                        // sluice patch: never blocks the session; refused past the channel's cap.
+                        if !self.deliver_request(
+                            channel_num,
+                            ChannelMsg::Exec {
+                                want_reply: true,
+                                command: req.to_vec(),
+                            },
+                        ) {
+                            self.channel_failure(channel_num)?;
+                            return Ok(());
                         }
                         debug!("handler.exec_request {channel_num:?}");
                         handler.exec_request(channel_num, &req, self).await
@@ -1815,13 +1905,16 @@ impl Session {
                         let name = map_err!(String::decode(r))?;
                         map_err!(ensure_end(r))?;
 
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::RequestSubsystem {
-                                    want_reply: true,
-                                    name: name.clone(),
-                                })
-                                .await;
+                        // sluice patch: never blocks the session; refused past the channel's cap.
+                        if !self.deliver_request(
+                            channel_num,
+                            ChannelMsg::RequestSubsystem {
+                                want_reply: true,
+                                name: name.clone(),
+                            },
+                        ) {
+                            self.channel_failure(channel_num)?;
+                            return Ok(());
                         }
                         debug!("handler.subsystem_request {channel_num:?}");
                         handler.subsystem_request(channel_num, &name, self).await
@@ -1833,15 +1926,18 @@ impl Session {
                         let pix_height = map_err!(u32::decode(r))?;
                         map_err!(ensure_end(r))?;
 
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::WindowChange {
-                                    col_width,
-                                    row_height,
-                                    pix_width,
-                                    pix_height,
-                                })
-                                .await;
+                        // sluice patch: never blocks the session; refused past the channel's cap.
+                        if !self.deliver_request(
+                            channel_num,
+                            ChannelMsg::WindowChange {
+                                col_width,
+                                row_height,
+                                pix_width,
+                                pix_height,
+                            },
+                        ) {
+                            self.channel_failure(channel_num)?;
+                            return Ok(());
                         }
 
                         debug!("handler.window_change {channel_num:?}");
@@ -1859,12 +1955,15 @@ impl Session {
                     "signal" => {
                         let signal = Sig::from_name(&map_err!(String::decode(r))?);
                         map_err!(ensure_end(r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            chan.send(ChannelMsg::Signal {
+                        // sluice patch: never blocks the session; refused past the channel's cap.
+                        if !self.deliver_request(
+                            channel_num,
+                            ChannelMsg::Signal {
                                 signal: signal.clone(),
-                            })
-                            .await
-                            .unwrap_or(())
+                            },
+                        ) {
+                            self.channel_failure(channel_num)?;
+                            return Ok(());
                         }
                         debug!("handler.signal {channel_num:?} {signal:?}");
                         handler.signal(channel_num, signal, self).await
@@ -1965,15 +2064,23 @@ impl Session {
                 trace!("Channel open failure description: {description}");
                 trace!("Channel open failure language tag: {language_tag}");
 
+                // sluice patch: only a channel we opened and the peer has not confirmed can
+                // fail to open.
+                if self.common.is_established_channel(channel_num) {
+                    return Err(self
+                        .violation(format!(
+                            "CHANNEL_OPEN_FAILURE for channel {channel_num}, which is open"
+                        ))
+                        .into());
+                }
                 if let Some(ref mut enc) = self.common.encrypted {
                     enc.channels.remove(&channel_num);
                 }
 
                 if let Some(channel_sender) = self.channels.remove(&channel_num) {
-                    channel_sender
-                        .send(ChannelMsg::OpenFailure(reason))
-                        .await
-                        .map_err(|_| crate::Error::SendError)?;
+                    // sluice patch: the channel's queue is empty before it opens; and an
+                    // opener that gave up is no reason to end the session.
+                    let _ = channel_sender.try_send(ChannelMsg::OpenFailure(reason));
                 }
 
                 Ok(())

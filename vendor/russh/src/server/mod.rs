@@ -59,6 +59,8 @@ use crate::*;
 mod kex;
 mod session;
 pub use self::session::*;
+// sluice patch: how much of the process-wide window budget is in use.
+pub use crate::channels::window_budget_in_use;
 mod encrypted;
 
 /// Configuration of a server.
@@ -99,6 +101,13 @@ pub struct Config {
     pub keepalive_max: usize,
     /// If active, invoke `set_nodelay(true)` on client sockets; disabled by default (i.e. Nagle's algorithm is active).
     pub nodelay: bool,
+    /// sluice patch: the process-wide window budget, in bytes: window offered to clients on
+    /// channels read through a `Channel`, plus data received on them and not read yet, over
+    /// all sessions of the process. When it is used up, new channels open with a smaller
+    /// (even zero) window and no window is granted back, so peers wait instead of memory
+    /// growing; waiting channels get window as soon as any channel's data is read.
+    /// Default 256 MiB (128 full windows of the default 2 MiB).
+    pub window_budget: usize,
 }
 
 impl Default for Config {
@@ -126,6 +135,7 @@ impl Default for Config {
             keepalive_interval: None,
             keepalive_max: 3,
             nodelay: false,
+            window_budget: 256 << 20, // sluice patch
         }
     }
 }
@@ -1126,6 +1136,8 @@ where
         channels: HashMap::new(),
         inbound: Default::default(),
         backlog: HashMap::new(),
+        starved: Default::default(),
+        open_window: None,
         open_global_requests: VecDeque::new(),
         kex: SessionKexState::Idle,
     };

@@ -31,6 +31,10 @@ pub struct Session {
     pub(crate) inbound: std::sync::Arc<tokio::sync::Notify>,
     /// sluice patch: messages for gated channels whose queue was full, in order.
     pub(crate) backlog: HashMap<ChannelId, Backlog>,
+    /// sluice patch: a channel waits for the process-wide window budget.
+    pub(crate) starved: crate::channels::Starved,
+    /// sluice patch: the window the next channel this server opens offers (charged).
+    pub(crate) open_window: Option<u32>,
     pub(crate) open_global_requests: VecDeque<GlobalRequestResponse>,
     pub(crate) kex: SessionKexState<ServerKex>,
 }
@@ -547,13 +551,12 @@ impl Session {
             Msg::Channel(id, ChannelMsg::WindowAdjusted { new_size }) => {
                 debug!("window adjusted to {new_size:?} for channel {id:?}");
             }
+            // sluice patch: channels opened through `Handle` are charged to the window budget.
             Msg::ChannelOpenAgent { channel_ref } => {
-                let id = self.channel_open_agent()?;
-                self.register_channel(id, channel_ref);
+                self.open_charged(channel_ref, |s| s.channel_open_agent())?;
             }
             Msg::ChannelOpenSession { channel_ref } => {
-                let id = self.channel_open_session()?;
-                self.register_channel(id, channel_ref);
+                self.open_charged(channel_ref, |s| s.channel_open_session())?;
             }
             Msg::ChannelOpenDirectTcpIp {
                 host_to_connect,
@@ -562,20 +565,22 @@ impl Session {
                 originator_port,
                 channel_ref,
             } => {
-                let id = self.channel_open_direct_tcpip(
-                    &host_to_connect,
-                    port_to_connect,
-                    &originator_address,
-                    originator_port,
-                )?;
-                self.register_channel(id, channel_ref);
+                self.open_charged(channel_ref, |s| {
+                    s.channel_open_direct_tcpip(
+                        &host_to_connect,
+                        port_to_connect,
+                        &originator_address,
+                        originator_port,
+                    )
+                })?;
             }
             Msg::ChannelOpenDirectStreamLocal {
                 socket_path,
                 channel_ref,
             } => {
-                let id = self.channel_open_direct_streamlocal(&socket_path)?;
-                self.register_channel(id, channel_ref);
+                self.open_charged(channel_ref, |s| {
+                    s.channel_open_direct_streamlocal(&socket_path)
+                })?;
             }
             Msg::ChannelOpenForwardedTcpIp {
                 connected_address,
@@ -584,28 +589,31 @@ impl Session {
                 originator_port,
                 channel_ref,
             } => {
-                let id = self.channel_open_forwarded_tcpip(
-                    &connected_address,
-                    connected_port,
-                    &originator_address,
-                    originator_port,
-                )?;
-                self.register_channel(id, channel_ref);
+                self.open_charged(channel_ref, |s| {
+                    s.channel_open_forwarded_tcpip(
+                        &connected_address,
+                        connected_port,
+                        &originator_address,
+                        originator_port,
+                    )
+                })?;
             }
             Msg::ChannelOpenForwardedStreamLocal {
                 server_socket_path,
                 channel_ref,
             } => {
-                let id = self.channel_open_forwarded_streamlocal(&server_socket_path)?;
-                self.register_channel(id, channel_ref);
+                self.open_charged(channel_ref, |s| {
+                    s.channel_open_forwarded_streamlocal(&server_socket_path)
+                })?;
             }
             Msg::ChannelOpenX11 {
                 originator_address,
                 originator_port,
                 channel_ref,
             } => {
-                let id = self.channel_open_x11(&originator_address, originator_port)?;
-                self.register_channel(id, channel_ref);
+                self.open_charged(channel_ref, |s| {
+                    s.channel_open_x11(&originator_address, originator_port)
+                })?;
             }
             Msg::TcpIpForward {
                 address,
@@ -729,6 +737,19 @@ impl Session {
             let inbound = self.inbound.clone();
             let consumed = inbound.notified();
             pin!(consumed);
+            // sluice patch: a channel waits for the process-wide window budget: retry as
+            // soon as some is given back (or at once if some already was).
+            let starved = self.starved.get() && !self.kex.active();
+            let limit = self.common.config.window_budget;
+            let budget = async move {
+                let freed = crate::channels::budget_freed();
+                pin!(freed);
+                freed.as_mut().enable();
+                if crate::channels::budget_left(limit) == 0 {
+                    freed.await;
+                }
+            };
+            pin!(budget);
 
             tokio::select! {
                 r = &mut reading => {
@@ -758,7 +779,18 @@ impl Session {
                             let kex_was_active = self.kex.active();
                             match reply(&mut self, &mut handler, &mut pkt).await {
                                 Ok(_) => {},
-                                Err(e) => return Err(e),
+                                Err(e) => {
+                                    // sluice patch: a peer's protocol violation is answered
+                                    // with the DISCONNECT `violation` queued, briefly.
+                                    if self.common.disconnected && self.flush().is_ok() {
+                                        let _ = tokio::time::timeout(
+                                            Duration::from_secs(2),
+                                            self.common.packet_writer.flush_into(&mut stream_write),
+                                        )
+                                        .await;
+                                    }
+                                    return Err(e)
+                                }
                             }
                             buffer.seqn = pkt.seqn; // TODO reply changes seqn internall, find cleaner way
 
@@ -799,6 +831,10 @@ impl Session {
                 () = &mut consumed, if !self.kex.active() => {
                     self.grant_consumed_windows()?;
                 }
+                // sluice patch: budget was given back (see above).
+                () = &mut budget, if starved => {
+                    self.grant_consumed_windows()?;
+                }
                 msg = self.priority_receiver.recv(), if !self.kex.active() => {
                     match msg {
                         Some(msg) => self.dispatch_msg(msg)?,
@@ -833,6 +869,10 @@ impl Session {
                 inactivity_timer.as_mut(),
             )
             .await?;
+            // sluice patch: a peer flooding small packets (EOF, IGNORE, ...) that arrive
+            // faster than they are handled never made this task wait, so it kept its thread
+            // for seconds; each turn of the loop now counts against the task's budget.
+            tokio::task::coop::consume_budget().await;
 
             if self.common.received_data {
                 // Reset the number of failed keepalive attempts. We don't
@@ -1118,34 +1158,130 @@ impl Session {
         self.channels.insert(id, channel_ref);
     }
 
+    /// sluice patch: opens a channel for a `Handle` request, its window charged to the
+    /// process-wide budget (what the budget cannot give now is granted once it can).
+    fn open_charged(
+        &mut self,
+        channel_ref: ChannelRef,
+        open: impl FnOnce(&mut Self) -> Result<ChannelId, Error>,
+    ) -> Result<(), Error> {
+        let want = self.common.config.window_size;
+        let window = channel_ref
+            .consumed
+            .try_charge(want as usize, self.common.config.window_budget)
+            as u32;
+        self.open_window = Some(window);
+        let id = open(self);
+        self.open_window = None;
+        let id = id?;
+        if window < want {
+            if let Some(ch) = self
+                .common
+                .encrypted
+                .as_mut()
+                .and_then(|enc| enc.channels.get_mut(&id))
+            {
+                ch.consumed_credit = want - window;
+            }
+            self.starved.set(true);
+        }
+        self.register_channel(id, channel_ref);
+        Ok(())
+    }
+
     /// sluice patch: hands `msg` to a gated channel without ever waiting: if its queue is
     /// full (or already backed up), the message waits in the channel's backlog. The backlog
-    /// holds at most one window of data, since window is only granted for consumed data.
+    /// holds at most one window of data, since window is only granted for consumed data;
+    /// requests are capped by `deliver_request`, EOF and CLOSE come once. What a closed
+    /// channel cannot take is discarded (data counted as read).
     pub(crate) fn deliver(&mut self, id: ChannelId, msg: ChannelMsg) {
-        if let Some(b) = self.backlog.get_mut(&id) {
-            b.push(msg);
+        let Some(chan) = self.channels.get(&id) else {
             return;
+        };
+        if let Some(b) = self.backlog.get_mut(&id) {
+            if !b.sender.is_closed() {
+                b.push(msg);
+                return;
+            }
+            // Nobody reads it any more: what waited goes (see `Backlog::drop`).
+            self.backlog.remove(&id);
         }
-        let Some(chan) = self.channels.get(&id) else { return };
-        if let Err(tokio::sync::mpsc::error::TrySendError::Full(msg)) = chan.try_send(msg) {
-            let mut b = Backlog { sender: (**chan).clone(), queue: std::collections::VecDeque::new() };
-            b.push(msg);
-            self.backlog.insert(id, b);
+        match chan.try_send(msg) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(msg)) => {
+                let mut b = Backlog {
+                    sender: (**chan).clone(),
+                    consumed: chan.consumed.clone(),
+                    queue: std::collections::VecDeque::new(),
+                };
+                b.push(msg);
+                self.backlog.insert(id, b);
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(msg)) => {
+                discard(&chan.consumed, &msg);
+            }
         }
     }
 
-    /// sluice patch: grants window for what applications have read since the last call.
+    /// sluice patch: hands a channel request to its channel (never waiting), unless the
+    /// channel already holds `MAX_QUEUED_REQUESTS` requests (or `MAX_QUEUED_REQUEST_BYTES`)
+    /// unread: then `false`, and the request is refused (CHANNEL_FAILURE if the peer asked
+    /// for a reply), the handler not called. A stalled channel cannot act on requests; one
+    /// a stalled target caused is no reason to end the user's other channels.
+    pub(crate) fn deliver_request(&mut self, id: ChannelId, msg: ChannelMsg) -> bool {
+        let Some(chan) = self.channels.get_mut(&id) else {
+            return true;
+        };
+        if !chan.is_closed() {
+            let cost = crate::channels::request_cost(&msg).unwrap_or(0);
+            if !chan.consumed.queue_request(cost) {
+                if !std::mem::replace(&mut chan.logged, true) {
+                    log::warn!(
+                        "channel {id}: {} requests wait unread; refusing more",
+                        crate::channels::MAX_QUEUED_REQUESTS
+                    );
+                }
+                return false;
+            }
+        }
+        self.deliver(id, msg);
+        true
+    }
+
+    /// sluice patch: ends the connection for the peer's protocol violation `why`: queues
+    /// SSH_MSG_DISCONNECT (protocol error) with it, which `run` sends before it returns.
+    pub(crate) fn violation(&mut self, why: String) -> Error {
+        log::warn!("protocol violation: {why}");
+        let _ = self.common.disconnect(Disconnect::ProtocolError, &why, "");
+        Error::ProtocolViolation(why)
+    }
+
+    /// sluice patch: drops the backlog of a channel nobody reads any more.
+    pub(crate) fn sweep_backlog(&mut self, id: ChannelId) {
+        if self.backlog.get_mut(&id).is_some_and(|b| !b.drain()) {
+            self.backlog.remove(&id);
+        }
+    }
+
+    /// sluice patch: grants window for what applications have read since the last call,
+    /// and, for a session waiting for the window budget, whatever the budget now allows.
     fn grant_consumed_windows(&mut self) -> Result<(), Error> {
         // Reads made room in the queues: move backed-up messages on first.
         self.backlog.retain(|_, b| b.drain());
         let target = self.target_window_size;
+        let limit = self.common.config.window_budget;
+        let retry = self.starved.get();
+        let mut starved = false;
         if let Some(enc) = self.common.encrypted.as_mut() {
             for (id, chan) in self.channels.iter() {
                 let n = chan.consumed.take();
-                if n > 0 {
-                    enc.credit_consumed(*id, n, target)?;
+                if n > 0 || retry {
+                    starved |= enc.credit_consumed(*id, n, target, &chan.consumed, limit)?;
                 }
             }
+        }
+        if retry || starved {
+            self.starved.set(starved);
         }
         Ok(())
     }
@@ -1158,15 +1294,26 @@ impl Session {
         if let Some(ref mut enc) = self.common.encrypted {
             match result {
                 Ok(()) => {
+                    // sluice patch: the window offered is charged to the process-wide
+                    // budget; what it cannot give now is granted once it can.
+                    let mut params = pending.channel_params;
+                    let window = pending.channel_ref.consumed.try_charge(
+                        pending.window_size as usize,
+                        self.common.config.window_budget,
+                    ) as u32;
+                    params.sender_window_size = window;
+                    params.consumed_credit = pending.window_size - window;
                     push_packet!(enc.write, {
                         msg::CHANNEL_OPEN_CONFIRMATION.encode(&mut enc.write)?;
                         pending.recipient_channel.encode(&mut enc.write)?;
                         pending.sender_channel.0.encode(&mut enc.write)?;
-                        pending.window_size.encode(&mut enc.write)?;
+                        window.encode(&mut enc.write)?;
                         pending.packet_size.encode(&mut enc.write)?;
                     });
-                    enc.channels
-                        .insert(pending.sender_channel, pending.channel_params);
+                    enc.channels.insert(pending.sender_channel, params);
+                    if window < pending.window_size {
+                        self.starved.set(true);
+                    }
                     self.register_channel(pending.sender_channel, pending.channel_ref);
                 }
                 Err(reason) => {
@@ -1467,10 +1614,10 @@ impl Session {
                 return Err(Error::Inconsistent);
             }
 
-            let sender_channel = enc.new_channel(
-                self.common.config.window_size,
-                self.common.config.maximum_packet_size,
-            );
+            // sluice patch: a channel opened through `Handle` offers the window it was
+            // charged (see `open_charged`).
+            let window = self.open_window.unwrap_or(self.common.config.window_size);
+            let sender_channel = enc.new_channel(window, self.common.config.maximum_packet_size);
             push_packet!(enc.write, {
                 enc.write.push(msg::CHANNEL_OPEN);
                 kind.encode(&mut enc.write)?;
@@ -1479,11 +1626,7 @@ impl Session {
                 sender_channel.encode(&mut enc.write)?;
 
                 // window.
-                self.common
-                    .config
-                    .as_ref()
-                    .window_size
-                    .encode(&mut enc.write)?;
+                window.encode(&mut enc.write)?;
 
                 // max packet size.
                 self.common
@@ -1697,8 +1840,6 @@ mod tests {
                     server_mac: mac::NONE,
                     session_id: CryptoVec::new(),
                     channels: HashMap::new(),
-                    inbound: Default::default(),
-                    backlog: HashMap::new(),
                     last_channel_id: Wrapping(0),
                     write: Vec::new(),
                     write_cursor: 0,
@@ -1728,8 +1869,10 @@ mod tests {
             pending_reads: Vec::new(),
             pending_len: 0,
             channels: HashMap::new(),
-                    inbound: Default::default(),
-                    backlog: HashMap::new(),
+            inbound: Default::default(),
+            backlog: HashMap::new(),
+            starved: Default::default(),
+            open_window: None,
             open_global_requests: VecDeque::new(),
             kex: SessionKexState::Idle,
         }
@@ -1930,6 +2073,7 @@ mod tests {
 /// data is merged (up to 32 KiB a message), so many small packets cost little memory.
 pub(crate) struct Backlog {
     sender: tokio::sync::mpsc::Sender<ChannelMsg>,
+    consumed: std::sync::Arc<crate::channels::Consumed>,
     queue: std::collections::VecDeque<Pending>,
 }
 
@@ -1943,14 +2087,33 @@ const BACKLOG_MERGE: usize = 32 * 1024;
 
 impl std::fmt::Debug for Backlog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Backlog").field("queued", &self.queue.len()).finish()
+        f.debug_struct("Backlog")
+            .field("queued", &self.queue.len())
+            .finish()
+    }
+}
+
+/// sluice patch: a message nobody will read: its data counts as read (window and budget
+/// come back), a request leaves the channel's request cap.
+fn discard(consumed: &crate::channels::Consumed, msg: &ChannelMsg) {
+    match msg {
+        ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => {
+            consumed.add(data.len())
+        }
+        other => {
+            if let Some(cost) = crate::channels::request_cost(other) {
+                consumed.unqueue_request(cost)
+            }
+        }
     }
 }
 
 impl Backlog {
     fn push(&mut self, msg: ChannelMsg) {
         match (self.queue.back_mut(), msg) {
-            (Some(Pending::Data(b)), ChannelMsg::Data { data }) if b.len() + data.len() <= BACKLOG_MERGE => {
+            (Some(Pending::Data(b)), ChannelMsg::Data { data })
+                if b.len() + data.len() <= BACKLOG_MERGE =>
+            {
                 b.extend_from_slice(&data)
             }
             (Some(Pending::Ext(e, b)), ChannelMsg::ExtendedData { ext, data })
@@ -1958,20 +2121,26 @@ impl Backlog {
             {
                 b.extend_from_slice(&data)
             }
-            (_, ChannelMsg::Data { data }) => self.queue.push_back(Pending::Data(bytes::BytesMut::from(&data[..]))),
-            (_, ChannelMsg::ExtendedData { ext, data }) => {
-                self.queue.push_back(Pending::Ext(ext, bytes::BytesMut::from(&data[..])))
-            }
+            (_, ChannelMsg::Data { data }) => self
+                .queue
+                .push_back(Pending::Data(bytes::BytesMut::from(&data[..]))),
+            (_, ChannelMsg::ExtendedData { ext, data }) => self
+                .queue
+                .push_back(Pending::Ext(ext, bytes::BytesMut::from(&data[..]))),
             (_, other) => self.queue.push_back(Pending::Other(other)),
         }
     }
 
-    /// Moves what fits into the channel's queue; `true` while something is left.
+    /// Moves what fits into the channel's queue; `true` while something is left for a
+    /// channel that is still read (what a closed one held is dropped with the backlog).
     fn drain(&mut self) -> bool {
         while let Some(p) = self.queue.pop_front() {
             let msg = match p {
                 Pending::Data(b) => ChannelMsg::Data { data: b.freeze() },
-                Pending::Ext(ext, b) => ChannelMsg::ExtendedData { ext, data: b.freeze() },
+                Pending::Ext(ext, b) => ChannelMsg::ExtendedData {
+                    ext,
+                    data: b.freeze(),
+                },
                 Pending::Other(m) => m,
             };
             match self.sender.try_send(msg) {
@@ -1980,7 +2149,10 @@ impl Backlog {
                     self.push_front(msg);
                     return true;
                 }
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(msg)) => {
+                    self.push_front(msg);
+                    return false;
+                }
             }
         }
         false
@@ -1989,9 +2161,23 @@ impl Backlog {
     fn push_front(&mut self, msg: ChannelMsg) {
         let p = match msg {
             ChannelMsg::Data { data } => Pending::Data(bytes::BytesMut::from(&data[..])),
-            ChannelMsg::ExtendedData { ext, data } => Pending::Ext(ext, bytes::BytesMut::from(&data[..])),
+            ChannelMsg::ExtendedData { ext, data } => {
+                Pending::Ext(ext, bytes::BytesMut::from(&data[..]))
+            }
             other => Pending::Other(other),
         };
         self.queue.push_front(p);
+    }
+}
+
+/// sluice patch: what a backlog still holds when it goes is never read: discarded.
+impl Drop for Backlog {
+    fn drop(&mut self) {
+        for p in self.queue.drain(..) {
+            match p {
+                Pending::Data(b) | Pending::Ext(_, b) => self.consumed.add(b.len()),
+                Pending::Other(m) => discard(&self.consumed, &m),
+            }
+        }
     }
 }

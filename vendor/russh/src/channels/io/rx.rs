@@ -83,7 +83,13 @@ where
             _ => {
                 // sluice patch: bytes this reader skips are gone too; grant their window back.
                 if let ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } = &msg {
-                    self.channel.borrow_mut().consumed.add(data.len().saturating_sub(idx));
+                    self.channel
+                        .borrow_mut()
+                        .consumed
+                        .add(data.len().saturating_sub(idx));
+                } else {
+                    // sluice patch: a skipped request leaves the channel's request cap.
+                    self.channel.borrow_mut().consumed.seen(&msg);
                 }
                 cx.waker().wake_by_ref();
                 Poll::Pending
