@@ -12,7 +12,7 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{info, warn};
 
 use crate::builtin;
-use crate::config::{Route, RouteKind};
+use crate::config::{ProxyHeader, Route, RouteKind};
 use crate::detect::{self, Candidates, Protocol, Verdict};
 use crate::io::Prefixed;
 use crate::listen::{ClientSlot, Shared, Snapshot};
@@ -63,6 +63,8 @@ struct ConnLog {
     route: Option<RouteKind>,
     target: Option<String>,
     bytes: relay::Bytes,
+    /// Which relay core moved the bytes: `splice` or `copy`.
+    relay: Option<&'static str>,
     outcome: String,
     /// Failures before routing (scanners, junk) are logged through a throttle.
     noisy: bool,
@@ -99,6 +101,7 @@ impl ConnLog {
             backend = self.target.as_deref().unwrap_or("-"),
             bytes_up = self.bytes.up,
             bytes_down = self.bytes.down,
+            relay = self.relay.unwrap_or("-"),
             duration_ms = self.start.elapsed().as_millis() as u64,
             outcome = %self.outcome,
             suppressed_similar = suppressed,
@@ -150,9 +153,10 @@ fn looks_like_proxy_header(prefix: &[u8]) -> bool {
 }
 
 /// Reads the PROXY header a trusted load balancer sends first. Returns the client's address,
-/// the address it connected to, and any client bytes read past the header. Bytes that are not
-/// a header are the client's own (the proxy host itself connecting): the socket's addresses
-/// stand. `None` (logged) when the header is malformed or stops half-way.
+/// the address it connected to, and any client bytes read past the header. Without a header
+/// (other bytes, or silence until `detect.timeout`) the connection is refused unless
+/// `proxy_header = "optional"`, where the bytes are the client's own and the socket's
+/// addresses stand. `None` (logged and counted) when refused.
 pub(crate) async fn read_proxy_header(
     shared: &Shared,
     tcp: &mut TcpStream,
@@ -163,11 +167,18 @@ pub(crate) async fn read_proxy_header(
     let deadline = accepted + shared.snapshot.load().cfg.detect.timeout;
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 2048];
-    let refuse = |why: &str| {
-        crate::metrics::get().refuse("proxy_header_invalid");
+    let required = shared.snapshot.load().cfg.proxy_header == ProxyHeader::Required;
+    let refuse = |reason: &'static str, why: &str| {
+        crate::metrics::get().refuse(reason);
         if let Some(n) = shared.failures.allow() {
             warn!(%peer, suppressed_similar = n, "closed connection from a trusted proxy: {why}");
         }
+    };
+    let missing = || {
+        refuse(
+            "proxy_header_missing",
+            "no PROXY header (proxy_header = \"required\"; set \"optional\" if clients also connect directly from trusted_proxies)",
+        )
     };
     loop {
         match upstream::decode_proxy_header(&buf) {
@@ -176,18 +187,29 @@ pub(crate) async fn read_proxy_header(
                 let (src, dst) = addrs.unwrap_or((peer, local));
                 return Some((src, dst, rest));
             }
+            Ok(upstream::Decoded::NotProxy) if required => {
+                missing();
+                return None;
+            }
             Ok(upstream::Decoded::NotProxy) => return Some((peer, local, buf)),
             Ok(upstream::Decoded::Incomplete) => {}
             Err(why) => {
-                refuse(why);
+                refuse("proxy_header_invalid", why);
                 return None;
             }
         }
         match timeout_at(deadline, tcp.read(&mut chunk)).await {
+            Err(_) if buf.is_empty() && required => {
+                missing();
+                return None;
+            }
             // Silent: a client waiting for the server, straight from the proxy host.
             Err(_) if buf.is_empty() => return Some((peer, local, buf)),
             Err(_) => {
-                refuse("incomplete PROXY header (timed out)");
+                refuse(
+                    "proxy_header_invalid",
+                    "incomplete PROXY header (timed out)",
+                );
                 return None;
             }
             Ok(Ok(0)) | Ok(Err(_)) => return None,
@@ -238,6 +260,7 @@ pub(crate) async fn handle(
         route: None,
         target: None,
         bytes: relay::Bytes::default(),
+        relay: None,
         outcome: String::new(),
         noisy: false,
     };
@@ -545,6 +568,7 @@ async fn dispatch<S>(
         }
         None => None,
     };
+    log.relay = Some(if spliced.is_some() { "splice" } else { "copy" });
     let (bytes, end) = match spliced {
         Some(r) => r,
         None => {

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub bytes: Family<DirectionLabels, Counter>,
     from_client: Counter,
     to_client: Counter,
+    /// Of those, bytes moved by splice(2) on plain legs (the rest went through user space).
+    pub spliced_bytes: Counter,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: Counter,
     /// Upstreams that could not be reached.
@@ -118,6 +120,7 @@ impl Metrics {
             bytes,
             from_client,
             to_client,
+            spliced_bytes: Counter::default(),
             tls_handshake_failures: Counter::default(),
             upstream_failures: Family::default(),
             // 50 us .. ~1.6 s, doubling: routing normally takes well under a millisecond after
@@ -148,6 +151,11 @@ impl Metrics {
             m.refused.clone(),
         );
         registry.register("bytes", "Bytes relayed, by direction", m.bytes.clone());
+        registry.register(
+            "spliced_bytes",
+            "Bytes relayed by splice(2) on plain legs (a subset of bytes)",
+            m.spliced_bytes.clone(),
+        );
         registry.register(
             "tls_handshake_failures",
             "TLS handshakes that failed or timed out",
@@ -216,6 +224,11 @@ impl Metrics {
         } else {
             self.to_client.inc_by(n);
         }
+    }
+
+    /// Counts `n` bytes moved by splice(2).
+    pub fn spliced(&self, n: u64) {
+        self.spliced_bytes.inc_by(n);
     }
 
     /// Counts a refused connection.

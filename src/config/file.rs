@@ -31,6 +31,7 @@ pub struct File {
     pub routes: Routes,
     pub ssh: Option<Spanned<Ssh>>,
     pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
+    pub proxy_header: Option<Spanned<String>>,
     pub admin: Option<Spanned<Admin>>,
 }
 

@@ -59,6 +59,8 @@ pub struct Config {
     /// Load balancers whose PROXY protocol header (v1 or v2) is accepted; from anyone else a
     /// header is refused.
     pub trusted_proxies: Vec<crate::ssh::policy::Cidr>,
+    /// Whether a connection from `trusted_proxies` must start with a PROXY header.
+    pub proxy_header: ProxyHeader,
     /// `[admin]`: where `/livez`, `/readyz` and `/metrics` are served; `None`: nowhere.
     pub admin: Option<SocketAddr>,
 }
@@ -235,6 +237,27 @@ impl RouteKind {
     }
 }
 
+/// What a connection from a trusted proxy must send first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyHeader {
+    /// A PROXY header, or the connection is closed. The default: otherwise any host in the
+    /// trusted range could connect directly, send its own header, and pick the client address
+    /// that limits, `from=`, `source-address` and lockouts see.
+    Required,
+    /// A header if one comes; without one, the socket's address stands (a range that holds both
+    /// load balancers and ordinary clients).
+    Optional,
+}
+
+impl ProxyHeader {
+    fn as_str(self) -> &'static str {
+        match self {
+            ProxyHeader::Required => "required",
+            ProxyHeader::Optional => "optional",
+        }
+    }
+}
+
 /// What a route does with a connection that arrives without TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plaintext {
@@ -381,6 +404,7 @@ impl Config {
             ssh: Route::default_for(RouteKind::Ssh),
             embedded_ssh: SshSettings::default(),
             trusted_proxies: Vec::new(),
+            proxy_header: ProxyHeader::Required,
             admin: None,
         }
     }
@@ -447,7 +471,8 @@ impl Config {
         }
         if !self.trusted_proxies.is_empty() {
             s.push_str(&format!(
-                "proxy in      PROXY headers accepted from {} trusted address range(s)\n",
+                "proxy in      PROXY header {} from {} trusted address range(s)\n",
+                self.proxy_header.as_str(),
                 self.trusted_proxies.len()
             ));
         }
@@ -821,6 +846,24 @@ impl Validator<'_> {
                 return self.err(ssh.span(), "[ssh] configures the embedded SSH server, but [routes.ssh] sends SSH to an upstream");
             }
             cfg.embedded_ssh = self.ssh(ssh.get_ref())?;
+        }
+        if let Some(p) = &raw.proxy_header {
+            cfg.proxy_header = match p.get_ref().as_str() {
+                "required" => ProxyHeader::Required,
+                "optional" => ProxyHeader::Optional,
+                other => {
+                    return self.err(
+                        p.span(),
+                        format!("`{other}` is not a PROXY header policy; expected \"required\" or \"optional\""),
+                    )
+                }
+            };
+            if raw.trusted_proxies.is_none() {
+                return self.err(
+                    p.span(),
+                    "proxy_header applies to trusted_proxies, which is not set",
+                );
+            }
         }
         if let Some(list) = &raw.trusted_proxies {
             for c in list.get_ref() {

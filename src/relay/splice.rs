@@ -146,30 +146,48 @@ impl Half {
             let Some(pipe) = &self.pipe else {
                 return Poll::Ready(Ok(()));
             };
-            let mut progress = false;
+            // Whether to go round again: after bytes moved, or after readiness was cleared (so
+            // that polling registers for the next edge). Not after a pipe-full EAGAIN: the
+            // socket is still readable and only the writer's progress can change that.
+            let mut again = false;
             if !self.eof && self.in_pipe < pipe.cap {
                 if let Poll::Ready(r) = src.poll_read_ready(cx) {
                     r.map_err(HalfError::Read)?;
                     let room = pipe.cap - self.in_pipe;
-                    match src.try_io(Interest::READABLE, || {
-                        splice(src.as_raw_fd(), pipe.w.as_raw_fd(), room)
-                    }) {
-                        Ok(0) => self.eof = true,
+                    let fill = || splice(src.as_raw_fd(), pipe.w.as_raw_fd(), room);
+                    // EAGAIN means "socket empty" or "pipe full" (a pipe fills by slots, one
+                    // per skb fragment: off loopback long before `cap` bytes). Only with an
+                    // empty pipe is it surely the socket, and only then may readiness be
+                    // cleared; otherwise the window is closed, no new edge comes, and the leg
+                    // would hang (HAProxy's raw_sock_to_pipe decides the same way).
+                    let clears = self.in_pipe == 0;
+                    let got = if clears {
+                        src.try_io(Interest::READABLE, fill)
+                    } else {
+                        fill()
+                    };
+                    match got {
+                        Ok(0) => {
+                            self.eof = true;
+                            again = true;
+                        }
                         Ok(n) => {
                             self.in_pipe += n;
                             self.bytes += n as u64;
                             crate::metrics::get().relayed(self.from_client, n as u64);
+                            crate::metrics::get().spliced(n as u64);
                             *last = Instant::now();
+                            again = true;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => again |= clears,
                         Err(e) => return Poll::Ready(Err(HalfError::Read(e))),
                     }
-                    progress = true;
                 }
             }
             if self.in_pipe > 0 {
                 if let Poll::Ready(r) = dst.poll_write_ready(cx) {
                     r.map_err(HalfError::Write)?;
+                    // The pipe holds bytes, so EAGAIN here is the socket: clearing is right.
                     match dst.try_io(Interest::WRITABLE, || {
                         splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), self.in_pipe)
                     }) {
@@ -177,7 +195,7 @@ impl Half {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return Poll::Ready(Err(HalfError::Write(e))),
                     }
-                    progress = true;
+                    again = true;
                 }
             }
             if self.eof && self.in_pipe == 0 {
@@ -186,7 +204,7 @@ impl Half {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            if !progress {
+            if !again {
                 return Poll::Pending;
             }
         }

@@ -31,3 +31,6 @@ mod cli;
 
 /// systemd (socket activation, sd_notify), reloads, the admin endpoint, PROXY input, deploy/.
 mod ops;
+
+/// Relays across a real network path: network namespaces joined by veth, slow readers.
+mod netpath;

@@ -725,6 +725,47 @@ async fn proxy_protocol_in_from_trusted_addresses_only() {
     closed_within(&mut bad, Duration::from_secs(5)).await;
     d.stop().await;
 
+    // From a trusted address the header is required by default: a host in the range that
+    // connects directly (client bytes first, or silence) is closed before routing and counted.
+    let missing = || {
+        sluice::metrics::get()
+            .refused
+            .get_or_create(&sluice::metrics::ReasonLabels {
+                reason: "proxy_header_missing",
+            })
+            .get()
+    };
+    let d = Daemon::start_raw(&text("127.0.0.0/8")).await;
+    let before = missing();
+    let mut direct = TcpStream::connect(d.addr).await.unwrap();
+    direct.write_all(b"SSH-2.0-direct\r\n").await.unwrap();
+    closed_within(&mut direct, Duration::from_secs(5)).await;
+    let mut silent = TcpStream::connect(d.addr).await.unwrap();
+    closed_within(&mut silent, Duration::from_secs(5)).await;
+    assert_eq!(
+        missing() - before,
+        2,
+        "both refused as proxy_header_missing"
+    );
+    assert!(seen.try_recv().is_err(), "nothing reached the upstream");
+    d.stop().await;
+
+    // With proxy_header = "optional", a direct connection keeps the socket's address.
+    let d = Daemon::start_raw(&format!(
+        "proxy_header = \"optional\"\n{}",
+        text("127.0.0.0/8")
+    ))
+    .await;
+    let mut direct = TcpStream::connect(d.addr).await.unwrap();
+    direct.write_all(b"SSH-2.0-direct\r\n").await.unwrap();
+    assert_eq!(read_n(&mut direct, 2).await, b"ok");
+    let got = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got.ip().is_loopback(), "{got}");
+    d.stop().await;
+
     // From an address outside trusted_proxies, a header is refused and nothing is relayed.
     let d = Daemon::start_raw(&text("10.0.0.0/8")).await;
     for header in [b"PROXY TCP4 203.0.113.9 192.0.2.1 5555 443\r\n".to_vec(), {
@@ -927,11 +968,12 @@ fn certificate_swaps_are_seen_by_inotify_between_polls() {
 
 #[tokio::test]
 async fn a_silent_client_behind_a_trusted_proxy_waits_one_detect_timeout() {
-    // detect.timeout counts from accept, PROXY header wait included, not twice.
+    // detect.timeout counts from accept, PROXY header wait included, not twice (with the
+    // header optional, a silent client is the proxy host's own, routed on timeout).
     let cert = TestCert::localhost();
     let up = banner_upstream().await;
     let d = Daemon::start_raw(&format!(
-        "trusted_proxies = [\"127.0.0.1\"]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[detect]\ntimeout = \"2s\"\non_timeout = \"ssh\"\n[routes.ssh]\nupstream = \"{up}\"\n",
+        "trusted_proxies = [\"127.0.0.1\"]\nproxy_header = \"optional\"\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[detect]\ntimeout = \"2s\"\non_timeout = \"ssh\"\n[routes.ssh]\nupstream = \"{up}\"\n",
         cert.cert.display(),
         cert.key.display()
     ))
