@@ -92,20 +92,13 @@ impl Proxy {
         };
         let has_port = match hostport.strip_prefix('[') {
             Some(v6) => v6.contains("]:"),
-            None => hostport.contains(':'),
+            // As parse_target reads it: a bare IPv6 address has no port.
+            None => hostport.matches(':').count() == 1,
         };
-        let (host, port) = if has_port {
-            parse_target(hostport)
-                .map_err(|_| format!("`{url}` is not http://[user:pass@]host:port"))?
-        } else {
-            (
-                hostport.trim_matches(|c| c == '[' || c == ']').to_string(),
-                80,
-            )
-        };
-        if host.is_empty() || host.contains('/') {
-            return Err(format!("`{url}` is not http://[user:pass@]host:port"));
-        }
+        // The host is checked as a `sluice connect` target is, with or without a port.
+        let (host, port) = parse_target(hostport)
+            .map_err(|_| format!("`{url}` is not http://[user:pass@]host:port"))?;
+        let port = if has_port { port } else { 80 };
         Ok(Proxy {
             host,
             port,
@@ -227,9 +220,46 @@ async fn via_proxy(
         .await
         .map_err(|_| ConnectError::Unavailable(format!("proxy {p}: timed out")))?
         .map_err(io_err)?;
-    let head = crate::builtin::read_head(&mut s, b"", deadline)
-        .await
-        .map_err(io_err)?;
+    let reply = read_connect_reply(&mut s, deadline).await.map_err(io_err)?;
+    match reply {
+        ConnectReply::Established => Ok(s),
+        ConnectReply::AuthRequired => Err(ConnectError::Unavailable(format!(
+            "proxy {p} requires authentication (407){}",
+            if proxy.credentials.is_some() {
+                ": it refused the credentials given"
+            } else {
+                "\n  put them in the proxy URL: http://user:password@host:port"
+            }
+        ))),
+        ConnectReply::Refused(status_line) => Err(ConnectError::Unavailable(format!(
+            "proxy {p} refused CONNECT {authority}: {status_line}"
+        ))),
+    }
+}
+
+/// What an HTTP proxy answered to CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectReply {
+    /// A 2xx status: the tunnel is open.
+    Established,
+    /// 407: the proxy wants credentials, or refused the ones given.
+    AuthRequired,
+    /// Any other status, or no status at all: the reply's first line, trimmed, for the message.
+    Refused(String),
+}
+
+/// Reads a proxy's reply to CONNECT from `s`: one bounded head (as the built-in HTTP answers
+/// read requests), then [`parse_connect_reply`].
+pub async fn read_connect_reply<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    deadline: Instant,
+) -> io::Result<ConnectReply> {
+    let head = crate::builtin::read_head(s, b"", deadline).await?;
+    Ok(parse_connect_reply(&head))
+}
+
+/// Classifies a CONNECT reply head by the status code of its first line. Pure, no I/O.
+pub fn parse_connect_reply(head: &[u8]) -> ConnectReply {
     let status_line =
         String::from_utf8_lossy(head.split(|&b| b == b'\n').next().unwrap_or_default())
             .trim()
@@ -240,18 +270,9 @@ async fn via_proxy(
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     match code {
-        200..=299 => Ok(s),
-        407 => Err(ConnectError::Unavailable(format!(
-            "proxy {p} requires authentication (407){}",
-            if proxy.credentials.is_some() {
-                ": it refused the credentials given"
-            } else {
-                "\n  put them in the proxy URL: http://user:password@host:port"
-            }
-        ))),
-        _ => Err(ConnectError::Unavailable(format!(
-            "proxy {p} refused CONNECT {authority}: {status_line}"
-        ))),
+        200..=299 => ConnectReply::Established,
+        407 => ConnectReply::AuthRequired,
+        _ => ConnectReply::Refused(status_line),
     }
 }
 
@@ -768,6 +789,16 @@ mod tests {
             assert_eq!(no_proxy_matches(list, host, 443), hit, "{list} / {host}");
         }
         assert_eq!(Proxy::parse("http://[::1]").unwrap().port, 80);
+        assert_eq!(Proxy::parse("http://::1").unwrap().port, 80);
+        // Found by fuzzing: a host without a port was not checked at all.
+        for bad in [
+            "http://proxy\0",
+            "http://pro xy",
+            "http://[::1]x",
+            "http://a\r\nb",
+        ] {
+            assert!(Proxy::parse(bad).is_err(), "{bad:?}");
+        }
         assert_eq!(
             Proxy::parse("http://[::1]:3128").unwrap(),
             Proxy {
@@ -775,6 +806,29 @@ mod tests {
                 port: 3128,
                 credentials: None
             }
+        );
+    }
+
+    #[test]
+    fn connect_replies() {
+        for ok in [
+            &b"HTTP/1.1 200 Connection established\r\n\r\n"[..],
+            b"HTTP/1.0 200 Connection established\r\nProxy-agent: tinyproxy/1.11.1\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        ] {
+            assert_eq!(parse_connect_reply(ok), ConnectReply::Established);
+        }
+        assert_eq!(
+            parse_connect_reply(b"HTTP/1.0 407 Proxy Authentication Required\r\n\r\n"),
+            ConnectReply::AuthRequired
+        );
+        assert_eq!(
+            parse_connect_reply(b"HTTP/1.1 403 Access violation\r\nServer: x\r\n\r\n"),
+            ConnectReply::Refused("HTTP/1.1 403 Access violation".into())
+        );
+        assert_eq!(
+            parse_connect_reply(b"\xffjunk\r\n\r\n"),
+            ConnectReply::Refused("\u{fffd}junk".into())
         );
     }
 
