@@ -18,6 +18,7 @@ use crate::io::Prefixed;
 use crate::listen::{ClientSlot, Shared, Snapshot};
 use crate::relay::{self, End};
 use crate::route::{self, Decision, RoutedBy};
+use crate::tls;
 use crate::upstream;
 
 /// Read size while detecting; with signatures of at most 24 bytes, the bytes held before a
@@ -57,6 +58,8 @@ struct ConnLog {
     local: SocketAddr,
     start: StdInstant,
     tls: bool,
+    /// The TLS session was resumed (from a ticket or the session cache).
+    resumed: bool,
     sni: Option<String>,
     alpn: Option<String>,
     by: Option<RoutedBy>,
@@ -94,6 +97,7 @@ impl ConnLog {
             peer = %self.peer,
             local = %self.local,
             tls = self.tls,
+            resumed = self.resumed,
             sni = self.sni.as_deref().unwrap_or("-"),
             alpn = self.alpn.as_deref().unwrap_or("-"),
             routed_by = self.by.map_or("-", RoutedBy::as_str),
@@ -254,6 +258,7 @@ pub(crate) async fn handle(
         local,
         start: StdInstant::now(),
         tls: false,
+        resumed: false,
         sni: None,
         alpn: None,
         by: None,
@@ -391,6 +396,7 @@ async fn handshake_and_route(
     };
     let (alpn, sni) = {
         let (_, conn) = tls.get_ref();
+        log.resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         (
             conn.alpn_protocol().map(<[u8]>::to_vec),
             conn.server_name().map(str::to_string),
@@ -428,14 +434,27 @@ async fn handshake_and_route(
     crate::metrics::get()
         .detect_seconds
         .observe(detect_start.elapsed().as_secs_f64());
-    let client_cert = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .is_some_and(|c| !c.is_empty());
     let decision = match decision {
-        Decision::Route(k) if cfg.route(k).require_client_cert && !client_cert => {
-            Decision::Close("route requires a client certificate")
+        Decision::Route(k) if cfg.route(k).require_client_cert => {
+            let conn = tls.get_ref().1;
+            match conn.peer_certificates().filter(|c| !c.is_empty()) {
+                None => Decision::Close("route requires a client certificate"),
+                // rustls restores the chain from the ticket without verifying it again.
+                Some(chain) if log.resumed => {
+                    match tls::reverify_resumed(cx.snap.client_verifier.as_ref(), chain) {
+                        Ok(()) => Decision::Route(k),
+                        Err(e) => {
+                            log.noisy = true;
+                            log.outcome = format!(
+                                "closed: the resumed session's client certificate no longer verifies: {e}"
+                            );
+                            close(&mut tls).await;
+                            return None;
+                        }
+                    }
+                }
+                Some(_) => Decision::Route(k),
+            }
         }
         d => d,
     };

@@ -58,6 +58,8 @@ pub(crate) struct Snapshot {
     pub(crate) tls_no_alpn: Arc<rustls::ServerConfig>,
     /// The embedded SSH server, when the ssh route has no upstream.
     pub(crate) ssh: Option<Arc<crate::ssh::SshServer>>,
+    /// `tls.client_ca`'s verifier, to re-verify client certificates of resumed sessions.
+    pub(crate) client_verifier: Option<tls::ClientVerifier>,
 }
 
 /// Shared state of a running server.
@@ -303,7 +305,7 @@ fn build_snapshot(
     force_close: &CancellationToken,
     previous: Option<&Snapshot>,
 ) -> Result<Snapshot, ServeError> {
-    let tls_config = tls::server_config(
+    let (tls_config, client_verifier) = tls::server_config(
         certs.clone(),
         cfg.alpn_offered(),
         cfg.tls
@@ -339,6 +341,7 @@ fn build_snapshot(
         },
         tls: tls_config,
         ssh,
+        client_verifier,
         cfg,
     })
 }
@@ -525,13 +528,30 @@ impl Reloader {
     }
 
     /// Reloads only the certificates named by the config in force.
-    async fn reload_certs(&self) -> Result<String, TlsError> {
+    async fn reload_certs(&self) -> Result<String, ServeError> {
         let _one = self.lock.lock().await;
-        let cfg = &self.shared.snapshot.load().cfg;
+        let old = self.shared.snapshot.load_full();
+        let cfg = &old.cfg;
         let digest = cert_digest(cfg);
         let certs = tls::load_certs(cfg, &self.state_dir)?;
+        // The client CA lives in the TLS config: rebuilt (same settings, the SSH server kept)
+        // so that a CA removed or replaced applies to new handshakes and resumed sessions.
+        let snapshot = match cfg.tls.client_ca {
+            Some(_) => Some(build_snapshot(
+                cfg.clone(),
+                &self.certs,
+                &self.ticketer,
+                &self.state_dir,
+                &self.shared.force_close,
+                Some(&old),
+            )?),
+            None => None,
+        };
         let fp = certs.fingerprint.clone();
         self.certs.replace(certs);
+        if let Some(s) = snapshot {
+            self.shared.snapshot.store(Arc::new(s));
+        }
         *self.cert_digest.lock().await = digest;
         crate::metrics::get().reload("certificates", true);
         Ok(fp)

@@ -276,17 +276,21 @@ pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, TlsError> 
     Ok(rustls::crypto::aws_lc_rs::Ticketer::new()?)
 }
 
+/// The client-certificate verifier of a server config, kept to re-verify resumed sessions.
+pub type ClientVerifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
+
 /// The rustls server config: TLS 1.2 and 1.3, certificates from `store`, the routes' ALPN ids,
 /// session tickets from `ticketer`, and, with `client_ca`, client certificates verified when
-/// offered (routes decide whether one is required).
+/// offered (routes decide whether one is required), with that verifier.
 pub fn server_config(
     store: Arc<CertStore>,
     alpn: Vec<Vec<u8>>,
     client_ca: Option<(&ConfigPath, Option<&Path>)>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
-) -> Result<Arc<ServerConfig>, TlsError> {
+) -> Result<(Arc<ServerConfig>, Option<ClientVerifier>), TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let mut client_verifier = None;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some((ca, file)) => {
@@ -304,20 +308,53 @@ pub fn server_config(
             .allow_unauthenticated()
             .build()
             .map_err(|e| bad(format!("{}: {e}", ca.path.display())))?;
+            client_verifier = Some(verifier.clone());
             builder.with_client_cert_verifier(verifier)
         }
     };
     let mut cfg = builder.with_cert_resolver(store);
     cfg.alpn_protocols = alpn;
     cfg.ticketer = ticketer;
-    Ok(Arc::new(cfg))
+    Ok((Arc::new(cfg), client_verifier))
 }
 
-/// Every file the certificates in `cfg` come from (watched for renewals).
+/// Why a resumed session's client certificate no longer passes.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumedCertError {
+    /// No CA is configured any more.
+    #[error("no tls.client_ca is configured now")]
+    NoVerifier,
+    /// The chain restored from the ticket fails the current CA at the current time.
+    #[error("{0}")]
+    Rejected(rustls::Error),
+}
+
+/// Re-verifies the chain a resumed session restored from its ticket against the verifier in
+/// force now, at the current time: a ticket (and every ticket issued on a resumption) carries
+/// the chain of the first handshake, which may have expired or lost its CA since.
+pub fn reverify_resumed(
+    verifier: Option<&ClientVerifier>,
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<(), ResumedCertError> {
+    let verifier = verifier.ok_or(ResumedCertError::NoVerifier)?;
+    let (leaf, intermediates) = chain.split_first().ok_or(ResumedCertError::Rejected(
+        rustls::Error::NoCertificatesPresented,
+    ))?;
+    verifier
+        .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+        .map(|_| ())
+        .map_err(ResumedCertError::Rejected)
+}
+
+/// Every file the certificates in `cfg` come from, the client CA included (watched for
+/// renewals).
 pub fn cert_files(cfg: &Config) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     if let CertSource::Files { cert, key } = &cfg.tls.cert {
         files.extend([cert.path.clone(), key.path.clone()]);
+    }
+    if let Some(ca) = &cfg.tls.client_ca {
+        files.push(ca.path.clone());
     }
     for s in &cfg.tls.sni {
         files.extend([s.cert.path.clone(), s.key.path.clone()]);

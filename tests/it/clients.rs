@@ -280,3 +280,190 @@ async fn pkcs1_sec1_and_pkcs8_keys_over_tls12_and_tls13() {
         d.stop().await;
     }
 }
+
+/// A client CA, as PEM, and a way to sign client certificates valid until `until`.
+struct ClientCa {
+    key: rcgen::KeyPair,
+    cert: rcgen::Certificate,
+}
+
+impl ClientCa {
+    fn new(name: &str) -> ClientCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        ClientCa { key, cert }
+    }
+
+    /// A client certificate and its key, as PEM files `NAME.pem` and `NAME.key` in `dir`.
+    fn issue(
+        &self,
+        dir: &std::path::Path,
+        name: &str,
+        until: std::time::SystemTime,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        // rcgen takes `time` dates: the epoch plus the offset, without a dependency on `time`.
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        let now = std::time::SystemTime::now();
+        params.not_before = epoch
+            + (now - Duration::from_secs(60))
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+        params.not_after = epoch + until.duration_since(std::time::UNIX_EPOCH).unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// One `openssl s_client` request with a client certificate, saving or resuming its session:
+/// (whether the session was resumed, what came back).
+async fn s_client_request(
+    addr: std::net::SocketAddr,
+    server_ca: &std::path::Path,
+    client: &(std::path::PathBuf, std::path::PathBuf),
+    session: (&str, &std::path::Path),
+) -> (bool, String) {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .arg("-CAfile")
+        .arg(server_ca)
+        .arg("-cert")
+        .arg(&client.0)
+        .arg("-key")
+        .arg(&client.1)
+        .args(["-alpn", "http/1.1", "-ign_eof", session.0])
+        .arg(session.1)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("openssl s_client timed out")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (text.contains("\nReused, "), text)
+}
+
+/// Waits for a line of the daemon's log that contains `what`.
+fn wait_log(d: &crate::cli::Child2, what: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = d
+            .log
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or_else(|_| panic!("no log line with `{what}` within 20 s"));
+        if line.contains(what) {
+            return line;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resumed_sessions_reverify_the_client_certificate() {
+    need("openssl", "openssl");
+    // rustls restores the client's chain from the ticket on resumption; on a route that
+    // requires a client certificate it must pass the CA in force now, at the current time.
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClientCa::new("client CA one");
+    let ca_path = dir.path().join("client-ca.pem");
+    std::fs::write(&ca_path, ca.cert.pem()).unwrap();
+    let hour = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let laptop = ca.issue(dir.path(), "laptop", hour);
+    // Expires a few seconds from now, after its first handshake.
+    let soon = std::time::SystemTime::now() + Duration::from_secs(4);
+    let brief = ca.issue(dir.path(), "brief", soon);
+    let cfg = dir.path().join("sluice.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\npoll_interval = \"500ms\"\n[routes.http]\nupstream = \"{}\"\nrequire_client_cert = true\n",
+            cert.cert.display(),
+            cert.key.display(),
+            ca_path.display(),
+            http_upstream().await
+        ),
+    )
+    .unwrap();
+    let mut d = crate::cli::spawn_serve(&[
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
+    ]);
+    let (sess, sess_brief) = (
+        dir.path().join("laptop.sess"),
+        dir.path().join("brief.sess"),
+    );
+    for (client, sess) in [(&laptop, &sess), (&brief, &sess_brief)] {
+        let (resumed, out) =
+            s_client_request(d.addr, &cert.cert, client, ("-sess_out", sess)).await;
+        assert!(!resumed && out.contains("hello-from-upstream"), "{out}");
+    }
+    // While the CA stands, the saved session resumes and is served: the test can tell.
+    let (resumed, out) = s_client_request(d.addr, &cert.cert, &laptop, ("-sess_in", &sess)).await;
+    assert!(resumed, "the session did not resume: {out}");
+    assert!(out.contains("hello-from-upstream"), "{out}");
+    wait_log(&d, "resumed=true");
+
+    // The short-lived certificate expires: its resumed session is refused.
+    while std::time::SystemTime::now() < soon + Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (resumed, out) =
+        s_client_request(d.addr, &cert.cert, &brief, ("-sess_in", &sess_brief)).await;
+    assert!(resumed, "the session did not resume: {out}");
+    assert!(
+        !out.contains("hello-from-upstream"),
+        "an expired client certificate was served: {out}"
+    );
+    let line = wait_log(&d, "client certificate no longer verifies");
+    assert!(
+        line.contains("resumed=true") && line.contains("xpired"),
+        "{line}"
+    );
+
+    // The CA is replaced by another (the file watch reloads it): the resumed session of a
+    // certificate from the old CA is refused.
+    let other = ClientCa::new("client CA two");
+    std::fs::write(&ca_path, other.cert.pem()).unwrap();
+    wait_log(&d, "certificates reloaded");
+    let (resumed, out) = s_client_request(d.addr, &cert.cert, &laptop, ("-sess_in", &sess)).await;
+    assert!(resumed, "the session did not resume: {out}");
+    assert!(
+        !out.contains("hello-from-upstream"),
+        "a certificate of a removed CA was served: {out}"
+    );
+    let line = wait_log(&d, "client certificate no longer verifies");
+    assert!(line.contains("resumed=true"), "{line}");
+    crate::cli::sigterm(&d.child);
+    crate::cli::wait_exit(&mut d.child, Duration::from_secs(10));
+}
