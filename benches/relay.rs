@@ -28,11 +28,23 @@ async fn once(splice: bool, pool: &std::sync::Arc<PipePool>) -> Duration {
     let start = Instant::now();
     let relay = tokio::spawn(async move {
         if splice {
-            relay::splice::relay(&pool, &client, &upstream, Duration::from_secs(60), &stop)
-                .await
-                .expect("pipes");
+            relay::splice::relay(
+                &pool,
+                &client,
+                &upstream,
+                relay::Idle::new(Duration::from_secs(60)),
+                &stop,
+            )
+            .await
+            .expect("pipes");
         } else {
-            relay::relay(&mut client, &mut upstream, Duration::from_secs(60), &stop).await;
+            relay::relay(
+                &mut client,
+                &mut upstream,
+                relay::Idle::new(Duration::from_secs(60)),
+                &stop,
+            )
+            .await;
         }
     });
     let writer = tokio::spawn(async move {

@@ -580,7 +580,7 @@ async fn dispatch<S>(
                 &cx.shared.pipes,
                 tcp,
                 &server,
-                route.idle_timeout,
+                route.idle(),
                 &cx.shared.force_close,
             ))
             .await
@@ -594,7 +594,7 @@ async fn dispatch<S>(
             Box::pin(relay::relay(
                 client,
                 &mut server,
-                route.idle_timeout,
+                route.idle(),
                 &cx.shared.force_close,
             ))
             .await

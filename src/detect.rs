@@ -9,7 +9,9 @@ pub const MAX_SIGNATURE: usize = H2_PREFACE.len();
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// HTTP/1.x request methods, each followed by a space: "GET " is HTTP, "GETX" is not.
+/// HTTP/1.x request methods, each followed by a space: "GET " is HTTP, "GETX" is not. Besides
+/// RFC 9110's and PATCH, those of WebDAV (RFC 4918, 3253, 3648, 3744, 5323), CalDAV (RFC 4791)
+/// and binding (RFC 5842), which file-sync and calendar clients send first on a connection.
 const HTTP1_METHODS: &[&[u8]] = &[
     b"GET ",
     b"HEAD ",
@@ -20,6 +22,31 @@ const HTTP1_METHODS: &[&[u8]] = &[
     b"OPTIONS ",
     b"TRACE ",
     b"PATCH ",
+    b"PROPFIND ",
+    b"PROPPATCH ",
+    b"MKCOL ",
+    b"COPY ",
+    b"MOVE ",
+    b"LOCK ",
+    b"UNLOCK ",
+    b"REPORT ",
+    b"MKCALENDAR ",
+    b"SEARCH ",
+    b"ACL ",
+    b"ORDERPATCH ",
+    b"BIND ",
+    b"UNBIND ",
+    b"REBIND ",
+    b"VERSION-CONTROL ",
+    b"CHECKOUT ",
+    b"CHECKIN ",
+    b"UNCHECKOUT ",
+    b"MKWORKSPACE ",
+    b"UPDATE ",
+    b"LABEL ",
+    b"MERGE ",
+    b"BASELINE-CONTROL ",
+    b"MKACTIVITY ",
 ];
 
 /// A protocol the classifier can recognise.
@@ -146,7 +173,7 @@ pub fn classify(buf: &[u8], candidates: Candidates) -> Verdict {
     if let Some(v) = consider(Protocol::Ssh, fit(buf, b"SSH-")) {
         return v;
     }
-    // The h2 preface begins with "PRI ", which no HTTP/1 method in the list shares.
+    // The h2 preface begins with "PRI ", which no HTTP/1 method in the list begins with.
     if let Some(v) = consider(Protocol::Http2, fit(buf, H2_PREFACE)) {
         return v;
     }
@@ -218,9 +245,11 @@ mod tests {
         let mut p = H2_PREFACE.to_vec();
         p.extend_from_slice(&[0, 0, 0x12, 0x04, 0, 0, 0, 0, 0]);
         check_all_prefixes(&p, Candidates::INNER, Verdict::Match(Protocol::Http2), 24);
-        // Before TLS the preface is not a candidate, and "PR" starts no HTTP/1 method.
+        // Before TLS the preface is not a candidate: "PRI" starts no HTTP/1 method ("PR"
+        // may still be PROPFIND).
         assert_eq!(classify(b"P", Candidates::OUTER), Verdict::NeedMore);
-        assert_eq!(classify(b"PR", Candidates::OUTER), Verdict::NoMatch);
+        assert_eq!(classify(b"PR", Candidates::OUTER), Verdict::NeedMore);
+        assert_eq!(classify(b"PRI", Candidates::OUTER), Verdict::NoMatch);
     }
 
     #[test]
@@ -244,6 +273,38 @@ mod tests {
     }
 
     #[test]
+    fn webdav_and_caldav_requests_are_http() {
+        for req in [
+            &b"PROPFIND /dav/ HTTP/1.1\r\nDepth: 1\r\n"[..],
+            b"PROPPATCH /dav/a HTTP/1.1\r\n",
+            b"MKCOL /dav/new/ HTTP/1.1\r\n",
+            b"COPY /a HTTP/1.1\r\n",
+            b"MOVE /a HTTP/1.1\r\n",
+            b"LOCK /a HTTP/1.1\r\n",
+            b"UNLOCK /a HTTP/1.1\r\n",
+            b"REPORT /cal/ HTTP/1.1\r\n",
+            b"MKCALENDAR /cal/home/ HTTP/1.1\r\n",
+            b"SEARCH / HTTP/1.1\r\n",
+            b"ACL /a HTTP/1.1\r\n",
+        ] {
+            for c in [Candidates::OUTER, Candidates::INNER] {
+                assert_eq!(
+                    classify(req, c),
+                    Verdict::Match(Protocol::Http1),
+                    "{}",
+                    String::from_utf8_lossy(req)
+                );
+            }
+        }
+        // Still decided at the first impossible byte.
+        assert_eq!(classify(b"PROPX", Candidates::INNER), Verdict::NoMatch);
+        assert_eq!(
+            classify(b"MKCALENDAR", Candidates::INNER),
+            Verdict::NeedMore
+        );
+    }
+
+    #[test]
     fn decides_at_first_impossible_byte() {
         assert_eq!(classify(b"", Candidates::OUTER), Verdict::NeedMore);
         assert_eq!(classify(b"X", Candidates::OUTER), Verdict::NoMatch);
@@ -251,7 +312,7 @@ mod tests {
         assert_eq!(classify(b"GETX", Candidates::INNER), Verdict::NoMatch);
         assert_eq!(classify(b"get ", Candidates::INNER), Verdict::NoMatch);
         assert_eq!(classify(b"\r\n", Candidates::INNER), Verdict::NoMatch);
-        // "P" could still be POST, PUT, PATCH or the h2 preface.
+        // "P" could still be POST, PUT, PATCH, PROPFIND, PROPPATCH or the h2 preface.
         assert_eq!(classify(b"P", Candidates::INNER), Verdict::NeedMore);
         assert_eq!(classify(b"PU", Candidates::INNER), Verdict::NeedMore);
         assert_eq!(classify(b"PX", Candidates::INNER), Verdict::NoMatch);

@@ -318,8 +318,7 @@ fn build_snapshot(
         Some(_) => None,
         None => match previous.and_then(|p| {
             p.ssh.as_ref().filter(|_| {
-                p.cfg.embedded_ssh == cfg.embedded_ssh
-                    && p.cfg.ssh.idle_timeout == cfg.ssh.idle_timeout
+                p.cfg.embedded_ssh == cfg.embedded_ssh && p.cfg.ssh.idle() == cfg.ssh.idle()
             })
         }) {
             Some(same) => Some(same.clone()),
@@ -327,7 +326,7 @@ fn build_snapshot(
                 &cfg.embedded_ssh,
                 state_dir,
                 cfg.source.as_deref(),
-                cfg.ssh.idle_timeout,
+                cfg.ssh.idle(),
                 force_close.clone(),
                 previous.and_then(|p| p.ssh.as_deref()),
             )?)),

@@ -115,6 +115,7 @@ pub struct Route {
     pub proxy_protocol: Option<Spanned<ProxyVersion>>,
     pub connect_timeout: Option<Spanned<Dur>>,
     pub idle_timeout: Option<Spanned<Dur>>,
+    pub half_closed_timeout: Option<Spanned<Dur>>,
     pub plaintext: Option<Spanned<String>>,
     #[serde(default)]
     pub sni: Vec<Spanned<String>>,

@@ -305,6 +305,9 @@ pub struct Route {
     pub alpn: Vec<String>,
     /// Close a relayed connection after this long without bytes in either direction.
     pub idle_timeout: Duration,
+    /// The same once one direction has finished (a half-closed connection); at most
+    /// `idle_timeout` applies.
+    pub half_closed_timeout: Duration,
     /// Only TLS clients with a certificate from `tls.client_ca` reach this route.
     pub require_client_cert: bool,
 }
@@ -503,11 +506,12 @@ impl Config {
                 s.push_str("              requires a client certificate from tls.client_ca\n");
             }
             s.push_str(&format!(
-                "              alpn [{}]  sni [{}]  plaintext {}  idle {}\n",
+                "              alpn [{}]  sni [{}]  plaintext {}  idle {}  half-closed {}\n",
                 r.alpn.join(", "),
                 r.sni.join(", "),
                 r.plaintext.as_str(),
-                humantime::format_duration(r.idle_timeout)
+                humantime::format_duration(r.idle_timeout),
+                humantime::format_duration(r.half_closed_timeout.min(r.idle_timeout))
             ));
         }
         s.push_str(&format!(
@@ -523,6 +527,14 @@ impl Config {
 }
 
 impl Route {
+    /// The relay's idle limits on this route.
+    pub fn idle(&self) -> crate::relay::Idle {
+        crate::relay::Idle {
+            open: self.idle_timeout,
+            half_closed: self.half_closed_timeout,
+        }
+    }
+
     fn default_for(kind: RouteKind) -> Route {
         Route {
             kind,
@@ -531,6 +543,7 @@ impl Route {
             sni: Vec::new(),
             alpn: default_alpn(kind, false),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            half_closed_timeout: crate::relay::HALF_CLOSED_IDLE,
             require_client_cert: false,
         }
     }
@@ -1057,6 +1070,9 @@ impl Validator<'_> {
         }
         if let Some(t) = &r.idle_timeout {
             route.idle_timeout = self.duration(t, MIN_TIMEOUT, 30 * DAY)?;
+        }
+        if let Some(t) = &r.half_closed_timeout {
+            route.half_closed_timeout = self.duration(t, MIN_TIMEOUT, 30 * DAY)?;
         }
         if let Some(p) = &r.plaintext {
             route.plaintext = match (p.get_ref().as_str(), kind) {

@@ -299,3 +299,33 @@ fn ssh_settings_compare_by_meaning_not_position() {
     let c = parse(&text.replace("/keys", "/other")).unwrap();
     assert_ne!(a.embedded_ssh, c.embedded_ssh);
 }
+
+#[test]
+fn proxy_header_policy() {
+    let c = parse("trusted_proxies = [\"10.0.3.17\"]\n").unwrap();
+    assert_eq!(c.proxy_header, ProxyHeader::Required, "required by default");
+    let c = parse("trusted_proxies = [\"10.0.3.17\"]\nproxy_header = \"optional\"\n").unwrap();
+    assert_eq!(c.proxy_header, ProxyHeader::Optional);
+    let e = err("trusted_proxies = [\"10.0.3.17\"]\nproxy_header = \"maybe\"\n");
+    assert!(
+        e.contains(":2:") && e.contains("proxy_header") && e.contains("`maybe`"),
+        "{e}"
+    );
+    let e = err("proxy_header = \"optional\"\n");
+    assert!(e.contains("trusted_proxies, which is not set"), "{e}");
+}
+
+#[test]
+fn half_closed_timeout_per_route() {
+    let c = parse(
+        "[routes.http]\nupstream = \"a:1\"\nhalf_closed_timeout = \"5s\"\n[routes.ssh]\nupstream = \"b:2\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.http.idle().half_closed, Duration::from_secs(5));
+    assert_eq!(c.ssh.idle().half_closed, crate::relay::HALF_CLOSED_IDLE);
+    let e = err("[routes.http]\nupstream = \"a:1\"\nhalf_closed_timeout = \"0s\"\n");
+    assert!(
+        e.contains(":3:") && e.contains("routes.http.half_closed_timeout"),
+        "{e}"
+    );
+}

@@ -21,8 +21,28 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Idle limit once one direction has finished: a peer that half-closed and went quiet.
+/// Default idle limit once one direction has finished: a peer that half-closed and went quiet.
 pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(60);
+
+/// How long a relay may go without bytes in either direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Idle {
+    /// While both directions are open.
+    pub open: Duration,
+    /// Once one direction has finished (EOF carried): shorter, as a peer that half-closed and
+    /// went quiet is usually gone (cf. HAProxy's client-fin). Never longer than `open`.
+    pub half_closed: Duration,
+}
+
+impl Idle {
+    /// `open`, and the default half-closed linger (60 s, or `open` if shorter).
+    pub fn new(open: Duration) -> Idle {
+        Idle {
+            open,
+            half_closed: HALF_CLOSED_IDLE,
+        }
+    }
+}
 
 /// Size of one relay buffer.
 pub const BUF_SIZE: usize = 64 * 1024;
@@ -135,15 +155,15 @@ pub(crate) trait Pair {
     fn is_done(&self, d: Dir) -> bool;
 }
 
-/// Runs both directions of `pair` until both are finished, nothing moves for `idle` (60 s once
-/// one direction is finished), or `stop` is cancelled.
+/// Runs both directions of `pair` until both are finished, nothing moves for `idle.open`
+/// (`idle.half_closed` once one direction is finished), or `stop` is cancelled.
 ///
 /// An error ends only what it must: a dead reader's peer still gets what was read (then EOF),
 /// a dead writer's direction stops, and the other direction drains on its own.
-pub(crate) async fn drive(pair: &mut impl Pair, idle: Duration, stop: &CancellationToken) -> End {
+pub(crate) async fn drive(pair: &mut impl Pair, idle: Idle, stop: &CancellationToken) -> End {
     let mut failed: Option<(Side, io::Error)> = None;
     let mut last = Instant::now();
-    let sleep = tokio::time::sleep_until(last + idle);
+    let sleep = tokio::time::sleep_until(last + idle.open);
     tokio::pin!(sleep);
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
@@ -193,11 +213,11 @@ pub(crate) async fn drive(pair: &mut impl Pair, idle: Duration, stop: &Cancellat
         if stopped.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Shutdown);
         }
-        // Half-closed connections linger only briefly without traffic (cf. HAProxy client-fin).
+        // Half-closed connections linger only briefly without traffic.
         let limit = if up_done != down_done {
-            idle.min(HALF_CLOSED_IDLE)
+            idle.open.min(idle.half_closed)
         } else {
-            idle
+            idle.open
         };
         if sleep.deadline() > last + limit {
             sleep.as_mut().reset(last + limit);
@@ -364,7 +384,7 @@ where
 pub async fn relay<C, U>(
     client: &mut C,
     upstream: &mut U,
-    idle: Duration,
+    idle: Idle,
     stop: &CancellationToken,
 ) -> (Bytes, End)
 where
@@ -409,7 +429,13 @@ mod tests {
         let (mut upstream, mut upstream_peer) = tokio::io::duplex(1024);
         let stop = CancellationToken::new();
         let relay = tokio::spawn(async move {
-            relay(&mut client, &mut upstream, Duration::from_secs(3600), &stop).await
+            relay(
+                &mut client,
+                &mut upstream,
+                Idle::new(Duration::from_secs(3600)),
+                &stop,
+            )
+            .await
         });
         // The upstream says goodbye and half-closes; the client never answers or closes.
         upstream_peer.write_all(b"bye").await.unwrap();
@@ -425,12 +451,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_half_closed_linger_is_a_setting() {
+        let (mut client, mut client_peer) = tokio::io::duplex(1024);
+        let (mut upstream, mut upstream_peer) = tokio::io::duplex(1024);
+        let stop = CancellationToken::new();
+        let idle = Idle {
+            open: Duration::from_secs(3600),
+            half_closed: Duration::from_secs(5),
+        };
+        let relay =
+            tokio::spawn(async move { relay(&mut client, &mut upstream, idle, &stop).await });
+        client_peer.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        upstream_peer.read_to_end(&mut got).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(!relay.is_finished(), "ended before the linger");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(relay.is_finished(), "still open 6 s after the half-close");
+        let (_, end) = relay.await.unwrap();
+        assert!(matches!(end, End::IdleTimeout), "{end}");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn idle_timeout_counts_from_the_last_byte() {
         let (mut client, mut client_peer) = tokio::io::duplex(1024);
         let (mut upstream, mut upstream_peer) = tokio::io::duplex(1024);
         let stop = CancellationToken::new();
         let relay = tokio::spawn(async move {
-            relay(&mut client, &mut upstream, Duration::from_secs(10), &stop).await
+            relay(
+                &mut client,
+                &mut upstream,
+                Idle::new(Duration::from_secs(10)),
+                &stop,
+            )
+            .await
         });
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_secs(8)).await;
@@ -489,7 +543,13 @@ mod tests {
         let mut client = tokio::io::BufWriter::new(client_io);
         let mut upstream = ThenReset(vec![b"HTTP/1.1 200 OK\r\n", b"\r\nlast words"]);
         let stop = CancellationToken::new();
-        let (bytes, end) = relay(&mut client, &mut upstream, Duration::from_secs(10), &stop).await;
+        let (bytes, end) = relay(
+            &mut client,
+            &mut upstream,
+            Idle::new(Duration::from_secs(10)),
+            &stop,
+        )
+        .await;
         assert!(matches!(end, End::Error(Side::Upstream, _)), "{end}");
         assert_eq!(bytes.down, 29);
         drop(client);

@@ -10,14 +10,13 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{drive, Bytes, Dir, End, HalfError, Pair};
+use super::{drive, Bytes, Dir, End, HalfError, Idle, Pair};
 
 /// Requested size of each pipe (the kernel may round it or refuse; the default is 64 KiB).
 /// 1 MiB measured about 0.29 CPU-s/GiB against 0.35-0.43 at 256 KiB (BENCHMARKS.md).
@@ -221,7 +220,7 @@ pub async fn relay(
     pool: &Arc<PipePool>,
     client: &TcpStream,
     upstream: &TcpStream,
-    idle: Duration,
+    idle: Idle,
     stop: &CancellationToken,
 ) -> Option<(Bytes, End)> {
     let (p1, p2) = pool.take_pair()?;
@@ -306,6 +305,7 @@ impl Pair for SplicePair<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -323,7 +323,14 @@ mod tests {
         let (upstream, mut upstream_peer) = pair().await;
         let stop = CancellationToken::new();
         let relay = tokio::spawn(async move {
-            relay(&pool, &client, &upstream, Duration::from_secs(60), &stop).await
+            relay(
+                &pool,
+                &client,
+                &upstream,
+                Idle::new(Duration::from_secs(60)),
+                &stop,
+            )
+            .await
         });
         let data: Vec<u8> = (0..8 << 20).map(|i| (i * 7 % 251) as u8).collect();
         let d2 = data.clone();
@@ -357,11 +364,15 @@ mod tests {
         let (_a, client) = pair().await;
         let (upstream, _b) = pair().await;
         let stop = CancellationToken::new();
-        assert!(
-            relay(&pool, &client, &upstream, Duration::from_secs(1), &stop)
-                .await
-                .is_none()
-        );
+        assert!(relay(
+            &pool,
+            &client,
+            &upstream,
+            Idle::new(Duration::from_secs(1)),
+            &stop
+        )
+        .await
+        .is_none());
         // The pipe taken for the failed attempt went back.
         assert_eq!(*pool.budget.lock().unwrap(), 1);
     }

@@ -59,8 +59,8 @@ pub struct SshServer {
     pub(crate) settings: SshSettings,
     pub(crate) keys: Arc<KeyStore>,
     pub(crate) socket_dir: PathBuf,
-    /// Idle limit for each forwarded channel's relay.
-    pub(crate) channel_idle: Duration,
+    /// Idle limits for each forwarded channel's relay.
+    pub(crate) channel_idle: crate::relay::Idle,
     /// Cancelled when open connections must close (shutdown grace over).
     pub(crate) stop: CancellationToken,
     /// Recent authentication failures per client address (shared with the server a reload
@@ -78,7 +78,7 @@ impl SshServer {
         settings: &SshSettings,
         state_dir: &Path,
         source: Option<&Path>,
-        channel_idle: Duration,
+        channel_idle: crate::relay::Idle,
         stop: CancellationToken,
         previous: Option<&SshServer>,
     ) -> Result<SshServer, SshError> {
