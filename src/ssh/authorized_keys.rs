@@ -75,13 +75,36 @@ const KEY_TYPES: &[&str] = &[
     "ssh-dss",
 ];
 
-/// Parses a whole file; `name` is used in origins.
-pub fn parse(text: &str, name: &str, tz: &dyn LocalOffset) -> (Vec<AuthorizedKey>, Vec<Skipped>) {
+/// Parses a whole file, as bytes; `name` is used in origins. A line that is not UTF-8 is
+/// skipped like any other bad line (the rest still load): one stray Latin-1 byte must not keep
+/// a whole file, and the keys it revokes, from loading. Comment lines are not decoded.
+pub fn parse(bytes: &[u8], name: &str, tz: &dyn LocalOffset) -> (Vec<AuthorizedKey>, Vec<Skipped>) {
     let mut keys = Vec::new();
     let mut skipped = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    // As `str::lines`: lines end at `\n`, a `\r` before it is dropped, no empty last line.
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let origin = format!("{name}:{}", i + 1);
-        let line = line.trim();
+        let indent = raw.len() - raw.trim_ascii_start().len();
+        let raw = raw.trim_ascii();
+        if raw.is_empty() || raw.starts_with(b"#") {
+            continue;
+        }
+        let line = match std::str::from_utf8(raw) {
+            Ok(l) => l.trim(),
+            Err(e) => {
+                let at = e.valid_up_to();
+                let byte = raw.get(at).copied().unwrap_or_default();
+                skipped.push(Skipped {
+                    origin,
+                    reason: format!(
+                        "not UTF-8 (byte 0x{byte:02X} at column {}): the line is skipped",
+                        indent + at + 1
+                    ),
+                });
+                continue;
+            }
+        };
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
@@ -409,7 +432,7 @@ mod tests {
     #[test]
     fn file_skips_bad_lines_and_keeps_the_rest() {
         let text = format!("# comment\n\n{KEY}\nbogus-option {KEY}\n  restrict {KEY}\n");
-        let (keys, skipped) = parse(&text, "/etc/sluice/authorized_keys", &Utc);
+        let (keys, skipped) = parse(text.as_bytes(), "/etc/sluice/authorized_keys", &Utc);
         assert_eq!(keys.len(), 2);
         assert_eq!(keys[0].origin, "/etc/sluice/authorized_keys:3");
         assert_eq!(keys[1].origin, "/etc/sluice/authorized_keys:5");
@@ -420,5 +443,43 @@ mod tests {
                 reason: "unsupported option `bogus-option`".into()
             }]
         );
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_skipped_and_named_the_rest_load() {
+        // A Latin-1 comment on one key (é is 0xE9), a Latin-1 comment line, CRLF endings.
+        let mut text = format!("{KEY}\r\n").into_bytes();
+        text.extend_from_slice(b"  restrict ");
+        text.extend_from_slice(KEY.as_bytes());
+        text.extend_from_slice(b" Jos\xe9\r\n# Jos\xe9 left\n");
+        text.extend_from_slice(format!("no-pty {KEY}").as_bytes());
+        let (keys, skipped) = parse(&text, "f", &Utc);
+        let origins: Vec<&str> = keys.iter().map(|k| k.origin.as_str()).collect();
+        assert_eq!(origins, ["f:1", "f:4"], "the other lines load");
+        let col = 2 + "restrict ".len() + KEY.len() + " Jos".len() + 1;
+        assert_eq!(
+            skipped,
+            vec![Skipped {
+                origin: "f:2".into(),
+                reason: format!("not UTF-8 (byte 0xE9 at column {col}): the line is skipped"),
+            }]
+        );
+    }
+
+    #[test]
+    fn line_numbers_match_str_lines() {
+        for text in ["", "\n", "a\n\nb", "a\r\nb\r\n", "\n\n\nx\n"] {
+            let (keys, skipped) = parse(text.as_bytes(), "f", &Utc);
+            let mut got: Vec<String> = skipped.into_iter().map(|s| s.origin).collect();
+            got.extend(keys.into_iter().map(|k| k.origin));
+            got.sort();
+            let want: Vec<String> = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, _)| format!("f:{}", i + 1))
+                .collect();
+            assert_eq!(got, want, "{text:?}");
+        }
     }
 }
