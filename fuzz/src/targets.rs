@@ -329,10 +329,6 @@ fn check_response(out: &[u8], status: &str, head_only: bool) {
 /// `authorized_keys::parse` on the input as a file, read with several time zones; every
 /// line either loads or is skipped with a reason, in file order.
 pub fn authorized_keys(data: &[u8]) {
-    // `parse` takes text for now and will take bytes: then this line becomes `let text = data;`.
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
     let zones: [&dyn LocalOffset; 4] = [
         &FixedTz(0),
         &FixedTz(14 * 3600),
@@ -341,7 +337,7 @@ pub fn authorized_keys(data: &[u8]) {
     ];
     let lines = data.split(|&b| b == b'\n').count();
     for tz in zones {
-        let (keys, skipped) = authorized_keys::parse(text, "f", tz);
+        let (keys, skipped) = authorized_keys::parse(data, "f", tz);
         let mut origins: Vec<usize> = keys
             .iter()
             .map(|k| &k.origin)
