@@ -127,6 +127,7 @@ fn read_all(
         let (keys, bad) = authorized_keys::parse(&bytes, &f.path.display().to_string(), &SystemTz);
         skipped.extend(bad);
         for k in keys {
+            warn_negated_names(&k);
             if k.options.cert_authority {
                 set.cas.push(k);
             } else {
@@ -135,6 +136,18 @@ fn read_all(
         }
     }
     Ok((set, skipped, digests))
+}
+
+/// `from="!evil.example.org"` reads as "not from that host", but sluice does not resolve client
+/// addresses to names, so the pattern never matches and keeps nobody out: say so at load.
+fn warn_negated_names(k: &AuthorizedKey) {
+    for name in k.options.from.iter().flat_map(|f| f.negated_names()) {
+        tracing::warn!(
+            line = %k.origin,
+            pattern = %format!("!{name}"),
+            "authorized_keys: from= negates a host name, which never matches (sluice does not resolve client addresses to names): it keeps nobody out; write addresses or CIDRs"
+        );
+    }
 }
 
 impl KeyStore {
@@ -239,6 +252,52 @@ mod tests {
         std::fs::write(&path, format!("{A}\n# Jos\u{e9}\n")).unwrap();
         store.reload().unwrap();
         assert!(authorizes(&store, A));
+    }
+
+    /// Log lines written while `f` runs on this thread.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        (out, text)
+    }
+
+    #[test]
+    fn a_negated_host_name_in_from_warns_at_load() {
+        let text = format!(
+            "from=\"!evil.example.org,127.0.0.0/8\" {A}\nfrom=\"!10.0.0.1,10.0.0.0/8\" {B}\n"
+        );
+        let ((_dir, path, store), log) = logged(|| store_with(text.as_bytes()));
+        let warned: Vec<&str> = log.lines().filter(|l| l.contains("from=")).collect();
+        assert_eq!(warned.len(), 1, "{log}");
+        assert!(
+            warned[0].contains("WARN")
+                && warned[0].contains(&format!("line={}:1", path.display()))
+                && warned[0].contains("pattern=!evil.example.org")
+                && warned[0].contains("negates a host name, which never matches"),
+            "{log}"
+        );
+        assert!(authorizes(&store, A), "the line still loads");
+        // And on every reload.
+        let (r, log) = logged(|| store.reload());
+        r.unwrap();
+        assert!(log.contains("pattern=!evil.example.org"), "{log}");
     }
 
     #[tokio::test]

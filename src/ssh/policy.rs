@@ -318,6 +318,15 @@ impl FromList {
         (!v.is_empty()).then_some(FromList(v))
     }
 
+    /// The negated patterns that are host names (`!evil.example.org`), not addresses: they
+    /// never match (sluice does no reverse DNS), so they keep nobody out.
+    pub fn negated_names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|(neg, p)| match p {
+            FromPattern::Glob(g) if *neg && !address_glob(g) => Some(g.as_str()),
+            _ => None,
+        })
+    }
+
     /// Whether `ip` is allowed: a negated match refuses, else any positive match allows.
     /// Host name patterns never match: sluice does no reverse DNS.
     pub fn allows(&self, ip: IpAddr) -> bool {
@@ -336,6 +345,17 @@ impl FromList {
         }
         allowed
     }
+}
+
+/// Whether a glob can match an address as sluice writes it (`192.0.2.*`, `2001:db8::?`):
+/// IPv4 digits and dots, or IPv6 hex digits and colons (dots for a v4 tail), and wildcards.
+fn address_glob(g: &str) -> bool {
+    let wild = |b: u8| b == b'*' || b == b'?';
+    g.bytes()
+        .all(|b| b.is_ascii_digit() || b == b'.' || wild(b))
+        || (g.contains(':')
+            && g.bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.' || wild(b)))
 }
 
 /// Parses a port range `20000-25000` (or one port).
@@ -510,6 +530,19 @@ mod tests {
             .allows(ip("192.0.2.1")));
         assert_eq!(FromList::parse(""), None);
         assert_eq!(FromList::parse("10.0.0.0/40"), None);
+    }
+
+    #[test]
+    fn negated_host_names_are_found() {
+        let f = FromList::parse(
+            "!evil.example.org,*.example.org,!10.1.*,!fe80::*,!*,!192.0.2.0/24,!?,!db1,!cafe.beef",
+        )
+        .unwrap();
+        let names: Vec<&str> = f.negated_names().collect();
+        assert_eq!(names, ["evil.example.org", "db1", "cafe.beef"]);
+        // What the warning says: the negation keeps nobody out.
+        let f = FromList::parse("!evil.example.org,127.0.0.0/8").unwrap();
+        assert!(f.allows(ip("127.0.0.1")));
     }
 
     #[test]
