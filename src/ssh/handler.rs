@@ -692,11 +692,15 @@ impl russh::server::Handler for Conn {
         if self.forwards.len() + self.sockets.len() >= self.server.settings.max_forwards as usize {
             return deny("too many forwards on this connection (ssh.max_forwards)");
         }
-        if grant
-            .permit_listen
-            .as_ref()
-            .is_some_and(|l| !l.iter().any(|p| p.matches_socket(&name)))
-        {
+        // Socket names are one namespace for every key: without a per-key list, any key could
+        // take (or wait for) another's name. Until names are scoped per identity, a key must
+        // list the names it may publish.
+        let Some(allowed) = grant.permit_listen.as_ref() else {
+            return deny(
+                "unix-socket forwards need permitlisten=\"/name-glob\" on the key or cert-authority line",
+            );
+        };
+        if !allowed.iter().any(|p| p.matches_socket(&name)) {
             return deny("not in the key's permitlisten (socket entries are \"/name-glob\")");
         }
         let path = self.server.socket_dir.join(&name);

@@ -153,6 +153,93 @@ impl Fixture {
     }
 }
 
+/// `sluice serve` in a child process with the embedded SSH server, for tests that check what
+/// it logs. Lines are read in order (`next_with`) or searched from the start (`any_with`).
+struct Logged {
+    d: crate::cli::Child2,
+    seen: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl Logged {
+    /// `authorized` lines, extra `[ssh]` keys.
+    async fn new(authorized: &str, ssh_extra: &str) -> Logged {
+        need("ssh", "openssh-client");
+        need("openssl", "openssl");
+        let cert = TestCert::localhost();
+        let dir = tempfile::tempdir().unwrap();
+        let echo = echo_upstream().await;
+        let authorized_path = dir.path().join("authorized_keys");
+        std::fs::write(&authorized_path, authorized).unwrap();
+        let cfg = dir.path().join("sluice.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"2s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\n[ssh]\nhost_key = \"{}\"\nauthorized_keys = [\"{}\"]\npermit_open = [\"{echo}\"]\nlisten_ports = \"{}\"\nsocket_dir = \"{}\"\n{ssh_extra}",
+                cert.cert.display(),
+                cert.key.display(),
+                dir.path().join("hostkey").display(),
+                authorized_path.display(),
+                port_range(10).1,
+                dir.path().join("sockets").display()
+            ),
+        )
+        .unwrap();
+        let d = crate::cli::spawn_serve(&["serve", "--config", cfg.to_str().unwrap()]);
+        Logged {
+            d,
+            seen: Vec::new(),
+            dir,
+        }
+    }
+
+    /// Takes what the daemon logged since the last call, waiting until the deadline if nothing
+    /// came; `false` once the deadline has passed.
+    async fn read_more(&mut self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let mut got = false;
+            while let Ok(l) = self.d.log.try_recv() {
+                self.seen.push(l);
+                got = true;
+            }
+            if got {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The first line since the start holding every needle, waiting up to 20 s for it.
+    async fn any_with(&mut self, needles: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(l) = self
+                .seen
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return l.clone();
+            }
+            if !self.read_more(deadline).await {
+                panic!(
+                    "no log line with {needles:?} within 20 s; the log:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.d.child.kill();
+        let _ = self.d.child.wait();
+    }
+}
+
 /// The real OpenSSH client through sluice's TLS port `port` (openssl s_client as ProxyCommand),
 /// logging in with `key`, plus `args`.
 fn ssh_via(port: u16, key: &Path, args: &[&str]) -> Command {
@@ -471,7 +558,8 @@ async fn reverse_forwards_allocated_fixed_and_refused() {
 async fn reverse_forward_onto_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let id = keygen(dir.path(), "id");
-    let f = Fixture::new(&id.public, &[], &port_range(10).1).await;
+    let line = format!("permitlisten=\"/preview-*.sock\" {}", id.public);
+    let f = Fixture::new(&line, &[], &port_range(10).1).await;
     let web = http_upstream().await;
     let mut r = f
         .ssh(
@@ -1364,4 +1452,76 @@ fn hostkey_command_prints_the_fingerprint_the_server_uses() {
         "{}",
         String::from_utf8_lossy(&kg.stdout)
     );
+}
+
+#[tokio::test]
+async fn unix_socket_forwards_need_permitlisten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, listed) = (keygen(dir.path(), "plain"), keygen(dir.path(), "listed"));
+    let mut f = Logged::new(
+        &format!(
+            "{}\npermitlisten=\"/app-*.sock\" {}\n",
+            plain.public, listed.public
+        ),
+        "",
+    )
+    .await;
+    let web = http_upstream().await;
+    let port = f.d.addr.port();
+    let forward = |key: &Key, name: &str| {
+        ssh_via(
+            port,
+            &key.private,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("/{name}:{web}"),
+                "tunnel@localhost",
+            ],
+        )
+    };
+    // Any key could take any name before; without permitlisten= it gets none.
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        forward(&plain, "app-1.sock").output(),
+    )
+    .await
+    .expect("ssh -R stayed up: a key without permitlisten= got the socket")
+    .unwrap();
+    assert!(
+        !out.status.success(),
+        "a key without permitlisten= took a socket"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("remote port forwarding failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = f
+        .any_with(&["denied streamlocal-forward", "app-1.sock"])
+        .await;
+    assert!(
+        l.contains("unix-socket forwards need permitlisten=") && l.contains("user=\"tunnel\""),
+        "{l}"
+    );
+    assert!(!f.dir.path().join("sockets/app-1.sock").exists());
+    // A key that lists the name gets it, and only names it lists.
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        forward(&listed, "other.sock").output(),
+    )
+    .await
+    .expect("ssh -R hung")
+    .unwrap();
+    assert!(!out.status.success());
+    f.any_with(&[
+        "denied streamlocal-forward",
+        "not in the key's permitlisten",
+    ])
+    .await;
+    let mut ok = forward(&listed, "app-2.sock").spawn().unwrap();
+    f.any_with(&["reverse forward opened", "app-2.sock"]).await;
+    term(&mut ok).await;
 }
