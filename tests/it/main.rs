@@ -34,3 +34,6 @@ mod ops;
 
 /// Relays across a real network path: network namespaces joined by veth, slow readers.
 mod netpath;
+
+/// The committed fuzz corpus and regression inputs, replayed through the fuzz targets' bodies.
+mod fuzz_replay;
