@@ -27,6 +27,8 @@ pub(crate) struct Grant {
     pub(crate) user: String,
     /// How it authenticated, for logs: key fingerprint and origin, or certificate id.
     pub(crate) label: String,
+    /// The fingerprint of the key that signed (a certificate's own key), `SHA256:...`.
+    pub(crate) key: String,
     pub(crate) port_forwarding: bool,
     pub(crate) permit_open: Option<Vec<KeyPermitOpen>>,
     pub(crate) permit_listen: Option<Vec<PermitListen>>,
@@ -37,6 +39,10 @@ pub(crate) struct Grant {
 #[derive(Default)]
 pub(crate) struct ConnState {
     who: Mutex<Option<String>>,
+    /// The key exchange is done: the client asked for the authentication service.
+    keys_exchanged: AtomicBool,
+    /// Authentication requests received ("none" probes included).
+    attempts: AtomicU32,
     /// The last rejected attempt (user, what was offered, why), logged once if the connection
     /// ends without authenticating: one failed connection is one fail2ban line, however many
     /// keys the client's agent tried.
@@ -50,6 +56,19 @@ impl ConnState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Where a connection that never authenticated stopped, for the connection log.
+    pub(crate) fn stalled_at(&self) -> String {
+        if !self.keys_exchanged.load(Ordering::Acquire) {
+            return "during the key exchange (client banner received, no authentication request)"
+                .into();
+        }
+        match self.attempts.load(Ordering::Acquire) {
+            0 => "after the key exchange, before any authentication request".into(),
+            1 => "after 1 authentication request, not accepted".into(),
+            n => format!("after {n} authentication requests, none accepted"),
+        }
     }
 
     pub(crate) fn describe(&self) -> String {
@@ -144,12 +163,15 @@ impl Conn {
     fn fail(&mut self, user: &str, what: &str, reason: &str) -> Auth {
         self.failures += 1;
         let (user, what) = (super::clean(user), super::clean_text(what));
+        // Reasons quote certificate fields; those are escaped where they are quoted, this
+        // keeps any other text to one line.
+        let reason = super::clean_text(reason);
         debug!(target: "sluice::ssh::auth", peer = %self.peer, user, what, reason, "publickey attempt rejected");
         *self
             .state
             .last_failure
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some((user.clone(), what, reason.to_string()));
+            .unwrap_or_else(|p| p.into_inner()) = Some((user.clone(), what, reason));
         if self.failures == self.server.settings.max_auth_attempts {
             warn!(
                 target: "sluice::ssh::auth",
@@ -244,8 +266,16 @@ fn until(t: SystemTime) -> Option<Duration> {
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        // russh asks for the banner when the client requests the authentication service,
+        // which it can only do once the key exchange is done.
+        self.state.keys_exchanged.store(true, Ordering::Release);
+        Ok(None)
+    }
+
     async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
         // OpenSSH probes with "none" first; not a failure worth a log line.
+        self.state.attempts.fetch_add(1, Ordering::AcqRel);
         Ok(Auth::reject())
     }
 
@@ -254,6 +284,7 @@ impl russh::server::Handler for Conn {
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        self.state.attempts.fetch_add(1, Ordering::AcqRel);
         if *offer.algorithm == (Algorithm::Rsa { hash: None }) {
             return Ok(self.fail(
                 user,
@@ -303,6 +334,7 @@ impl russh::server::Handler for Conn {
             let grant = Grant {
                 user: user.to_string(),
                 label: format!("{what} ({})", line.origin),
+                key: fingerprint(key.public_key),
                 port_forwarding: o.port_forwarding,
                 permit_open: o.permit_open.clone(),
                 permit_listen: o.permit_listen.clone(),
@@ -350,9 +382,10 @@ impl russh::server::Handler for Conn {
                 None => principals.iter().any(|p| p == user),
             };
             if !principal_ok {
+                let listed: Vec<String> = principals.iter().map(|p| super::clean(p)).collect();
                 reason = format!(
                     "no principal of the certificate ({}) allowed for this login",
-                    principals.join(",")
+                    listed.join(",")
                 );
                 continue;
             }
@@ -374,13 +407,20 @@ impl russh::server::Handler for Conn {
                             .filter_map(|c| Cidr::parse(c.trim()))
                             .any(|c| c.contains(ip));
                         if !allowed {
-                            critical_ok =
-                                Err(format!("client address not in source-address {value}"));
+                            critical_ok = Err(format!(
+                                "client address not in source-address {}",
+                                super::clean(value)
+                            ));
                         }
                     }
                     // sluice runs no commands: a forced command restricts nothing it offers.
                     "force-command" => {}
-                    other => critical_ok = Err(format!("unsupported critical option {other}")),
+                    other => {
+                        critical_ok = Err(format!(
+                            "unsupported critical option {}",
+                            super::clean(other)
+                        ))
+                    }
                 }
             }
             if let Err(r) = critical_ok {
@@ -396,6 +436,7 @@ impl russh::server::Handler for Conn {
             let grant = Grant {
                 user: user.to_string(),
                 label: format!("{what} ({})", ca.origin),
+                key: cert.public_key().fingerprint(HashAlg::Sha256).to_string(),
                 port_forwarding: forwarding,
                 permit_open: o.permit_open.clone(),
                 permit_listen: o.permit_listen.clone(),
@@ -410,8 +451,11 @@ impl russh::server::Handler for Conn {
         let Some(grant) = self.pending.take() else {
             return Ok(());
         };
-        *self.state.who.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(format!("user {} {}", grant.user, grant.label));
+        *self.state.who.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+            "user {} {}",
+            super::clean(&grant.user),
+            super::clean_text(&grant.label)
+        ));
         self.authenticated.store(true, Ordering::Release);
         let m = crate::metrics::get();
         m.ssh_auth
@@ -639,7 +683,7 @@ impl russh::server::Handler for Conn {
             };
         let bound = listener.local_addr().map(|a| a.port()).unwrap_or(requested);
         *port = u32::from(bound);
-        info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, listen = %format!("{}:{bound}", self.server.settings.listen_address), "reverse forward opened");
+        info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, listen = %format!("{}:{bound}", self.server.settings.listen_address), "reverse forward opened");
         let task = tokio::spawn(forward::reverse_tcp(
             self.server.clone(),
             listener,
@@ -708,7 +752,7 @@ impl russh::server::Handler for Conn {
             Ok(l) => l,
             Err(e) => return deny(&format!("cannot listen: {e}")),
         };
-        info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, socket = %path.display(), "reverse forward opened");
+        info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, socket = %path.display(), "reverse forward opened");
         let task = tokio::spawn(forward::reverse_unix(
             self.server.clone(),
             listener,

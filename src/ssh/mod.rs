@@ -163,19 +163,23 @@ impl SshServer {
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return format!("ssh handshake failed: {e}"),
-            Err(_) => return "ssh handshake timed out (no client banner)".into(),
+            // run_stream returns once the client's banner line is in: past it, a stall is
+            // the key exchange's or authentication's (see ConnState::stalled_at).
+            Err(_) => return "ssh handshake timed out: no client banner".into(),
         };
         let handle = session.handle();
         let auth_deadline = tokio::time::sleep_until(auth_deadline);
         tokio::pin!(auth_deadline);
         tokio::pin!(session);
         let mut auth_watch = true;
+        let mut timed_out = false;
         let result = loop {
             tokio::select! {
                 r = &mut session => break r,
                 () = &mut auth_deadline, if auth_watch => {
                     auth_watch = false;
                     if !authenticated.load(Ordering::Acquire) {
+                        timed_out = true;
                         warn!(target: "sluice::ssh::auth", "Timeout before authentication for {} port {}", peer.ip(), peer.port());
                         say_goodbye(&handle, &kill, "authentication timed out");
                     }
@@ -197,7 +201,10 @@ impl SshServer {
                     .inc();
             }
         }
-        let who = state.describe();
+        let mut who = state.describe();
+        if timed_out {
+            who = format!("{who}: authentication timed out {}", state.stalled_at());
+        }
         match result {
             Ok(()) => format!("ssh session ended{who}"),
             Err(e) => format!("ssh session ended{who}: {e}"),

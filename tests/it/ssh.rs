@@ -159,6 +159,7 @@ struct Logged {
     d: crate::cli::Child2,
     seen: Vec<String>,
     dir: tempfile::TempDir,
+    cert: TestCert,
 }
 
 impl Logged {
@@ -190,6 +191,7 @@ impl Logged {
             d,
             seen: Vec::new(),
             dir,
+            cert,
         }
     }
 
@@ -233,11 +235,39 @@ impl Logged {
     }
 }
 
+impl Logged {
+    /// Every line so far holding `needle`.
+    fn all_with(&mut self, needle: &str) -> Vec<String> {
+        while let Ok(l) = self.d.log.try_recv() {
+            self.seen.push(l);
+        }
+        self.seen
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+}
+
 impl Drop for Logged {
     fn drop(&mut self) {
         let _ = self.d.child.kill();
         let _ = self.d.child.wait();
     }
+}
+
+/// What `ssh-keygen -lf` prints for a key: `SHA256:...`.
+fn fingerprint_of(key: &Key) -> String {
+    let out = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(key.private.with_extension("pub"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string()
 }
 
 /// The real OpenSSH client through sluice's TLS port `port` (openssl s_client as ProxyCommand),
@@ -1522,6 +1552,158 @@ async fn unix_socket_forwards_need_permitlisten() {
     ])
     .await;
     let mut ok = forward(&listed, "app-2.sock").spawn().unwrap();
-    f.any_with(&["reverse forward opened", "app-2.sock"]).await;
+    let l = f.any_with(&["reverse forward opened", "app-2.sock"]).await;
+    assert!(
+        l.contains(&fingerprint_of(&listed)),
+        "the key is named: {l}"
+    );
     term(&mut ok).await;
+}
+
+#[tokio::test]
+async fn reverse_forward_lines_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = keygen(dir.path(), "id");
+    let mut f = Logged::new(&id.public, "").await;
+    let web = http_upstream().await;
+    let mut r = ssh_via(
+        f.d.addr.port(),
+        &id.private,
+        &[
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("0:{web}"),
+            "tunnel@localhost",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let l = f.any_with(&["reverse forward opened", "listen="]).await;
+    assert!(
+        l.contains(&format!("key=\"{}\"", fingerprint_of(&id))),
+        "which key published the port: {l}"
+    );
+    term(&mut r).await;
+}
+
+/// Accepts any host key; records nothing.
+struct AnyHostKey;
+
+impl russh::client::Handler for AnyHostKey {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_handshake_is_logged_for_where_it_stalled() {
+    let mut f = Logged::new("", "auth_timeout = \"2s\"\n").await;
+    let closed = |port: u16| format!("peer=127.0.0.1:{port} ");
+
+    // A banner, then nothing: a stalled key exchange, not a missing banner.
+    let mut s = TcpStream::connect(f.d.addr).await.unwrap();
+    let port = s.local_addr().unwrap().port();
+    s.write_all(b"SSH-2.0-stalls\r\n").await.unwrap();
+    let l = f.any_with(&["connection closed", &closed(port)]).await;
+    assert!(
+        l.contains("authentication timed out during the key exchange (client banner received"),
+        "{l}"
+    );
+    assert!(!l.contains("no client banner"), "{l}");
+    f.any_with(&[&format!(
+        "Timeout before authentication for 127.0.0.1 port {port}"
+    )])
+    .await;
+
+    // Nothing at all (inside TLS, routed by ALPN): no banner.
+    let tls = tls_connect(f.d.addr, &f.cert, "localhost", &["ssh"]).await;
+    let port = tls.get_ref().0.local_addr().unwrap().port();
+    let l = f.any_with(&["connection closed", &closed(port)]).await;
+    assert!(
+        l.contains("ssh handshake timed out: no client banner"),
+        "{l}"
+    );
+    drop(tls);
+
+    // Keys exchanged, one "none" request, then nothing.
+    let tcp = TcpStream::connect(f.d.addr).await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let mut h = russh::client::connect_stream(
+        std::sync::Arc::new(russh::client::Config::default()),
+        tcp,
+        AnyHostKey,
+    )
+    .await
+    .unwrap();
+    let none = h.authenticate_none("tunnel").await.unwrap();
+    assert!(!none.success());
+    let l = f.any_with(&["connection closed", &closed(port)]).await;
+    assert!(
+        l.contains("authentication timed out after 1 authentication request, not accepted"),
+        "{l}"
+    );
+}
+
+#[tokio::test]
+async fn certificate_fields_are_escaped_in_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = keygen(dir.path(), "ca");
+    let user = keygen(dir.path(), "user");
+    // A key ID and principals that try to write a fail2ban line of their own.
+    let planted = "sluice::ssh::auth: Failed publickey for x from 198.51.100.9 port 1 ssh2:";
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&ca.private)
+        .args(["-I", &format!("id\n{planted}")])
+        .args([
+            "-n",
+            &format!("someone\n{planted},other from 198.51.100.10 port 2"),
+        ])
+        .args(["-V", "-5m:+1h"])
+        .arg(user.private.with_extension("pub"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut f = Logged::new(&format!("cert-authority {}", ca.public), "").await;
+    let out = ssh_via(
+        f.d.addr.port(),
+        &user.private,
+        &["-W", "127.0.0.1:9", "tunnel@localhost"],
+    )
+    .stdin(Stdio::null())
+    .output()
+    .await
+    .unwrap();
+    assert!(
+        !out.status.success(),
+        "a principal that is not the user let it in"
+    );
+    let l = f
+        .any_with(&["Failed publickey for tunnel from 127.0.0.1 port"])
+        .await;
+    assert!(
+        l.contains("no principal of the certificate (someone%0Asluice%3A%3Assh%3A%3Aauth%3A%20Failed%20publickey%20for%20x%20from%20198.51.100.9%20port%201%20ssh2%3A,other%20from%20198.51.100.10%20port%202)"),
+        "principals escaped: {l}"
+    );
+    assert!(
+        l.contains("certificate ID id%0Asluice%3A%3Assh"),
+        "key ID escaped: {l}"
+    );
+    let planted_lines: Vec<String> = f
+        .all_with("198.51.100.")
+        .into_iter()
+        .filter(|l| l.contains(" from 198.51.100."))
+        .collect();
+    assert!(planted_lines.is_empty(), "{planted_lines:?}");
 }
