@@ -1,22 +1,24 @@
-//! The few calls into libc that need `unsafe`, each small and commented: the open-files
-//! limit, local time for `expiry-time`, and the kTLS probe.
+//! Operating-system calls: the open-files limit, local time for `expiry-time`, the kTLS
+//! probe, the host name, adopting sockets systemd passed, and an inotify directory watch.
+//! Everything goes through rustix (and jiff for time zones) except two things that cannot be
+//! safe: adopting an inherited descriptor ([`adopt_tcp_listener`] says what its caller must
+//! uphold) and registering the inotify descriptor with tokio.
 
 #![allow(unsafe_code)]
+
+use std::os::fd::OwnedFd;
+#[cfg(target_os = "linux")]
+use std::os::fd::{AsFd, FromRawFd, RawFd};
 
 use crate::ssh::policy::LocalOffset;
 
 /// Lifts the soft open-files limit to the hard one: each relayed connection needs two.
 pub fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        let _ = setrlimit(Resource::Nofile, lim);
     }
 }
 
@@ -28,23 +30,24 @@ impl LocalOffset for SystemTz {
         let days = naive.div_euclid(86_400);
         let secs = naive.rem_euclid(86_400);
         let (y, m, d) = civil_from_days(days);
-        // SAFETY: `tm` is a plain C struct; zeroed is a valid value, and mktime only reads and
-        // normalises the struct we own. tzset is called by mktime itself.
-        let utc = unsafe {
-            let mut tm: libc::tm = std::mem::zeroed();
-            tm.tm_year = (y - 1900) as libc::c_int;
-            tm.tm_mon = (m - 1) as libc::c_int;
-            tm.tm_mday = d as libc::c_int;
-            tm.tm_hour = (secs / 3600) as libc::c_int;
-            tm.tm_min = (secs / 60 % 60) as libc::c_int;
-            tm.tm_sec = (secs % 60) as libc::c_int;
-            tm.tm_isdst = -1;
-            libc::mktime(&mut tm)
+        let (Ok(y), Ok(m), Ok(d)) = (i16::try_from(y), i8::try_from(m), i8::try_from(d)) else {
+            return 0;
         };
-        if utc == -1 {
-            0
-        } else {
-            naive - utc as i64
+        let Ok(civil) = jiff::civil::DateTime::new(
+            y,
+            m,
+            d,
+            (secs / 3600) as i8,
+            (secs / 60 % 60) as i8,
+            (secs % 60) as i8,
+            0,
+        ) else {
+            return 0;
+        };
+        // A time skipped or repeated by a DST change resolves as mktime does by default.
+        match civil.to_zoned(jiff::tz::TimeZone::system()) {
+            Ok(z) => i64::from(z.offset().seconds()),
+            Err(_) => 0,
         }
     }
 }
@@ -63,72 +66,50 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Whether the kernel offers kTLS: sets the `tls` upper-layer protocol on a loopback TCP
-/// socket, as a kTLS implementation would (which may autoload the module). `Err` says why not.
+/// Whether the kernel offers kTLS: the `tls` upper-layer protocol is listed in
+/// /proc/sys/net/ipv4/tcp_available_ulp (once the module is loaded). `Err` says why not.
 pub fn ktls_probe() -> Result<(), std::io::Error> {
-    use std::os::fd::AsRawFd;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
-    let _server = listener.accept()?;
-    let name = b"tls";
-    // SAFETY: a valid socket fd we own for the duration of the call, and a pointer/length pair
-    // for a live byte array.
-    let rc = unsafe {
-        libc::setsockopt(
-            client.as_raw_fd(),
-            libc::SOL_TCP,
-            libc::TCP_ULP,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
+    let path = "/proc/sys/net/ipv4/tcp_available_ulp";
+    let ulps = std::fs::read_to_string(path)?;
+    if ulps.split_whitespace().any(|u| u == "tls") {
         Ok(())
     } else {
-        Err(std::io::Error::last_os_error())
+        Err(std::io::Error::other(format!(
+            "{path} lists {:?}, no \"tls\" (modprobe tls?)",
+            ulps.trim()
+        )))
     }
 }
 
-/// Takes ownership of `fd`, a listening socket systemd passed to this process (socket
-/// activation), after checking that it is one; the error says what it is instead.
-pub fn adopt_tcp_listener(fd: std::os::fd::RawFd) -> Result<std::net::TcpListener, String> {
-    use std::os::fd::FromRawFd;
-    check_tcp_listener(fd)?;
-    // SAFETY: systemd passed `fd` to this process (LISTEN_PID matched, checked by the caller's
-    // sd_notify::listen_fds) and nothing else owns it; it is a listening TCP socket.
-    Ok(unsafe { std::net::TcpListener::from_raw_fd(fd) })
+#[cfg(target_os = "linux")]
+/// Takes ownership of `fd`, a socket systemd passed to this process (socket activation), and
+/// checks that it is a listening TCP socket; the error says what it is instead (and the
+/// descriptor is then closed).
+///
+/// # Safety
+///
+/// `fd` must be open and owned by nobody else in this process, and must not be used through
+/// its number afterwards: the returned listener (or the error path) closes it. systemd's
+/// `LISTEN_FDS` descriptors for this PID satisfy this when each is adopted once per process.
+pub(crate) unsafe fn adopt_tcp_listener(fd: RawFd) -> Result<std::net::TcpListener, String> {
+    // SAFETY: the caller guarantees `fd` is open and ours alone.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    check_tcp_listener(owned.as_fd())?;
+    Ok(std::net::TcpListener::from(owned))
 }
 
 /// Whether `fd` is a listening TCP (IPv4 or IPv6) stream socket; the error says what it is.
-fn check_tcp_listener(fd: std::os::fd::RawFd) -> Result<(), String> {
-    let get = |level: libc::c_int, opt: libc::c_int| -> Result<libc::c_int, String> {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `v`, which we own; a bad fd
-        // only makes it fail.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                level,
-                opt,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if r == 0 {
-            Ok(v)
-        } else {
-            Err(std::io::Error::last_os_error().to_string())
-        }
-    };
-    let domain = get(libc::SOL_SOCKET, libc::SO_DOMAIN)?;
-    if domain != libc::AF_INET && domain != libc::AF_INET6 {
-        return Err(format!("address family {domain}, not IPv4/IPv6"));
+#[cfg(target_os = "linux")]
+fn check_tcp_listener(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), String> {
+    use rustix::net::{sockopt, AddressFamily, SocketType};
+    let domain = sockopt::socket_domain(fd).map_err(|e| e.to_string())?;
+    if domain != AddressFamily::INET && domain != AddressFamily::INET6 {
+        return Err(format!("address family {}, not IPv4/IPv6", domain.as_raw()));
     }
-    if get(libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM {
+    if sockopt::socket_type(fd).map_err(|e| e.to_string())? != SocketType::STREAM {
         return Err("not a stream socket".into());
     }
-    if get(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? == 0 {
+    if !sockopt::socket_acceptconn(fd).map_err(|e| e.to_string())? {
         return Err("not listening".into());
     }
     Ok(())
@@ -136,77 +117,68 @@ fn check_tcp_listener(fd: std::os::fd::RawFd) -> Result<(), String> {
 
 /// The host name, from uname(2).
 pub fn hostname() -> Option<String> {
-    // SAFETY: `utsname` is a plain C struct; zeroed is valid, and uname only writes into it.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: `u` is a valid, writable utsname.
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return None;
-    }
-    let bytes: Vec<u8> = u
-        .nodename
-        .iter()
-        .take_while(|c| **c != 0)
-        .map(|c| *c as u8)
-        .collect();
-    String::from_utf8(bytes).ok()
+    rustix::system::uname()
+        .nodename()
+        .to_str()
+        .ok()
+        .map(str::to_string)
 }
 
 /// An inotify instance that reports entries created, replaced, written or removed in the
 /// directories it watches (certificate renewals swap files and symlinks there).
 pub struct DirWatch {
-    fd: std::os::fd::OwnedFd,
+    fd: OwnedFd,
 }
 
 impl DirWatch {
-    /// A new, non-blocking inotify instance.
+    /// A new, non-blocking inotify instance (Linux only: elsewhere an error, and the callers
+    /// poll instead).
+    #[cfg(target_os = "linux")]
     pub fn new() -> std::io::Result<DirWatch> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain syscall; the returned descriptor is checked and then owned.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by inotify_init1 and nothing else owns it.
+        use rustix::fs::inotify::{init, CreateFlags};
         Ok(DirWatch {
-            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+            fd: init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?,
         })
     }
 
+    /// inotify is Linux's.
+    #[cfg(not(target_os = "linux"))]
+    pub fn new() -> std::io::Result<DirWatch> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
+
     /// Watches `dir` (adding it twice is harmless).
+    #[cfg(target_os = "linux")]
     pub fn add(&self, dir: &std::path::Path) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::ffi::OsStrExt;
-        let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
-        let mask = libc::IN_CLOSE_WRITE
-            | libc::IN_MOVED_TO
-            | libc::IN_CREATE
-            | libc::IN_DELETE
-            | libc::IN_ATTRIB;
-        // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
-        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), path.as_ptr(), mask) };
-        if wd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        use rustix::fs::inotify::{add_watch, WatchFlags};
+        let mask = WatchFlags::CLOSE_WRITE
+            | WatchFlags::MOVED_TO
+            | WatchFlags::CREATE
+            | WatchFlags::DELETE
+            | WatchFlags::ATTRIB;
+        add_watch(&self.fd, dir, mask)?;
         Ok(())
+    }
+
+    /// inotify is Linux's.
+    #[cfg(not(target_os = "linux"))]
+    pub fn add(&self, _dir: &std::path::Path) -> std::io::Result<()> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
     }
 
     /// Reads and discards the pending events; whether there were any.
     pub fn drain(&self) -> bool {
-        use std::os::fd::AsRawFd;
         let mut buf = [0u8; 4096];
         let mut any = false;
-        loop {
-            // SAFETY: reads at most `buf.len()` bytes into `buf`, which we own.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                return any;
+        while let Ok(n) = rustix::io::read(&self.fd, &mut buf) {
+            if n == 0 {
+                break;
             }
             any = true;
         }
+        any
     }
-}
 
-impl DirWatch {
     /// A new watch registered with the current tokio runtime.
     pub fn new_async() -> std::io::Result<tokio::io::unix::AsyncFd<DirWatch>> {
         let w = DirWatch::new()?;

@@ -31,12 +31,20 @@ pub fn inherited_listeners() -> Result<Vec<std::net::TcpListener>, ActivationErr
     if ADOPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return Ok(Vec::new());
     }
+    adopt_all()
+}
+
+#[cfg(target_os = "linux")]
+fn adopt_all() -> Result<Vec<std::net::TcpListener>, ActivationError> {
     let fds: Vec<RawFd> = sd_notify::listen_fds()
         .map_err(ActivationError::Env)?
         .collect();
     let mut out = Vec::with_capacity(fds.len());
     for fd in fds {
-        let l = crate::sys::adopt_tcp_listener(fd)
+        // SAFETY: LISTEN_PID named this process (checked by sd_notify::listen_fds), nothing
+        // else in it touches these descriptors, and ADOPTED makes this run once per process.
+        #[allow(unsafe_code)]
+        let l = unsafe { crate::sys::adopt_tcp_listener(fd) }
             .map_err(|why| ActivationError::NotTcpListener { fd, why })?;
         // Inherited sockets are blocking; tokio needs O_NONBLOCK.
         l.set_nonblocking(true)
@@ -47,6 +55,12 @@ pub fn inherited_listeners() -> Result<Vec<std::net::TcpListener>, ActivationErr
         out.push(l);
     }
     Ok(out)
+}
+
+/// Socket activation is systemd's, on Linux.
+#[cfg(not(target_os = "linux"))]
+fn adopt_all() -> Result<Vec<std::net::TcpListener>, ActivationError> {
+    Ok(Vec::new())
 }
 
 fn send(states: &[sd_notify::NotifyState]) {

@@ -6,7 +6,39 @@
 //! a small per-thread pool when data flows and given back whenever a direction goes idle, so
 //! idle connections hold no relay buffer.
 
+#[cfg(target_os = "linux")]
 pub mod splice;
+/// splice(2) is Linux's: elsewhere the pool is empty and every leg uses the copy relay.
+#[cfg(not(target_os = "linux"))]
+pub mod splice {
+    use std::sync::Arc;
+
+    use tokio::net::TcpStream;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{Bytes, End, Idle};
+
+    /// No pipes off Linux.
+    pub struct PipePool;
+
+    impl PipePool {
+        /// A pool that never has a pipe.
+        pub fn new(_max: usize) -> Arc<PipePool> {
+            Arc::new(PipePool)
+        }
+    }
+
+    /// Always declines: the caller uses the copy relay.
+    pub async fn relay(
+        _pool: &Arc<PipePool>,
+        _client: &TcpStream,
+        _upstream: &TcpStream,
+        _idle: Idle,
+        _stop: &CancellationToken,
+    ) -> Option<(Bytes, End)> {
+        None
+    }
+}
 
 use std::cell::RefCell;
 use std::fmt;

@@ -4,10 +4,8 @@
 //! when it is empty the caller falls back to the copy relay. Half-close, byte counts, idle
 //! timeout and shutdown behave as in the copy relay.
 
-#![allow(unsafe_code)]
-
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -31,17 +29,10 @@ struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Pipe> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: pipe2 writes two fds into the array we pass; we own them from here on.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both fds were just created by pipe2 and are owned by nobody else.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: fcntl on a pipe fd we own; failure leaves the default size, which is fine.
-        let size =
-            unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
-        let cap = if size > 0 { size as usize } else { 64 * 1024 };
+        use rustix::pipe::{fcntl_setpipe_size, pipe_with, PipeFlags};
+        let (r, w) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+        // Failure leaves the default size, which is fine.
+        let cap = fcntl_setpipe_size(&w, PIPE_SIZE).unwrap_or(64 * 1024);
         Ok(Pipe { r, w, cap })
     }
 }
@@ -99,24 +90,17 @@ impl PipePool {
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: splice between two fds owned by live objects for the duration of the call; null
-    // offsets mean "current position", as required for sockets and pipes.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    use rustix::pipe::SpliceFlags;
+    // No offsets: "current position", as required for sockets and pipes.
+    Ok(rustix::pipe::splice(
+        from,
+        None,
+        to,
+        None,
+        len,
+        SpliceFlags::MOVE | SpliceFlags::NONBLOCK,
+    )?)
 }
 
 /// One direction: socket -> pipe -> socket.
@@ -153,7 +137,7 @@ impl Half {
                 if let Poll::Ready(r) = src.poll_read_ready(cx) {
                     r.map_err(HalfError::Read)?;
                     let room = pipe.cap - self.in_pipe;
-                    let fill = || splice(src.as_raw_fd(), pipe.w.as_raw_fd(), room);
+                    let fill = || splice(src, &pipe.w, room);
                     // EAGAIN means "socket empty" or "pipe full" (a pipe fills by slots, one
                     // per skb fragment: off loopback long before `cap` bytes). Only with an
                     // empty pipe is it surely the socket, and only then may readiness be
@@ -187,9 +171,7 @@ impl Half {
                 if let Poll::Ready(r) = dst.poll_write_ready(cx) {
                     r.map_err(HalfError::Write)?;
                     // The pipe holds bytes, so EAGAIN here is the socket: clearing is right.
-                    match dst.try_io(Interest::WRITABLE, || {
-                        splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), self.in_pipe)
-                    }) {
+                    match dst.try_io(Interest::WRITABLE, || splice(&pipe.r, dst, self.in_pipe)) {
                         Ok(n) => self.in_pipe -= n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return Poll::Ready(Err(HalfError::Write(e))),
