@@ -40,7 +40,12 @@ impl Cidr {
                 };
                 u32::from(net) & mask == u32::from(ip) & mask
             }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+            (IpAddr::V6(net), ip) => {
+                // A v4 address against a v6 network: its mapped form (`::ffff:10.0.0.0/104`).
+                let ip = match ip {
+                    IpAddr::V6(v6) => v6,
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                };
                 let mask = if self.prefix == 0 {
                     0
                 } else {
@@ -48,7 +53,7 @@ impl Cidr {
                 };
                 u128::from(net) & mask == u128::from(ip) & mask
             }
-            _ => false,
+            (IpAddr::V4(_), IpAddr::V6(_)) => false,
         }
     }
 }
@@ -69,13 +74,15 @@ pub fn glob(pattern: &str, text: &str) -> bool {
     );
     let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        // A `*` is always a wildcard, even where the text has a `*` too (found by fuzzing:
+        // taking it literally left no way back, and `*` did not match `*a`).
+        if pi < p.len() && p[pi] == '*' {
             star = Some(pi);
             mark = ti;
             pi += 1;
+        } else if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
         } else if let Some(s) = star {
             pi = s + 1;
             mark += 1;
@@ -455,6 +462,26 @@ mod tests {
         assert!(glob("*", ""));
         assert!(!glob("a*b", "acbd"));
         assert!(glob("a*b*", "acbd"));
+        // Found by fuzzing: a `*` facing a literal `*` in the text is still a wildcard.
+        assert!(glob("*", "*a"));
+        assert!(glob("*b", "*ab"));
+        assert!(!glob("a*", "*a"));
+    }
+
+    #[test]
+    fn v4_mapped_networks_contain_their_v4_addresses() {
+        // Found by fuzzing: `::ffff:10.0.0.1` contained nothing, not even itself.
+        let c = Cidr::parse("::ffff:10.0.0.1").unwrap();
+        assert!(c.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(c.contains("10.0.0.1".parse().unwrap()));
+        assert!(!c.contains("10.0.0.2".parse().unwrap()));
+        let c = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
+        assert!(c.contains("10.9.8.7".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        // And v4 networks keep matching v4-mapped clients, but no other v6 address.
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("::a00:1".parse().unwrap()));
     }
 
     #[test]
