@@ -209,10 +209,15 @@ where
     addr
 }
 
-/// A port with nothing listening on it.
+/// A port with nothing listening on it: bound by a socket that never listens (connecting is
+/// refused) and is kept for the rest of the process, so no other test can take the port.
 pub fn dead_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    std::mem::forget(s);
+    addr
 }
 
 /// Reads exactly `n` bytes (or fails the test after 10 s).
