@@ -60,7 +60,10 @@ pub struct Ssh {
     pub max_channels: Option<Spanned<u32>>,
     pub max_forwards: Option<Spanned<u32>>,
     pub keepalive_interval: Option<Spanned<Dur>>,
+    /// Deprecated: read only to warn that it does nothing now.
     pub max_auth_failures_per_ip: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub penalty_exempt: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

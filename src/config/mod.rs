@@ -95,9 +95,8 @@ pub struct SshSettings {
     pub max_forwards: u32,
     /// Keepalive interval; three unanswered ones end the session.
     pub keepalive_interval: Duration,
-    /// Failed authentications from one address (IPv6: /64) within 10 minutes before its new
-    /// connections are refused for the rest of those 10 minutes.
-    pub max_auth_failures_per_ip: u32,
+    /// Client addresses whose failed logins are never penalised (see `ssh::penalty`).
+    pub penalty_exempt: Vec<crate::ssh::policy::Cidr>,
 }
 
 impl Default for SshSettings {
@@ -115,7 +114,7 @@ impl Default for SshSettings {
             max_channels: 32,
             max_forwards: 8,
             keepalive_interval: Duration::from_secs(30),
-            max_auth_failures_per_ip: 30,
+            penalty_exempt: Vec::new(),
         }
     }
 }
@@ -961,14 +960,27 @@ impl Validator<'_> {
         if let Some(t) = &raw.keepalive_interval {
             s.keepalive_interval = self.duration(t, Duration::from_secs(1), 60 * MINUTE)?;
         }
+        for c in &raw.penalty_exempt {
+            s.penalty_exempt
+                .push(crate::ssh::policy::Cidr::parse(c.get_ref()).map_or_else(
+                    || {
+                        self.err(
+                            c.span(),
+                            format!("`{}` is not an address or CIDR", c.get_ref()),
+                        )
+                    },
+                    Ok,
+                )?);
+        }
+        if raw.max_auth_failures_per_ip.is_some() {
+            tracing::warn!(
+                "ssh.max_auth_failures_per_ip is deprecated and has no effect: failed logins no longer lock an address out, they slow its later failures down (a key that verifies always gets in); ssh.penalty_exempt lists addresses never slowed. Remove the setting."
+            );
+        }
         for (v, slot) in [
             (&raw.max_auth_attempts, &mut s.max_auth_attempts),
             (&raw.max_channels, &mut s.max_channels),
             (&raw.max_forwards, &mut s.max_forwards),
-            (
-                &raw.max_auth_failures_per_ip,
-                &mut s.max_auth_failures_per_ip,
-            ),
         ] {
             if let Some(v) = v {
                 if *v.get_ref() == 0 {

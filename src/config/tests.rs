@@ -329,3 +329,19 @@ fn half_closed_timeout_per_route() {
         "{e}"
     );
 }
+
+#[test]
+fn ssh_penalty_exempt_and_the_deprecated_lockout_key() {
+    let c =
+        parse("[routes.ssh]\n[ssh]\npenalty_exempt = [\"10.0.0.0/8\", \"2001:db8::1\"]\n").unwrap();
+    let exempt = &c.embedded_ssh.penalty_exempt;
+    assert_eq!(exempt.len(), 2);
+    assert!(exempt[0].contains("10.9.8.7".parse().unwrap()));
+    let e = err("[routes.ssh]\n[ssh]\npenalty_exempt = [\"10.0.0.0/99\"]\n");
+    assert!(
+        e.contains(":3:") && e.contains("`10.0.0.0/99` is not an address or CIDR"),
+        "{e}"
+    );
+    // Still accepted (with a warning at load), so that old files keep loading.
+    parse("[routes.ssh]\n[ssh]\nmax_auth_failures_per_ip = 30\n").unwrap();
+}

@@ -159,8 +159,9 @@ impl Conn {
     }
 
     /// A rejected attempt: remembered for the one line logged when the connection ends
-    /// unauthenticated (see `SshServer::serve`), in detail at debug level now.
-    fn fail(&mut self, user: &str, what: &str, reason: &str) -> Auth {
+    /// unauthenticated (see `SshServer::serve`), in detail at debug level now. From a
+    /// penalised source the answer waits (see `penalty`); the connection's end still cuts it.
+    async fn fail(&mut self, user: &str, what: &str, reason: &str) -> Auth {
         self.failures += 1;
         let (user, what) = (super::clean(user), super::clean_text(what));
         // Reasons quote certificate fields; those are escaped where they are quoted, this
@@ -179,6 +180,30 @@ impl Conn {
                 self.peer.ip(),
                 self.peer.port()
             );
+        }
+        let exempt = &self.server.settings.penalty_exempt;
+        let penalty =
+            self.server
+                .penalties
+                .penalty(self.peer.ip(), exempt, tokio::time::Instant::now());
+        let delay = super::penalty::delay_for(penalty);
+        if !delay.is_zero() {
+            info!(
+                target: "sluice::ssh::auth",
+                source = %super::penalty::Source::of(self.peer.ip()),
+                peer = %self.peer,
+                penalty_s = penalty.as_secs(),
+                delay_ms = delay.as_millis() as u64,
+                "failed attempt answered late: penalised source"
+            );
+            crate::metrics::get()
+                .ssh_auth
+                .get_or_create(&crate::metrics::ResultLabels { result: "delayed" })
+                .inc();
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.kill.cancelled() => {}
+            }
         }
         Auth::reject()
     }
@@ -286,11 +311,13 @@ impl russh::server::Handler for Conn {
     ) -> Result<Auth, Self::Error> {
         self.state.attempts.fetch_add(1, Ordering::AcqRel);
         if *offer.algorithm == (Algorithm::Rsa { hash: None }) {
-            return Ok(self.fail(
-                user,
-                &alg_name(offer.public_key),
-                "ssh-rsa (SHA-1) signatures are not accepted",
-            ));
+            return Ok(self
+                .fail(
+                    user,
+                    &alg_name(offer.public_key),
+                    "ssh-rsa (SHA-1) signatures are not accepted",
+                )
+                .await);
         }
         let keys = self.server.keys.current();
         // A certificate is offered as its bare key: with any CA configured, decide after the
@@ -298,15 +325,17 @@ impl russh::server::Handler for Conn {
         if keys.has_cas() || keys.lines_for(offer.public_key).next().is_some() {
             return Ok(Auth::Accept);
         }
-        Ok(self.fail(
-            user,
-            &format!(
-                "{} {}",
-                alg_name(offer.public_key),
-                fingerprint(offer.public_key)
-            ),
-            "key not authorized",
-        ))
+        Ok(self
+            .fail(
+                user,
+                &format!(
+                    "{} {}",
+                    alg_name(offer.public_key),
+                    fingerprint(offer.public_key)
+                ),
+                "key not authorized",
+            )
+            .await)
     }
 
     async fn auth_publickey(
@@ -342,7 +371,7 @@ impl russh::server::Handler for Conn {
             };
             return Ok(self.accept(grant, "publickey"));
         }
-        Ok(self.fail(user, &what, reason))
+        Ok(self.fail(user, &what, reason).await)
     }
 
     async fn auth_openssh_certificate(
@@ -360,7 +389,9 @@ impl russh::server::Handler for Conn {
         let mut reason = "certificate authority not trusted".to_string();
         // SHA-1 CA signatures are refused, as OpenSSH does since 8.2 (CASignatureAlgorithms).
         if cert.signature().algorithm() == (Algorithm::Rsa { hash: None }) {
-            return Ok(self.fail(user, &what, "the CA signed with ssh-rsa (SHA-1)"));
+            return Ok(self
+                .fail(user, &what, "the CA signed with ssh-rsa (SHA-1)")
+                .await);
         }
         for ca in keys.cas_for(cert.signature_key()) {
             let o = &ca.options;
@@ -444,7 +475,7 @@ impl russh::server::Handler for Conn {
             };
             return Ok(self.accept(grant, "certificate"));
         }
-        Ok(self.fail(user, &what, &reason))
+        Ok(self.fail(user, &what, &reason).await)
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {

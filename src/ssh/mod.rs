@@ -11,6 +11,7 @@ mod forward;
 mod handler;
 mod hostkey;
 mod keys;
+pub mod penalty;
 pub mod policy;
 
 use std::net::SocketAddr;
@@ -63,9 +64,9 @@ pub struct SshServer {
     pub(crate) channel_idle: crate::relay::Idle,
     /// Cancelled when open connections must close (shutdown grace over).
     pub(crate) stop: CancellationToken,
-    /// Recent authentication failures per client address (shared with the server a reload
-    /// replaces, so lockouts survive it).
-    pub(crate) failures: Arc<FailureLog>,
+    /// Failed-login penalties per source (shared with the server a reload replaces, so they
+    /// survive it).
+    pub(crate) penalties: Arc<penalty::Penalties>,
     /// Unix socket names held by `-R /name` forwards of live sessions, shared the same way: a
     /// session on the old server and one on the new must not take each other's sockets.
     pub(crate) socket_names: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
@@ -105,12 +106,10 @@ impl SshServer {
             socket_dir,
             channel_idle,
             stop,
-            failures: match previous {
-                Some(p) if p.failures.max == settings.max_auth_failures_per_ip => {
-                    p.failures.clone()
-                }
-                _ => Arc::new(FailureLog::new(settings.max_auth_failures_per_ip)),
-            },
+            penalties: previous.map_or_else(
+                || Arc::new(penalty::Penalties::new(penalty::SOURCES)),
+                |p| p.penalties.clone(),
+            ),
             socket_names: previous.map_or_else(Default::default, |p| p.socket_names.clone()),
             host_fingerprint,
         })
@@ -132,14 +131,7 @@ impl SshServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        if let Some(left) = self.failures.blocked(peer.ip()) {
-            warn!(target: "sluice::ssh::auth", "Refused connection from {} port {}: too many authentication failures from this address, for {}s more", peer.ip(), peer.port(), left.as_secs());
-            crate::metrics::get()
-                .ssh_auth
-                .get_or_create(&crate::metrics::ResultLabels { result: "blocked" })
-                .inc();
-            return "refused: too many authentication failures from this address".into();
-        }
+        // No refusal here, however penalised the source: a valid key must get in (see penalty).
         let authenticated = Arc::new(AtomicBool::new(false));
         let state = Arc::new(handler::ConnState::default());
         // russh runs the session in its own task; this token lets sluice end it regardless.
@@ -194,7 +186,17 @@ impl SshServer {
         if !authenticated.load(Ordering::Acquire) {
             if let Some((user, what, reason)) = state.last_failure() {
                 warn!(target: "sluice::ssh::auth", "Failed publickey for {user} from {} port {} ssh2: {what}: {reason}", peer.ip(), peer.port());
-                self.failures.record(peer.ip());
+                let now = tokio::time::Instant::now();
+                let exempt = &self.settings.penalty_exempt;
+                if let Some(p) = self.penalties.record(peer.ip(), exempt, now) {
+                    info!(
+                        target: "sluice::ssh::auth",
+                        source = %penalty::Source::of(peer.ip()),
+                        peer = %peer,
+                        penalty_s = p.as_secs(),
+                        "penalty raised: failed authentication"
+                    );
+                }
                 crate::metrics::get()
                     .ssh_auth
                     .get_or_create(&crate::metrics::ResultLabels { result: "rejected" })
@@ -328,63 +330,6 @@ fn russh_config(s: &SshSettings, host_key: PrivateKey) -> russh::server::Config 
 /// 128 channels at the full 2 MiB window; without it, 32 channels x 2 MiB x 256 connections
 /// from one address could pin 16 GiB. (A candidate for an `[ssh]` setting.)
 pub const WINDOW_BUDGET: usize = 256 << 20;
-
-/// How long failures from one address are remembered, and how long it is then refused.
-pub const FAILURE_WINDOW: Duration = Duration::from_secs(600);
-
-/// Most addresses whose failures are tracked at once.
-const FAILURE_ADDRESSES: usize = 65_536;
-
-/// Authentication failures per client address (IPv6 per /64) within [`FAILURE_WINDOW`].
-pub(crate) struct FailureLog {
-    max: u32,
-    map: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, tokio::time::Instant)>>,
-}
-
-impl FailureLog {
-    fn new(max: u32) -> Self {
-        FailureLog {
-            max,
-            map: std::sync::Mutex::new(std::collections::HashMap::new()),
-        }
-    }
-
-    fn key(ip: std::net::IpAddr) -> std::net::IpAddr {
-        match policy::unmap(ip) {
-            std::net::IpAddr::V6(v6) => {
-                std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())
-            }
-            v4 => v4,
-        }
-    }
-
-    /// Counts one failure from `ip`.
-    pub(crate) fn record(&self, ip: std::net::IpAddr) {
-        let now = tokio::time::Instant::now();
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        // Bounded memory under a spray of addresses: past the cap, sweep expired entries; if
-        // that frees nothing, new addresses are not tracked until entries expire.
-        if map.len() >= FAILURE_ADDRESSES && !map.contains_key(&Self::key(ip)) {
-            map.retain(|_, (_, since)| now.duration_since(*since) < FAILURE_WINDOW);
-            if map.len() >= FAILURE_ADDRESSES {
-                return;
-            }
-        }
-        let e = map.entry(Self::key(ip)).or_insert((0, now));
-        if now.duration_since(e.1) >= FAILURE_WINDOW {
-            *e = (0, now);
-        }
-        e.0 += 1;
-    }
-
-    /// `Some(time left)` if `ip` has reached the limit within the window.
-    pub(crate) fn blocked(&self, ip: std::net::IpAddr) -> Option<Duration> {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let (n, since) = map.get(&Self::key(ip))?;
-        let age = tokio::time::Instant::now().duration_since(*since);
-        (*n >= self.max && age < FAILURE_WINDOW).then(|| FAILURE_WINDOW - age)
-    }
-}
 
 /// Logs what a reload or the first load found.
 pub(crate) fn log_skipped(skipped: &[authorized_keys::Skipped]) {
