@@ -344,6 +344,17 @@ async fn wait_listening(port: u16) {
     panic!("nothing listens on {port}");
 }
 
+/// Connects to the unix socket `path` once something listens there (at most 10 s).
+async fn unix_when_listening(path: &Path) -> tokio::net::UnixStream {
+    for _ in 0..200 {
+        if let Ok(s) = tokio::net::UnixStream::connect(path).await {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing listens on {}", path.display());
+}
+
 const MIB16: usize = 16 << 20;
 
 #[tokio::test]
@@ -357,7 +368,8 @@ async fn w_and_l_carry_16_mib_intact() {
     assert_eq!(out.len(), MIB16, "{err}");
     assert_eq!(sha256(&out), sha256(&data));
 
-    let local = dead_port().port();
+    // The local end on a unix socket: no port to pick (the server side is the same -L).
+    let local = dir.path().join("l.sock");
     let mut child = f
         .ssh(
             &id.private,
@@ -366,14 +378,13 @@ async fn w_and_l_carry_16_mib_intact() {
                 "-o",
                 "ExitOnForwardFailure=yes",
                 "-L",
-                &format!("127.0.0.1:{local}:{}", f.echo),
+                &format!("{}:{}", local.display(), f.echo),
                 "tunnel@localhost",
             ],
         )
         .spawn()
         .unwrap();
-    wait_listening(local).await;
-    let s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    let s = unix_when_listening(&local).await;
     let got = tokio::time::timeout(Duration::from_secs(60), exchange(s, &data))
         .await
         .unwrap();
@@ -804,20 +815,20 @@ async fn removed_key_refused_after_reload_open_session_kept() {
     let dir = tempfile::tempdir().unwrap();
     let id = keygen(dir.path(), "id");
     let f = Fixture::new(&id.public, &[], &port_range(10).1).await;
-    let local = dead_port().port();
+    let local = dir.path().join("l.sock");
     let mut open = f
         .ssh(
             &id.private,
             &[
                 "-N",
                 "-L",
-                &format!("127.0.0.1:{local}:{}", f.echo),
+                &format!("{}:{}", local.display(), f.echo),
                 "tunnel@localhost",
             ],
         )
         .spawn()
         .unwrap();
-    wait_listening(local).await;
+    unix_when_listening(&local).await;
     std::fs::write(&f.authorized, "# nobody\n").unwrap();
     f.d_reload_wait().await;
     let (ok, _, err) = f.w(&id.private, &f.echo.to_string(), b"x").await;
@@ -826,7 +837,7 @@ async fn removed_key_refused_after_reload_open_session_kept() {
         "a removed key still logs in: {err}"
     );
     // The session opened before the reload still works.
-    let s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    let s = tokio::net::UnixStream::connect(&local).await.unwrap();
     assert_eq!(exchange(s, b"still open").await, b"still open");
     open.kill().await.unwrap();
     f.d.stop().await;
@@ -920,11 +931,31 @@ async fn host_key_is_made_once_with_mode_0600_and_reused() {
     );
 }
 
-/// A real OpenSSH sshd on a loopback port, for `-J` through sluice.
+/// A real OpenSSH sshd on a loopback port, for `-J` through sluice. The test holds the
+/// listener (port 0: no port handed from one socket to another) and runs `sshd -i` (inetd mode)
+/// on each connection.
 pub(crate) struct Sshd {
-    pub(crate) child: Child,
+    pub(crate) child: SshdProcesses,
     pub(crate) port: u16,
     _dir: tempfile::TempDir,
+}
+
+/// The accept loop and the `sshd -i` processes it started: killing or dropping it ends them.
+pub(crate) struct SshdProcesses(tokio::task::JoinHandle<()>);
+
+impl SshdProcesses {
+    /// Ends the accept loop and every sshd it started.
+    pub(crate) async fn kill(&mut self) -> std::io::Result<()> {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+        Ok(())
+    }
+}
+
+impl Drop for SshdProcesses {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pub(crate) async fn start_sshd(client: &Key) -> Sshd {
@@ -933,29 +964,43 @@ pub(crate) async fn start_sshd(client: &Key) -> Sshd {
     let host = keygen(dir.path(), "host");
     let auth = dir.path().join("authorized_keys");
     std::fs::write(&auth, format!("{}\n", client.public)).unwrap();
-    // sshd wants its privilege-separation directory even in -D mode.
+    // sshd wants its privilege-separation directory even in -i mode.
     let _ = std::fs::create_dir_all("/run/sshd");
-    let port = dead_port().port();
     let cfg = dir.path().join("sshd_config");
     std::fs::write(
         &cfg,
         format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nStrictModes no\nUsePAM no\nPidFile none\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
+            "HostKey {}\nAuthorizedKeysFile {}\nStrictModes no\nUsePAM no\nPidFile none\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
             host.private.display(),
             auth.display()
         ),
     )
     .unwrap();
-    let child = Command::new("/usr/sbin/sshd")
-        .args(["-D", "-e", "-f"])
-        .arg(&cfg)
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_listening(port).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accept = tokio::spawn(async move {
+        // Dropped with the task: kill_on_drop ends each sshd.
+        let mut running = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            let tcp = tcp.into_std().unwrap();
+            tcp.set_nonblocking(false).unwrap();
+            let stdin = std::os::fd::OwnedFd::from(tcp);
+            let stdout = stdin.try_clone().unwrap();
+            running.push(
+                Command::new("/usr/sbin/sshd")
+                    .args(["-i", "-e", "-f"])
+                    .arg(&cfg)
+                    .stdin(stdin)
+                    .stdout(stdout)
+                    .stderr(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+    });
     Sshd {
-        child,
+        child: SshdProcesses(accept),
         port,
         _dir: dir,
     }
@@ -1252,7 +1297,7 @@ async fn stalled_channel_case(chunk: usize, count: usize, pause: Duration) {
     })
     .await;
     let f = Fixture::new(&id.public, &[stuck.to_string()], &port_range(10).1).await;
-    let (la, lb) = (dead_port().port(), dead_port().port());
+    let (la, lb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
     let mut child = f
         .ssh(
             &id.private,
@@ -1261,18 +1306,16 @@ async fn stalled_channel_case(chunk: usize, count: usize, pause: Duration) {
                 "-o",
                 "ExitOnForwardFailure=yes",
                 "-L",
-                &format!("127.0.0.1:{la}:{}", f.echo),
+                &format!("{}:{}", la.display(), f.echo),
                 "-L",
-                &format!("127.0.0.1:{lb}:{stuck}"),
+                &format!("{}:{stuck}", lb.display()),
                 "tunnel@localhost",
             ],
         )
         .spawn()
         .unwrap();
-    wait_listening(la).await;
-    wait_listening(lb).await;
-    let mut b = TcpStream::connect(("127.0.0.1", lb)).await.unwrap();
-    b.set_nodelay(true).unwrap();
+    unix_when_listening(&la).await;
+    let mut b = unix_when_listening(&lb).await;
     let pusher = tokio::spawn(async move {
         let data = vec![7u8; chunk];
         for _ in 0..count {
@@ -1289,7 +1332,7 @@ async fn stalled_channel_case(chunk: usize, count: usize, pause: Duration) {
     // Let the pusher fill everything it can on the way to the stuck target.
     let fill = Duration::from_secs(3) + pause * count as u32;
     tokio::time::sleep(fill.min(Duration::from_secs(12))).await;
-    let mut a = TcpStream::connect(("127.0.0.1", la)).await.unwrap();
+    let mut a = tokio::net::UnixStream::connect(&la).await.unwrap();
     a.write_all(b"still-flowing").await.unwrap();
     let mut got = [0u8; 13];
     let r = tokio::time::timeout(Duration::from_secs(10), a.read_exact(&mut got)).await;
