@@ -10,6 +10,7 @@
 //! - [`tls`]: certificates (PEM, self-signed, SNI) and the rustls server config.
 //! - [`relay`]: the two-way copy with half-close, idle timeout and byte counts.
 //! - [`upstream`]: connecting to backends; the PROXY protocol header.
+//! - [`resolve`]: asynchronous, cached name resolution (hickory) for upstreams and forwards.
 //! - [`builtin`]: sluice's own small HTTP answers (status page, redirect, 502).
 //! - [`io`]: a stream that replays bytes already read.
 //! - [`state`]: the state directory for generated secrets.
@@ -29,6 +30,7 @@ pub mod io;
 pub mod listen;
 pub mod metrics;
 pub mod relay;
+pub mod resolve;
 pub mod route;
 pub mod ssh;
 pub mod state;

@@ -135,6 +135,7 @@ impl Server {
             }
             None => None,
         };
+        crate::resolve::configure(&cfg.dns);
         let shared = Arc::new(Shared {
             unrouted: Arc::new(PerClient::new(cfg.limits.max_unrouted_per_ip)),
             per_client: Arc::new(PerClient::new(cfg.limits.max_connections_per_ip)),
@@ -430,6 +431,7 @@ impl Reloader {
         let fingerprint = certs.fingerprint.clone();
         self.certs.replace(certs);
         *self.cert_digest.lock().await = digest;
+        crate::resolve::configure(&snapshot.cfg.dns);
         self.shared.snapshot.store(Arc::new(snapshot));
         m.reload("config", true);
         m.reload("certificates", true);

@@ -33,6 +33,16 @@ pub struct File {
     pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
     pub proxy_header: Option<Spanned<String>>,
     pub admin: Option<Spanned<Admin>>,
+    pub dns: Option<Spanned<Dns>>,
+}
+
+/// `[dns]`: name resolution for upstreams and forward targets.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    #[serde(default)]
+    pub servers: Vec<Spanned<String>>,
+    pub timeout: Option<Spanned<Dur>>,
 }
 
 /// `[admin]`: health and metrics listener.

@@ -63,6 +63,8 @@ pub struct Config {
     pub proxy_header: ProxyHeader,
     /// `[admin]`: where `/livez`, `/readyz` and `/metrics` are served; `None`: nowhere.
     pub admin: Option<SocketAddr>,
+    /// `[dns]`: name servers and timeout for upstream and forward-target names.
+    pub dns: crate::resolve::DnsSettings,
 }
 
 /// The admin listener's address when `[admin]` sets none.
@@ -407,6 +409,7 @@ impl Config {
             embedded_ssh: SshSettings::default(),
             trusted_proxies: Vec::new(),
             proxy_header: ProxyHeader::Required,
+            dns: crate::resolve::DnsSettings::default(),
             admin: None,
         }
     }
@@ -858,6 +861,29 @@ impl Validator<'_> {
                 return self.err(ssh.span(), "[ssh] configures the embedded SSH server, but [routes.ssh] sends SSH to an upstream");
             }
             cfg.embedded_ssh = self.ssh(ssh.get_ref())?;
+        }
+        if let Some(dns) = &raw.dns {
+            let dns = dns.get_ref();
+            for s in &dns.servers {
+                let text = s.get_ref();
+                let addr = text.parse::<SocketAddr>().ok().or_else(|| {
+                    text.parse::<std::net::IpAddr>()
+                        .ok()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                });
+                match addr {
+                    Some(a) => cfg.dns.servers.push(a),
+                    None => {
+                        return self.err(
+                            s.span(),
+                            format!("`{text}` is not a name server address, e.g. \"10.0.0.2\" or \"127.0.0.1:5353\""),
+                        )
+                    }
+                }
+            }
+            if let Some(t) = &dns.timeout {
+                cfg.dns.timeout = self.duration(t, MIN_TIMEOUT, MINUTE)?;
+            }
         }
         if let Some(p) = &raw.proxy_header {
             cfg.proxy_header = match p.get_ref().as_str() {

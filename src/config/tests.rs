@@ -345,3 +345,28 @@ fn ssh_penalty_exempt_and_the_deprecated_lockout_key() {
     // Still accepted (with a warning at load), so that old files keep loading.
     parse("[routes.ssh]\n[ssh]\nmax_auth_failures_per_ip = 30\n").unwrap();
 }
+
+#[test]
+fn dns_servers_and_timeout() {
+    let c = parse(
+        "[dns]\nservers = [\"10.0.0.2\", \"127.0.0.1:5353\", \"::1\"]\ntimeout = \"500ms\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.dns.servers,
+        vec![
+            "10.0.0.2:53".parse().unwrap(),
+            "127.0.0.1:5353".parse().unwrap(),
+            "[::1]:53".parse().unwrap()
+        ]
+    );
+    assert_eq!(c.dns.timeout, Duration::from_millis(500));
+    assert!(parse("").unwrap().dns.servers.is_empty());
+    let e = err("[dns]\nservers = [\"dns.example.org\"]\n");
+    assert!(
+        e.contains(":2:") && e.contains("dns.servers") && e.contains("dns.example.org"),
+        "{e}"
+    );
+    let e = err("[dns]\ntimeout = \"2h\"\n");
+    assert!(e.contains("dns.timeout"), "{e}");
+}

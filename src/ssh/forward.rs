@@ -49,19 +49,16 @@ pub(crate) async fn direct(
     let _forward = crate::metrics::GaugeGuard::new(&crate::metrics::get().ssh_forwards_active);
     let target = format!("{host}:{port}");
     let deadline = Instant::now() + server.settings.connect_timeout;
-    // getaddrinfo runs on the blocking pool and cannot be cancelled: bound how many run at once.
+    // Lookups are futures (cancelled with the channel), but still bounded in number.
     let Ok(Ok(lookup)) = timeout_at(deadline, LOOKUPS.acquire()).await else {
         warn!(target: "sluice::ssh", %peer, user, target, "direct-tcpip: too many name lookups in progress");
         reply.reject(ChannelOpenFailure::ResourceShortage).await;
         return;
     };
-    let addrs: Vec<SocketAddr> = match timeout_at(
-        deadline,
-        tokio::net::lookup_host((host.trim_matches(|c| c == '[' || c == ']'), port)),
-    )
-    .await
+    let addrs: Vec<SocketAddr> = match timeout_at(deadline, crate::resolve::lookup(&host, port))
+        .await
     {
-        Ok(Ok(a)) => a.collect(),
+        Ok(Ok(a)) => a,
         Ok(Err(e)) => {
             warn!(target: "sluice::ssh", %peer, user, target, error = %e, "direct-tcpip: cannot resolve");
             reply.reject(ChannelOpenFailure::ConnectFailed).await;

@@ -53,14 +53,14 @@ pub async fn connect(up: &Upstream) -> Result<(TcpStream, SocketAddr), ConnectEr
         addr: up.addr.clone(),
         after: up.connect_timeout,
     };
-    let addrs: Vec<SocketAddr> = timeout_at(deadline, tokio::net::lookup_host(up.addr.as_str()))
-        .await
-        .map_err(|_| timeout())?
-        .map_err(|source| ConnectError::Resolve {
-            addr: up.addr.clone(),
-            source,
-        })?
-        .collect();
+    let addrs: Vec<SocketAddr> =
+        timeout_at(deadline, crate::resolve::lookup_host_port(up.addr.as_str()))
+            .await
+            .map_err(|_| timeout())?
+            .map_err(|source| ConnectError::Resolve {
+                addr: up.addr.clone(),
+                source,
+            })?;
     let mut last = None;
     for addr in addrs {
         match timeout_at(deadline, TcpStream::connect(addr)).await {

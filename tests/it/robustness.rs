@@ -213,3 +213,149 @@ async fn a_502_survives_an_unread_request_body() {
     );
     d.stop().await;
 }
+
+/// A DNS server on 127.0.0.1 (UDP): A queries for names under `sluice.test` get 127.0.0.1,
+/// others no data; every query is counted. A silent one never answers.
+async fn dns_server(
+    silent: bool,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if silent || n < 12 {
+                continue;
+            }
+            // The question: labels from byte 12 to a zero, then type and class.
+            let mut i = 12;
+            let mut labels = Vec::new();
+            while i < n && buf[i] != 0 {
+                let len = buf[i] as usize;
+                labels.push(
+                    String::from_utf8_lossy(&buf[i + 1..(i + 1 + len).min(n)]).to_lowercase(),
+                );
+                i += 1 + len;
+            }
+            let q_end = i + 5;
+            if q_end > n {
+                continue;
+            }
+            let qtype = u16::from_be_bytes([buf[i + 1], buf[i + 2]]);
+            let ours = labels.ends_with(&["sluice".to_string(), "test".to_string()]);
+            let answer = ours && qtype == 1;
+            let mut out = Vec::new();
+            out.extend_from_slice(&buf[..2]); // id
+            out.extend_from_slice(&[0x81, 0x80]); // response, recursion desired and available
+            out.extend_from_slice(&[0, 1, 0, answer as u8, 0, 0, 0, 0]);
+            out.extend_from_slice(&buf[12..q_end]);
+            if answer {
+                // A pointer to the question's name, A, IN, TTL 300, 127.0.0.1.
+                out.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 127, 0, 0, 1]);
+            }
+            let _ = sock.send_to(&out, from).await;
+        }
+    });
+    (addr, count)
+}
+
+/// `sluice serve` with `[routes.http] upstream = "NAME:PORT"` and `[dns] servers = [dns]`, on
+/// one thread (each thread keeps its own resolver cache).
+fn serve_with_dns(
+    dir: &std::path::Path,
+    cert: &TestCert,
+    upstream: &str,
+    dns: std::net::SocketAddr,
+    dns_timeout: &str,
+) -> crate::cli::Child2 {
+    let cfg = dir.join("sluice.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nthreads = 1\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.http]\nupstream = \"{upstream}\"\nconnect_timeout = \"5s\"\n[dns]\nservers = [\"{dns}\"]\ntimeout = \"{dns_timeout}\"\n",
+            cert.cert.display(),
+            cert.key.display()
+        ),
+    )
+    .unwrap();
+    crate::cli::spawn_serve(&[
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        dir.join("state").to_str().unwrap(),
+    ])
+}
+
+async fn get(d: std::net::SocketAddr, cert: &TestCert) -> String {
+    let mut tls = tls_connect(d, cert, "localhost", &["http/1.1"]).await;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    String::from_utf8(read_all(&mut tls).await).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_names_resolve_through_dns_and_are_cached() {
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let (dns, queries) = dns_server(false).await;
+    let up = http_upstream().await;
+    let mut d = serve_with_dns(
+        dir.path(),
+        &cert,
+        &format!("app.sluice.test:{}", up.port()),
+        dns,
+        "2s",
+    );
+    let reply = get(d.addr, &cert).await;
+    assert!(reply.contains("hello-from-upstream"), "{reply}");
+    let after_first = queries.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(after_first >= 1, "the configured DNS server was not asked");
+    for _ in 0..3 {
+        let reply = get(d.addr, &cert).await;
+        assert!(reply.contains("hello-from-upstream"), "{reply}");
+    }
+    assert_eq!(
+        queries.load(std::sync::atomic::Ordering::SeqCst),
+        after_first,
+        "answers were not cached"
+    );
+    crate::cli::sigterm(&d.child);
+    crate::cli::wait_exit(&mut d.child, Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_dns_server_fails_the_lookup_at_its_timeout() {
+    let cert = TestCert::localhost();
+    let dir = tempfile::tempdir().unwrap();
+    let (dns, queries) = dns_server(true).await;
+    let mut d = serve_with_dns(dir.path(), &cert, "app.sluice.test:80", dns, "300ms");
+    // Two attempts of 300 ms, well inside connect_timeout (5 s): the lookup's own timeout
+    // ended it, with a 502 the client can show.
+    let t0 = std::time::Instant::now();
+    let reply = get(d.addr, &cert).await;
+    assert!(reply.starts_with("HTTP/1.1 502 "), "{reply}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "the lookup waited for connect_timeout"
+    );
+    assert!(queries.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let line = d
+        .log
+        .iter()
+        .find(|l| l.contains("connection closed"))
+        .unwrap();
+    assert!(line.contains("cannot resolve app.sluice.test:80"), "{line}");
+    crate::cli::sigterm(&d.child);
+    crate::cli::wait_exit(&mut d.child, Duration::from_secs(10));
+}
