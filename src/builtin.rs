@@ -19,11 +19,15 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     let mut head = prefix.to_vec();
     // On the heap: an array here would enlarge every connection task for its whole life.
     let mut chunk = vec![0u8; 2048];
+    // Where the search resumes: bytes before it were searched already (less the 3 that may
+    // begin a terminator split across reads), so a head sent byte by byte costs linear time.
+    let mut searched = 0;
     loop {
-        if let Some(end) = find(&head, b"\r\n\r\n") {
-            head.truncate(end + 4);
+        if let Some(end) = find(&head[searched..], b"\r\n\r\n") {
+            head.truncate(searched + end + 4);
             return Ok(head);
         }
+        searched = head.len().saturating_sub(3);
         if head.len() >= MAX_HEAD {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -207,5 +211,40 @@ mod tests {
         .await
         .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn a_terminator_split_across_reads_is_found() {
+        // One byte per read: every split of "\r\n\r\n" between reads, and what follows
+        // the head is not part of it.
+        let (mut a, mut b) = tokio::io::duplex(1);
+        let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nBODY".to_vec();
+        let writer = tokio::spawn(async move { b.write_all(&req).await });
+        let head = read_head(
+            &mut a,
+            b"",
+            Instant::now() + std::time::Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(head, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        drop(a);
+        let _ = writer.await;
+        // A terminator that ends in the prefix, or straddles the prefix and the first read.
+        for (prefix, rest) in [
+            (&b"GET / HTTP/1.1\r\n\r\n"[..], &b""[..]),
+            (b"GET / HTTP/1.1\r\n\r", b"\nX"),
+        ] {
+            let (mut a, mut b) = tokio::io::duplex(64);
+            b.write_all(rest).await.unwrap();
+            let head = read_head(
+                &mut a,
+                prefix,
+                Instant::now() + std::time::Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+            assert_eq!(head, b"GET / HTTP/1.1\r\n\r\n");
+        }
     }
 }
