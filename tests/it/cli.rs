@@ -137,6 +137,19 @@ pub(crate) fn spawn_serve(args: &[&str]) -> Child2 {
     spawn_cmd(cmd)
 }
 
+/// `sluice serve` with `text` as `DIR/sluice.toml` and its state in `DIR/state`.
+pub(crate) fn serve_config(dir: &std::path::Path, text: &str) -> Child2 {
+    let cfg = dir.join("sluice.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(dir.join("state"));
+    spawn_cmd(cmd)
+}
+
 pub(crate) fn spawn_cmd(mut cmd: Command) -> Child2 {
     let mut child = cmd
         .env("RUST_LOG", "info")

@@ -400,25 +400,16 @@ async fn resumed_sessions_reverify_the_client_certificate() {
     // Expires a few seconds from now, after its first handshake.
     let soon = std::time::SystemTime::now() + Duration::from_secs(4);
     let brief = ca.issue(dir.path(), "brief", soon);
-    let cfg = dir.path().join("sluice.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let mut d = crate::cli::serve_config(
+        dir.path(),
+        &format!(
             "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\npoll_interval = \"500ms\"\n[routes.http]\nupstream = \"{}\"\nrequire_client_cert = true\n",
             cert.cert.display(),
             cert.key.display(),
             ca_path.display(),
             http_upstream().await
         ),
-    )
-    .unwrap();
-    let mut d = crate::cli::spawn_serve(&[
-        "serve",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--state-dir",
-        dir.path().join("state").to_str().unwrap(),
-    ]);
+    );
     let (sess, sess_brief) = (
         dir.path().join("laptop.sess"),
         dir.path().join("brief.sess"),

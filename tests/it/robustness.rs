@@ -277,23 +277,14 @@ fn serve_with_dns(
     dns: std::net::SocketAddr,
     dns_timeout: &str,
 ) -> crate::cli::Child2 {
-    let cfg = dir.join("sluice.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    crate::cli::serve_config(
+        dir,
+        &format!(
             "listen = [\"127.0.0.1:0\"]\nthreads = 1\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.http]\nupstream = \"{upstream}\"\nconnect_timeout = \"5s\"\n[dns]\nservers = [\"{dns}\"]\ntimeout = \"{dns_timeout}\"\n",
             cert.cert.display(),
             cert.key.display()
         ),
     )
-    .unwrap();
-    crate::cli::spawn_serve(&[
-        "serve",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--state-dir",
-        dir.join("state").to_str().unwrap(),
-    ])
 }
 
 async fn get(d: std::net::SocketAddr, cert: &TestCert) -> String {
