@@ -309,7 +309,8 @@ fn main() {
         b.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let scenarios: [(&str, fn(&mut Bench)); 7] = [
+    type Scenario = (&'static str, fn(&mut Bench));
+    let scenarios: [Scenario; 7] = [
         ("ceiling", ceiling),
         ("1", bulk_tls),
         ("2", bulk_plain),

@@ -150,6 +150,8 @@ pub(crate) fn serve_config(dir: &std::path::Path, text: &str) -> Child2 {
     spawn_cmd(cmd)
 }
 
+// The child is returned inside Child2; its owner waits for it (or kills it on drop).
+#[allow(clippy::zombie_processes)]
 pub(crate) fn spawn_cmd(mut cmd: Command) -> Child2 {
     let mut child = cmd
         .env("RUST_LOG", "info")

@@ -757,7 +757,9 @@ async fn certificates_checked_fully() {
         &port_range(10).1,
     )
     .await;
-    let cases: [(&str, &Key, &str, &str, &[&str], bool); 7] = [
+    // (name, signing CA, principal, validity, extra ssh-keygen options, accepted)
+    type Case<'a> = (&'a str, &'a Key, &'a str, &'a str, &'a [&'a str], bool);
+    let cases: [Case; 7] = [
         ("valid", &ca, "tunnel", "-5m:+1h", &[], true),
         ("expired", &ca, "tunnel", "-2d:-1d", &[], false),
         ("not yet valid", &ca, "tunnel", "+1d:+2d", &[], false),
