@@ -52,6 +52,14 @@ pub fn configure(settings: &DnsSettings) {
     }
 }
 
+/// A resolver with no name servers: /etc/hosts and IP literals only.
+fn hosts_only() -> hickory_resolver::ResolverBuilder<TokioRuntimeProvider> {
+    TokioResolver::builder_with_config(
+        ResolverConfig::from_name_servers(Vec::new()),
+        TokioRuntimeProvider::default(),
+    )
+}
+
 fn build(settings: &DnsSettings) -> TokioResolver {
     let provider = TokioRuntimeProvider::default();
     let mut builder = if settings.servers.is_empty() {
@@ -59,10 +67,7 @@ fn build(settings: &DnsSettings) -> TokioResolver {
             Ok(b) => b,
             Err(e) => {
                 warn!(error = %e, "no DNS servers: /etc/resolv.conf does not load; only /etc/hosts names resolve (set [dns] servers)");
-                TokioResolver::builder_with_config(
-                    ResolverConfig::from_name_servers(Vec::new()),
-                    provider,
-                )
+                hosts_only()
             }
         }
     } else {
@@ -92,10 +97,7 @@ fn build(settings: &DnsSettings) -> TokioResolver {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "DNS resolver: configuration refused; only /etc/hosts names resolve");
-            let mut b = TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(Vec::new()),
-                TokioRuntimeProvider::default(),
-            );
+            let mut b = hosts_only();
             b.options_mut().timeout = settings.timeout;
             // An empty configuration is always accepted.
             b.build().expect("an empty resolver configuration builds")
@@ -167,11 +169,7 @@ mod tests {
 
     #[test]
     fn an_empty_configuration_builds() {
-        let b = TokioResolver::builder_with_config(
-            ResolverConfig::from_name_servers(Vec::new()),
-            TokioRuntimeProvider::default(),
-        );
-        assert!(b.build().is_ok());
+        assert!(hosts_only().build().is_ok());
     }
 
     #[tokio::test]
