@@ -200,6 +200,22 @@ pub(crate) fn sigterm(c: &Child) {
         .unwrap();
 }
 
+pub(crate) fn wait_for_line(
+    log: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    limit: Duration,
+) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let line = log
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no log line containing `{needle}` within {limit:?}"));
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
 pub(crate) fn wait_exit(c: &mut Child, limit: Duration) -> i32 {
     let deadline = Instant::now() + limit;
     loop {
@@ -315,7 +331,11 @@ fn sigterm_drains_open_connections_and_exits_0() {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     plain_echo_roundtrip(&mut s, b"SSH-2.0-drain\r\n");
     sigterm(&d.child);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_line(
+        &d.log,
+        "shutting down: no new connections",
+        Duration::from_secs(10),
+    );
     // No new connections...
     assert!(
         std::net::TcpStream::connect(d.addr).is_err(),
@@ -446,17 +466,23 @@ fn out_of_file_descriptors_backs_off_and_recovers() {
         "accept loop spins while out of descriptors: {used} ticks in 2 s"
     );
     drop(silent);
-    // Once descriptors free up, it serves again: plain HTTP gets the (built-in) status page.
-    std::thread::sleep(Duration::from_millis(1500));
-    let mut s = std::net::TcpStream::connect(d.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    use std::io::{Read, Write};
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // Once descriptors free up, it serves again (after its back-off): plain HTTP gets the
+    // built-in status page.
     let mut reply = String::new();
-    let _ = s.read_to_string(&mut reply);
-    assert!(
-        reply.starts_with("HTTP/1.1 200"),
-        "not serving after descriptors freed: {reply:?}"
+    until_sync(
+        "serving again after descriptors freed",
+        Duration::from_secs(20),
+        || {
+            use std::io::{Read, Write};
+            reply.clear();
+            let Ok(mut s) = std::net::TcpStream::connect(d.addr) else {
+                return false;
+            };
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+            let _ = s.read_to_string(&mut reply);
+            reply.starts_with("HTTP/1.1 200")
+        },
     );
     sigterm(&d.child);
     assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
@@ -472,7 +498,11 @@ fn second_sigterm_closes_at_once() {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     plain_echo_roundtrip(&mut s, b"SSH-2.0-impatient\r\n");
     sigterm(&d.child);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_line(
+        &d.log,
+        "shutting down: no new connections",
+        Duration::from_secs(10),
+    );
     assert!(
         d.child.try_wait().unwrap().is_none(),
         "the first SIGTERM waits for the open connection"

@@ -371,20 +371,6 @@ async fn s_client_request(
     (text.contains("\nReused, "), text)
 }
 
-/// Waits for a line of the daemon's log that contains `what`.
-fn wait_log(d: &crate::cli::Child2, what: &str) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = d
-            .log
-            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-            .unwrap_or_else(|_| panic!("no log line with `{what}` within 20 s"));
-        if line.contains(what) {
-            return line;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn resumed_sessions_reverify_the_client_certificate() {
     need("openssl", "openssl");
@@ -423,7 +409,7 @@ async fn resumed_sessions_reverify_the_client_certificate() {
     let (resumed, out) = s_client_request(d.addr, &cert.cert, &laptop, ("-sess_in", &sess)).await;
     assert!(resumed, "the session did not resume: {out}");
     assert!(out.contains("hello-from-upstream"), "{out}");
-    wait_log(&d, "resumed=true");
+    crate::cli::wait_for_line(&d.log, "resumed=true", Duration::from_secs(20));
 
     // The short-lived certificate expires: its resumed session is refused.
     while std::time::SystemTime::now() < soon + Duration::from_secs(1) {
@@ -436,7 +422,11 @@ async fn resumed_sessions_reverify_the_client_certificate() {
         !out.contains("hello-from-upstream"),
         "an expired client certificate was served: {out}"
     );
-    let line = wait_log(&d, "client certificate no longer verifies");
+    let line = crate::cli::wait_for_line(
+        &d.log,
+        "client certificate no longer verifies",
+        Duration::from_secs(20),
+    );
     assert!(
         line.contains("resumed=true") && line.contains("xpired"),
         "{line}"
@@ -446,14 +436,18 @@ async fn resumed_sessions_reverify_the_client_certificate() {
     // certificate from the old CA is refused.
     let other = ClientCa::new("client CA two");
     std::fs::write(&ca_path, other.cert.pem()).unwrap();
-    wait_log(&d, "certificates reloaded");
+    crate::cli::wait_for_line(&d.log, "certificates reloaded", Duration::from_secs(20));
     let (resumed, out) = s_client_request(d.addr, &cert.cert, &laptop, ("-sess_in", &sess)).await;
     assert!(resumed, "the session did not resume: {out}");
     assert!(
         !out.contains("hello-from-upstream"),
         "a certificate of a removed CA was served: {out}"
     );
-    let line = wait_log(&d, "client certificate no longer verifies");
+    let line = crate::cli::wait_for_line(
+        &d.log,
+        "client certificate no longer verifies",
+        Duration::from_secs(20),
+    );
     assert!(line.contains("resumed=true"), "{line}");
     crate::cli::sigterm(&d.child);
     crate::cli::wait_exit(&mut d.child, Duration::from_secs(10));

@@ -15,15 +15,11 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::cli::{sigterm, spawn_cmd, spawn_serve, wait_exit};
+use crate::cli::{sigterm, spawn_cmd, spawn_serve, wait_exit, wait_for_line};
 use crate::support::*;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    reserve_ports(1)
 }
 
 fn hup(pid: u32) {
@@ -74,18 +70,6 @@ fn samples(text: &str) -> Vec<(String, f64)> {
 
 fn sample(all: &[(String, f64)], name: &str) -> f64 {
     all.iter().find(|(n, _)| n == name).map_or(0.0, |(_, v)| *v)
-}
-
-fn wait_for_line(log: &std::sync::mpsc::Receiver<String>, needle: &str, limit: Duration) -> String {
-    let deadline = Instant::now() + limit;
-    loop {
-        let line = log
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("no log line containing `{needle}` within {limit:?}"));
-        if line.contains(needle) {
-            return line;
-        }
-    }
 }
 
 fn config_file(dir: &Path, text: &str) -> String {
@@ -307,9 +291,9 @@ fn handshake_loop(
     addr: SocketAddr,
     cfg: Arc<rustls::ClientConfig>,
     stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<(usize, Vec<String>, Vec<u8>)> {
     rt.spawn(async move {
-        let ok = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..4 {
             let (cfg, stop, ok) = (cfg.clone(), stop.clone(), ok.clone());
@@ -350,13 +334,21 @@ fn certificate_renewal_under_load_fails_no_handshake() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = tls_config_trusting(&[&a.der, &b.der, &c.der]);
     let stop = Arc::new(AtomicBool::new(false));
-    let looping = handshake_loop(&rt, d.addr, client.clone(), stop.clone());
-    std::thread::sleep(Duration::from_millis(500));
+    let done = Arc::new(AtomicUsize::new(0));
+    let looping = handshake_loop(&rt, d.addr, client.clone(), stop.clone(), done.clone());
+    // Ten more handshakes from now: the load is on at each step, whatever the machine's speed.
+    let ten_more = || {
+        let from = done.load(Ordering::Relaxed);
+        until_sync("ten more handshakes", Duration::from_secs(20), || {
+            done.load(Ordering::Relaxed) >= from + 10
+        });
+    };
+    ten_more();
 
     // 1. Renewal picked up by the file watch alone (a symlink swap, no signal).
     install_pair(&tls_dir, 2, &b);
     wait_for_line(&d.log, "certificates reloaded", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(300));
+    ten_more();
     assert_eq!(
         rt.block_on(handshake(d.addr, &client)).unwrap(),
         b.der.to_vec(),
@@ -368,11 +360,11 @@ fn certificate_renewal_under_load_fails_no_handshake() {
     std::fs::write(&cfg, format!("{text}[detect]\ntimeout = \"3s\"\n")).unwrap();
     hup(d.child.id());
     wait_for_line(&d.log, "SIGHUP: reloaded", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(300));
+    ten_more();
     stop.store(true, Ordering::Relaxed);
     let (ok, failures, last) = rt.block_on(looping).unwrap();
     assert!(failures.is_empty(), "failed handshakes: {failures:?}");
-    assert!(ok > 20, "only {ok} handshakes");
+    assert!(ok >= 30, "only {ok} handshakes");
     assert_eq!(last, c.der.to_vec(), "the last certificate is not served");
     sigterm(&d.child);
     assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
@@ -1059,13 +1051,18 @@ fn a_full_admin_endpoint_answers_503_at_once() {
     let idle: Vec<std::net::TcpStream> = (0..64)
         .map(|_| std::net::TcpStream::connect(admin).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
-    // ...so the next request is told "busy" instead of waiting behind them.
-    let (code, body) = admin_get(admin, "/readyz");
-    assert_eq!((code, body.as_str()), (503, "busy\n"));
+    // ...so, once they are accepted, the next request is told "busy" instead of waiting behind
+    // them (the 65th answer, not a hang: admin_get has a read timeout).
+    let mut last = (0, String::new());
+    until_sync("/readyz answers busy", Duration::from_secs(10), || {
+        last = admin_get(admin, "/readyz");
+        last.0 == 503
+    });
+    assert_eq!((last.0, last.1.as_str()), (503, "busy\n"));
     drop(idle);
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(admin_get(admin, "/readyz").0, 200);
+    until_sync("/readyz ready again", Duration::from_secs(10), || {
+        admin_get(admin, "/readyz").0 == 200
+    });
     sigterm(&d.child);
     assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
 }

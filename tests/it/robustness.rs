@@ -21,6 +21,27 @@ async fn still_serves(d: &Daemon, cert: &TestCert) {
     assert_eq!(read_n(&mut tls, BANNER.len()).await, BANNER);
 }
 
+/// Waits (up to `limit`) until the daemon closes one of `conns`; returns which.
+async fn first_closed(conns: &mut [TcpStream], limit: Duration) -> usize {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        for (i, s) in conns.iter_mut().enumerate() {
+            let mut b = [0u8; 64];
+            // A read cut short by the timeout loses nothing: tokio's read is cancel-safe.
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(10), s.read(&mut b)).await
+            {
+                return i;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "none of {} connections closed within {limit:?}",
+            conns.len()
+        );
+    }
+}
+
 async fn start(cert: &TestCert) -> Daemon {
     Daemon::start(
         cert,
@@ -134,18 +155,31 @@ async fn unrouted_connections_per_ip_are_capped() {
     let up = banner_upstream().await;
     let extra = format!("[detect]\ntimeout = \"30s\"\n[limits]\nmax_unrouted_per_ip = 3\n[routes.ssh]\nupstream = \"{up}\"\n");
     let d = Daemon::start(&cert, &extra).await;
-    // Three silent clients hold the slots.
+    // Four silent clients for three slots. Which one is turned away depends on the order the
+    // workers accept them: exactly one of the four is closed, the other three are held.
     let mut silent = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         silent.push(TcpStream::connect(d.addr).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut fourth = TcpStream::connect(d.addr).await.unwrap();
-    closed_within(&mut fourth, Duration::from_secs(5)).await;
+    let refused = first_closed(&mut silent, Duration::from_secs(5)).await;
+    silent.remove(refused);
+    for s in &mut silent {
+        let mut b = [0u8; 16];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), s.read(&mut b))
+                .await
+                .is_err(),
+            "more than one client turned away"
+        );
+    }
     // Once one of them leaves, a new client gets through.
     drop(silent.pop());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    still_serves(&d, &cert).await;
+    until(
+        "a freed slot takes a new client",
+        Duration::from_secs(5),
+        || serves_banner(d.addr, &cert),
+    )
+    .await;
     d.stop().await;
 }
 
@@ -162,8 +196,12 @@ async fn max_connections_refuses_the_excess() {
     let mut c = TcpStream::connect(d.addr).await.unwrap();
     closed_within(&mut c, Duration::from_secs(5)).await;
     drop(a);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    still_serves(&d, &cert).await;
+    until(
+        "a freed slot takes a new client",
+        Duration::from_secs(5),
+        || serves_banner(d.addr, &cert),
+    )
+    .await;
     drop(b);
     d.stop().await;
 }
@@ -182,8 +220,12 @@ async fn connections_per_client_are_capped_after_routing_too() {
     let mut c = TcpStream::connect(d.addr).await.unwrap();
     closed_within(&mut c, Duration::from_secs(5)).await;
     drop(a);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    still_serves(&d, &cert).await;
+    until(
+        "a freed slot takes a new client",
+        Duration::from_secs(5),
+        || serves_banner(d.addr, &cert),
+    )
+    .await;
     drop(b);
     d.stop().await;
 }

@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
@@ -55,6 +55,25 @@ fn sign(ca: &Key, key: &Key, principals: &str, validity: &str, opts: &[&str]) ->
     cert
 }
 
+/// The `[routes.ssh]` and `[ssh]` tables both fixtures use: keys from `DIR/authorized_keys`,
+/// `permit_open` targets, `listen_ports`, unix sockets in `DIR/sockets`, plus `ssh_extra`.
+fn ssh_section(
+    dir: &Path,
+    host_key: &Path,
+    permit_open: &[String],
+    ports: &str,
+    ssh_extra: &str,
+) -> String {
+    let permit: Vec<String> = permit_open.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "[routes.ssh]\n[ssh]\nhost_key = \"{}\"\nauthorized_keys = [\"{}\"]\npermit_open = [{}]\nlisten_ports = \"{ports}\"\nsocket_dir = \"{}\"\n{ssh_extra}",
+        host_key.display(),
+        dir.join("authorized_keys").display(),
+        permit.join(", "),
+        dir.join("sockets").display()
+    )
+}
+
 /// sluice with the embedded SSH server, and what the tests need around it.
 struct Fixture {
     d: Daemon,
@@ -81,15 +100,9 @@ impl Fixture {
         let auth_path = dir.path().join("authorized_keys");
         std::fs::write(&auth_path, authorized).unwrap();
         let host_key = dir.path().join("state/ssh_host_ed25519_key");
-        let mut permit_open = vec![format!("\"{echo}\"")];
-        permit_open.extend(permit.iter().map(|p| format!("\"{p}\"")));
-        let extra = format!(
-            "[routes.ssh]\n[ssh]\nhost_key = \"{}\"\nauthorized_keys = [\"{}\"]\npermit_open = [{}]\nlisten_ports = \"{ports}\"\nsocket_dir = \"{}\"\n{ssh_extra}",
-            host_key.display(),
-            auth_path.display(),
-            permit_open.join(", "),
-            dir.path().join("sockets").display()
-        );
+        let mut permit_open = vec![echo.to_string()];
+        permit_open.extend(permit.iter().cloned());
+        let extra = ssh_section(dir.path(), &host_key, &permit_open, ports, ssh_extra);
         let d = Daemon::start(&cert, &extra).await;
         Fixture {
             d,
@@ -179,13 +192,16 @@ impl Logged {
         std::fs::write(
             &cfg,
             format!(
-                "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"2s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[routes.ssh]\n[ssh]\nhost_key = \"{}\"\nauthorized_keys = [\"{}\"]\npermit_open = [\"{echo}\"]\nlisten_ports = \"{}\"\nsocket_dir = \"{}\"\n{ssh_extra}",
+                "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"2s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n{}",
                 cert.cert.display(),
                 cert.key.display(),
-                dir.path().join("hostkey").display(),
-                authorized_path.display(),
-                port_range(10).1,
-                dir.path().join("sockets").display()
+                ssh_section(
+                    dir.path(),
+                    &dir.path().join("hostkey"),
+                    &[echo.to_string()],
+                    &port_range(10).1,
+                    ssh_extra
+                ),
             ),
         )
         .unwrap();
@@ -311,15 +327,9 @@ fn ssh_via(port: u16, key: &Path, args: &[&str]) -> Command {
     c
 }
 
-/// A free port range of `n` ports for `listen_ports`, unlikely to clash with parallel tests.
+/// A free port range of `n` ports for `listen_ports`: (first port, "FIRST-LAST").
 fn port_range(n: u16) -> (u16, String) {
-    let start = loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = l.local_addr().unwrap().port();
-        if p < 65000 - n {
-            break p;
-        }
-    };
+    let start = reserve_ports(n);
     (start, format!("{start}-{}", start + n - 1))
 }
 
@@ -500,14 +510,32 @@ async fn unknown_key_refused_and_shell_gets_a_message() {
     .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("PTY allocation request failed"));
-    // -N stays up.
+    // -N stays up: logged in, it is still there a second later (an observation window after
+    // the login, not a barrier).
     let mut n = f
-        .ssh(&id.private, &["-N", "tunnel@localhost"])
+        .ssh(&id.private, &["-v", "-N", "tunnel@localhost"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(n.try_wait().unwrap().is_none(), "ssh -N exited");
+    let mut err = tokio::io::BufReader::new(n.stderr.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(l) = err.next_line().await.unwrap() {
+            if l.contains("Authenticated to") {
+                return;
+            }
+        }
+        panic!("ssh -N ended before logging in");
+    })
+    .await
+    .expect("ssh -N not logged in within 20 s");
+    // Keep reading: a closed pipe must not be what ends it.
+    let _drain = tokio::spawn(async move { while let Ok(Some(_)) = err.next_line().await {} });
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), n.wait())
+            .await
+            .is_err(),
+        "ssh -N exited after logging in"
+    );
     n.kill().await.unwrap();
     f.d.stop().await;
 }
@@ -693,10 +721,8 @@ async fn key_options_are_enforced() {
         rs.public
     );
     std::fs::write(&f.authorized, lines).unwrap();
-    f.d_reload_wait().await;
-
-    let (ok, out, _) = f.w(&po.private, &f.echo.to_string(), b"po").await;
-    assert!(ok && out == b"po", "permitopen target allowed");
+    // The watcher picks the new lines up: the permitopen key logs in to its target.
+    f.until_login(&po.private, true).await;
     let (_, out, _) = f.w(&po.private, &second.to_string(), b"po").await;
     assert!(
         out.is_empty(),
@@ -740,9 +766,26 @@ async fn key_options_are_enforced() {
 }
 
 impl Fixture {
-    /// Waits until the file watcher has picked up a change to authorized_keys.
-    async fn d_reload_wait(&self) {
-        tokio::time::sleep(Duration::from_millis(2600)).await;
+    /// After a change to authorized_keys, waits (at most 20 s) until the file watcher has picked
+    /// it up: until `key` logs in and reaches the echo server (`accepted`), or is refused with
+    /// "Permission denied".
+    async fn until_login(&self, key: &Path, accepted: bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (ok, out, err) = self.w(key, &self.echo.to_string(), b"probe").await;
+            let now = if accepted {
+                ok && out == b"probe"
+            } else {
+                !ok && out.is_empty() && err.contains("Permission denied")
+            };
+            if now {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "authorized_keys change not in force after 20 s (want accepted={accepted}): {err}"
+            );
+        }
     }
 }
 
@@ -832,12 +875,7 @@ async fn removed_key_refused_after_reload_open_session_kept() {
         .unwrap();
     unix_when_listening(&local).await;
     std::fs::write(&f.authorized, "# nobody\n").unwrap();
-    f.d_reload_wait().await;
-    let (ok, _, err) = f.w(&id.private, &f.echo.to_string(), b"x").await;
-    assert!(
-        !ok && err.contains("Permission denied"),
-        "a removed key still logs in: {err}"
-    );
+    f.until_login(&id.private, false).await;
     // The session opened before the reload still works.
     let s = tokio::net::UnixStream::connect(&local).await.unwrap();
     assert_eq!(exchange(s, b"still open").await, b"still open");
@@ -1286,7 +1324,7 @@ async fn sighup_reloads_authorized_keys() {
 
 /// Two forwards on one connection; one target never reads. The other must keep flowing, as
 /// with OpenSSH's sshd (russh alone stalls the whole connection: see vendor/russh).
-async fn stalled_channel_case(chunk: usize, count: usize, pause: Duration) {
+async fn stalled_channel_case(chunk: usize, count: usize) {
     let dir = tempfile::tempdir().unwrap();
     let id = keygen(dir.path(), "id");
     // Accepts and never reads.
@@ -1318,22 +1356,45 @@ async fn stalled_channel_case(chunk: usize, count: usize, pause: Duration) {
         .unwrap();
     unix_when_listening(&la).await;
     let mut b = unix_when_listening(&lb).await;
+    let pushed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = pushed.clone();
     let pusher = tokio::spawn(async move {
         let data = vec![7u8; chunk];
         for _ in 0..count {
-            if b.write_all(&data).await.is_err() {
-                break;
-            }
-            if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
+            let mut off = 0;
+            while off < data.len() {
+                match b.write(&data[off..]).await {
+                    Ok(0) | Err(_) => return b,
+                    Ok(n) => {
+                        off += n;
+                        progress.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
             }
         }
         b
     });
     let _held = hold_rx.recv().await;
-    // Let the pusher fill everything it can on the way to the stuck target.
-    let fill = Duration::from_secs(3) + pause * count as u32;
-    tokio::time::sleep(fill.min(Duration::from_secs(12))).await;
+    // The pusher fills everything on the way to the stuck target (window, buffers) until it can
+    // write no more: wait until it has made no progress for half a second (at most 30 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = usize::MAX;
+    loop {
+        let now = pushed.load(std::sync::atomic::Ordering::Relaxed);
+        if now == seen {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pusher never stalled ({now} bytes written): does the target read?"
+        );
+        seen = now;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        seen < chunk * count,
+        "all {seen} bytes were taken: nothing is stuck"
+    );
     let mut a = tokio::net::UnixStream::connect(&la).await.unwrap();
     a.write_all(b"still-flowing").await.unwrap();
     let mut got = [0u8; 13];
@@ -1350,7 +1411,7 @@ async fn stalled_channel_case(chunk: usize, count: usize, pause: Duration) {
 
 #[tokio::test]
 async fn a_stalled_channel_does_not_stall_the_others() {
-    stalled_channel_case(1 << 20, 64, Duration::ZERO).await;
+    stalled_channel_case(1 << 20, 64).await;
 }
 
 #[tokio::test]

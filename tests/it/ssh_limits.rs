@@ -108,19 +108,6 @@ fn rss_kib() -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// Waits (up to `limit`) until `f` holds, checking every few milliseconds.
-async fn until<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !f().await {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// A target that accepts and never reads. Its receive buffer and MSS are small, so that the
 /// kernel takes little (tens of KiB) on the way to it.
 async fn stuck_target() -> (SocketAddr, UnboundedReceiver<TcpStream>) {

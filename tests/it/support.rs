@@ -117,6 +117,53 @@ impl Daemon {
     }
 }
 
+/// Waits (up to `limit`) until `f` holds, checking every few milliseconds: a state to wait
+/// for, never a sleep standing in for one.
+pub async fn until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    while !f().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `until` for tests on plain threads.
+pub fn until_sync(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether a TLS client with ALPN `ssh` gets the fake sshd's banner through `addr` (within
+/// 5 s); `false` when the connection is refused or closed instead.
+pub async fn serves_banner(addr: SocketAddr, cert: &TestCert) -> bool {
+    let attempt = async {
+        let tcp = TcpStream::connect(addr).await.ok()?;
+        let connector = tokio_rustls::TlsConnector::from(client_config(cert, &["ssh"]));
+        let name = ServerName::try_from("localhost").ok()?;
+        let mut tls = connector.connect(name, tcp).await.ok()?;
+        let mut got = vec![0u8; BANNER.len()];
+        tls.read_exact(&mut got).await.ok()?;
+        Some(got == BANNER)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), attempt).await,
+        Ok(Some(true))
+    )
+}
+
 /// Builds a rustls client config trusting `cert`, offering `alpn`.
 pub fn client_config(cert: &TestCert, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
@@ -218,6 +265,42 @@ pub fn dead_port() -> SocketAddr {
     let addr = s.local_addr().unwrap().as_socket().unwrap();
     std::mem::forget(s);
     addr
+}
+
+/// `n` consecutive free ports for a daemon to bind itself (`listen_ports`, an admin address).
+/// They come from below the kernel's ephemeral range, so no socket bound to port 0 and no
+/// outgoing connection is handed one between this check and the daemon's bind; they are
+/// disjoint across the tests of this process, and start at a place derived from the process id
+/// so that two test processes at once rarely meet.
+pub fn reserve_ports(n: u16) -> u16 {
+    use std::sync::Mutex;
+    static NEXT: Mutex<Option<u16>> = Mutex::new(None);
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    const LOW: u16 = 10_000;
+    assert!(
+        ephemeral_low > LOW + 4 * n,
+        "ephemeral ports start at {ephemeral_low}"
+    );
+    let span = ephemeral_low - LOW - n;
+    let mut next = NEXT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut at = next.unwrap_or(LOW + (std::process::id() % u32::from(span)) as u16);
+    for _ in 0..(span / n + 1) {
+        if at + n > ephemeral_low {
+            at = LOW;
+        }
+        let start = at;
+        at += n;
+        let free =
+            (start..start + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if free {
+            *next = Some(at);
+            return start;
+        }
+    }
+    panic!("no {n} consecutive free ports below {ephemeral_low}");
 }
 
 /// Reads exactly `n` bytes (or fails the test after 10 s).
