@@ -247,6 +247,13 @@ fn healthcheck(
         (Some(a), _) => a,
         (None, Some(path)) => match Config::load(&path) {
             Ok(cfg) => match cfg.admin {
+                Some(a) if a.port() == 0 => {
+                    eprintln!(
+                        "sluice healthcheck: {}: [admin] listen names port 0, so the port is only known to the running daemon (it logs it): use --admin ADDR",
+                        path.display()
+                    );
+                    return ExitCode::from(EX_CONFIG);
+                }
                 Some(a) => a,
                 None => {
                     eprintln!(

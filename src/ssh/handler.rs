@@ -396,7 +396,7 @@ impl russh::server::Handler for Conn {
         for ca in keys.cas_for(cert.signature_key()) {
             let o = &ca.options;
             if let Err(e) = cert.validate([&ca_fp]) {
-                reason = format!("certificate not valid: {e}");
+                reason = cert_invalid_reason(cert, SystemTime::now(), e);
                 continue;
             }
             if cert.cert_type() != CertType::User {
@@ -809,4 +809,25 @@ impl russh::server::Handler for Conn {
             None => Ok(false),
         }
     }
+}
+
+/// Why `validate` refused a certificate signed by a trusted CA, in the words an operator
+/// looks for (sshd says "Certificate invalid: expired"). russh has checked its signature
+/// before the handler sees it, so a failure with the time in range is another one.
+fn cert_invalid_reason(
+    cert: &Certificate,
+    now: SystemTime,
+    e: russh::keys::ssh_key::Error,
+) -> String {
+    let stamp = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    if let Some(after) = cert.valid_after_time().filter(|a| now < *a) {
+        return format!(
+            "certificate not valid: not yet valid (from {})",
+            stamp(after)
+        );
+    }
+    if let Some(before) = cert.valid_before_time().filter(|b| now >= *b) {
+        return format!("certificate not valid: expired (at {})", stamp(before));
+    }
+    format!("certificate not valid: {e}")
 }

@@ -129,6 +129,31 @@ pub(crate) struct Child2 {
     pub(crate) child: Child,
     pub(crate) addr: std::net::SocketAddr,
     pub(crate) log: std::sync::mpsc::Receiver<String>,
+    /// Where the admin endpoint listens, once its log line has been read.
+    admin: Option<std::net::SocketAddr>,
+}
+
+impl Child2 {
+    /// The admin endpoint's address as sluice logged it (`[admin] listen` may name port 0),
+    /// reading the log up to that line (at most 10 s).
+    pub(crate) fn admin_addr(&mut self) -> std::net::SocketAddr {
+        if let Some(a) = self.admin {
+            return a;
+        }
+        let line = wait_for_line(&self.log, "admin endpoint", Duration::from_secs(10));
+        let a = admin_in(&line).expect("no admin= in the admin endpoint's line");
+        self.admin = Some(a);
+        a
+    }
+}
+
+/// The `admin=ADDR` field of sluice's "admin endpoint" log line.
+fn admin_in(line: &str) -> Option<std::net::SocketAddr> {
+    if !line.contains("admin endpoint") {
+        return None;
+    }
+    let i = line.find("admin=")? + 6;
+    line[i..].split([' ', ',', '"']).next()?.parse().ok()
 }
 
 pub(crate) fn spawn_serve(args: &[&str]) -> Child2 {
@@ -169,10 +194,12 @@ pub(crate) fn spawn_cmd(mut cmd: Command) -> Child2 {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut admin = None;
     loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("sluice did not say where it listens");
+        admin = admin.or(admin_in(&line));
         let at = line
             .find("listen=")
             .map(|i| i + 7)
@@ -188,6 +215,7 @@ pub(crate) fn spawn_cmd(mut cmd: Command) -> Child2 {
                 child,
                 addr,
                 log: rx,
+                admin,
             };
         }
     }

@@ -18,10 +18,6 @@ use tokio::net::TcpStream;
 use crate::cli::{sigterm, spawn_cmd, spawn_serve, wait_exit, wait_for_line};
 use crate::support::*;
 
-fn free_port() -> u16 {
-    reserve_ports(1)
-}
-
 fn hup(pid: u32) {
     Command::new("kill")
         .args(["-HUP", &pid.to_string()])
@@ -130,9 +126,12 @@ fn socket_activation_and_sd_notify_messages() {
     notify
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let port = free_port();
-    // `listen` names another port: with inherited sockets it must not be bound.
-    let unused = free_port();
+    // systemd-socket-activate binds the port itself and takes no port 0: one from below the
+    // ephemeral range, checked free.
+    let port = reserve_ports(1);
+    // `listen` names another port, held here (bound, not listening): with inherited sockets
+    // sluice must not bind it (if it tried, it would fail to start).
+    let unused = dead_port().port();
     let cfg = config_file(
         dir.path(),
         &format!(
@@ -374,16 +373,15 @@ fn certificate_renewal_under_load_fails_no_handshake() {
 fn broken_reloads_are_refused_and_the_old_state_serves_on() {
     let cert = TestCert::localhost();
     let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
     let good = format!(
-        "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[routes.http]\n",
+        "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[routes.http]\n",
         cert.cert.display(),
         cert.key.display()
     );
     let cfg = config_file(dir.path(), &good);
     let mut d = serve_in(dir.path(), &cfg);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let admin = d.admin_addr();
     let client = tls_config_trusting(&[&cert.der]);
 
     // A config that does not parse.
@@ -473,7 +471,9 @@ fn admin_endpoint_metrics_and_readyz_during_drain() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let echo = rt.block_on(echo_upstream());
-    let admin_port = free_port();
+    // healthcheck reads the admin address from the config file below: a fixed port, from below
+    // the ephemeral range and checked free (port 0 is refused there: see the end).
+    let admin_port = reserve_ports(1);
     let cfg = config_file(
         dir.path(),
         &format!(
@@ -483,7 +483,7 @@ fn admin_endpoint_metrics_and_readyz_during_drain() {
         ),
     );
     let mut d = serve_in(dir.path(), &cfg);
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let admin = d.admin_addr();
     assert_eq!(admin_get(admin, "/livez").0, 200);
     assert_eq!(admin_get(admin, "/readyz").0, 200);
     assert_eq!(admin_get(admin, "/nope").0, 404);
@@ -505,6 +505,19 @@ fn admin_endpoint_metrics_and_readyz_during_drain() {
         .output()
         .unwrap();
     assert!(hc.status.success(), "{hc:?}");
+    // A config whose admin port is 0 cannot tell healthcheck where to ask: a config error.
+    let zero = dir.path().join("zero.toml");
+    std::fs::write(&zero, "[admin]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let hc = Command::new(bin())
+        .args(["healthcheck", "--config"])
+        .arg(&zero)
+        .output()
+        .unwrap();
+    assert_eq!(hc.status.code(), Some(78), "{hc:?}");
+    assert!(
+        String::from_utf8_lossy(&hc.stderr).contains("names port 0"),
+        "{hc:?}"
+    );
 
     let before = samples(&admin_get(admin, "/metrics").1);
     // Real traffic: an ALPN route with bytes, a plain SSH connection, a failed handshake.
@@ -1035,17 +1048,16 @@ fn tls_sessions_resume_across_a_reload() {
 fn a_full_admin_endpoint_answers_503_at_once() {
     let cert = TestCert::localhost();
     let dir = tempfile::tempdir().unwrap();
-    let admin_port = free_port();
     let cfg = config_file(
         dir.path(),
         &format!(
-            "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[routes.http]\n",
+            "listen = [\"127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[routes.http]\n",
             cert.cert.display(),
             cert.key.display()
         ),
     );
     let mut d = serve_in(dir.path(), &cfg);
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let admin = d.admin_addr();
     assert_eq!(admin_get(admin, "/readyz").0, 200);
     // 64 clients that send nothing hold every slot...
     let idle: Vec<std::net::TcpStream> = (0..64)

@@ -140,29 +140,7 @@ impl Fixture {
 
     /// `ssh -W target` with `input` on stdin: (success, stdout, stderr).
     async fn w(&self, key: &Path, target: &str, input: &[u8]) -> (bool, Vec<u8>, String) {
-        let mut child = self
-            .ssh(key, &["-W", target, "tunnel@localhost"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let data = input.to_vec();
-        let writer = tokio::spawn(async move {
-            let _ = stdin.write_all(&data).await;
-            drop(stdin);
-        });
-        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-            .await
-            .expect("ssh -W took over 60 s")
-            .unwrap();
-        writer.await.unwrap();
-        (
-            out.status.success(),
-            out.stdout,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        w_via(self.d.addr.port(), key, target, input).await
     }
 }
 
@@ -325,6 +303,32 @@ fn ssh_via(port: u16, key: &Path, args: &[&str]) -> Command {
         .args(args)
         .kill_on_drop(true);
     c
+}
+
+/// `ssh -W target` through sluice's TLS port `port` with `input` on stdin: (success, stdout, stderr).
+async fn w_via(port: u16, key: &Path, target: &str, input: &[u8]) -> (bool, Vec<u8>, String) {
+    let mut child = ssh_via(port, key, &["-W", target, "tunnel@localhost"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = input.to_vec();
+    let writer = tokio::spawn(async move {
+        let _ = stdin.write_all(&data).await;
+        drop(stdin);
+    });
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("ssh -W took over 60 s")
+        .unwrap();
+    writer.await.unwrap();
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A free port range of `n` ports for `listen_ports`: (first port, "FIRST-LAST").
@@ -622,6 +626,13 @@ async fn reverse_forwards_allocated_fixed_and_refused() {
         .forward_output(&id.private, &format!("{fixed}:{web}"))
         .await;
     assert!(!out.status.success(), "two sessions held one port");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "remote port forwarding failed for listen port {fixed}"
+        )),
+        "{err}"
+    );
 
     // Outside the range: refused.
     let out = f
@@ -750,6 +761,14 @@ async fn key_options_are_enforced() {
         .forward_output(&pl.private, &format!("{}:{web}", start + 2))
         .await;
     assert!(!out.status.success(), "permitlisten allowed another port");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "remote port forwarding failed for listen port {}",
+            start + 2
+        )),
+        "{err}"
+    );
 
     for (k, what) in [(&fr, "from="), (&ex, "expiry-time")] {
         let (ok, out, err) = f.w(&k.private, &f.echo.to_string(), b"x").await;
@@ -794,34 +813,58 @@ async fn certificates_checked_fully() {
     let dir = tempfile::tempdir().unwrap();
     let ca = keygen(dir.path(), "ca");
     let rogue_ca = keygen(dir.path(), "rogue");
-    let f = Fixture::new(
-        &format!("cert-authority {}", ca.public),
-        &[],
-        &port_range(10).1,
-    )
-    .await;
-    // (name, signing CA, principal, validity, extra ssh-keygen options, accepted)
-    type Case<'a> = (&'a str, &'a Key, &'a str, &'a str, &'a [&'a str], bool);
+    let mut f = Logged::new(&format!("cert-authority {}", ca.public), "").await;
+    // (name, signing CA, principal, validity, extra ssh-keygen options, the refusal logged
+    // or None: accepted)
+    type Case<'a> = (
+        &'a str,
+        &'a Key,
+        &'a str,
+        &'a str,
+        &'a [&'a str],
+        Option<&'a str>,
+    );
     let cases: [Case; 7] = [
-        ("valid", &ca, "tunnel", "-5m:+1h", &[], true),
-        ("expired", &ca, "tunnel", "-2d:-1d", &[], false),
-        ("not yet valid", &ca, "tunnel", "+1d:+2d", &[], false),
+        ("valid", &ca, "tunnel", "-5m:+1h", &[], None),
+        (
+            "expired",
+            &ca,
+            "tunnel",
+            "-2d:-1d",
+            &[],
+            Some("certificate not valid: expired (at "),
+        ),
+        (
+            "not yet valid",
+            &ca,
+            "tunnel",
+            "+1d:+2d",
+            &[],
+            Some("certificate not valid: not yet valid (from "),
+        ),
         (
             "wrong principal",
             &ca,
             "someone-else",
             "-5m:+1h",
             &[],
-            false,
+            Some("no principal of the certificate (someone-else) allowed for this login"),
         ),
-        ("untrusted CA", &rogue_ca, "tunnel", "-5m:+1h", &[], false),
+        (
+            "untrusted CA",
+            &rogue_ca,
+            "tunnel",
+            "-5m:+1h",
+            &[],
+            Some("certificate authority not trusted"),
+        ),
         (
             "source-address elsewhere",
             &ca,
             "tunnel",
             "-5m:+1h",
             &["source-address=10.0.0.0/8"],
-            false,
+            Some("client address not in source-address 10.0.0.0/8"),
         ),
         (
             "source-address here",
@@ -829,30 +872,36 @@ async fn certificates_checked_fully() {
             "tunnel",
             "-5m:+1h",
             &["source-address=127.0.0.0/8"],
-            true,
+            None,
         ),
     ];
-    for (i, (name, signer, principal, validity, opts, allowed)) in cases.into_iter().enumerate() {
+    let echo = f.echo.to_string();
+    for (i, (name, signer, principal, validity, opts, refusal)) in cases.into_iter().enumerate() {
         let user = keygen(dir.path(), &format!("user{i}"));
         sign(signer, &user, principal, validity, opts);
-        let (ok, out, err) = f
-            .w(&user.private, &f.echo.to_string(), name.as_bytes())
-            .await;
-        if allowed {
-            assert!(ok && out == name.as_bytes(), "{name}: {err}");
-        } else {
-            assert!(!ok && out.is_empty(), "{name} was let in");
+        let (ok, out, err) = w_via(f.d.addr.port(), &user.private, &echo, name.as_bytes()).await;
+        match refusal {
+            None => assert!(ok && out == name.as_bytes(), "{name}: {err}"),
+            Some(reason) => {
+                assert!(!ok && out.is_empty(), "{name} was let in");
+                assert!(err.contains("Permission denied"), "{name}: {err}");
+                f.next_with(&[
+                    "Failed publickey for tunnel",
+                    "certificate ID test-cert",
+                    reason,
+                ])
+                .await;
+            }
         }
     }
     // Without permit-port-forwarding the certificate logs in but cannot forward.
     let user = keygen(dir.path(), "noport");
     sign(&ca, &user, "tunnel", "-5m:+1h", &["no-port-forwarding"]);
-    let (_, out, err) = f.w(&user.private, &f.echo.to_string(), b"x").await;
+    let (_, out, err) = w_via(f.d.addr.port(), &user.private, &echo, b"x").await;
     assert!(
         out.is_empty() && !err.contains("Permission denied"),
         "{err}"
     );
-    f.d.stop().await;
 }
 
 #[tokio::test]

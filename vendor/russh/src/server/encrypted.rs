@@ -14,7 +14,6 @@
 //
 use core::str;
 use std::cell::RefCell;
-use std::time::SystemTime;
 
 use auth::*;
 use byteorder::{BigEndian, ByteOrder};
@@ -1109,21 +1108,11 @@ impl Encrypted {
                 let pubkey = match pk_or_cert {
                     PublicKeyOrCertificate::PublicKey { ref key, .. } => key.clone(),
                     PublicKeyOrCertificate::Certificate(ref cert) => {
-                        // Validate certificate expiration. The bounds are None
-                        // for OpenSSH's "always valid" sentinels (PROTOCOL.certkeys),
-                        // which skips the corresponding check.
-                        let now = SystemTime::now();
-                        if cert.valid_after_time().map(|t| now < t).unwrap_or_default()
-                            || cert
-                                .valid_before_time()
-                                .map(|t| now > t)
-                                .unwrap_or_default()
-                        {
-                            warn!("Certificate is expired or not yet valid");
-                            reject_auth_request(until, &mut self.write, auth_request).await?;
-                            return Ok(());
-                        }
-
+                        // sluice patch: the validity window is the handler's to check
+                        // (`auth_openssh_certificate`; sluice's validates it and logs why it
+                        // refuses, with the certificate's key id and serial, as sshd does).
+                        // Refused here, the handler never saw the certificate and the only
+                        // failure logged was the client's next try with the bare key.
                         // Verify the certificate’s signature
                         if cert.verify_signature().is_err() {
                             warn!("Certificate signature is invalid");
