@@ -5,7 +5,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sluice::detect::{classify, Candidates};
-use sluice::upstream::{encode_proxy_header, ProxyVersion};
+use sluice::proxy_protocol::{self, ProxyVersion};
 
 fn classifier(c: &mut Criterion) {
     let samples: [(&str, &[u8], Candidates); 5] = [
@@ -54,15 +54,15 @@ fn proxy_header(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 out.clear();
-                encode_proxy_header(v, black_box(s), black_box(d), &mut out);
+                proxy_protocol::encode(v, black_box(s), black_box(d), &mut out);
                 out.len()
             })
         });
         // Decoding the same header, as sluice does for trusted_proxies.
         let mut header = Vec::new();
-        encode_proxy_header(v, s, d, &mut header);
+        proxy_protocol::encode(v, s, d, &mut header);
         g.bench_function(format!("decode-{name}"), |b| {
-            b.iter(|| sluice::upstream::decode_proxy_header(black_box(&header)))
+            b.iter(|| sluice::proxy_protocol::decode(black_box(&header)))
         });
     }
     g.finish();

@@ -16,6 +16,7 @@ use crate::config::{ProxyHeader, Route, RouteKind};
 use crate::detect::{self, Candidates, Protocol, Verdict};
 use crate::io::Prefixed;
 use crate::listen::{ClientSlot, Shared, Snapshot};
+use crate::proxy_protocol;
 use crate::relay::{self, End};
 use crate::route::{self, Decision, RoutedBy};
 use crate::tls;
@@ -151,8 +152,8 @@ async fn peek<S: AsyncRead + Unpin>(
 
 fn looks_like_proxy_header(prefix: &[u8]) -> bool {
     !matches!(
-        upstream::decode_proxy_header(prefix),
-        Ok(upstream::Decoded::NotProxy)
+        proxy_protocol::decode(prefix),
+        Ok(proxy_protocol::Decoded::NotProxy)
     )
 }
 
@@ -185,18 +186,18 @@ pub(crate) async fn read_proxy_header(
         )
     };
     loop {
-        match upstream::decode_proxy_header(&buf) {
-            Ok(upstream::Decoded::Header { addrs, len }) => {
+        match proxy_protocol::decode(&buf) {
+            Ok(proxy_protocol::Decoded::Header { addrs, len }) => {
                 let rest = buf.split_off(len);
                 let (src, dst) = addrs.unwrap_or((peer, local));
                 return Some((src, dst, rest));
             }
-            Ok(upstream::Decoded::NotProxy) if required => {
+            Ok(proxy_protocol::Decoded::NotProxy) if required => {
                 missing();
                 return None;
             }
-            Ok(upstream::Decoded::NotProxy) => return Some((peer, local, buf)),
-            Ok(upstream::Decoded::Incomplete) => {}
+            Ok(proxy_protocol::Decoded::NotProxy) => return Some((peer, local, buf)),
+            Ok(proxy_protocol::Decoded::Incomplete) => {}
             Err(why) => {
                 refuse("proxy_header_invalid", why);
                 return None;
@@ -563,7 +564,7 @@ async fn dispatch<S>(
     log.target = Some(addr.to_string());
     let mut first = Vec::new();
     if let Some(v) = up.proxy_protocol {
-        upstream::encode_proxy_header(v, log.peer, log.local, &mut first);
+        proxy_protocol::encode(v, log.peer, log.local, &mut first);
     }
     first.extend_from_slice(&prefix);
     if !first.is_empty() {

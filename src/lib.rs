@@ -9,7 +9,9 @@
 //! - [`route`]: pure routing decisions from ALPN, SNI and detected protocol.
 //! - [`tls`]: certificates (PEM, self-signed, SNI) and the rustls server config.
 //! - [`relay`]: the two-way copy with half-close, idle timeout and byte counts.
-//! - [`upstream`]: connecting to backends; the PROXY protocol header.
+//! - [`upstream`]: connecting to backends.
+//! - [`proxy_protocol`]: PROXY protocol v1/v2 headers, encoded and decoded (pure).
+//! - [`net`]: CIDRs, host globs, `host:port` permit entries, port ranges (pure).
 //! - [`resolve`]: asynchronous, cached name resolution (hickory) for upstreams and forwards.
 //! - [`builtin`]: sluice's own small HTTP answers (status page, redirect, 502).
 //! - [`io`]: a stream that replays bytes already read.
@@ -29,6 +31,8 @@ pub mod detect;
 pub mod io;
 pub mod listen;
 pub mod metrics;
+pub mod net;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod resolve;
 pub mod route;

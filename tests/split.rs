@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use sluice::detect::{classify, Candidates, Verdict, MAX_SIGNATURE};
-use sluice::upstream::{decode_proxy_header, Decoded};
+use sluice::proxy_protocol::{self, Decoded};
 
 /// Bytes that often form signatures: fragments of TLS, SSH, HTTP and PROXY headers.
 fn protocolish() -> impl Strategy<Value = Vec<u8>> {
@@ -55,8 +55,8 @@ proptest! {
     #[test]
     fn proxy_header_is_the_same_wherever_the_input_is_split(buf in protocolish(), at in 0usize..128) {
         let at = at.min(buf.len());
-        let early = decode_proxy_header(&buf[..at]);
-        let whole = decode_proxy_header(&buf);
+        let early = proxy_protocol::decode(&buf[..at]);
+        let whole = proxy_protocol::decode(&buf);
         match early {
             Ok(Decoded::Incomplete) => {}
             Ok(Decoded::NotProxy) => prop_assert!(matches!(whole, Ok(Decoded::NotProxy))),

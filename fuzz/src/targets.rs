@@ -20,14 +20,12 @@ use sluice::builtin::{self, MAX_HEAD};
 use sluice::client::{self, ConnectReply, Proxy};
 use sluice::config::{Config, ConfigError};
 use sluice::detect::{self, Candidates, Protocol, Verdict, MAX_SIGNATURE};
+use sluice::net::{self, Cidr, PermitOpen};
+use sluice::proxy_protocol::{
+    self, decode_v2, Decoded, DecodedV2, ProxyVersion, MAX_HEADER as MAX_PROXY_HEADER, V2_SIGNATURE,
+};
 use sluice::ssh::authorized_keys;
-use sluice::ssh::policy::{
-    self, Cidr, FromList, KeyPermitOpen, LocalOffset, PermitListen, PermitOpen,
-};
-use sluice::upstream::{
-    decode_proxy_header, decode_v2, encode_proxy_header, Decoded, DecodedV2, ProxyVersion,
-    MAX_PROXY_HEADER, V2_SIGNATURE,
-};
+use sluice::ssh::policy::{self, FromList, KeyPermitOpen, LocalOffset, PermitListen};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 // === open bugs ===
@@ -95,7 +93,7 @@ pub fn classify(data: &[u8]) {
 /// PROXY v1/v2 `decode` and `decode_v2` on the input (with the same every-prefix rule as
 /// `classify`), then an encode/decode roundtrip of addresses built from the input.
 pub fn proxy_header(data: &[u8]) {
-    let whole = decode_proxy_header(data);
+    let whole = proxy_protocol::decode(data);
     if let Ok(Decoded::Header { len, .. }) = &whole {
         assert!(
             *len <= data.len() && *len <= MAX_PROXY_HEADER,
@@ -107,7 +105,7 @@ pub fn proxy_header(data: &[u8]) {
     }
     // Incomplete is the only answer a longer input may change.
     for n in 0..data.len().min(MAX_PROXY_HEADER + 1) {
-        let v = decode_proxy_header(&data[..n]);
+        let v = proxy_protocol::decode(&data[..n]);
         if v != Ok(Decoded::Incomplete) {
             assert_eq!(v, whole, "prefix of {n} bytes");
         }
@@ -133,7 +131,7 @@ pub fn proxy_header(data: &[u8]) {
     let src = socket_addr(&mut b, sel & 1 != 0, sel & 4 != 0);
     let dst = socket_addr(&mut b, sel & 2 != 0, sel & 8 != 0);
     // What the header says: v4-mapped addresses as v4; mixed families both as v6.
-    let want = match (policy::unmap(src.ip()), policy::unmap(dst.ip())) {
+    let want = match (net::unmap(src.ip()), net::unmap(dst.ip())) {
         (s @ IpAddr::V4(_), d @ IpAddr::V4(_)) => (s, d),
         (s, d) => (IpAddr::V6(to_v6(s)), IpAddr::V6(to_v6(d))),
     };
@@ -143,15 +141,15 @@ pub fn proxy_header(data: &[u8]) {
     );
     for v in [ProxyVersion::V1, ProxyVersion::V2] {
         let mut out = Vec::new();
-        encode_proxy_header(v, src, dst, &mut out);
+        proxy_protocol::encode(v, src, dst, &mut out);
         let len = out.len();
         for cut in 0..len {
-            let d = decode_proxy_header(&out[..cut]);
+            let d = proxy_protocol::decode(&out[..cut]);
             assert_eq!(d, Ok(Decoded::Incomplete), "{v:?} cut at {cut} of {out:?}");
         }
         // The client's own bytes follow the header.
         out.extend_from_slice(data);
-        let d = decode_proxy_header(&out);
+        let d = proxy_protocol::decode(&out);
         let header = Decoded::Header {
             addrs: Some(want),
             len,
@@ -335,7 +333,7 @@ pub fn authorized_keys(data: &[u8]) {
         &FixedTz(0),
         &FixedTz(14 * 3600),
         &FixedTz(-12 * 3600),
-        &sluice::sys::SystemTz,
+        &sluice::ssh::SystemTz,
     ];
     let lines = data.split(|&b| b == b'\n').count();
     for tz in zones {
@@ -525,14 +523,14 @@ pub fn policy(data: &[u8]) {
             );
         }
     }
-    if let Some(r) = policy::parse_port_range(spec) {
+    if let Some(r) = net::parse_port_range(spec) {
         assert!(*r.start() >= 1 && r.start() <= r.end(), "{r:?}");
     }
-    let _ = policy::glob(spec, subject);
-    assert!(policy::glob(spec, spec), "{spec:?} does not match itself");
+    let _ = net::glob(spec, subject);
+    assert!(net::glob(spec, spec), "{spec:?} does not match itself");
     // regressions/policy/crash-ba0ebf5d...: a `*` in the pattern was taken as the literal `*`
     // of the text when both had one there, with no way back: glob("*", "*a") was false.
-    assert!(policy::glob("*", subject), "`*` does not match {subject:?}");
+    assert!(net::glob("*", subject), "`*` does not match {subject:?}");
 }
 
 // === config ===

@@ -182,7 +182,7 @@ pub fn no_proxy_matches(list: &str, host: &str, port: u16) -> bool {
                 .trim_start_matches('.')
                 .to_ascii_lowercase();
             match ip {
-                Some(ip) => crate::ssh::policy::Cidr::parse(&name).is_some_and(|c| c.contains(ip)),
+                Some(ip) => crate::net::Cidr::parse(&name).is_some_and(|c| c.contains(ip)),
                 None => host == name || host.ends_with(&format!(".{name}")),
             }
         })

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::upstream::ProxyVersion;
+use crate::proxy_protocol::ProxyVersion;
 
 /// A duration written like "500ms", "2s", "5m".
 #[derive(Debug, Clone, Copy, Deserialize)]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use crate::upstream::ProxyVersion;
+use crate::proxy_protocol::ProxyVersion;
 
 /// Where the embedded default listens.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
@@ -58,7 +58,7 @@ pub struct Config {
     pub embedded_ssh: SshSettings,
     /// Load balancers whose PROXY protocol header (v1 or v2) is accepted; from anyone else a
     /// header is refused.
-    pub trusted_proxies: Vec<crate::ssh::policy::Cidr>,
+    pub trusted_proxies: Vec<crate::net::Cidr>,
     /// Whether a connection from `trusted_proxies` must start with a PROXY header.
     pub proxy_header: ProxyHeader,
     /// `[admin]`: where `/livez`, `/readyz` and `/metrics` are served; `None`: nowhere.
@@ -78,7 +78,7 @@ pub struct SshSettings {
     /// authorized_keys files (OpenSSH format, with options and cert-authority lines).
     pub authorized_keys: Vec<ConfigPath>,
     /// Targets `-W`/`-L`/`-J` may reach. Empty: none (deny by default).
-    pub permit_open: Vec<crate::ssh::policy::PermitOpen>,
+    pub permit_open: Vec<crate::net::PermitOpen>,
     /// Where `-R` listeners bind.
     pub listen_address: std::net::IpAddr,
     /// Ports `-R` may bind.
@@ -98,7 +98,7 @@ pub struct SshSettings {
     /// Keepalive interval; three unanswered ones end the session.
     pub keepalive_interval: Duration,
     /// Client addresses whose failed logins are never penalised (see `ssh::penalty`).
-    pub penalty_exempt: Vec<crate::ssh::policy::Cidr>,
+    pub penalty_exempt: Vec<crate::net::Cidr>,
 }
 
 impl Default for SshSettings {
@@ -905,7 +905,7 @@ impl Validator<'_> {
         }
         if let Some(list) = &raw.trusted_proxies {
             for c in list.get_ref() {
-                match crate::ssh::policy::Cidr::parse(c.get_ref()) {
+                match crate::net::Cidr::parse(c.get_ref()) {
                     Some(cidr) => cfg.trusted_proxies.push(cidr),
                     None => {
                         return self.err(
@@ -953,8 +953,7 @@ impl Validator<'_> {
             .collect::<Result<_, _>>()?;
         for p in &raw.permit_open {
             s.permit_open.push(
-                crate::ssh::policy::PermitOpen::parse(p.get_ref())
-                    .or_else(|m| self.err(p.span(), m))?,
+                crate::net::PermitOpen::parse(p.get_ref()).or_else(|m| self.err(p.span(), m))?,
             );
         }
         if let Some(a) = &raw.listen_address {
@@ -963,7 +962,7 @@ impl Validator<'_> {
             })?;
         }
         if let Some(r) = &raw.listen_ports {
-            s.listen_ports = crate::ssh::policy::parse_port_range(r.get_ref()).map_or_else(
+            s.listen_ports = crate::net::parse_port_range(r.get_ref()).map_or_else(
                 || {
                     self.err(
                         r.span(),
@@ -988,7 +987,7 @@ impl Validator<'_> {
         }
         for c in &raw.penalty_exempt {
             s.penalty_exempt
-                .push(crate::ssh::policy::Cidr::parse(c.get_ref()).map_or_else(
+                .push(crate::net::Cidr::parse(c.get_ref()).map_or_else(
                     || {
                         self.err(
                             c.span(),

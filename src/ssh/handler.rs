@@ -18,8 +18,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::forward;
-use super::policy::{Cidr, KeyPermitOpen, PermitListen};
+use super::policy::{KeyPermitOpen, PermitListen};
 use super::{SshServer, TUNNELS_ONLY};
+use crate::net::{Cidr, HostMatch};
 
 /// What an authenticated client may do, from its key line or certificate.
 #[derive(Debug, Clone)]
@@ -641,7 +642,7 @@ impl russh::server::Handler for Conn {
         let by_name = rules.iter().any(|p| p.allows_name(host, port));
         let by_addr_possible = rules
             .iter()
-            .any(|p| matches!(p.host, super::policy::HostMatch::Net(_)) && p.port.matches(port));
+            .any(|p| matches!(p.host, HostMatch::Net(_)) && p.port.matches(port));
         if !by_name && !by_addr_possible {
             deny("not in ssh.permit_open");
             reply

@@ -9,8 +9,8 @@ use russh::keys::ssh_key::public::KeyData;
 use russh::keys::PublicKey;
 
 use super::authorized_keys::{self, AuthorizedKey, Skipped};
+use super::tz::SystemTz;
 use crate::config::{ConfigError, ConfigPath};
-use crate::sys::SystemTz;
 
 /// All keys from all files, split into login keys and certificate authorities.
 #[derive(Debug, Default)]

@@ -13,6 +13,7 @@ mod hostkey;
 mod keys;
 pub mod penalty;
 pub mod policy;
+mod tz;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ use crate::config::{ConfigError, SshSettings};
 
 pub use hostkey::{host_key_path, load_or_create_host_key, HostKeyError};
 pub use keys::KeyStore;
+pub use tz::SystemTz;
 
 /// The message shells, commands and subsystems get.
 pub const TUNNELS_ONLY: &str =

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::policy::{unmap, Cidr};
+use crate::net::{unmap, Cidr};
 
 /// Added to a source's penalty by each failed connection (OpenSSH: `authfail:5s`).
 pub const AUTHFAIL: Duration = Duration::from_secs(5);

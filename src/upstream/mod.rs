@@ -1,7 +1,5 @@
 //! Upstream connections: resolve at connect time, try each address, one deadline for all.
 
-mod proxy_header;
-
 use std::io;
 use std::net::SocketAddr;
 
@@ -9,11 +7,6 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::Upstream;
-
-pub use proxy_header::{
-    decode as decode_proxy_header, decode_v2, encode as encode_proxy_header, Decoded, DecodedV2,
-    ProxyVersion, MAX_HEADER as MAX_PROXY_HEADER, V2_SIGNATURE,
-};
 
 /// Why an upstream could not be reached.
 #[derive(Debug, thiserror::Error)]

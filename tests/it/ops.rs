@@ -630,7 +630,7 @@ async fn proxy_reporting_upstream() -> (SocketAddr, tokio::sync::mpsc::Unbounded
             if s.read_exact(&mut buf[16..]).await.is_err() {
                 return;
             }
-            let h = sluice::upstream::decode_v2(&buf).expect("a PROXY v2 header first");
+            let h = sluice::proxy_protocol::decode_v2(&buf).expect("a PROXY v2 header first");
             let _ = tx.send(h.src);
             let _ = s.write_all(b"ok").await;
             let mut rest = Vec::new();
@@ -656,8 +656,8 @@ async fn proxy_protocol_in_from_trusted_addresses_only() {
     let d = Daemon::start_raw(&text("127.0.0.0/8")).await;
     // v1 and v2 headers: the upstream hears the client from the header.
     let mut v2 = Vec::new();
-    sluice::upstream::encode_proxy_header(
-        sluice::upstream::ProxyVersion::V2,
+    sluice::proxy_protocol::encode(
+        sluice::proxy_protocol::ProxyVersion::V2,
         "[2001:db8::9]:4444".parse().unwrap(),
         "[2001:db8::1]:443".parse().unwrap(),
         &mut v2,
@@ -710,7 +710,7 @@ async fn proxy_protocol_in_from_trusted_addresses_only() {
         assert_eq!(got, want.parse::<SocketAddr>().unwrap());
     }
     // A LOCAL header (the balancer's own health check) uses the socket's addresses.
-    let mut local = sluice::upstream::V2_SIGNATURE.to_vec();
+    let mut local = sluice::proxy_protocol::V2_SIGNATURE.to_vec();
     local.extend_from_slice(&[0x20, 0x00, 0, 0]);
     let mut s = TcpStream::connect(d.addr).await.unwrap();
     s.write_all(&[local, b"SSH-2.0-hc\r\n".to_vec()].concat())
@@ -775,8 +775,8 @@ async fn proxy_protocol_in_from_trusted_addresses_only() {
     let d = Daemon::start_raw(&text("10.0.0.0/8")).await;
     for header in [b"PROXY TCP4 203.0.113.9 192.0.2.1 5555 443\r\n".to_vec(), {
         let mut h = Vec::new();
-        sluice::upstream::encode_proxy_header(
-            sluice::upstream::ProxyVersion::V2,
+        sluice::proxy_protocol::encode(
+            sluice::proxy_protocol::ProxyVersion::V2,
             "203.0.113.9:1".parse().unwrap(),
             "192.0.2.1:443".parse().unwrap(),
             &mut h,

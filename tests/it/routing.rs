@@ -263,7 +263,7 @@ async fn proxy_v2_header_carries_the_client_address() {
         async move {
             let mut buf = vec![0u8; 28];
             s.read_exact(&mut buf).await.unwrap();
-            let h = sluice::upstream::decode_v2(&buf).expect("a PROXY v2 header first");
+            let h = sluice::proxy_protocol::decode_v2(&buf).expect("a PROXY v2 header first");
             let mut rest = vec![0u8; 6];
             s.read_exact(&mut rest).await.unwrap();
             tx.send((h, rest)).unwrap();
