@@ -15,10 +15,11 @@ use crate::builtin;
 use crate::config::{ProxyHeader, Route, RouteKind};
 use crate::detect::{self, Candidates, Protocol, Verdict};
 use crate::io::Prefixed;
-use crate::listen::{ClientSlot, Shared, Snapshot};
 use crate::proxy_protocol;
 use crate::relay::{self, End};
 use crate::route::{self, Decision, RoutedBy};
+use crate::server::limits::ClientSlot;
+use crate::server::shared::{Shared, Snapshot};
 use crate::tls;
 use crate::upstream;
 

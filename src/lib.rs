@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML file, validated into a [`config::Config`].
-//! - [`listen`]: sockets, the accept loop, limits and graceful shutdown ([`listen::Server`]).
+//! - [`server`]: sockets, the accept loop, limits, reload and graceful shutdown ([`server::Server`]).
 //! - `conn`: one connection from accept to close: outer detection, TLS, inner detection,
 //!   routing, the target, one log line.
 //! - [`detect`]: the pure, incremental protocol classifier.
@@ -29,13 +29,13 @@ pub mod config;
 mod conn;
 pub mod detect;
 pub mod io;
-pub mod listen;
 pub mod metrics;
 pub mod net;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod resolve;
 pub mod route;
+pub mod server;
 pub mod ssh;
 pub mod state;
 pub mod sys;

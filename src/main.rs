@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::config::{Config, ConfigError};
-use sluice::listen::{ServeError, Server};
+use sluice::server::{ServeError, Server};
 use sluice::tls::TlsError;
 use tracing::{error, info};
 
@@ -568,7 +568,7 @@ fn announce(server: &Server, cfg: &Config) {
 /// SIGHUP re-reads the config file, the certificates and the authorized keys; a reload that
 /// fails anywhere changes nothing. systemd hears RELOADING=1 then READY=1 either way.
 fn reload_on_sighup(
-    reloader: sluice::listen::Reloader,
+    reloader: sluice::server::Reloader,
     readiness: sluice::admin::Readiness,
     mut hup: tokio::signal::unix::Signal,
 ) {

@@ -1,0 +1,29 @@
+//! Why the server could not start.
+
+use std::io;
+use std::net::SocketAddr;
+
+use crate::tls::TlsError;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Certificates or TLS settings are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The embedded SSH server could not start.
+    #[error(transparent)]
+    Ssh(#[from] crate::ssh::SshError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Sockets passed by systemd are unusable.
+    #[error(transparent)]
+    Activation(#[from] crate::systemd::ActivationError),
+}

@@ -1,0 +1,228 @@
+//! The server: sockets, the accept loop, connection limits and graceful shutdown.
+//!
+//! [`Server::bind`] loads everything that can fail (certificates, sockets) before serving;
+//! [`Server::run`] accepts until its shutdown future resolves, then drains open connections
+//! for `shutdown_grace` and closes what is left. `accept` holds the per-core workers and the
+//! accept loop with admission, `reload` the snapshot building and the certificate watch,
+//! `limits` the per-client counts, `shared` what connections see of the server.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::admin::{Liveness, Readiness};
+use crate::config::Config;
+use crate::tls::{self, CertStore};
+
+mod accept;
+mod error;
+pub(crate) mod limits;
+mod reload;
+pub(crate) mod shared;
+
+use accept::{bind, spawn_acceptors};
+pub use error::ServeError;
+use limits::{PerClient, Throttle};
+pub use reload::Reloader;
+use reload::{build_snapshot, cert_digest};
+use shared::Shared;
+
+/// A bound, ready server.
+pub struct Server {
+    listeners: Vec<TcpListener>,
+    admin: Option<TcpListener>,
+    readiness: Readiness,
+    liveness: Liveness,
+    shared: Arc<Shared>,
+    reloader: Reloader,
+    activated: bool,
+}
+
+impl Server {
+    /// Loads certificates and keys and binds every listen address (or takes the sockets
+    /// systemd passed); nothing is served yet.
+    pub async fn bind(cfg: Config, state_dir: PathBuf) -> Result<Server, ServeError> {
+        crate::sys::raise_nofile_limit();
+        let certs = Arc::new(CertStore::new(tls::load_certs(&cfg, &state_dir)?));
+        let force_close = CancellationToken::new();
+        let ticketer = tls::ticketer()?;
+        let snapshot = build_snapshot(
+            cfg.clone(),
+            &certs,
+            &ticketer,
+            &state_dir,
+            &force_close,
+            None,
+        )?;
+        let inherited = crate::systemd::inherited_listeners()?;
+        let activated = !inherited.is_empty();
+        let mut listeners = Vec::new();
+        if activated {
+            for l in inherited {
+                listeners.push(TcpListener::from_std(l).map_err(|source| ServeError::Bind {
+                    addr: cfg.listen[0],
+                    source,
+                })?);
+            }
+        } else {
+            for addr in &cfg.listen {
+                let l = bind(*addr).map_err(|source| ServeError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+                listeners.push(l);
+            }
+        }
+        let admin = match cfg.admin {
+            Some(addr) => {
+                Some(crate::admin::bind(addr).map_err(|source| ServeError::Bind { addr, source })?)
+            }
+            None => None,
+        };
+        crate::resolve::configure(&cfg.dns);
+        let shared = Arc::new(Shared {
+            unrouted: Arc::new(PerClient::new(cfg.limits.max_unrouted_per_ip)),
+            per_client: Arc::new(PerClient::new(cfg.limits.max_connections_per_ip)),
+            pipes: crate::relay::splice::PipePool::new(cfg.limits.splice_pipes as usize),
+            limits: cfg.limits.clone(),
+            limits_threads: cfg.threads,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            next_id: AtomicU64::new(1),
+            force_close,
+            refusals: Throttle::new(),
+            failures: Throttle::new(),
+        });
+        let reloader = Reloader {
+            shared: shared.clone(),
+            certs,
+            state_dir,
+            cert_digest: Arc::new(tokio::sync::Mutex::new(cert_digest(&cfg))),
+            started: Arc::new(cfg),
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+            ticketer,
+        };
+        Ok(Server {
+            listeners,
+            admin,
+            readiness: Readiness::ready(),
+            liveness: Liveness::default(),
+            shared,
+            reloader,
+            activated,
+        })
+    }
+
+    /// The addresses actually bound (port 0 resolved).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Whether the listening sockets came from systemd (socket activation).
+    pub fn socket_activated(&self) -> bool {
+        self.activated
+    }
+
+    /// The admin listener's address, if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The certificates in force.
+    pub fn certs(&self) -> Arc<CertStore> {
+        self.reloader.certs.clone()
+    }
+
+    /// Re-reads config, certificates and keys on request (SIGHUP) or when files change.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// Cancelling this token closes every open connection at once (e.g. on a second SIGTERM).
+    pub fn force_close_token(&self) -> CancellationToken {
+        self.shared.force_close.clone()
+    }
+
+    /// `/readyz` turns 503 when this is set to draining.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// Whether the connection-serving runtimes are alive (for `/livez` and the watchdog).
+    pub fn liveness(&self) -> Liveness {
+        self.liveness.clone()
+    }
+
+    /// The embedded SSH server new connections get, if the ssh route uses it.
+    pub fn ssh(&self) -> Option<Arc<crate::ssh::SshServer>> {
+        self.shared.snapshot.load().ssh.clone()
+    }
+
+    /// The state directory in use.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.reloader.state_dir
+    }
+
+    /// Serves until `shutdown` resolves, then drains for `shutdown_grace` and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let stop_accepting = CancellationToken::new();
+        let stop_admin = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(self.shared.limits.max_connections as usize));
+        let accepting = spawn_acceptors(
+            self.listeners,
+            &self.shared,
+            &stop_accepting,
+            &tracker,
+            &limit,
+            &self.liveness,
+        );
+        if let Some(admin) = self.admin {
+            tokio::spawn(crate::admin::serve(
+                admin,
+                self.readiness.clone(),
+                self.liveness.clone(),
+                stop_admin.clone(),
+            ));
+        }
+        self.reloader.watch_certs(stop_accepting.clone());
+        shutdown.await;
+        self.readiness.set_draining();
+        stop_accepting.cancel();
+        accepting.stopped().await;
+        tracker.close();
+        let grace = self.shared.snapshot.load().cfg.shutdown_grace;
+        let open = tracker.len();
+        info!(open_connections = open, grace = %humantime::format_duration(grace), "shutting down: no new connections; open ones may finish");
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(
+                open_connections = tracker.len(),
+                "shutdown grace over: closing the remaining connections"
+            );
+            self.shared.force_close.cancel();
+            if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    open_connections = tracker.len(),
+                    "connections still open after close; exiting anyway"
+                );
+            }
+        }
+        stop_admin.cancel();
+        info!("stopped");
+    }
+}

@@ -1,0 +1,49 @@
+//! What a connection sees of the running server: the snapshot it is served with and the
+//! shared counters and limits. `conn` depends on this, not on the server.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::tls::{self};
+
+use super::limits::{PerClient, Throttle};
+
+/// What new connections are served with: replaced whole by a reload, while open connections
+/// keep the one they started with.
+pub(crate) struct Snapshot {
+    pub(crate) cfg: Config,
+    /// The TLS config offering the routes' ALPN ids.
+    pub(crate) tls: Arc<rustls::ServerConfig>,
+    /// The same without ALPN, for clients whose ALPN list matches none of ours: they are
+    /// routed by SNI or by their first bytes instead of failing the handshake.
+    pub(crate) tls_no_alpn: Arc<rustls::ServerConfig>,
+    /// The embedded SSH server, when the ssh route has no upstream.
+    pub(crate) ssh: Option<Arc<crate::ssh::SshServer>>,
+    /// `tls.client_ca`'s verifier, to re-verify client certificates of resumed sessions.
+    pub(crate) client_verifier: Option<tls::ClientVerifier>,
+}
+
+/// Shared state of a running server.
+pub(crate) struct Shared {
+    /// Config, TLS and SSH for new connections.
+    pub(crate) snapshot: ArcSwap<Snapshot>,
+    /// Limits fixed at start (a reload does not resize them).
+    pub(crate) limits: crate::config::Limits,
+    /// `threads` at start.
+    pub(crate) limits_threads: Option<u32>,
+    /// Connections per client still in handshake or detection.
+    pub(crate) unrouted: Arc<PerClient>,
+    /// All connections per client.
+    pub(crate) per_client: Arc<PerClient>,
+    pub(crate) next_id: AtomicU64,
+    /// Cancelled when the shutdown grace runs out: open connections close.
+    pub(crate) force_close: CancellationToken,
+    /// Pipes for splicing plain legs.
+    pub(crate) pipes: Arc<crate::relay::splice::PipePool>,
+    pub(crate) refusals: Throttle,
+    pub(crate) failures: Throttle,
+}
