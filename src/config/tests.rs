@@ -1,6 +1,12 @@
 //! Config parsing and validation from strings.
 
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use super::validate::expand_env;
 use super::*;
+use crate::proxy_protocol::ProxyVersion;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::parse(

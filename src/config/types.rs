@@ -1,0 +1,358 @@
+//! The validated configuration's types and defaults.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::proxy_protocol::ProxyVersion;
+
+use super::error::Location;
+
+/// Where the embedded default listens.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+pub(super) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub(super) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(super) const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+pub(super) const MINUTE: Duration = Duration::from_secs(60);
+pub(super) const DAY: Duration = Duration::from_secs(86_400);
+pub(super) const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+pub(super) const DEFAULT_MAX_UNROUTED_PER_IP: u32 = 64;
+pub(super) const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 256;
+pub(super) const DEFAULT_SPLICE_PIPES: u32 = 64;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, if any.
+    pub source: Option<PathBuf>,
+    /// Addresses to listen on.
+    pub listen: Vec<SocketAddr>,
+    /// Where generated state (the self-signed certificate, host keys) lives, if set explicitly.
+    pub state_dir: Option<PathBuf>,
+    /// How long open connections may finish after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// Threads that accept and serve connections; `None`: one per CPU.
+    pub threads: Option<u32>,
+    /// TLS settings.
+    pub tls: TlsSettings,
+    /// Detection settings.
+    pub detect: DetectSettings,
+    /// Connection limits.
+    pub limits: Limits,
+    /// The HTTP route.
+    pub http: Route,
+    /// The SSH route.
+    pub ssh: Route,
+    /// `[ssh]`: the embedded SSH server (used when the ssh route has no upstream).
+    pub embedded_ssh: SshSettings,
+    /// Load balancers whose PROXY protocol header (v1 or v2) is accepted; from anyone else a
+    /// header is refused.
+    pub trusted_proxies: Vec<crate::net::Cidr>,
+    /// Whether a connection from `trusted_proxies` must start with a PROXY header.
+    pub proxy_header: ProxyHeader,
+    /// `[admin]`: where `/livez`, `/readyz` and `/metrics` are served; `None`: nowhere.
+    pub admin: Option<SocketAddr>,
+    /// `[dns]`: name servers and timeout for upstream and forward-target names.
+    pub dns: crate::resolve::DnsSettings,
+}
+
+/// The admin listener's address when `[admin]` sets none.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
+/// `[ssh]`: the embedded SSH server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SshSettings {
+    /// The Ed25519 host key; `None`: `ssh_host_ed25519_key` in the state directory.
+    pub host_key: Option<PathBuf>,
+    /// authorized_keys files (OpenSSH format, with options and cert-authority lines).
+    pub authorized_keys: Vec<ConfigPath>,
+    /// Targets `-W`/`-L`/`-J` may reach. Empty: none (deny by default).
+    pub permit_open: Vec<crate::net::PermitOpen>,
+    /// Where `-R` listeners bind.
+    pub listen_address: std::net::IpAddr,
+    /// Ports `-R` may bind.
+    pub listen_ports: std::ops::RangeInclusive<u16>,
+    /// Where `ssh -R /name:...` sockets go; `None`: `sockets` in the state directory.
+    pub socket_dir: Option<PathBuf>,
+    /// Deadline for connecting to a `-W`/`-L` target.
+    pub connect_timeout: Duration,
+    /// How long a client may take to authenticate.
+    pub auth_timeout: Duration,
+    /// Authentication attempts per connection.
+    pub max_auth_attempts: u32,
+    /// Open channels per session.
+    pub max_channels: u32,
+    /// `-R` forwards per session.
+    pub max_forwards: u32,
+    /// Keepalive interval; three unanswered ones end the session.
+    pub keepalive_interval: Duration,
+    /// Client addresses whose failed logins are never penalised (see `ssh::penalty`).
+    pub penalty_exempt: Vec<crate::net::Cidr>,
+}
+
+impl Default for SshSettings {
+    fn default() -> Self {
+        SshSettings {
+            host_key: None,
+            authorized_keys: Vec::new(),
+            permit_open: Vec::new(),
+            listen_address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            listen_ports: 20000..=25000,
+            socket_dir: None,
+            connect_timeout: Duration::from_secs(10),
+            auth_timeout: Duration::from_secs(30),
+            max_auth_attempts: 6,
+            max_channels: 32,
+            max_forwards: 8,
+            keepalive_interval: Duration::from_secs(30),
+            penalty_exempt: Vec::new(),
+        }
+    }
+}
+
+/// A path from the config file, with where it was written (for errors found when loading it).
+#[derive(Debug, Clone)]
+pub struct ConfigPath {
+    /// The resolved path.
+    pub path: PathBuf,
+    /// Where the key stands in the file.
+    pub at: Location,
+}
+
+/// Two config paths are the same when they name the same file, wherever they were written.
+impl PartialEq for ConfigPath {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path
+    }
+}
+
+/// The certificate and key served by default.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    /// PEM files named in `[tls]`.
+    Files {
+        /// The certificate chain, leaf first.
+        cert: ConfigPath,
+        /// The private key (PKCS#8, PKCS#1 or SEC1).
+        key: ConfigPath,
+    },
+    /// A self-signed certificate made on first start in the state directory.
+    SelfSigned,
+}
+
+/// An extra certificate chosen by SNI.
+#[derive(Debug, Clone)]
+pub struct SniCert {
+    /// Server names it is served for (exact, or `*.example.com`).
+    pub names: Vec<String>,
+    /// The certificate chain.
+    pub cert: ConfigPath,
+    /// The private key.
+    pub key: ConfigPath,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// The default certificate.
+    pub cert: CertSource,
+    /// Extra certificates by SNI.
+    pub sni: Vec<SniCert>,
+    /// Deadline for the whole TLS handshake.
+    pub handshake_timeout: Duration,
+    /// CA certificates for client certificates; clients may present one, routes may require it.
+    pub client_ca: Option<ConfigPath>,
+    /// How often certificate files are checked for new content (besides inotify and SIGHUP).
+    pub poll_interval: Duration,
+}
+
+/// What to do with a connection that detection could not place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// Send it to this route.
+    Route(RouteKind),
+    /// Close it.
+    Close,
+}
+
+impl fmt::Display for Fallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fallback::Route(r) => f.write_str(r.as_str()),
+            Fallback::Close => f.write_str("close"),
+        }
+    }
+}
+
+/// `[detect]`.
+#[derive(Debug, Clone)]
+pub struct DetectSettings {
+    /// How long to wait for the client's first bytes.
+    pub timeout: Duration,
+    /// Where a client that sends nothing within `timeout` goes.
+    pub on_timeout: Fallback,
+    /// Where bytes that match no protocol go.
+    pub on_unknown: Fallback,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Open connections at once, all phases.
+    pub max_connections: u32,
+    /// Connections per client IP (IPv6: per /64) still in handshake or detection.
+    pub max_unrouted_per_ip: u32,
+    /// Connections per client IP (IPv6: per /64), all phases.
+    pub max_connections_per_ip: u32,
+    /// Pipes for splice(2) on plain legs, two per connection; 0 turns splicing off.
+    pub splice_pipes: u32,
+}
+
+/// The two kinds of route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteKind {
+    /// HTTP (HTTP/1.x, and h2 when the upstream speaks it).
+    Http,
+    /// SSH.
+    Ssh,
+}
+
+impl RouteKind {
+    /// The route's name in the config and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Http => "http",
+            RouteKind::Ssh => "ssh",
+        }
+    }
+}
+
+/// What a connection from a trusted proxy must send first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyHeader {
+    /// A PROXY header, or the connection is closed. The default: otherwise any host in the
+    /// trusted range could connect directly, send its own header, and pick the client address
+    /// that limits, `from=`, `source-address` and lockouts see.
+    Required,
+    /// A header if one comes; without one, the socket's address stands (a range that holds both
+    /// load balancers and ordinary clients).
+    Optional,
+}
+
+impl ProxyHeader {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            ProxyHeader::Required => "required",
+            ProxyHeader::Optional => "optional",
+        }
+    }
+}
+
+/// What a route does with a connection that arrives without TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plaintext {
+    /// Serve it like a TLS one.
+    Accept,
+    /// Close it.
+    Reject,
+    /// HTTP only: answer with a 308 redirect to the same URL over https.
+    Redirect,
+}
+
+impl Plaintext {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Plaintext::Accept => "accept",
+            Plaintext::Reject => "reject",
+            Plaintext::Redirect => "redirect",
+        }
+    }
+}
+
+/// A backend reached over TCP.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// `host:port`, resolved at connect time.
+    pub addr: String,
+    /// PROXY protocol header to send first, if any.
+    pub proxy_protocol: Option<ProxyVersion>,
+    /// Deadline for the TCP connect (all resolved addresses together).
+    pub connect_timeout: Duration,
+}
+
+/// One route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Which route this is.
+    pub kind: RouteKind,
+    /// The backend; `None` means the built-in one (status page for http, embedded SSH server).
+    pub upstream: Option<Upstream>,
+    /// Plaintext policy.
+    pub plaintext: Plaintext,
+    /// SNI names bound to this route.
+    pub sni: Vec<String>,
+    /// ALPN protocol names that select this route (and are offered in the handshake).
+    pub alpn: Vec<String>,
+    /// Close a relayed connection after this long without bytes in either direction.
+    pub idle_timeout: Duration,
+    /// The same once one direction has finished (a half-closed connection); at most
+    /// `idle_timeout` applies.
+    pub half_closed_timeout: Duration,
+    /// Only TLS clients with a certificate from `tls.client_ca` reach this route.
+    pub require_client_cert: bool,
+}
+
+impl Route {
+    /// The relay's idle limits on this route.
+    pub fn idle(&self) -> crate::relay::Idle {
+        crate::relay::Idle {
+            open: self.idle_timeout,
+            half_closed: self.half_closed_timeout,
+        }
+    }
+
+    pub(super) fn default_for(kind: RouteKind) -> Route {
+        Route {
+            kind,
+            upstream: None,
+            plaintext: Plaintext::Accept,
+            sni: Vec::new(),
+            alpn: default_alpn(kind, false),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            half_closed_timeout: crate::relay::HALF_CLOSED_IDLE,
+            require_client_cert: false,
+        }
+    }
+
+    /// Where the route sends connections, for logs and `sluice check`.
+    pub fn target_description(&self) -> String {
+        match (&self.upstream, self.kind) {
+            (Some(u), _) => {
+                let mut s = format!(
+                    "upstream {} (connect timeout {}",
+                    u.addr,
+                    humantime::format_duration(u.connect_timeout)
+                );
+                if let Some(p) = u.proxy_protocol {
+                    s.push_str(&format!(", PROXY {}", p.as_str()));
+                }
+                s.push(')');
+                s
+            }
+            (None, RouteKind::Http) => "built-in status page".to_string(),
+            (None, RouteKind::Ssh) => "embedded SSH server".to_string(),
+        }
+    }
+}
+
+pub(super) fn default_alpn(kind: RouteKind, h2: bool) -> Vec<String> {
+    match kind {
+        RouteKind::Http if h2 => vec!["h2".into(), "http/1.1".into()],
+        RouteKind::Http => vec!["http/1.1".into()],
+        RouteKind::Ssh => vec!["ssh".into()],
+    }
+}

@@ -1,0 +1,560 @@
+//! From the serde shape (`file`) to a validated [`Config`](super::Config): every value
+//! checked, relative paths resolved, `${VAR}` expanded, each error at its key.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::error::{locate, ConfigError, Location};
+use super::file;
+use super::types::*;
+
+/// Replaces each `${NAME}` in `text` with the variable's value; an unset or empty variable,
+/// or an unclosed `${`, is an error naming it.
+pub(super) fn expand_env(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("`${{` without a closing `}}` in `{text}`"));
+        };
+        let name = &after[..end];
+        match lookup(name).filter(|v| !v.is_empty()) {
+            Some(v) => out.push_str(&v.to_string_lossy()),
+            None => {
+                return Err(format!(
+                    "`${{{name}}}` is not set{}",
+                    if name == "CREDENTIALS_DIRECTORY" {
+                        " (systemd sets it for units with LoadCredential=)"
+                    } else {
+                        ""
+                    }
+                ))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+pub(super) struct Validator<'a> {
+    pub(super) text: &'a str,
+    pub(super) file: Option<&'a Path>,
+    pub(super) base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn loc(&self, span: Range<usize>) -> Location {
+        locate(self.text, span)
+    }
+
+    fn err<T>(&self, span: Range<usize>, message: impl Into<String>) -> Result<T, ConfigError> {
+        Err(ConfigError::at(self.file, &self.loc(span), message))
+    }
+
+    /// A path, `${VAR}` expanded from the environment (systemd's `${CREDENTIALS_DIRECTORY}`,
+    /// `${STATE_DIRECTORY}`), relative ones resolved against the config file's directory.
+    fn path(&self, p: &Spanned<PathBuf>) -> Result<ConfigPath, ConfigError> {
+        let expanded = match p.get_ref().to_str() {
+            Some(text) if text.contains("${") => PathBuf::from(
+                expand_env(text, |v| std::env::var_os(v)).or_else(|m| self.err(p.span(), m))?,
+            ),
+            _ => p.get_ref().clone(),
+        };
+        let path = if expanded.is_absolute() {
+            expanded
+        } else {
+            self.base.join(expanded)
+        };
+        Ok(ConfigPath {
+            path,
+            at: self.loc(p.span()),
+        })
+    }
+
+    pub(super) fn validate(&self, raw: file::File) -> Result<Config, ConfigError> {
+        let mut cfg = Config::embedded_default();
+        cfg.source = self.file.map(Path::to_path_buf);
+
+        if let Some(listen) = &raw.listen {
+            if listen.get_ref().is_empty() {
+                return self.err(
+                    listen.span(),
+                    "needs at least one address, e.g. [\"0.0.0.0:443\", \"[::]:443\"]",
+                );
+            }
+            cfg.listen.clear();
+            for a in listen.get_ref() {
+                match a.get_ref().parse::<SocketAddr>() {
+                    Ok(addr) => cfg.listen.push(addr),
+                    Err(_) => {
+                        return self.err(a.span(), format!("`{}` is not an IP address and port, e.g. \"0.0.0.0:443\" or \"[::]:443\"", a.get_ref()))
+                    }
+                }
+            }
+        }
+        cfg.state_dir = match &raw.state_dir {
+            Some(p) => Some(self.path(p)?.path),
+            None => None,
+        };
+        if let Some(g) = &raw.shutdown_grace {
+            cfg.shutdown_grace = self.duration(g, Duration::ZERO, DAY)?;
+        }
+        if let Some(t) = &raw.threads {
+            if !(1..=1024).contains(t.get_ref()) {
+                return self.err(t.span(), "must be between 1 and 1024");
+            }
+            cfg.threads = Some(*t.get_ref());
+        }
+
+        if let Some(tls) = &raw.tls {
+            let t = tls.get_ref();
+            cfg.tls.cert = match (&t.cert, &t.key) {
+                (Some(c), Some(k)) => CertSource::Files {
+                    cert: self.path(c)?,
+                    key: self.path(k)?,
+                },
+                (None, None) => CertSource::SelfSigned,
+                (Some(_), None) | (None, Some(_)) => {
+                    return self.err(
+                        tls.span(),
+                        "set both `cert` and `key`, or neither for a self-signed certificate",
+                    )
+                }
+            };
+            if let Some(h) = &t.handshake_timeout {
+                cfg.tls.handshake_timeout = self.duration(h, MIN_TIMEOUT, 5 * MINUTE)?;
+            }
+            if let Some(p) = &t.poll_interval {
+                cfg.tls.poll_interval =
+                    self.duration(p, Duration::from_millis(100), 60 * MINUTE)?;
+            }
+            cfg.tls.client_ca = match &t.client_ca {
+                Some(p) => Some(self.path(p)?),
+                None => None,
+            };
+            let mut seen = std::collections::HashSet::new();
+            for s in &t.sni {
+                let sc = s.get_ref();
+                if sc.names.get_ref().is_empty() {
+                    return self.err(sc.names.span(), "list at least one server name");
+                }
+                let mut names = Vec::new();
+                for n in sc.names.get_ref() {
+                    let name = self.server_name(n)?;
+                    if !seen.insert(name.clone()) {
+                        return self.err(
+                            n.span(),
+                            format!("`{name}` is already listed for another certificate"),
+                        );
+                    }
+                    names.push(name);
+                }
+                cfg.tls.sni.push(SniCert {
+                    names,
+                    cert: self.path(&sc.cert)?,
+                    key: self.path(&sc.key)?,
+                });
+            }
+        }
+
+        if let Some(t) = &raw.detect.timeout {
+            cfg.detect.timeout = self.duration(t, MIN_TIMEOUT, 5 * MINUTE)?;
+        }
+        if let Some(f) = &raw.detect.on_timeout {
+            cfg.detect.on_timeout = self.fallback(f)?;
+        }
+        if let Some(f) = &raw.detect.on_unknown {
+            cfg.detect.on_unknown = self.fallback(f)?;
+        }
+
+        if let Some(m) = &raw.limits.max_connections {
+            if *m.get_ref() == 0 {
+                return self.err(m.span(), "must be at least 1");
+            }
+            cfg.limits.max_connections = *m.get_ref();
+        }
+        if let Some(m) = &raw.limits.max_unrouted_per_ip {
+            if *m.get_ref() == 0 {
+                return self.err(m.span(), "must be at least 1");
+            }
+            cfg.limits.max_unrouted_per_ip = *m.get_ref();
+        }
+        if let Some(m) = &raw.limits.splice_pipes {
+            cfg.limits.splice_pipes = *m.get_ref();
+        }
+        if let Some(m) = &raw.limits.max_connections_per_ip {
+            if *m.get_ref() == 0 {
+                return self.err(m.span(), "must be at least 1");
+            }
+            cfg.limits.max_connections_per_ip = *m.get_ref();
+        }
+
+        if let Some(r) = &raw.routes.http {
+            cfg.http = self.route(RouteKind::Http, r)?;
+        }
+        if let Some(r) = &raw.routes.ssh {
+            cfg.ssh = self.route(RouteKind::Ssh, r)?;
+        }
+        for r in [&raw.routes.http, &raw.routes.ssh].into_iter().flatten() {
+            if let Some(req) = r.require_client_cert.as_ref().filter(|v| *v.get_ref()) {
+                if cfg.tls.client_ca.is_none() {
+                    return self.err(
+                        req.span(),
+                        "needs [tls] client_ca, the CA that signs client certificates",
+                    );
+                }
+            }
+        }
+        // An SNI name or ALPN id bound to both routes would make the choice arbitrary.
+        for n in &cfg.http.sni {
+            if cfg.ssh.sni.contains(n) {
+                let span = raw
+                    .routes
+                    .ssh
+                    .as_ref()
+                    .and_then(|r| r.sni.iter().find(|s| s.get_ref() == n))
+                    .map(|s| s.span());
+                return self.err(
+                    span.unwrap_or(0..0),
+                    format!("server name `{n}` is bound to both routes"),
+                );
+            }
+        }
+        for p in &cfg.http.alpn {
+            if cfg.ssh.alpn.contains(p) {
+                let span = raw
+                    .routes
+                    .ssh
+                    .as_ref()
+                    .and_then(|r| r.alpn.as_ref())
+                    .map(|s| s.span());
+                return self.err(
+                    span.unwrap_or(0..0),
+                    format!("ALPN `{p}` is bound to both routes"),
+                );
+            }
+        }
+        if let Some(ssh) = &raw.ssh {
+            if cfg.ssh.upstream.is_some() {
+                return self.err(ssh.span(), "[ssh] configures the embedded SSH server, but [routes.ssh] sends SSH to an upstream");
+            }
+            cfg.embedded_ssh = self.ssh(ssh.get_ref())?;
+        }
+        if let Some(dns) = &raw.dns {
+            let dns = dns.get_ref();
+            for s in &dns.servers {
+                let text = s.get_ref();
+                let addr = text.parse::<SocketAddr>().ok().or_else(|| {
+                    text.parse::<std::net::IpAddr>()
+                        .ok()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                });
+                match addr {
+                    Some(a) => cfg.dns.servers.push(a),
+                    None => {
+                        return self.err(
+                            s.span(),
+                            format!("`{text}` is not a name server address, e.g. \"10.0.0.2\" or \"127.0.0.1:5353\""),
+                        )
+                    }
+                }
+            }
+            if let Some(t) = &dns.timeout {
+                cfg.dns.timeout = self.duration(t, MIN_TIMEOUT, MINUTE)?;
+            }
+        }
+        if let Some(p) = &raw.proxy_header {
+            cfg.proxy_header = match p.get_ref().as_str() {
+                "required" => ProxyHeader::Required,
+                "optional" => ProxyHeader::Optional,
+                other => {
+                    return self.err(
+                        p.span(),
+                        format!("`{other}` is not a PROXY header policy; expected \"required\" or \"optional\""),
+                    )
+                }
+            };
+            if raw.trusted_proxies.is_none() {
+                return self.err(
+                    p.span(),
+                    "proxy_header applies to trusted_proxies, which is not set",
+                );
+            }
+        }
+        if let Some(list) = &raw.trusted_proxies {
+            for c in list.get_ref() {
+                match crate::net::Cidr::parse(c.get_ref()) {
+                    Some(cidr) => cfg.trusted_proxies.push(cidr),
+                    None => {
+                        return self.err(
+                            c.span(),
+                            format!(
+                                "`{}` is not an address or CIDR, e.g. \"10.0.0.0/8\"",
+                                c.get_ref()
+                            ),
+                        )
+                    }
+                }
+            }
+        }
+        if let Some(admin) = &raw.admin {
+            cfg.admin = Some(match &admin.get_ref().listen {
+                Some(l) => l.get_ref().parse().or_else(|_| {
+                    self.err(
+                        l.span(),
+                        format!(
+                            "`{}` is not an IP address and port, e.g. \"127.0.0.1:9090\"",
+                            l.get_ref()
+                        ),
+                    )
+                })?,
+                None => DEFAULT_ADMIN_LISTEN
+                    .parse()
+                    .expect("constant address parses"),
+            });
+        }
+        Ok(cfg)
+    }
+
+    fn ssh(&self, raw: &file::Ssh) -> Result<SshSettings, ConfigError> {
+        let mut s = SshSettings {
+            host_key: match &raw.host_key {
+                Some(p) => Some(self.path(p)?.path),
+                None => None,
+            },
+            ..SshSettings::default()
+        };
+        s.authorized_keys = raw
+            .authorized_keys
+            .iter()
+            .map(|p| self.path(p))
+            .collect::<Result<_, _>>()?;
+        for p in &raw.permit_open {
+            s.permit_open.push(
+                crate::net::PermitOpen::parse(p.get_ref()).or_else(|m| self.err(p.span(), m))?,
+            );
+        }
+        if let Some(a) = &raw.listen_address {
+            s.listen_address = a.get_ref().parse().or_else(|_| {
+                self.err(a.span(), format!("`{}` is not an IP address", a.get_ref()))
+            })?;
+        }
+        if let Some(r) = &raw.listen_ports {
+            s.listen_ports = crate::net::parse_port_range(r.get_ref()).map_or_else(
+                || {
+                    self.err(
+                        r.span(),
+                        format!("`{}` is not a port range like \"20000-25000\"", r.get_ref()),
+                    )
+                },
+                Ok,
+            )?;
+        }
+        s.socket_dir = match &raw.socket_dir {
+            Some(p) => Some(self.path(p)?.path),
+            None => None,
+        };
+        if let Some(t) = &raw.connect_timeout {
+            s.connect_timeout = self.duration(t, MIN_TIMEOUT, 10 * MINUTE)?;
+        }
+        if let Some(t) = &raw.auth_timeout {
+            s.auth_timeout = self.duration(t, Duration::from_secs(1), 10 * MINUTE)?;
+        }
+        if let Some(t) = &raw.keepalive_interval {
+            s.keepalive_interval = self.duration(t, Duration::from_secs(1), 60 * MINUTE)?;
+        }
+        for c in &raw.penalty_exempt {
+            s.penalty_exempt
+                .push(crate::net::Cidr::parse(c.get_ref()).map_or_else(
+                    || {
+                        self.err(
+                            c.span(),
+                            format!("`{}` is not an address or CIDR", c.get_ref()),
+                        )
+                    },
+                    Ok,
+                )?);
+        }
+        if raw.max_auth_failures_per_ip.is_some() {
+            tracing::warn!(
+                "ssh.max_auth_failures_per_ip is deprecated and has no effect: failed logins no longer lock an address out, they slow its later failures down (a key that verifies always gets in); ssh.penalty_exempt lists addresses never slowed. Remove the setting."
+            );
+        }
+        for (v, slot) in [
+            (&raw.max_auth_attempts, &mut s.max_auth_attempts),
+            (&raw.max_channels, &mut s.max_channels),
+            (&raw.max_forwards, &mut s.max_forwards),
+        ] {
+            if let Some(v) = v {
+                if *v.get_ref() == 0 {
+                    return self.err(v.span(), "must be at least 1");
+                }
+                *slot = *v.get_ref();
+            }
+        }
+        Ok(s)
+    }
+
+    /// A duration within `[min, max]`; bounds keep deadlines meaningful and `Instant` math safe.
+    fn duration(
+        &self,
+        d: &Spanned<file::Dur>,
+        min: Duration,
+        max: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let v = d.get_ref().0;
+        if v < min || v > max {
+            let fmt = |d: Duration| humantime::format_duration(d).to_string();
+            return self.err(
+                d.span(),
+                format!(
+                    "{} is out of range: use {} to {}",
+                    fmt(v),
+                    fmt(min),
+                    fmt(max)
+                ),
+            );
+        }
+        Ok(v)
+    }
+
+    fn fallback(&self, f: &Spanned<String>) -> Result<Fallback, ConfigError> {
+        match f.get_ref().as_str() {
+            "ssh" => Ok(Fallback::Route(RouteKind::Ssh)),
+            "http" => Ok(Fallback::Route(RouteKind::Http)),
+            "close" => Ok(Fallback::Close),
+            other => self.err(
+                f.span(),
+                format!("`{other}` is not a route; expected \"ssh\", \"http\" or \"close\""),
+            ),
+        }
+    }
+
+    fn server_name(&self, n: &Spanned<String>) -> Result<String, ConfigError> {
+        let name = n.get_ref().trim_end_matches('.').to_ascii_lowercase();
+        let plain = name.strip_prefix("*.").unwrap_or(&name);
+        let ok = !plain.is_empty()
+            && plain.len() <= 253
+            && plain.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            return self.err(
+                n.span(),
+                format!(
+                    "`{}` is not a DNS name (wildcards only as `*.example.com`)",
+                    n.get_ref()
+                ),
+            );
+        }
+        Ok(name)
+    }
+
+    fn route(&self, kind: RouteKind, r: &file::Route) -> Result<Route, ConfigError> {
+        let mut route = Route::default_for(kind);
+        if let Some(u) = &r.upstream {
+            let addr = u.get_ref().trim();
+            let valid = match addr.rsplit_once(':') {
+                Some((host, port)) => {
+                    !host.is_empty()
+                        && port.parse::<u16>().is_ok_and(|p| p != 0)
+                        && (!host.contains(':') || host.starts_with('['))
+                }
+                None => false,
+            };
+            if !valid {
+                return self.err(u.span(), format!("`{addr}` is not host:port, e.g. \"127.0.0.1:8080\", \"[::1]:22\" or \"backend.internal:8080\""));
+            }
+            route.upstream = Some(Upstream {
+                addr: addr.to_string(),
+                proxy_protocol: r.proxy_protocol.as_ref().map(|p| *p.get_ref()),
+                connect_timeout: match &r.connect_timeout {
+                    Some(t) => self.duration(t, MIN_TIMEOUT, 10 * MINUTE)?,
+                    None => DEFAULT_CONNECT_TIMEOUT,
+                },
+            });
+        } else if let Some(span) = r
+            .proxy_protocol
+            .as_ref()
+            .map(|p| p.span())
+            .or(r.connect_timeout.as_ref().map(|t| t.span()))
+        {
+            return self.err(span, "only applies to an `upstream`, and none is set");
+        }
+        if let Some(t) = &r.idle_timeout {
+            route.idle_timeout = self.duration(t, MIN_TIMEOUT, 30 * DAY)?;
+        }
+        if let Some(t) = &r.half_closed_timeout {
+            route.half_closed_timeout = self.duration(t, MIN_TIMEOUT, 30 * DAY)?;
+        }
+        if let Some(p) = &r.plaintext {
+            route.plaintext = match (p.get_ref().as_str(), kind) {
+                ("accept", _) => Plaintext::Accept,
+                ("reject", _) => Plaintext::Reject,
+                ("redirect", RouteKind::Http) => Plaintext::Redirect,
+                ("redirect", RouteKind::Ssh) => return self.err(p.span(), "\"redirect\" is for the http route only; use \"accept\" or \"reject\""),
+                (other, _) => return self.err(p.span(), format!("`{other}` is not a plaintext policy; expected \"accept\", \"reject\" or \"redirect\"")),
+            };
+        }
+        if let Some(req) = r.require_client_cert.as_ref().filter(|v| *v.get_ref()) {
+            route.require_client_cert = true;
+            // Without TLS there is no certificate: plaintext would walk around the requirement.
+            match &r.plaintext {
+                None => route.plaintext = Plaintext::Reject,
+                Some(p) if route.plaintext != Plaintext::Reject => return self.err(
+                    p.span(),
+                    "a route that requires client certificates takes no plaintext; use \"reject\"",
+                ),
+                Some(_) => {}
+            }
+            let _ = req;
+        }
+        for n in &r.sni {
+            route.sni.push(self.server_name(n)?);
+        }
+        match kind {
+            RouteKind::Http => {
+                if let Some(a) = &r.alpn {
+                    return self.err(a.span(), "the http route's ALPN is http/1.1 (and h2 with `h2 = true`); it is not configurable");
+                }
+                let h2 = r.h2.as_ref().is_some_and(|h| *h.get_ref());
+                if h2 && route.upstream.is_none() {
+                    let span = r.h2.as_ref().map(|h| h.span()).unwrap_or(0..0);
+                    return self.err(span, "h2 needs an `upstream` that speaks HTTP/2; the built-in status page speaks HTTP/1.1 only");
+                }
+                route.alpn = default_alpn(kind, h2);
+            }
+            RouteKind::Ssh => {
+                if let Some(h) = &r.h2 {
+                    return self.err(h.span(), "h2 is for the http route only");
+                }
+                if let Some(a) = &r.alpn {
+                    route.alpn.clear();
+                    for p in a.get_ref() {
+                        let v = p.get_ref();
+                        if v.is_empty() || v.len() > 255 {
+                            return self.err(p.span(), "an ALPN id is 1 to 255 bytes");
+                        }
+                        if v == "http/1.1" || v == "h2" {
+                            return self.err(p.span(), format!("`{v}` is HTTP's ALPN id"));
+                        }
+                        route.alpn.push(v.clone());
+                    }
+                }
+            }
+        }
+        Ok(route)
+    }
+}
