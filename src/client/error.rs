@@ -1,0 +1,34 @@
+//! Why `sluice connect` failed, and the exit code each failure maps to.
+
+/// Why the helper failed; each maps to a sysexits code.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// A file named in the arguments (a CA bundle) is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The server could not be reached.
+    #[error("{0}")]
+    Unavailable(String),
+    /// TLS failed: verification or protocol.
+    #[error("{0}")]
+    Tls(String),
+    /// Reading or writing the streams failed after connecting.
+    #[error("{0}")]
+    Io(String),
+}
+
+impl ConnectError {
+    /// The sysexits code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ConnectError::Usage(_) => 64,
+            ConnectError::Unavailable(_) => 69,
+            ConnectError::Io(_) => 74,
+            ConnectError::Tls(_) => 76,
+            ConnectError::Config(_) => 78,
+        }
+    }
+}
