@@ -1,5 +1,7 @@
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -13,6 +15,24 @@ fn client_hello(cert: &TestCert) -> Vec<u8> {
     conn.write_tls(&mut out).unwrap();
     assert!(out.len() > 100 && out[0] == 0x16);
     out
+}
+
+/// Whether a TLS client with ALPN `ssh` gets the fake sshd's banner through `addr` (within
+/// 5 s); `false` when the connection is refused or closed instead.
+async fn serves_banner(addr: SocketAddr, cert: &TestCert) -> bool {
+    let attempt = async {
+        let tcp = TcpStream::connect(addr).await.ok()?;
+        let connector = tokio_rustls::TlsConnector::from(client_config(cert, &["ssh"]));
+        let name = ServerName::try_from("localhost").ok()?;
+        let mut tls = connector.connect(name, tcp).await.ok()?;
+        let mut got = vec![0u8; BANNER.len()];
+        tls.read_exact(&mut got).await.ok()?;
+        Some(got == BANNER)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), attempt).await,
+        Ok(Some(true))
+    )
 }
 
 /// The daemon still answers a normal TLS client.

@@ -146,24 +146,6 @@ pub fn until_sync(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Whether a TLS client with ALPN `ssh` gets the fake sshd's banner through `addr` (within
-/// 5 s); `false` when the connection is refused or closed instead.
-pub async fn serves_banner(addr: SocketAddr, cert: &TestCert) -> bool {
-    let attempt = async {
-        let tcp = TcpStream::connect(addr).await.ok()?;
-        let connector = tokio_rustls::TlsConnector::from(client_config(cert, &["ssh"]));
-        let name = ServerName::try_from("localhost").ok()?;
-        let mut tls = connector.connect(name, tcp).await.ok()?;
-        let mut got = vec![0u8; BANNER.len()];
-        tls.read_exact(&mut got).await.ok()?;
-        Some(got == BANNER)
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), attempt).await,
-        Ok(Some(true))
-    )
-}
-
 /// Builds a rustls client config trusting `cert`, offering `alpn`.
 pub fn client_config(cert: &TestCert, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
