@@ -15,8 +15,9 @@ use crate::builtin;
 use crate::config::{ProxyHeader, Route, RouteKind};
 use crate::detect::{self, Candidates, Protocol, Verdict};
 use crate::io::Prefixed;
+use crate::outcome::{Answer, Outcome, Side};
 use crate::proxy_protocol;
-use crate::relay::{self, End};
+use crate::relay;
 use crate::route::{self, Decision, RoutedBy};
 use crate::server::limits::ClientSlot;
 use crate::server::shared::{Shared, Snapshot};
@@ -70,18 +71,27 @@ struct ConnLog {
     bytes: relay::Bytes,
     /// Which relay core moved the bytes: `splice` or `copy`.
     relay: Option<&'static str>,
-    outcome: String,
+    /// Set by whichever phase ends the connection.
+    outcome: Option<Outcome>,
     /// Failures before routing (scanners, junk) are logged through a throttle.
     noisy: bool,
 }
 
 impl ConnLog {
     fn emit(&self, shared: &Shared) {
+        debug_assert!(
+            self.outcome.is_some(),
+            "connection {} ended without an outcome",
+            self.id
+        );
+        let outcome = self.outcome.as_ref().unwrap_or(&Outcome::Closed);
         let m = crate::metrics::get();
         m.connections
             .get_or_create(&crate::metrics::ConnLabels {
                 route: self.route.map_or("none", RouteKind::as_str),
                 routed_by: self.by.map_or("none", RoutedBy::as_str),
+                end: outcome.kind().as_str(),
+                side: outcome.side().as_str(),
             })
             .inc();
         // Only throttled lines say how many similar ones were dropped before them.
@@ -109,7 +119,9 @@ impl ConnLog {
             bytes_down = self.bytes.down,
             relay = self.relay.unwrap_or("-"),
             duration_ms = self.start.elapsed().as_millis() as u64,
-            outcome = %self.outcome,
+            end = outcome.kind().as_str(),
+            side = outcome.side().as_str(),
+            outcome = %outcome,
             suppressed_similar = suppressed,
             "connection closed"
         );
@@ -268,7 +280,7 @@ pub(crate) async fn handle(
         target: None,
         bytes: relay::Bytes::default(),
         relay: None,
-        outcome: String::new(),
+        outcome: None,
         noisy: false,
     };
     let force = shared.force_close.clone();
@@ -285,8 +297,8 @@ pub(crate) async fn handle(
             }
         }
     }
-    if cut && log.outcome.is_empty() {
-        log.outcome = "closed at shutdown".into();
+    if cut && log.outcome.is_none() {
+        log.outcome = Some(Outcome::Shutdown);
     }
     log.emit(shared);
 }
@@ -328,7 +340,7 @@ async fn serve(
         ),
         Peek::Error(e) => {
             log.noisy = true;
-            log.outcome = format!("client error: {e}");
+            log.outcome = Some(Outcome::Io(Side::Client, e));
             return;
         }
     };
@@ -383,16 +395,13 @@ async fn handshake_and_route(
         Ok(Err(e)) => {
             crate::metrics::get().tls_handshake_failures.inc();
             log.noisy = true;
-            log.outcome = format!("TLS handshake failed: {e}");
+            log.outcome = Some(Outcome::TlsFailed(e));
             return None;
         }
         Err(_) => {
             crate::metrics::get().tls_handshake_failures.inc();
             log.noisy = true;
-            log.outcome = format!(
-                "TLS handshake timed out after {}",
-                humantime::format_duration(cfg.tls.handshake_timeout)
-            );
+            log.outcome = Some(Outcome::TlsTimeout(cfg.tls.handshake_timeout));
             return None;
         }
     };
@@ -427,7 +436,7 @@ async fn handshake_and_route(
             ),
             Peek::Error(e) => {
                 log.noisy = true;
-                log.outcome = format!("client error: {e}");
+                log.outcome = Some(Outcome::Io(Side::Client, e));
                 return None;
             }
         }
@@ -447,9 +456,7 @@ async fn handshake_and_route(
                         Ok(()) => Decision::Route(k),
                         Err(e) => {
                             log.noisy = true;
-                            log.outcome = format!(
-                                "closed: the resumed session's client certificate no longer verifies: {e}"
-                            );
+                            log.outcome = Some(Outcome::CertRejected(e.to_string()));
                             close(&mut tls).await;
                             return None;
                         }
@@ -468,6 +475,15 @@ async fn handshake_and_route(
         decision,
         h2,
     })
+}
+
+/// The outcome of one of sluice's own answers, sent under a deadline.
+fn answered(what: Answer, sent: Result<io::Result<()>, tokio::time::error::Elapsed>) -> Outcome {
+    match sent {
+        Ok(Ok(())) => Outcome::Answered(what),
+        Ok(Err(e)) => Outcome::AnswerFailed(what, Some(e)),
+        Err(_) => Outcome::AnswerFailed(what, None),
+    }
 }
 
 /// Sends a routed connection to its target. `prefix` holds client bytes already read.
@@ -490,22 +506,20 @@ async fn dispatch<S>(
         Decision::Redirect => {
             log.route = Some(RouteKind::Http);
             log.target = Some("redirect to https".into());
-            log.outcome = match timeout_at(
-                reply_deadline + CLOSE_TIMEOUT,
-                Box::pin(builtin::redirect(client, &prefix, reply_deadline)),
-            )
-            .await
-            {
-                Ok(Ok(())) => "redirected to https".into(),
-                Ok(Err(e)) => format!("redirect failed: {e}"),
-                Err(_) => "redirect failed: client too slow".into(),
-            };
+            log.outcome = Some(answered(
+                Answer::Redirect,
+                timeout_at(
+                    reply_deadline + CLOSE_TIMEOUT,
+                    Box::pin(builtin::redirect(client, &prefix, reply_deadline)),
+                )
+                .await,
+            ));
             close(client).await;
             return;
         }
         Decision::Close(why) => {
             log.noisy = true;
-            log.outcome = format!("closed: {why}");
+            log.outcome = Some(Outcome::Refused(Side::Client, why));
             close(client).await;
             return;
         }
@@ -516,28 +530,26 @@ async fn dispatch<S>(
         match kind {
             RouteKind::Http => {
                 log.target = Some("status page".into());
-                log.outcome = match timeout_at(
-                    reply_deadline + CLOSE_TIMEOUT,
-                    Box::pin(builtin::status_page(client, &prefix, reply_deadline)),
-                )
-                .await
-                {
-                    Ok(Ok(())) => "served status page".into(),
-                    Ok(Err(e)) => format!("status page not served: {e}"),
-                    Err(_) => "status page not served: client too slow".into(),
-                };
+                log.outcome = Some(answered(
+                    Answer::StatusPage,
+                    timeout_at(
+                        reply_deadline + CLOSE_TIMEOUT,
+                        Box::pin(builtin::status_page(client, &prefix, reply_deadline)),
+                    )
+                    .await,
+                ));
                 close(client).await;
             }
             RouteKind::Ssh => {
                 log.target = Some("embedded ssh".into());
                 let Some(ssh) = &cx.snap.ssh else {
-                    log.outcome = "closed: no embedded SSH server".into();
+                    log.outcome = Some(Outcome::Refused(Side::Internal, "no embedded SSH server"));
                     close(client).await;
                     return;
                 };
                 // russh reads the stream itself: no relay, the peeked bytes replayed first.
                 let (counted, counts) = crate::io::Counted::new(Prefixed::new(prefix, stream));
-                log.outcome = Box::pin(ssh.serve(counted, log.peer)).await;
+                log.outcome = Some(Outcome::Ssh(Box::pin(ssh.serve(counted, log.peer)).await));
                 log.bytes = counts.get();
             }
         }
@@ -554,7 +566,7 @@ async fn dispatch<S>(
                 })
                 .inc();
             warn!(id = log.id, peer = %log.peer, route = kind.as_str(), error = %e, "upstream unreachable");
-            log.outcome = format!("upstream unreachable: {e}");
+            log.outcome = Some(Outcome::UpstreamUnreachable(e.to_string()));
             if kind == RouteKind::Http && !h2 {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, builtin::bad_gateway(client)).await;
             }
@@ -570,7 +582,7 @@ async fn dispatch<S>(
     first.extend_from_slice(&prefix);
     if !first.is_empty() {
         if let Err(e) = server.write_all(&first).await {
-            log.outcome = format!("upstream error: {e}");
+            log.outcome = Some(Outcome::Io(Side::Upstream, e));
             return;
         }
         crate::metrics::get().relayed(true, prefix.len() as u64);
@@ -606,8 +618,5 @@ async fn dispatch<S>(
         up: bytes.up + prefix.len() as u64,
         down: bytes.down,
     };
-    log.outcome = match end {
-        End::Closed => "closed".into(),
-        other => other.to_string(),
-    };
+    log.outcome = Some(end.into());
 }

@@ -8,6 +8,7 @@
 //! - [`detect`]: the pure, incremental protocol classifier.
 //! - [`route`]: pure routing decisions from ALPN, SNI and detected protocol.
 //! - [`tls`]: certificates (PEM, self-signed, SNI) and the rustls server config.
+//! - [`outcome`]: how a connection ended and which side ended it (log line and metrics).
 //! - [`relay`]: the two-way copy with half-close, idle timeout and byte counts.
 //! - [`upstream`]: connecting to backends.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers, encoded and decoded (pure).
@@ -31,6 +32,7 @@ pub mod detect;
 pub mod io;
 pub mod metrics;
 pub mod net;
+pub mod outcome;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod resolve;

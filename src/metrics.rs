@@ -19,6 +19,10 @@ pub struct ConnLabels {
     pub route: &'static str,
     /// `alpn`, `sni`, `peek`, `timeout`, `plaintext` or `none`.
     pub routed_by: &'static str,
+    /// How it ended: `closed`, `refused`, `timeout`, `error` or `shutdown`.
+    pub end: &'static str,
+    /// Who ended it: `client`, `upstream` or `internal`.
+    pub side: &'static str,
 }
 
 /// A direction of relayed bytes.
@@ -137,7 +141,7 @@ impl Metrics {
         };
         registry.register(
             "connections",
-            "Connections closed, by route and by how they were routed",
+            "Connections closed, by route, how they were routed, how they ended and who ended them",
             m.connections.clone(),
         );
         registry.register(
@@ -265,12 +269,16 @@ mod tests {
             .get_or_create(&ConnLabels {
                 route: "ssh",
                 routed_by: "alpn",
+                end: "closed",
+                side: "client",
             })
             .inc();
         m.reload("config", false);
         let text = m.encode();
         assert!(
-            text.contains("sluice_connections_total{route=\"ssh\",routed_by=\"alpn\"} 1"),
+            text.contains(
+                "sluice_connections_total{route=\"ssh\",routed_by=\"alpn\",end=\"closed\",side=\"client\"} 1"
+            ),
             "{text}"
         );
         assert!(

@@ -141,6 +141,19 @@ impl fmt::Display for End {
     }
 }
 
+impl From<End> for crate::outcome::Outcome {
+    fn from(end: End) -> Self {
+        use crate::outcome::{Outcome, Side as By};
+        match end {
+            End::Closed => Outcome::Closed,
+            End::IdleTimeout => Outcome::IdleTimeout,
+            End::Shutdown => Outcome::Shutdown,
+            End::Error(Side::Client, e) => Outcome::Io(By::Client, e),
+            End::Error(Side::Upstream, e) => Outcome::Io(By::Upstream, e),
+        }
+    }
+}
+
 /// One direction of the copy.
 #[derive(Default)]
 struct Half {

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{ConfigError, SshSettings};
+use crate::outcome::SshEnd;
 
 pub use hostkey::{host_key_path, load_or_create_host_key, HostKeyError};
 pub use keys::KeyStore;
@@ -128,8 +129,8 @@ impl SshServer {
     }
 
     /// Runs one SSH connection to its end. `peer` is the real client address (for `from=`,
-    /// `source-address` and logs). Returns a short outcome for the connection log.
-    pub async fn serve<S>(self: &Arc<Self>, stream: S, peer: SocketAddr) -> String
+    /// `source-address` and logs). Returns how it ended, for the connection log.
+    pub async fn serve<S>(self: &Arc<Self>, stream: S, peer: SocketAddr) -> SshEnd
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -156,10 +157,10 @@ impl SshServer {
         .await
         {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return format!("ssh handshake failed: {e}"),
+            Ok(Err(e)) => return SshEnd::HandshakeFailed(e.to_string()),
             // run_stream returns once the client's banner line is in: past it, a stall is
             // the key exchange's or authentication's (see ConnState::stalled_at).
-            Err(_) => return "ssh handshake timed out: no client banner".into(),
+            Err(_) => return SshEnd::NoBanner,
         };
         let handle = session.handle();
         let auth_deadline = tokio::time::sleep_until(auth_deadline);
@@ -167,6 +168,7 @@ impl SshServer {
         tokio::pin!(session);
         let mut auth_watch = true;
         let mut timed_out = false;
+        let mut stopped = false;
         let result = loop {
             tokio::select! {
                 r = &mut session => break r,
@@ -179,14 +181,17 @@ impl SshServer {
                     }
                 }
                 () = self.stop.cancelled() => {
+                    stopped = true;
                     say_goodbye(&handle, &kill, "sluice is shutting down");
                     let _ = tokio::time::timeout(GOODBYE + Duration::from_secs(1), &mut session).await;
                     break Ok(());
                 }
             }
         };
+        let mut refused = false;
         if !authenticated.load(Ordering::Acquire) {
             if let Some((user, what, reason)) = state.last_failure() {
+                refused = true;
                 warn!(target: "sluice::ssh::auth", "Failed publickey for {user} from {} port {} ssh2: {what}: {reason}", peer.ip(), peer.port());
                 let now = tokio::time::Instant::now();
                 let exempt = &self.settings.penalty_exempt;
@@ -205,13 +210,20 @@ impl SshServer {
                     .inc();
             }
         }
-        let mut who = state.describe();
+        let who = state.describe();
         if timed_out {
-            who = format!("{who}: authentication timed out {}", state.stalled_at());
-        }
-        match result {
-            Ok(()) => format!("ssh session ended{who}"),
-            Err(e) => format!("ssh session ended{who}: {e}"),
+            SshEnd::AuthTimeout {
+                who,
+                stalled: state.stalled_at(),
+            }
+        } else if stopped {
+            SshEnd::Shutdown { who }
+        } else {
+            SshEnd::Ended {
+                who,
+                refused,
+                error: result.err().map(|e| e.to_string()),
+            }
         }
     }
 }

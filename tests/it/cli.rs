@@ -433,6 +433,8 @@ fn json_logs_one_line_per_connection() {
     assert_eq!(v["bytes_up"], 14, "{line}");
     assert_eq!(v["bytes_down"], 14, "{line}");
     assert_eq!(v["outcome"], "closed", "{line}");
+    assert_eq!(v["end"], "closed", "{line}");
+    assert_eq!(v["side"], "client", "{line}");
     assert!(
         v["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
         "{line}"

@@ -541,11 +541,15 @@ fn admin_endpoint_metrics_and_readyz_during_drain() {
         if sample(&after, "sluice_tls_handshake_failures_total") >= 1.0
             && sample(
                 &after,
-                "sluice_connections_total{route=\"ssh\",routed_by=\"plaintext\"}",
+                "sluice_connections_total{route=\"none\",routed_by=\"none\",end=\"error\",side=\"client\"}",
             ) >= 1.0
             && sample(
                 &after,
-                "sluice_connections_total{route=\"http\",routed_by=\"alpn\"}",
+                "sluice_connections_total{route=\"ssh\",routed_by=\"plaintext\",end=\"closed\",side=\"client\"}",
+            ) >= 1.0
+            && sample(
+                &after,
+                "sluice_connections_total{route=\"http\",routed_by=\"alpn\",end=\"closed\",side=\"client\"}",
             ) >= 1.0
             && sample(&after, "sluice_connections_active") == 0.0
         {
@@ -555,14 +559,19 @@ fn admin_endpoint_metrics_and_readyz_during_drain() {
     }
     let moved = |name: &str| sample(&after, name) - sample(&before, name);
     assert_eq!(
-        moved("sluice_connections_total{route=\"http\",routed_by=\"alpn\"}"),
+        moved("sluice_connections_total{route=\"http\",routed_by=\"alpn\",end=\"closed\",side=\"client\"}"),
         1.0
     );
     assert_eq!(
-        moved("sluice_connections_total{route=\"ssh\",routed_by=\"plaintext\"}"),
+        moved("sluice_connections_total{route=\"ssh\",routed_by=\"plaintext\",end=\"closed\",side=\"client\"}"),
         1.0
     );
     assert_eq!(moved("sluice_tls_handshake_failures_total"), 1.0);
+    // The junk handshake: closed unrouted, an error on the client's side.
+    assert_eq!(
+        moved("sluice_connections_total{route=\"none\",routed_by=\"none\",end=\"error\",side=\"client\"}"),
+        1.0
+    );
     assert!(moved("sluice_bytes_total{direction=\"from_client\"}") >= 1017.0);
     assert!(moved("sluice_bytes_total{direction=\"to_client\"}") >= 1017.0);
     assert!(moved("sluice_detect_seconds_count") >= 2.0);

@@ -409,6 +409,10 @@ async fn a_silent_dns_server_fails_the_lookup_at_its_timeout() {
         .find(|l| l.contains("connection closed"))
         .unwrap();
     assert!(line.contains("cannot resolve app.sluice.test:80"), "{line}");
+    assert!(
+        line.contains(r#" end="error" side="upstream" "#),
+        "the failure is the upstream's: {line}"
+    );
     crate::cli::sigterm(&d.child);
     crate::cli::wait_exit(&mut d.child, Duration::from_secs(10));
 }
