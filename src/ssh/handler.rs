@@ -10,31 +10,16 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use russh::keys::ssh_key::certificate::CertType;
-use russh::keys::{Algorithm, Certificate, HashAlg, PublicKey};
+use russh::keys::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::auth::{self, Denial, Grant};
 use super::forward;
-use super::policy::{KeyPermitOpen, PermitListen};
 use super::{SshServer, TUNNELS_ONLY};
-use crate::net::{Cidr, HostMatch};
-
-/// What an authenticated client may do, from its key line or certificate.
-#[derive(Debug, Clone)]
-pub(crate) struct Grant {
-    pub(crate) user: String,
-    /// How it authenticated, for logs: key fingerprint and origin, or certificate id.
-    pub(crate) label: String,
-    /// The fingerprint of the key that signed (a certificate's own key), `SHA256:...`.
-    pub(crate) key: String,
-    pub(crate) port_forwarding: bool,
-    pub(crate) permit_open: Option<Vec<KeyPermitOpen>>,
-    pub(crate) permit_listen: Option<Vec<PermitListen>>,
-    pub(crate) expires: Option<SystemTime>,
-}
+use crate::net::HostMatch;
 
 /// What the connection log line should say about the session, and how authentication went.
 #[derive(Default)]
@@ -162,12 +147,12 @@ impl Conn {
     /// A rejected attempt: remembered for the one line logged when the connection ends
     /// unauthenticated (see `SshServer::serve`), in detail at debug level now. From a
     /// penalised source the answer waits (see `penalty`); the connection's end still cuts it.
-    async fn fail(&mut self, user: &str, what: &str, reason: &str) -> Auth {
+    async fn fail(&mut self, user: &str, denial: Denial) -> Auth {
         self.failures += 1;
-        let (user, what) = (super::clean(user), super::clean_text(what));
+        let (user, what) = (super::clean(user), super::clean_text(&denial.what));
         // Reasons quote certificate fields; those are escaped where they are quoted, this
         // keeps any other text to one line.
-        let reason = super::clean_text(reason);
+        let reason = super::clean_text(&denial.reason.to_string());
         debug!(target: "sluice::ssh::auth", peer = %self.peer, user, what, reason, "publickey attempt rejected");
         *self
             .state
@@ -269,19 +254,6 @@ fn socket_name_of(path: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
-fn fingerprint(key: &PublicKey) -> String {
-    key.fingerprint(HashAlg::Sha256).to_string()
-}
-
-fn alg_name(key: &PublicKey) -> String {
-    match key.algorithm() {
-        Algorithm::Ed25519 => "ED25519".into(),
-        Algorithm::Rsa { .. } => "RSA".into(),
-        Algorithm::Ecdsa { .. } => "ECDSA".into(),
-        other => other.to_string().to_uppercase(),
-    }
-}
-
 /// Time left until `t`, or `None` if it has passed.
 fn until(t: SystemTime) -> Option<Duration> {
     t.duration_since(SystemTime::now())
@@ -311,32 +283,11 @@ impl russh::server::Handler for Conn {
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         self.state.attempts.fetch_add(1, Ordering::AcqRel);
-        if *offer.algorithm == (Algorithm::Rsa { hash: None }) {
-            return Ok(self
-                .fail(
-                    user,
-                    &alg_name(offer.public_key),
-                    "ssh-rsa (SHA-1) signatures are not accepted",
-                )
-                .await);
-        }
         let keys = self.server.keys.current();
-        // A certificate is offered as its bare key: with any CA configured, decide after the
-        // signature, in auth_openssh_certificate.
-        if keys.has_cas() || keys.lines_for(offer.public_key).next().is_some() {
-            return Ok(Auth::Accept);
+        match auth::offer(&keys, offer.public_key, offer.algorithm) {
+            Ok(()) => Ok(Auth::Accept),
+            Err(d) => Ok(self.fail(user, d).await),
         }
-        Ok(self
-            .fail(
-                user,
-                &format!(
-                    "{} {}",
-                    alg_name(offer.public_key),
-                    fingerprint(offer.public_key)
-                ),
-                "key not authorized",
-            )
-            .await)
     }
 
     async fn auth_publickey(
@@ -345,34 +296,16 @@ impl russh::server::Handler for Conn {
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         let keys = self.server.keys.current();
-        let what = format!(
-            "{} {}",
-            alg_name(key.public_key),
-            fingerprint(key.public_key)
-        );
-        let mut reason = "key not authorized";
-        for line in keys.lines_for(key.public_key) {
-            let o = &line.options;
-            if o.from.as_ref().is_some_and(|f| !f.allows(self.peer.ip())) {
-                reason = "client address not allowed by from=";
-                continue;
-            }
-            if o.expiry.is_some_and(|e| until(e).is_none()) {
-                reason = "key expired (expiry-time)";
-                continue;
-            }
-            let grant = Grant {
-                user: user.to_string(),
-                label: format!("{what} ({})", line.origin),
-                key: fingerprint(key.public_key),
-                port_forwarding: o.port_forwarding,
-                permit_open: o.permit_open.clone(),
-                permit_listen: o.permit_listen.clone(),
-                expires: o.expiry,
-            };
-            return Ok(self.accept(grant, "publickey"));
+        match auth::authorize_key(
+            &keys,
+            user,
+            key.public_key,
+            self.peer.ip(),
+            SystemTime::now(),
+        ) {
+            Ok(grant) => Ok(self.accept(grant, "publickey")),
+            Err(d) => Ok(self.fail(user, d).await),
         }
-        Ok(self.fail(user, &what, reason).await)
     }
 
     async fn auth_openssh_certificate(
@@ -381,102 +314,10 @@ impl russh::server::Handler for Conn {
         cert: &Certificate,
     ) -> Result<Auth, Self::Error> {
         let keys = self.server.keys.current();
-        let ca_fp = cert.signature_key().fingerprint(HashAlg::Sha256);
-        let what = format!(
-            "certificate ID {} serial {} CA {ca_fp}",
-            super::clean(cert.key_id()),
-            cert.serial()
-        );
-        let mut reason = "certificate authority not trusted".to_string();
-        // SHA-1 CA signatures are refused, as OpenSSH does since 8.2 (CASignatureAlgorithms).
-        if cert.signature().algorithm() == (Algorithm::Rsa { hash: None }) {
-            return Ok(self
-                .fail(user, &what, "the CA signed with ssh-rsa (SHA-1)")
-                .await);
+        match auth::authorize_cert(&keys, user, cert, self.peer.ip(), SystemTime::now()) {
+            Ok(grant) => Ok(self.accept(grant, "certificate")),
+            Err(d) => Ok(self.fail(user, d).await),
         }
-        for ca in keys.cas_for(cert.signature_key()) {
-            let o = &ca.options;
-            if let Err(e) = cert.validate([&ca_fp]) {
-                reason = cert_invalid_reason(cert, SystemTime::now(), e);
-                continue;
-            }
-            if cert.cert_type() != CertType::User {
-                reason = "not a user certificate".into();
-                continue;
-            }
-            let principals = cert.valid_principals();
-            if principals.is_empty() {
-                reason = "certificate lists no principals".into();
-                continue;
-            }
-            let principal_ok = match &o.principals {
-                Some(allowed) => principals.iter().any(|p| allowed.contains(p)),
-                None => principals.iter().any(|p| p == user),
-            };
-            if !principal_ok {
-                let listed: Vec<String> = principals.iter().map(|p| super::clean(p)).collect();
-                reason = format!(
-                    "no principal of the certificate ({}) allowed for this login",
-                    listed.join(",")
-                );
-                continue;
-            }
-            if o.from.as_ref().is_some_and(|f| !f.allows(self.peer.ip())) {
-                reason = "client address not allowed by from= on the cert-authority line".into();
-                continue;
-            }
-            if o.expiry.is_some_and(|e| until(e).is_none()) {
-                reason = "cert-authority line expired (expiry-time)".into();
-                continue;
-            }
-            let mut critical_ok = Ok(());
-            for (name, value) in cert.critical_options().iter() {
-                match name.as_str() {
-                    "source-address" => {
-                        let ip = self.peer.ip();
-                        let allowed = value
-                            .split(',')
-                            .filter_map(|c| Cidr::parse(c.trim()))
-                            .any(|c| c.contains(ip));
-                        if !allowed {
-                            critical_ok = Err(format!(
-                                "client address not in source-address {}",
-                                super::clean(value)
-                            ));
-                        }
-                    }
-                    // sluice runs no commands: a forced command restricts nothing it offers.
-                    "force-command" => {}
-                    other => {
-                        critical_ok = Err(format!(
-                            "unsupported critical option {}",
-                            super::clean(other)
-                        ))
-                    }
-                }
-            }
-            if let Err(r) = critical_ok {
-                reason = r;
-                continue;
-            }
-            let forwarding =
-                o.port_forwarding && cert.extensions().contains_key("permit-port-forwarding");
-            let expires = match (cert.valid_before_time(), o.expiry) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let grant = Grant {
-                user: user.to_string(),
-                label: format!("{what} ({})", ca.origin),
-                key: cert.public_key().fingerprint(HashAlg::Sha256).to_string(),
-                port_forwarding: forwarding,
-                permit_open: o.permit_open.clone(),
-                permit_listen: o.permit_listen.clone(),
-                expires,
-            };
-            return Ok(self.accept(grant, "certificate"));
-        }
-        Ok(self.fail(user, &what, &reason).await)
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
@@ -810,25 +651,4 @@ impl russh::server::Handler for Conn {
             None => Ok(false),
         }
     }
-}
-
-/// Why `validate` refused a certificate signed by a trusted CA, in the words an operator
-/// looks for (sshd says "Certificate invalid: expired"). russh has checked its signature
-/// before the handler sees it, so a failure with the time in range is another one.
-fn cert_invalid_reason(
-    cert: &Certificate,
-    now: SystemTime,
-    e: russh::keys::ssh_key::Error,
-) -> String {
-    let stamp = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
-    if let Some(after) = cert.valid_after_time().filter(|a| now < *a) {
-        return format!(
-            "certificate not valid: not yet valid (from {})",
-            stamp(after)
-        );
-    }
-    if let Some(before) = cert.valid_before_time().filter(|b| now >= *b) {
-        return format!("certificate not valid: expired (at {})", stamp(before));
-    }
-    format!("certificate not valid: {e}")
 }

@@ -20,6 +20,12 @@ pub struct KeySet {
 }
 
 impl KeySet {
+    /// The set of these lines: `cert-authority` lines are CAs, the rest log in themselves.
+    pub(crate) fn from_keys(lines: Vec<AuthorizedKey>) -> KeySet {
+        let (cas, keys) = lines.into_iter().partition(|k| k.options.cert_authority);
+        KeySet { keys, cas }
+    }
+
     /// Lines (in file order) that authorize this key to log in itself.
     pub fn lines_for<'a>(
         &'a self,
@@ -102,7 +108,7 @@ fn read_all(
     source: Option<&Path>,
     missing_is_empty: bool,
 ) -> Result<(KeySet, Vec<Skipped>, Digests), ConfigError> {
-    let mut set = KeySet::default();
+    let mut lines = Vec::new();
     let mut skipped = Vec::new();
     let mut digests = Vec::new();
     for f in files {
@@ -126,16 +132,10 @@ fn read_all(
         };
         let (keys, bad) = authorized_keys::parse(&bytes, &f.path.display().to_string(), &SystemTz);
         skipped.extend(bad);
-        for k in keys {
-            warn_negated_names(&k);
-            if k.options.cert_authority {
-                set.cas.push(k);
-            } else {
-                set.keys.push(k);
-            }
-        }
+        keys.iter().for_each(warn_negated_names);
+        lines.extend(keys);
     }
-    Ok((set, skipped, digests))
+    Ok((KeySet::from_keys(lines), skipped, digests))
 }
 
 /// `from="!evil.example.org"` reads as "not from that host", but sluice does not resolve client

@@ -6,6 +6,7 @@
 //! `listen_ports` (or unix sockets under `socket_dir`). Shells and commands are refused with a
 //! message. Deny by default everywhere.
 
+mod auth;
 pub mod authorized_keys;
 mod forward;
 mod handler;
