@@ -3,7 +3,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::time::{timeout_at, Instant};
 use tracing::{info, warn};
 
-use super::handler::{ChannelCount, ChannelSlot};
+use super::limits::{ChannelCount, ChannelSlot};
 use super::SshServer;
 
 /// Name lookups in flight at once, across all sessions.
@@ -190,54 +189,6 @@ pub(crate) async fn reverse_tcp(
     }
 }
 
-/// The socket file name for `ssh -R /name:...`: the last path component, a safe name.
-pub(crate) fn socket_name(requested: &str) -> Option<String> {
-    let name = Path::new(requested).file_name()?.to_str()?;
-    let ok = !name.is_empty()
-        && name.len() <= 100
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    ok.then(|| name.to_string())
-}
-
-/// Binds the unix socket `name` at `path` for one session. Names are claimed in a registry in
-/// this process first, so two sessions cannot race for one name; a file left by a crashed
-/// run is replaced.
-pub(crate) fn bind_unix(
-    server: &SshServer,
-    name: &str,
-    path: &Path,
-) -> std::io::Result<UnixListener> {
-    let mut names = server
-        .socket_names
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if names.contains(name) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::AddrInUse,
-            "another session holds this socket",
-        ));
-    }
-    if path.exists() {
-        std::fs::remove_file(path)?;
-    }
-    let l = UnixListener::bind(path)?;
-    names.insert(name.to_string());
-    Ok(l)
-}
-
-/// Gives a socket name back: the file goes, then the name.
-pub(crate) fn release_unix(server: &SshServer, name: &str, path: &Path) {
-    let mut names = server
-        .socket_names
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    let _ = std::fs::remove_file(path);
-    names.remove(name);
-}
-
 /// Accepts on a `-R` unix socket and opens a forwarded channel for each connection.
 pub(crate) async fn reverse_unix(
     server: Arc<SshServer>,
@@ -272,23 +223,5 @@ pub(crate) async fn reverse_unix(
                 }
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn socket_names() {
-        assert_eq!(socket_name("/app.sock").as_deref(), Some("app.sock"));
-        assert_eq!(
-            socket_name("/x/y/preview-42_a.sock").as_deref(),
-            Some("preview-42_a.sock")
-        );
-        assert_eq!(socket_name("/.hidden"), None);
-        assert_eq!(socket_name("/a b"), None);
-        assert_eq!(socket_name("/"), None);
-        assert_eq!(socket_name("/.."), None);
     }
 }

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -18,6 +17,8 @@ use tracing::{debug, info, warn};
 
 use super::auth::{self, Denial, Grant};
 use super::forward;
+use super::limits::{ChannelCount, ChannelSlot};
+use super::sockets::{self, Claim};
 use super::{SshServer, TUNNELS_ONLY};
 use crate::net::HostMatch;
 
@@ -65,33 +66,6 @@ impl ConnState {
     }
 }
 
-/// Open channels of one connection, with the limit.
-pub(crate) struct ChannelCount {
-    open: AtomicU32,
-    max: u32,
-}
-
-impl ChannelCount {
-    /// Takes a slot, or `None` at the limit.
-    pub(crate) fn enter(self: &Arc<Self>) -> Option<ChannelSlot> {
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| ChannelSlot(self.clone()))
-    }
-}
-
-/// One open channel; dropping it frees the slot.
-pub(crate) struct ChannelSlot(Arc<ChannelCount>);
-
-impl Drop for ChannelSlot {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// One SSH connection.
 pub(crate) struct Conn {
     server: Arc<SshServer>,
@@ -108,7 +82,8 @@ pub(crate) struct Conn {
     /// Counts this session in `sluice_ssh_sessions_active` while it lives.
     session_gauge: Option<crate::metrics::GaugeGuard>,
     forwards: HashMap<(String, u32), JoinHandle<()>>,
-    sockets: HashMap<String, (JoinHandle<()>, PathBuf)>,
+    /// `-R /name` sockets by the path the client asked for; a claim unlinks on drop.
+    sockets: HashMap<String, (JoinHandle<()>, Claim)>,
     expiry: Option<JoinHandle<()>>,
     /// Cuts the connection (see `io::Killable`).
     kill: tokio_util::sync::CancellationToken,
@@ -131,10 +106,7 @@ impl Conn {
             pending: None,
             grant: None,
             failures: 0,
-            channels: Arc::new(ChannelCount {
-                open: AtomicU32::new(0),
-                max,
-            }),
+            channels: ChannelCount::new(max),
             session_channels: HashMap::new(),
             session_gauge: None,
             forwards: HashMap::new(),
@@ -238,20 +210,14 @@ impl Drop for Conn {
         for (_, task) in self.forwards.drain() {
             task.abort();
         }
-        for (_, (task, path)) in self.sockets.drain() {
+        for (_, (task, claim)) in self.sockets.drain() {
             task.abort();
-            forward::release_unix(&self.server, &socket_name_of(&path), &path);
+            drop(claim);
         }
         if let Some(t) = self.expiry.take() {
             t.abort();
         }
     }
-}
-
-fn socket_name_of(path: &std::path::Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// Time left until `t`, or `None` if it has passed.
@@ -601,7 +567,7 @@ impl russh::server::Handler for Conn {
         if !grant.port_forwarding {
             return deny("port forwarding not permitted for this key");
         }
-        let Some(name) = forward::socket_name(socket_path) else {
+        let Some(name) = sockets::socket_name(socket_path) else {
             return deny(
                 "the socket name must be 1-100 of [A-Za-z0-9._-], not starting with a dot",
             );
@@ -620,12 +586,11 @@ impl russh::server::Handler for Conn {
         if !allowed.iter().any(|p| p.matches_socket(&name)) {
             return deny("not in the key's permitlisten (socket entries are \"/name-glob\")");
         }
-        let path = self.server.socket_dir.join(&name);
-        let listener = match forward::bind_unix(&self.server, &name, &path) {
-            Ok(l) => l,
+        let (claim, listener) = match self.server.sockets.claim(&self.server.socket_dir, &name) {
+            Ok(c) => c,
             Err(e) => return deny(&format!("cannot listen: {e}")),
         };
-        info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, socket = %path.display(), "reverse forward opened");
+        info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, socket = %claim.path().display(), "reverse forward opened");
         let task = tokio::spawn(forward::reverse_unix(
             self.server.clone(),
             listener,
@@ -633,7 +598,7 @@ impl russh::server::Handler for Conn {
             socket_path.to_string(),
             self.channels.clone(),
         ));
-        self.sockets.insert(socket_path.to_string(), (task, path));
+        self.sockets.insert(socket_path.to_string(), (task, claim));
         Ok(true)
     }
 
@@ -643,9 +608,9 @@ impl russh::server::Handler for Conn {
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
         match self.sockets.remove(socket_path) {
-            Some((task, path)) => {
+            Some((task, claim)) => {
                 task.abort();
-                forward::release_unix(&self.server, &socket_name_of(&path), &path);
+                drop(claim);
                 Ok(true)
             }
             None => Ok(false),

@@ -12,8 +12,10 @@ mod forward;
 mod handler;
 mod hostkey;
 mod keys;
+mod limits;
 pub mod penalty;
 pub mod policy;
+mod sockets;
 mod tz;
 
 use std::net::SocketAddr;
@@ -73,7 +75,7 @@ pub struct SshServer {
     pub(crate) penalties: Arc<penalty::Penalties>,
     /// Unix socket names held by `-R /name` forwards of live sessions, shared the same way: a
     /// session on the old server and one on the new must not take each other's sockets.
-    pub(crate) socket_names: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    pub(crate) sockets: Arc<sockets::Sockets>,
     host_fingerprint: String,
 }
 
@@ -114,7 +116,7 @@ impl SshServer {
                 || Arc::new(penalty::Penalties::new(penalty::SOURCES)),
                 |p| p.penalties.clone(),
             ),
-            socket_names: previous.map_or_else(Default::default, |p| p.socket_names.clone()),
+            sockets: previous.map_or_else(Default::default, |p| p.sockets.clone()),
             host_fingerprint,
         })
     }
