@@ -12,6 +12,9 @@
 //! COMPARE_MIB=1024, COMPARE_ROUNDS=3, COMPARE_HS_SECS=3, COMPARE_HS_CLIENTS=4,
 //! COMPARE_LAT_N=500, COMPARE_IDLE=9000, COMPARE_IDLE_STUNNEL=2000, COMPARE_SLUICE_THREADS=1
 //! (sluice's `threads`; HAProxy runs with `nbthread 1`).
+// Test and benchmark code: a panic (unwrap) is the failure report, and wall-clock time is
+// what a benchmark or an end-to-end test against real processes measures.
+#![allow(clippy::unwrap_used, clippy::disallowed_types)]
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

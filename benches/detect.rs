@@ -1,5 +1,8 @@
 //! Micro-benchmarks of the pure parts on the connection path: the classifier and the PROXY
 //! header encoder. Run: `cargo bench --bench detect`.
+// Test and benchmark code: a panic (unwrap) is the failure report, and wall-clock time is
+// what a benchmark or an end-to-end test against real processes measures.
+#![allow(clippy::unwrap_used, clippy::disallowed_types)]
 
 use std::hint::black_box;
 

@@ -1,6 +1,9 @@
 //! Property tests: the incremental parsers of outside bytes give the same verdict however the
 //! bytes are split, i.e. a decision taken on a prefix never changes when more bytes arrive, and
 //! waiting ("need more") never hides a decision the whole input would give at that point.
+// Test and benchmark code: a panic (unwrap) is the failure report, and wall-clock time is
+// what a benchmark or an end-to-end test against real processes measures.
+#![allow(clippy::unwrap_used, clippy::disallowed_types, unreachable_pub)]
 
 use proptest::prelude::*;
 use sluice::detect::{classify, Candidates, Verdict, MAX_SIGNATURE};

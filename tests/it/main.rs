@@ -1,5 +1,8 @@
 //! Integration tests: the daemon on 127.0.0.1:0 driven by real clients (rustls, curl,
 //! openssl s_client) against test upstreams. One binary; one module per area.
+// Test and benchmark code: a panic (unwrap) is the failure report, and wall-clock time is
+// what a benchmark or an end-to-end test against real processes measures.
+#![allow(clippy::unwrap_used, clippy::disallowed_types, unreachable_pub)]
 
 /// Helpers: certificates, the daemon in-process, upstreams, clients.
 mod support;
