@@ -2,7 +2,7 @@
 //! header encoder. Run: `cargo bench --bench detect`.
 // Test and benchmark code: a panic (unwrap) is the failure report, and wall-clock time is
 // what a benchmark or an end-to-end test against real processes measures.
-#![allow(clippy::unwrap_used, clippy::disallowed_types)]
+#![allow(clippy::unwrap_used, clippy::disallowed_types, missing_docs)]
 
 use std::hint::black_box;
 
@@ -59,13 +59,13 @@ fn proxy_header(c: &mut Criterion) {
                 out.clear();
                 proxy_protocol::encode(v, black_box(s), black_box(d), &mut out);
                 out.len()
-            })
+            });
         });
         // Decoding the same header, as sluice does for trusted_proxies.
         let mut header = Vec::new();
         proxy_protocol::encode(v, s, d, &mut header);
         g.bench_function(format!("decode-{name}"), |b| {
-            b.iter(|| sluice::proxy_protocol::decode(black_box(&header)))
+            b.iter(|| proxy_protocol::decode(black_box(&header)));
         });
     }
     g.finish();

@@ -3,7 +3,7 @@
 //! over fresh loopback TCP connections. Run: `cargo bench --bench relay`.
 // Test and benchmark code: a panic (unwrap) is the failure report, and wall-clock time is
 // what a benchmark or an end-to-end test against real processes measures.
-#![allow(clippy::unwrap_used, clippy::disallowed_types)]
+#![allow(clippy::unwrap_used, clippy::disallowed_types, missing_docs)]
 
 use std::time::{Duration, Instant};
 
@@ -94,7 +94,7 @@ fn relays(c: &mut Criterion) {
                     total += rt.block_on(once(splice, &pool));
                 }
                 total
-            })
+            });
         });
     }
     g.finish();

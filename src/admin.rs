@@ -51,14 +51,14 @@ const STALE: Duration = Duration::from_secs(10);
 pub struct Liveness(Arc<LivenessInner>);
 
 struct LivenessInner {
-    epoch: std::time::Instant,
+    epoch: tokio::time::Instant,
     beats: std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicU64>>>,
 }
 
 impl Default for Liveness {
     fn default() -> Self {
         Liveness(Arc::new(LivenessInner {
-            epoch: std::time::Instant::now(),
+            epoch: tokio::time::Instant::now(),
             beats: std::sync::Mutex::new(Vec::new()),
         }))
     }

@@ -4,7 +4,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant as StdInstant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -59,7 +58,7 @@ struct ConnLog {
     id: u64,
     peer: SocketAddr,
     local: SocketAddr,
-    start: StdInstant,
+    start: Instant,
     tls: bool,
     /// The TLS session was resumed (from a ticket or the session cache).
     resumed: bool,
@@ -196,7 +195,7 @@ pub(crate) async fn read_proxy_header(
         refuse(
             "proxy_header_missing",
             "no PROXY header (proxy_header = \"required\"; set \"optional\" if clients also connect directly from trusted_proxies)",
-        )
+        );
     };
     loop {
         match proxy_protocol::decode(&buf) {
@@ -270,7 +269,7 @@ pub(crate) async fn handle(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         peer,
         local,
-        start: StdInstant::now(),
+        start: Instant::now(),
         tls: false,
         resumed: false,
         sni: None,
@@ -311,7 +310,7 @@ async fn serve(
     unrouted: ClientSlot,
 ) {
     let cfg = &cx.snap.cfg;
-    let detect_start = StdInstant::now();
+    let detect_start = Instant::now();
     let deadline = cx.accepted + cfg.detect.timeout;
     let (decision, by) = match peek(&mut tcp, Candidates::OUTER, deadline, &mut prefix).await {
         Peek::Match(Protocol::Tls) => {
@@ -419,7 +418,7 @@ async fn handshake_and_route(
     log.sni = sni.clone();
 
     let mut prefix = Vec::new();
-    let detect_start = StdInstant::now();
+    let detect_start = Instant::now();
     let (decision, by) = if let Some(kind) = alpn.as_deref().and_then(|a| route::by_alpn(cfg, a)) {
         (Decision::Route(kind), RoutedBy::Alpn)
     } else if let Some(kind) = sni.as_deref().and_then(|n| route::by_sni(cfg, n)) {

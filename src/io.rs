@@ -256,6 +256,6 @@ mod tests {
         tokio::task::yield_now().await;
         token.cancel();
         let r = reader.await.unwrap();
-        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionAborted);
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
     }
 }

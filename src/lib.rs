@@ -20,9 +20,6 @@
 //! - [`ssh`]: the embedded SSH server (tunnels and jump host).
 //! - [`client`]: `sluice connect`, the ProxyCommand TLS helper.
 
-#![deny(unsafe_code)]
-#![warn(missing_docs)]
-
 pub mod admin;
 pub mod builtin;
 pub mod client;

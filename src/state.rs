@@ -69,7 +69,7 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 /// Creates a new file with a random name next to `path` (`.NAME.RANDOM.tmp`). Not the PID: a
 /// stale temporary file of a process with the same PID (1, in a container, every time) would
 /// make every later start fail.
-fn create_temp_beside(path: &Path, mode: u32) -> io::Result<(std::path::PathBuf, fs::File)> {
+fn create_temp_beside(path: &Path, mode: u32) -> io::Result<(PathBuf, fs::File)> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -103,7 +103,7 @@ pub(crate) fn digest_files<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Vec
     paths
         .into_iter()
         .map(|p| {
-            std::fs::read(p).ok().map(|b| {
+            fs::read(p).ok().map(|b| {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 b.hash(&mut h);
                 h.finish()

@@ -143,7 +143,7 @@ impl DirWatch {
 }
 
 impl std::os::fd::AsRawFd for DirWatch {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+    fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
 }

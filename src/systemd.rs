@@ -63,7 +63,7 @@ fn adopt_all() -> Result<Vec<std::net::TcpListener>, ActivationError> {
     Ok(Vec::new())
 }
 
-fn send(states: &[sd_notify::NotifyState]) {
+fn send(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         warn!(error = %e, "sd_notify failed");
     }

@@ -334,7 +334,7 @@ pub enum ResumedCertError {
 /// the chain of the first handshake, which may have expired or lost its CA since.
 pub fn reverify_resumed(
     verifier: Option<&ClientVerifier>,
-    chain: &[rustls::pki_types::CertificateDer<'static>],
+    chain: &[CertificateDer<'static>],
 ) -> Result<(), ResumedCertError> {
     let verifier = verifier.ok_or(ResumedCertError::NoVerifier)?;
     let (leaf, intermediates) = chain.split_first().ok_or(ResumedCertError::Rejected(
@@ -348,7 +348,7 @@ pub fn reverify_resumed(
 
 /// Every file the certificates in `cfg` come from, the client CA included (watched for
 /// renewals).
-pub fn cert_files(cfg: &Config) -> Vec<std::path::PathBuf> {
+pub fn cert_files(cfg: &Config) -> Vec<PathBuf> {
     let mut files = Vec::new();
     if let CertSource::Files { cert, key } = &cfg.tls.cert {
         files.extend([cert.path.clone(), key.path.clone()]);

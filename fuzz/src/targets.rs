@@ -251,11 +251,11 @@ fn check_read_head(stream: &[u8], prefix: usize, chunk: usize) {
         (Ok(head), None) => panic!("{what}: a head without a blank line: {head:?}"),
         (Err(err), end) => match err.kind() {
             io::ErrorKind::UnexpectedEof => {
-                assert!(end.is_none() && stream.len() < MAX_HEAD, "{what}: {err}")
+                assert!(end.is_none() && stream.len() < MAX_HEAD, "{what}: {err}");
             }
             io::ErrorKind::InvalidData => {
                 let first_bound = prefix.max(MAX_HEAD);
-                assert!(end.is_none_or(|e| e > first_bound), "{what}: {err}")
+                assert!(end.is_none_or(|e| e > first_bound), "{what}: {err}");
             }
             _ => panic!("{what}: unexpected error {err}"),
         },

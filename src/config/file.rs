@@ -12,12 +12,12 @@ use crate::proxy_protocol::ProxyVersion;
 /// A duration written like "500ms", "2s", "5m".
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(transparent)]
-pub struct Dur(#[serde(with = "humantime_serde")] pub Duration);
+pub(super) struct Dur(#[serde(with = "humantime_serde")] pub Duration);
 
 /// The whole file.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct File {
+pub(super) struct File {
     pub listen: Option<Spanned<Vec<Spanned<String>>>>,
     pub state_dir: Option<Spanned<PathBuf>>,
     pub shutdown_grace: Option<Spanned<Dur>>,
@@ -39,7 +39,7 @@ pub struct File {
 /// `[dns]`: name resolution for upstreams and forward targets.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Dns {
+pub(super) struct Dns {
     #[serde(default)]
     pub servers: Vec<Spanned<String>>,
     pub timeout: Option<Spanned<Dur>>,
@@ -48,14 +48,14 @@ pub struct Dns {
 /// `[admin]`: health and metrics listener.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Admin {
+pub(super) struct Admin {
     pub listen: Option<Spanned<String>>,
 }
 
 /// `[ssh]`: the embedded SSH server.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Ssh {
+pub(super) struct Ssh {
     pub host_key: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub authorized_keys: Vec<Spanned<PathBuf>>,
@@ -78,7 +78,7 @@ pub struct Ssh {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Tls {
+pub(super) struct Tls {
     pub cert: Option<Spanned<PathBuf>>,
     pub key: Option<Spanned<PathBuf>>,
     pub handshake_timeout: Option<Spanned<Dur>>,
@@ -90,7 +90,7 @@ pub struct Tls {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SniCert {
+pub(super) struct SniCert {
     pub names: Spanned<Vec<Spanned<String>>>,
     pub cert: Spanned<PathBuf>,
     pub key: Spanned<PathBuf>,
@@ -98,7 +98,7 @@ pub struct SniCert {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Detect {
+pub(super) struct Detect {
     pub timeout: Option<Spanned<Dur>>,
     pub on_timeout: Option<Spanned<String>>,
     pub on_unknown: Option<Spanned<String>>,
@@ -106,7 +106,7 @@ pub struct Detect {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Limits {
+pub(super) struct Limits {
     pub max_connections: Option<Spanned<u32>>,
     pub max_unrouted_per_ip: Option<Spanned<u32>>,
     pub max_connections_per_ip: Option<Spanned<u32>>,
@@ -115,7 +115,7 @@ pub struct Limits {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Routes {
+pub(super) struct Routes {
     pub http: Option<Route>,
     pub ssh: Option<Route>,
 }
@@ -123,7 +123,7 @@ pub struct Routes {
 /// One route's table; the same keys for both routes, checked per route in validation.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Route {
+pub(super) struct Route {
     pub upstream: Option<Spanned<String>>,
     pub proxy_protocol: Option<Spanned<ProxyVersion>>,
     pub connect_timeout: Option<Spanned<Dur>>,

@@ -107,7 +107,7 @@ impl Config {
                 key.path.display()
             )),
             CertSource::SelfSigned => {
-                s.push_str("tls           self-signed certificate in the state directory\n")
+                s.push_str("tls           self-signed certificate in the state directory\n");
             }
         }
         for c in &self.tls.sni {

@@ -324,7 +324,7 @@ impl Half {
                     }
                     // A TLS peer that closes without close_notify: all data was delivered.
                     Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        self.eof = true
+                        self.eof = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Read(e))),
                     Poll::Pending => {

@@ -156,12 +156,10 @@ pub(crate) async fn reverse_tcp(
     // Held while the -R listener lives (the task is aborted when the forward ends).
     let _forward = crate::metrics::GaugeGuard::new(&crate::metrics::get().ssh_forwards_active);
     loop {
-        let (tcp, from) = match listener.accept().await {
-            Ok(a) => a,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Ok((tcp, from)) = listener.accept().await else {
+            // Out of descriptors, most likely: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         };
         let Some(slot) = channels.enter() else {
             warn!(target: "sluice::ssh", port, "reverse forward: too many channels; dropping a connection");
@@ -179,10 +177,10 @@ pub(crate) async fn reverse_tcp(
             match tokio::time::timeout(OPEN_TIMEOUT, open).await {
                 Ok(Ok(channel)) => splice(&server, channel, tcp, slot).await,
                 Ok(Err(e)) => {
-                    warn!(target: "sluice::ssh", port, error = %e, "reverse forward: the client refused the channel")
+                    warn!(target: "sluice::ssh", port, error = %e, "reverse forward: the client refused the channel");
                 }
                 Err(_) => {
-                    warn!(target: "sluice::ssh", port, "reverse forward: the client did not answer the channel open")
+                    warn!(target: "sluice::ssh", port, "reverse forward: the client did not answer the channel open");
                 }
             }
         });
@@ -199,12 +197,9 @@ pub(crate) async fn reverse_unix(
 ) {
     let _forward = crate::metrics::GaugeGuard::new(&crate::metrics::get().ssh_forwards_active);
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         };
         let Some(slot) = channels.enter() else {
             continue;
@@ -219,7 +214,7 @@ pub(crate) async fn reverse_unix(
             {
                 Ok(Ok(channel)) => splice(&server, channel, stream, slot).await,
                 _ => {
-                    warn!(target: "sluice::ssh", "reverse forward (unix): the client did not take the channel")
+                    warn!(target: "sluice::ssh", "reverse forward (unix): the client did not take the channel");
                 }
             }
         });

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::config::SshSettings;
 
 /// The default file name in the state directory.
-pub const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
+pub(super) const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
 
 /// The host key could not be loaded or made.
 #[derive(Debug, thiserror::Error)]

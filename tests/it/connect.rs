@@ -44,7 +44,7 @@ fn pins(cert: &TestCert) -> Vec<String> {
     let b64 = sluice::client::format_pin(<&[u8; 32]>::try_from(d.as_slice()).unwrap());
     let bare = b64.trim_start_matches("sha256:").to_string();
     vec![
-        b64.clone(),
+        b64,
         format!("sha256//{bare}"),
         bare,
         hex.clone(),

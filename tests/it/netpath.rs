@@ -46,8 +46,7 @@ impl NetPath {
     fn new() -> NetPath {
         need("ip", "iproute2");
         need("ethtool", "ethtool");
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = rustix::process::geteuid().is_root();
         assert!(
             root,
             "this test makes network namespaces (ip netns add) and needs root; CI runs as root"
@@ -109,6 +108,7 @@ impl NetPath {
         std::thread::scope(|s| {
             s.spawn(|| {
                 // SAFETY: setns on an fd we hold open; it moves only this thread.
+                #[allow(unsafe_code)]
                 let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
                 assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
                 f()

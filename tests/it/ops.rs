@@ -1045,7 +1045,7 @@ fn tls_sessions_resume_across_a_reload() {
     hup(d.child.id());
     wait_for_line(&d.log, "SIGHUP: reloaded", Duration::from_secs(10));
     assert_eq!(
-        connect(client.clone()),
+        connect(client),
         Some(rustls::HandshakeKind::Resumed),
         "a reload made tickets issued before it useless"
     );

@@ -9,7 +9,7 @@ use crate::support::*;
 
 /// The bytes of a real rustls ClientHello.
 fn client_hello(cert: &TestCert) -> Vec<u8> {
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
     let mut conn = rustls::ClientConnection::new(client_config(cert, &["ssh"]), name).unwrap();
     let mut out = Vec::new();
     conn.write_tls(&mut out).unwrap();
@@ -278,12 +278,7 @@ async fn a_502_survives_an_unread_request_body() {
 
 /// A DNS server on 127.0.0.1 (UDP): A queries for names under `sluice.test` get 127.0.0.1,
 /// others no data; every query is counted. A silent one never answers.
-async fn dns_server(
-    silent: bool,
-) -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
+async fn dns_server(silent: bool) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = sock.local_addr().unwrap();
     let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -336,7 +331,7 @@ fn serve_with_dns(
     dir: &std::path::Path,
     cert: &TestCert,
     upstream: &str,
-    dns: std::net::SocketAddr,
+    dns: SocketAddr,
     dns_timeout: &str,
 ) -> crate::cli::Child2 {
     crate::cli::serve_config(
@@ -349,7 +344,7 @@ fn serve_with_dns(
     )
 }
 
-async fn get(d: std::net::SocketAddr, cert: &TestCert) -> String {
+async fn get(d: SocketAddr, cert: &TestCert) -> String {
     let mut tls = tls_connect(d, cert, "localhost", &["http/1.1"]).await;
     tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await

@@ -824,7 +824,7 @@ async fn certificates_checked_fully() {
         &'a [&'a str],
         Option<&'a str>,
     );
-    let cases: [Case; 7] = [
+    let cases: [Case<'_>; 7] = [
         ("valid", &ca, "tunnel", "-5m:+1h", &[], None),
         (
             "expired",

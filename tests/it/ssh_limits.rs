@@ -115,13 +115,14 @@ async fn stuck_target() -> (SocketAddr, UnboundedReceiver<TcpStream>) {
     sock.set_recv_buffer_size(4096).unwrap();
     let mss: libc::c_int = 536;
     // SAFETY: a valid socket and a c_int option value of the size given.
+    #[allow(unsafe_code)]
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_MAXSEG,
             (&mss as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     assert_eq!(rc, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
