@@ -18,6 +18,7 @@
 //! - [`io`]: a stream that replays bytes already read.
 //! - [`state`]: the state directory for generated secrets.
 //! - [`ssh`]: the embedded SSH server (tunnels and jump host).
+//! - [`exit`]: exit codes, and the errors that know theirs.
 //! - [`client`]: `sluice connect`, the ProxyCommand TLS helper.
 
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod client;
 pub mod config;
 mod conn;
 pub mod detect;
+pub mod exit;
 pub mod io;
 pub mod metrics;
 pub mod net;

@@ -1,21 +1,19 @@
 //! The `sluice` command line: parse arguments, set up logging, run a subcommand, map errors
 //! to sysexits codes (78 for a bad config).
 
+use std::fmt::Display;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sluice::client::{ConnectError, ConnectOptions, Proxy, Trust};
 use sluice::config::{Config, ConfigError};
-use sluice::server::{ServeError, Server};
-use sluice::tls::TlsError;
+use sluice::exit::{Exit, EX_CONFIG, EX_OSERR, EX_USAGE};
+use sluice::server::Server;
 use tracing::{error, info};
-
-/// sysexits codes.
-const EX_SOFTWARE: u8 = 70;
-const EX_OSERR: u8 = 71;
-const EX_CANTCREAT: u8 = 73;
-const EX_CONFIG: u8 = 78;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "One TLS port for HTTPS and SSH")]
@@ -36,77 +34,14 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Serve: terminate TLS, tell SSH from HTTP, relay to the routes' targets.
-    Serve {
-        /// Config file (TOML). Without one: 127.0.0.1:8443 and a self-signed certificate.
-        #[arg(long, short, env = "SLUICE_CONFIG")]
-        config: Option<PathBuf>,
-        /// Where generated state lives (self-signed certificate, host keys).
-        #[arg(long, env = "SLUICE_STATE_DIR")]
-        state_dir: Option<PathBuf>,
-    },
+    Serve(StateArgs),
     /// Print the embedded SSH server's host key fingerprint (making the key if there is none).
-    Hostkey {
-        /// Config file (TOML); without one, the default key in the state directory.
-        #[arg(long, short, env = "SLUICE_CONFIG")]
-        config: Option<PathBuf>,
-        /// Where generated state lives.
-        #[arg(long, env = "SLUICE_STATE_DIR")]
-        state_dir: Option<PathBuf>,
-    },
+    Hostkey(StateArgs),
     /// Connect to a sluice (or any TLS) server and relay stdin/stdout: an OpenSSH ProxyCommand.
     /// The server is verified by default (system trust store, --ca or --pin).
-    Connect {
-        /// HOST[:PORT]; the port defaults to 443. `[::1]:8443` for IPv6 addresses.
-        target: String,
-        /// Server name to send (SNI) and to verify; default: HOST.
-        #[arg(long, conflicts_with = "no_sni")]
-        sni: Option<String>,
-        /// Send no SNI.
-        #[arg(long)]
-        no_sni: bool,
-        /// ALPN ids to offer, comma-separated.
-        #[arg(long, default_value = "ssh", value_delimiter = ',')]
-        alpn: Vec<String>,
-        /// Trust only these PEM certificates (CA certificates, or the server's own).
-        #[arg(long, conflicts_with_all = ["pin", "insecure"])]
-        ca: Option<PathBuf>,
-        /// Trust the server whose certificate has this SHA-256: sha256:BASE64, sha256//BASE64,
-        /// or AB:CD:.. hex as `openssl x509 -fingerprint -sha256` and `sluice serve` print it.
-        #[arg(long, conflicts_with = "insecure")]
-        pin: Option<String>,
-        /// Do not verify the server at all (dangerous; says so on stderr).
-        #[arg(long)]
-        insecure: bool,
-        /// Deadline for connecting and the TLS handshake.
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        connect_timeout: std::time::Duration,
-        /// Go through this HTTP proxy with CONNECT: http://[user:pass@]host:port. Default:
-        /// HTTPS_PROXY (or ALL_PROXY) unless NO_PROXY covers HOST.
-        #[arg(long, conflicts_with = "no_proxy")]
-        proxy: Option<String>,
-        /// Ignore HTTPS_PROXY and ALL_PROXY.
-        #[arg(long)]
-        no_proxy: bool,
-        /// Client certificate chain (PEM) for servers that require one; needs --key.
-        #[arg(long, requires = "key")]
-        cert: Option<PathBuf>,
-        /// Private key (PEM) for --cert.
-        #[arg(long, requires = "cert")]
-        key: Option<PathBuf>,
-    },
+    Connect(ConnectArgs),
     /// Print a ready ~/.ssh/config block that reaches HOST through `sluice connect`.
-    SshConfig {
-        /// The name to use with ssh (`ssh ALIAS`).
-        alias: String,
-        /// HOST[:PORT] of the sluice server; the port defaults to 443.
-        target: String,
-        /// Pin the server's certificate (any spelling `sluice connect --pin` takes).
-        #[arg(long, conflicts_with = "ca")]
-        pin: Option<String>,
-        /// Trust only this PEM file.
-        #[arg(long)]
-        ca: Option<PathBuf>,
-    },
+    SshConfig(SshConfigArgs),
     /// Validate a config file (certificates included) and print the routing table.
     Check {
         /// Config file (TOML).
@@ -115,81 +50,153 @@ enum Command {
     },
     /// Ask a running sluice's admin endpoint whether it is ready (exit 0) or not (exit 1): an
     /// exec probe for images without curl.
-    Healthcheck {
-        /// The admin address; default: [admin] listen from --config, else 127.0.0.1:9090.
-        #[arg(long)]
-        admin: Option<std::net::SocketAddr>,
-        /// Take the admin address from this config file (--admin wins if both are given).
-        #[arg(long, short, env = "SLUICE_CONFIG")]
-        config: Option<PathBuf>,
-        /// Check liveness (/livez) instead of readiness (/readyz).
-        #[arg(long)]
-        live: bool,
-        /// Give up after this long.
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        timeout: std::time::Duration,
-    },
+    Healthcheck(HealthArgs),
+}
+
+/// Where `serve` and `hostkey` find their config and state.
+#[derive(Args)]
+struct StateArgs {
+    /// Config file (TOML). Without one: 127.0.0.1:8443 and a self-signed certificate.
+    #[arg(long, short, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where generated state lives (self-signed certificate, host keys).
+    #[arg(long, env = "SLUICE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    /// HOST[:PORT]; the port defaults to 443. `[::1]:8443` for IPv6 addresses.
+    target: String,
+    /// Server name to send (SNI) and to verify; default: HOST.
+    #[arg(long, conflicts_with = "no_sni")]
+    sni: Option<String>,
+    /// Send no SNI.
+    #[arg(long)]
+    no_sni: bool,
+    /// ALPN ids to offer, comma-separated.
+    #[arg(long, default_value = "ssh", value_delimiter = ',')]
+    alpn: Vec<String>,
+    /// Trust only these PEM certificates (CA certificates, or the server's own).
+    #[arg(long, conflicts_with_all = ["pin", "insecure"])]
+    ca: Option<PathBuf>,
+    /// Trust the server whose certificate has this SHA-256: sha256:BASE64, sha256//BASE64,
+    /// or AB:CD:.. hex as `openssl x509 -fingerprint -sha256` and `sluice serve` print it.
+    #[arg(long, conflicts_with = "insecure")]
+    pin: Option<String>,
+    /// Do not verify the server at all (dangerous; says so on stderr).
+    #[arg(long)]
+    insecure: bool,
+    /// Deadline for connecting and the TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Go through this HTTP proxy with CONNECT: http://[user:pass@]host:port. Default:
+    /// HTTPS_PROXY (or ALL_PROXY) unless NO_PROXY covers HOST.
+    #[arg(long, conflicts_with = "no_proxy")]
+    proxy: Option<String>,
+    /// Ignore HTTPS_PROXY and ALL_PROXY.
+    #[arg(long)]
+    no_proxy: bool,
+    /// Client certificate chain (PEM) for servers that require one; needs --key.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) for --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SshConfigArgs {
+    /// The name to use with ssh (`ssh ALIAS`).
+    alias: String,
+    /// HOST[:PORT] of the sluice server; the port defaults to 443.
+    target: String,
+    /// Pin the server's certificate (any spelling `sluice connect --pin` takes).
+    #[arg(long, conflicts_with = "ca")]
+    pin: Option<String>,
+    /// Trust only this PEM file.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// The admin address; default: [admin] listen from --config, else 127.0.0.1:9090.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Take the admin address from this config file (--admin wins if both are given).
+    #[arg(long, short, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Check liveness (/livez) instead of readiness (/readyz).
+    #[arg(long)]
+    live: bool,
+    /// Give up after this long.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The helper keeps stderr for its own one-line errors and stdout for data: no logging.
-    if let Command::Connect {
-        target,
-        sni,
-        no_sni,
-        alpn,
-        ca,
-        pin,
-        insecure,
-        connect_timeout,
-        proxy,
-        no_proxy,
-        cert,
-        key,
-    } = cli.command
-    {
-        let client_cert = cert.zip(key);
-        return connect(
-            target,
-            sni,
-            no_sni,
-            alpn,
-            ca,
-            pin,
-            insecure,
-            connect_timeout,
-            proxy,
-            no_proxy,
-            client_cert,
-        );
-    }
-    if let Command::Healthcheck {
-        admin,
-        config,
-        live,
-        timeout,
-    } = cli.command
-    {
-        return healthcheck(admin, config, live, timeout);
-    }
-    init_logging(cli.log_format);
-    if let Command::SshConfig {
-        alias,
-        target,
-        pin,
-        ca,
-    } = cli.command
-    {
-        return ssh_config(&alias, &target, pin, ca);
-    }
-    match cli.command {
-        Command::Connect { .. } | Command::SshConfig { .. } | Command::Healthcheck { .. } => {
-            unreachable!("handled above")
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            f.report();
+            ExitCode::from(f.code)
         }
-        Command::Check { config } => check(&config),
-        Command::Serve { config, state_dir } => serve(config, state_dir),
-        Command::Hostkey { config, state_dir } => hostkey(config, state_dir),
+    }
+}
+
+/// Why a command failed: said once, then the process exits with `code`.
+struct Failure {
+    code: u8,
+    message: String,
+    /// Through the log (`serve`, once logging is set up) rather than a line on stderr.
+    logged: bool,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Display) -> Failure {
+        Failure {
+            code,
+            message: message.to_string(),
+            logged: false,
+        }
+    }
+
+    /// An error that knows its exit code, said after `context` ("sluice connect").
+    fn of(context: &str, e: &impl Exit) -> Failure {
+        Failure::new(e.exit_code(), format!("{context}: {e}"))
+    }
+
+    fn logged(mut self) -> Failure {
+        self.logged = true;
+        self
+    }
+
+    fn report(&self) {
+        if self.logged {
+            error!("{}", self.message);
+        } else {
+            eprintln!("{}", self.message);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        // The helpers keep stderr for their own one-line errors and stdout for data: no logging.
+        Command::Connect(args) => connect(args),
+        Command::Healthcheck(args) => healthcheck(args),
+        command => {
+            init_logging(cli.log_format);
+            match command {
+                Command::SshConfig(args) => ssh_config(args),
+                Command::Check { config } => check(&config),
+                Command::Serve(args) => serve(args),
+                Command::Hostkey(args) => hostkey(args),
+                Command::Connect(_) | Command::Healthcheck(_) => Ok(()),
+            }
+        }
     }
 }
 
@@ -209,117 +216,102 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
+fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
     match path {
         Some(p) => Config::load(p),
         None => Ok(Config::embedded_default()),
     }
 }
 
-fn check(path: &PathBuf) -> ExitCode {
-    let cfg = match load(Some(path)) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("sluice: config error: {e}");
-            return ExitCode::from(EX_CONFIG);
-        }
-    };
+/// A config error, as `check` and `hostkey` say it.
+fn config_failure(e: &impl Exit) -> Failure {
+    Failure::of("sluice: config error", e)
+}
+
+fn check(path: &Path) -> Result<(), Failure> {
+    let cfg = load(Some(path)).map_err(|e| config_failure(&e))?;
     let state_dir = sluice::state::resolve(cfg.state_dir.as_deref());
     // Certificates are part of the config: a check that does not load them proves little.
     if let sluice::config::CertSource::Files { .. } = cfg.tls.cert {
-        if let Err(e) = sluice::tls::load_certs(&cfg, &state_dir) {
-            eprintln!("sluice: config error: {e}");
-            return ExitCode::from(EX_CONFIG);
-        }
+        sluice::tls::load_certs(&cfg, &state_dir).map_err(|e| config_failure(&e))?;
     }
     print!("{}", cfg.describe());
     println!("config OK: {}", path.display());
-    ExitCode::SUCCESS
+    Ok(())
 }
 
-fn healthcheck(
-    admin: Option<std::net::SocketAddr>,
-    config: Option<PathBuf>,
+/// What `sluice healthcheck` asks, validated.
+struct Probe {
+    addr: SocketAddr,
     live: bool,
-    timeout: std::time::Duration,
-) -> ExitCode {
-    let addr = match (admin, config) {
-        (Some(a), _) => a,
-        (None, Some(path)) => match Config::load(&path) {
-            Ok(cfg) => match cfg.admin {
-                Some(a) if a.port() == 0 => {
-                    eprintln!(
-                        "sluice healthcheck: {}: [admin] listen names port 0, so the port is only known to the running daemon (it logs it): use --admin ADDR",
-                        path.display()
-                    );
-                    return ExitCode::from(EX_CONFIG);
+    timeout: Duration,
+}
+
+impl TryFrom<HealthArgs> for Probe {
+    type Error = Failure;
+
+    fn try_from(a: HealthArgs) -> Result<Probe, Failure> {
+        let addr = match (a.admin, a.config) {
+            (Some(addr), _) => addr,
+            (None, Some(path)) => {
+                let cfg = Config::load(&path)
+                    .map_err(|e| Failure::of("sluice healthcheck: config error", &e))?;
+                match cfg.admin {
+                    Some(addr) if addr.port() == 0 => return Err(Failure::new(
+                        EX_CONFIG,
+                        format!("sluice healthcheck: {}: [admin] listen names port 0, so the port is only known to the running daemon (it logs it): use --admin ADDR", path.display()),
+                    )),
+                    Some(addr) => addr,
+                    None => return Err(Failure::new(
+                        EX_CONFIG,
+                        format!("sluice healthcheck: {} has no [admin] table: nothing to ask", path.display()),
+                    )),
                 }
-                Some(a) => a,
-                None => {
-                    eprintln!(
-                        "sluice healthcheck: {} has no [admin] table: nothing to ask",
-                        path.display()
-                    );
-                    return ExitCode::from(EX_CONFIG);
-                }
-            },
-            Err(e) => {
-                eprintln!("sluice healthcheck: config error: {e}");
-                return ExitCode::from(EX_CONFIG);
             }
-        },
-        (None, None) => sluice::config::DEFAULT_ADMIN_LISTEN
-            .parse()
-            .expect("constant address parses"),
-    };
-    let path = if live { "/livez" } else { "/readyz" };
-    match sluice::admin::check(sluice::admin::probe_addr(addr), path, timeout) {
-        Ok(()) => {
-            println!("{} ok", if live { "live" } else { "ready" });
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("sluice healthcheck: {e}");
-            ExitCode::FAILURE
-        }
+            (None, None) => sluice::config::DEFAULT_ADMIN_LISTEN,
+        };
+        Ok(Probe {
+            addr,
+            live: a.live,
+            timeout: a.timeout,
+        })
     }
 }
 
-fn ssh_config(alias: &str, target: &str, pin: Option<String>, ca: Option<PathBuf>) -> ExitCode {
-    let (host, port) = match sluice::client::parse_target(target) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("sluice ssh-config: {e}");
-            return ExitCode::from(e.exit_code());
-        }
-    };
+fn healthcheck(args: HealthArgs) -> Result<(), Failure> {
+    let probe = Probe::try_from(args)?;
+    let path = if probe.live { "/livez" } else { "/readyz" };
+    sluice::admin::check(sluice::admin::probe_addr(probe.addr), path, probe.timeout)
+        .map_err(|e| Failure::new(1, format!("sluice healthcheck: {e}")))?;
+    println!("{} ok", if probe.live { "live" } else { "ready" });
+    Ok(())
+}
+
+fn ssh_config(a: SshConfigArgs) -> Result<(), Failure> {
+    let usage = |m: String| Failure::new(EX_USAGE, format!("sluice ssh-config: {m}"));
+    let (host, port) = sluice::client::parse_target(&a.target)
+        .map_err(|e| Failure::of("sluice ssh-config", &e))?;
+    let alias = a.alias;
     // ssh treats these as patterns: `Host *` would catch every destination.
     if alias.is_empty()
         || alias
             .chars()
             .any(|c| c.is_whitespace() || "#*?!,\"".contains(c))
     {
-        eprintln!("sluice ssh-config: `{alias}` cannot be a Host alias");
-        return ExitCode::from(64);
+        return Err(usage(format!("`{alias}` cannot be a Host alias")));
     }
     let mut trust = Vec::new();
-    if let Some(p) = pin {
-        match sluice::client::parse_pin(&p) {
-            Ok(d) => trust.extend(["--pin".to_string(), sluice::client::format_pin(&d)]),
-            Err(m) => {
-                eprintln!("sluice ssh-config: --pin {m}");
-                return ExitCode::from(64);
-            }
-        }
+    if let Some(p) = a.pin {
+        let d = sluice::client::parse_pin(&p).map_err(|m| usage(format!("--pin {m}")))?;
+        trust.extend(["--pin".to_string(), sluice::client::format_pin(&d)]);
     }
-    if let Some(ca) = ca {
-        let abs = match std::fs::canonicalize(&ca) {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("sluice ssh-config: --ca {}: {e}", ca.display());
-                return ExitCode::from(78);
-            }
-        };
+    if let Some(ca) = a.ca {
+        let abs = std::fs::canonicalize(&ca).map_err(|e| {
+            Failure::new(
+                EX_CONFIG,
+                format!("sluice ssh-config: --ca {}: {e}", ca.display()),
+            )
+        })?;
         trust.extend(["--ca".to_string(), abs.display().to_string()]);
     }
     let program = std::env::current_exe()
@@ -327,137 +319,95 @@ fn ssh_config(alias: &str, target: &str, pin: Option<String>, ca: Option<PathBuf
         .unwrap_or_else(|_| "sluice".into());
     print!(
         "{}",
-        sluice::client::ssh_config_block(alias, &host, port, &program, &trust)
+        sluice::client::ssh_config_block(&alias, &host, port, &program, &trust)
     );
-    ExitCode::SUCCESS
+    Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn connect(
-    target: String,
-    sni: Option<String>,
-    no_sni: bool,
-    alpn: Vec<String>,
-    ca: Option<PathBuf>,
-    pin: Option<String>,
-    insecure: bool,
-    connect_timeout: std::time::Duration,
-    proxy: Option<String>,
-    no_proxy: bool,
-    client_cert: Option<(PathBuf, PathBuf)>,
-) -> ExitCode {
-    use sluice::client::{ConnectError, ConnectOptions, Proxy, Trust};
-    let fail = |e: ConnectError| {
-        eprintln!("sluice connect: {e}");
-        ExitCode::from(e.exit_code())
-    };
-    let (host, port) = match sluice::client::parse_target(&target) {
-        Ok(t) => t,
-        Err(e) => return fail(e),
-    };
-    let trust = match (ca, pin, insecure) {
-        (Some(ca), _, _) => Trust::CaFile(ca),
-        (None, Some(p), _) => match sluice::client::parse_pin(&p) {
-            Ok(d) => Trust::Pin(d),
-            Err(m) => return fail(ConnectError::Usage(format!("--pin {m}"))),
-        },
-        (None, None, true) => {
-            eprintln!("sluice connect: WARNING: --insecure: the server is not verified; anyone on the path can read and change this connection");
-            Trust::Insecure
-        }
-        (None, None, false) => Trust::System,
-    };
-    let proxy = match (proxy, no_proxy) {
-        (Some(url), _) => Some(Proxy::parse(&url)),
-        (None, true) => None,
-        (None, false) => Proxy::from_env(&host, port),
-    };
-    let proxy = match proxy.transpose() {
-        Ok(p) => p,
-        Err(m) => return fail(ConnectError::Usage(format!("proxy: {m}"))),
-    };
-    let opts = ConnectOptions {
-        client_cert,
-        proxy,
-        sni: if no_sni {
-            None
-        } else {
-            Some(sni.unwrap_or_else(|| host.clone()))
-        },
-        host,
-        port,
-        alpn: alpn
-            .into_iter()
-            .filter(|a| !a.is_empty())
-            .map(String::into_bytes)
-            .collect(),
-        trust,
-        connect_timeout,
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
+impl TryFrom<ConnectArgs> for ConnectOptions {
+    type Error = ConnectError;
+
+    fn try_from(a: ConnectArgs) -> Result<ConnectOptions, ConnectError> {
+        let (host, port) = sluice::client::parse_target(&a.target)?;
+        let trust = match (a.ca, a.pin, a.insecure) {
+            (Some(ca), _, _) => Trust::CaFile(ca),
+            (None, Some(p), _) => Trust::Pin(
+                sluice::client::parse_pin(&p)
+                    .map_err(|m| ConnectError::Usage(format!("--pin {m}")))?,
+            ),
+            (None, None, true) => Trust::Insecure,
+            (None, None, false) => Trust::System,
+        };
+        let proxy = match (a.proxy, a.no_proxy) {
+            (Some(url), _) => Some(Proxy::parse(&url)),
+            (None, true) => None,
+            (None, false) => Proxy::from_env(&host, port),
+        };
+        let proxy = proxy
+            .transpose()
+            .map_err(|m| ConnectError::Usage(format!("proxy: {m}")))?;
+        Ok(ConnectOptions {
+            client_cert: a.cert.zip(a.key),
+            proxy,
+            sni: if a.no_sni {
+                None
+            } else {
+                Some(a.sni.unwrap_or_else(|| host.clone()))
+            },
+            host,
+            port,
+            alpn: a
+                .alpn
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .map(String::into_bytes)
+                .collect(),
+            trust,
+            connect_timeout: a.connect_timeout,
+        })
+    }
+}
+
+fn connect(args: ConnectArgs) -> Result<(), Failure> {
+    let fail = |e: ConnectError| Failure::of("sluice connect", &e);
+    let opts = ConnectOptions::try_from(args).map_err(fail)?;
+    if matches!(opts.trust, Trust::Insecure) {
+        eprintln!("sluice connect: WARNING: --insecure: the server is not verified; anyone on the path can read and change this connection");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return fail(ConnectError::Io(format!("cannot start: {e}"))),
-    };
+        .map_err(|e| fail(ConnectError::Io(format!("cannot start: {e}"))))?;
     let result = rt.block_on(sluice::client::run(&opts));
     // stdin is read on a blocking thread that cannot be cancelled: do not wait for it, or a
     // server that closes first would leave ssh and this helper waiting on each other.
     rt.shutdown_background();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e),
-    }
+    result.map_err(fail)
 }
 
-fn hostkey(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
-    let cfg = match load(config.as_ref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("sluice: config error: {e}");
-            return ExitCode::from(EX_CONFIG);
-        }
-    };
-    let state_dir = sluice::state::resolve(state_dir.as_deref().or(cfg.state_dir.as_deref()));
+fn hostkey(a: StateArgs) -> Result<(), Failure> {
+    let cfg = load(a.config.as_deref()).map_err(|e| config_failure(&e))?;
+    let state_dir = sluice::state::resolve(a.state_dir.as_deref().or(cfg.state_dir.as_deref()));
     let path = sluice::ssh::host_key_path(&cfg.embedded_ssh, &state_dir);
-    match sluice::ssh::load_or_create_host_key(&path) {
-        Ok(key) => {
-            let fp = key.public_key().fingerprint(russh::keys::HashAlg::Sha256);
-            let public = key.public_key().to_openssh().unwrap_or_default();
-            println!("{fp} {}", path.display());
-            println!("{public}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("sluice: {e}");
-            ExitCode::from(EX_CONFIG)
-        }
-    }
+    let key = sluice::ssh::load_or_create_host_key(&path).map_err(|e| Failure::of("sluice", &e))?;
+    let fp = key.public_key().fingerprint(russh::keys::HashAlg::Sha256);
+    let public = key.public_key().to_openssh().unwrap_or_default();
+    println!("{fp} {}", path.display());
+    println!("{public}");
+    Ok(())
 }
 
-fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
-    let cfg = match load(config.as_ref()) {
-        Ok(c) => c,
-        Err(e) => {
-            error!("config error: {e}");
-            return ExitCode::from(EX_CONFIG);
-        }
-    };
-    let state_dir = sluice::state::resolve(state_dir.as_deref().or(cfg.state_dir.as_deref()));
-    // Connections run on their own per-core threads (see listen); this runtime only carries
-    // signals, reloads, the admin endpoint and watchers.
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+fn serve(a: StateArgs) -> Result<(), Failure> {
+    let cfg = load(a.config.as_deref())
+        .map_err(|e| Failure::new(EX_CONFIG, format!("config error: {e}")).logged())?;
+    let state_dir = sluice::state::resolve(a.state_dir.as_deref().or(cfg.state_dir.as_deref()));
+    // Connections run on their own per-core threads (see server::accept); this runtime only
+    // carries signals, reloads, the admin endpoint and watchers.
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!("cannot start the runtime: {e}");
-            return ExitCode::from(EX_OSERR);
-        }
-    };
+        .map_err(|e| Failure::new(EX_OSERR, format!("cannot start the runtime: {e}")).logged())?;
     rt.block_on(async move {
         // Handlers first: a signal that arrives while certificates load must not kill sluice.
         use tokio::signal::unix::{signal, SignalKind};
@@ -468,44 +418,17 @@ fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
                 signal(SignalKind::interrupt())?,
             ))
         })();
-        let (hup, term, int) = match signals {
-            Ok(s) => s,
-            Err(e) => {
-                error!("cannot install signal handlers: {e}");
-                return ExitCode::from(EX_OSERR);
-            }
-        };
-        let server = match Server::bind(cfg.clone(), state_dir).await {
-            Ok(s) => s,
-            Err(ServeError::Tls(TlsError::Config(e))) => {
-                error!("config error: {e}");
-                return ExitCode::from(EX_CONFIG);
-            }
-            Err(e @ ServeError::Tls(TlsError::SelfSigned { .. })) => {
-                error!("{e}");
-                return ExitCode::from(EX_CONFIG);
-            }
-            Err(e @ ServeError::Tls(_)) => {
-                error!("{e}");
-                return ExitCode::from(EX_SOFTWARE);
-            }
-            Err(e @ ServeError::Ssh(sluice::ssh::SshError::SocketDir { .. })) => {
-                error!("{e}");
-                return ExitCode::from(EX_CANTCREAT);
-            }
-            Err(ServeError::Ssh(e)) => {
-                error!("config error: {e}");
-                return ExitCode::from(EX_CONFIG);
-            }
-            Err(e @ ServeError::Bind { .. }) => {
-                error!("{e}");
-                return ExitCode::from(EX_OSERR);
-            }
-            Err(e @ ServeError::Activation(_)) => {
-                error!("{e}");
-                return ExitCode::from(EX_CONFIG);
-            }
-        };
+        let (hup, term, int) = signals.map_err(|e| {
+            Failure::new(EX_OSERR, format!("cannot install signal handlers: {e}")).logged()
+        })?;
+        let server = Server::bind(cfg.clone(), state_dir).await.map_err(|e| {
+            let what = if e.exit_code() == EX_CONFIG {
+                "config error: "
+            } else {
+                ""
+            };
+            Failure::new(e.exit_code(), format!("{what}{e}")).logged()
+        })?;
         announce(&server, &cfg);
         // READY before anything can say RELOADING (a SIGHUP may already be queued).
         sluice::systemd::ready();
@@ -514,7 +437,7 @@ fn serve(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> ExitCode {
         reload_on_sighup(server.reloader(), server.readiness(), hup);
         let shutdown = shutdown_signal(server.force_close_token(), term, int);
         server.run(shutdown).await;
-        ExitCode::SUCCESS
+        Ok(())
     })
 }
 

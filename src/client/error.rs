@@ -19,16 +19,3 @@ pub enum ConnectError {
     #[error("{0}")]
     Io(String),
 }
-
-impl ConnectError {
-    /// The sysexits code.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            ConnectError::Usage(_) => 64,
-            ConnectError::Unavailable(_) => 69,
-            ConnectError::Io(_) => 74,
-            ConnectError::Tls(_) => 76,
-            ConnectError::Config(_) => 78,
-        }
-    }
-}

@@ -237,7 +237,7 @@ fn trusted_proxies_and_admin() {
     assert_eq!(c.admin, Some("127.0.0.1:9191".parse().unwrap()));
     // An empty [admin] table turns it on at the default address; no table: off.
     let c = parse("[admin]\n").unwrap();
-    assert_eq!(c.admin, Some(DEFAULT_ADMIN_LISTEN.parse().unwrap()));
+    assert_eq!(c.admin, Some(DEFAULT_ADMIN_LISTEN));
     assert_eq!(parse("").unwrap().admin, None);
     let e = err("trusted_proxies = [\"10.0.0.0/33\"]\n");
     assert!(

@@ -1,7 +1,7 @@
 //! The validated configuration's types and defaults.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -61,7 +61,8 @@ pub struct Config {
 }
 
 /// The admin listener's address when `[admin]` sets none.
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9090));
 
 /// `[ssh]`: the embedded SSH server.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,7 +101,7 @@ impl Default for SshSettings {
             host_key: None,
             authorized_keys: Vec::new(),
             permit_open: Vec::new(),
-            listen_address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            listen_address: std::net::IpAddr::V4(Ipv4Addr::LOCALHOST),
             listen_ports: 20000..=25000,
             socket_dir: None,
             connect_timeout: Duration::from_secs(10),

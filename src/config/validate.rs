@@ -318,9 +318,7 @@ impl Validator<'_> {
                         ),
                     )
                 })?,
-                None => DEFAULT_ADMIN_LISTEN
-                    .parse()
-                    .expect("constant address parses"),
+                None => DEFAULT_ADMIN_LISTEN,
             });
         }
         Ok(cfg)
