@@ -25,7 +25,6 @@ pub mod admin;
 pub mod builtin;
 pub mod client;
 pub mod config;
-mod conn;
 pub mod detect;
 pub mod exit;
 pub mod io;

@@ -208,16 +208,21 @@ async fn accept_loop(
             let shared = shared.clone();
             tracker.spawn(async move {
                 let mut tcp = tcp;
-                let Some((peer, local, prefix)) =
-                    crate::conn::read_proxy_header(&shared, &mut tcp, peer, local, accepted_at)
-                        .await
+                let Some((peer, local, prefix)) = super::proxy_header::read_proxy_header(
+                    &shared,
+                    &mut tcp,
+                    peer,
+                    local,
+                    accepted_at,
+                )
+                .await
                 else {
                     return;
                 };
                 let Some((client_slot, unrouted)) = admit(&shared, peer) else {
                     return;
                 };
-                crate::conn::handle(shared, tcp, peer, local, unrouted, prefix, accepted_at).await;
+                super::conn::handle(shared, tcp, peer, local, unrouted, prefix, accepted_at).await;
                 drop((permit, client_slot));
             });
             continue;
@@ -227,7 +232,7 @@ async fn accept_loop(
         };
         let shared = shared.clone();
         tracker.spawn(async move {
-            crate::conn::handle(shared, tcp, peer, local, unrouted, Vec::new(), accepted_at).await;
+            super::conn::handle(shared, tcp, peer, local, unrouted, Vec::new(), accepted_at).await;
             drop((permit, client_slot));
         });
     }

@@ -2,9 +2,14 @@
 //!
 //! [`Server::bind`] loads everything that can fail (certificates, sockets) before serving;
 //! [`Server::run`] accepts until its shutdown future resolves, then drains open connections
-//! for `shutdown_grace` and closes what is left. `accept` holds the per-core workers and the
-//! accept loop with admission, `reload` the snapshot building and the certificate watch,
-//! `limits` the per-client counts, `shared` what connections see of the server.
+//! for `shutdown_grace` and closes what is left.
+//!
+//! One connection's way through: `accept` (per-core workers, the accept loop, admission) ->
+//! `proxy_header` (from trusted load balancers) -> `conn` (outer detection, TLS, inner
+//! detection and routing: [`crate::detect`], [`crate::route`]) -> `dispatch` (the upstream
+//! through [`crate::relay`], the embedded [`crate::ssh`] server, or sluice's own answer).
+//! Beside them: `conn_log` (the one line and the counters per connection), `reload` (snapshot building, the certificate watch), `limits` (per-client
+//! counts, log throttles), `shared` (what connections see of the server, `Ctx`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,10 +30,14 @@ use crate::config::Config;
 use crate::tls::{self, CertStore};
 
 mod accept;
+mod conn;
+mod conn_log;
+mod dispatch;
 mod error;
-pub(crate) mod limits;
+mod limits;
+mod proxy_header;
 mod reload;
-pub(crate) mod shared;
+mod shared;
 
 use accept::{bind, spawn_acceptors};
 pub use error::ServeError;

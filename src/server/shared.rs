@@ -4,6 +4,8 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
@@ -46,4 +48,14 @@ pub(crate) struct Shared {
     pub(crate) pipes: Arc<crate::relay::splice::PipePool>,
     pub(crate) refusals: Throttle,
     pub(crate) failures: Throttle,
+}
+
+/// What one connection is served with: the server's shared state and the snapshot (config,
+/// TLS, SSH server) that was current when it was accepted.
+pub(super) struct Ctx {
+    pub(super) shared: Arc<Shared>,
+    pub(super) snap: Arc<Snapshot>,
+    /// When the connection was accepted: a client that stays silent has `detect.timeout` from
+    /// here, PROXY header included.
+    pub(super) accepted: Instant,
 }
