@@ -62,7 +62,7 @@ impl Exit for crate::server::ServeError {
         match self {
             ServeError::Tls(e) => e.exit_code(),
             ServeError::Ssh(e) => e.exit_code(),
-            ServeError::Bind { .. } => EX_OSERR,
+            ServeError::Bind { .. } | ServeError::Runtime(_) | ServeError::Signals(_) => EX_OSERR,
             ServeError::Activation(_) => EX_CONFIG,
         }
     }

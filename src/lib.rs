@@ -25,6 +25,7 @@ pub mod admin;
 pub mod builtin;
 pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod detect;
 pub mod exit;
 pub mod io;

@@ -23,6 +23,12 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    /// The runtime could not start (threads, an epoll instance).
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] io::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] io::Error),
     /// Sockets passed by systemd are unusable.
     #[error(transparent)]
     Activation(#[from] crate::systemd::ActivationError),
