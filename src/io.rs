@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A stream whose reads return `prefix` first, then the inner stream's bytes.
 #[derive(Debug)]
-pub struct Prefixed<S> {
+pub(crate) struct Prefixed<S> {
     prefix: Vec<u8>,
     pos: usize,
     inner: S,
@@ -20,17 +20,12 @@ pub struct Prefixed<S> {
 
 impl<S> Prefixed<S> {
     /// Replays `prefix` before reading from `inner`.
-    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+    pub(crate) fn new(prefix: Vec<u8>, inner: S) -> Self {
         Prefixed {
             prefix,
             pos: 0,
             inner,
         }
-    }
-
-    /// The inner stream.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
     }
 }
 
@@ -88,11 +83,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
 /// Byte counts shared between a [`Counted`] stream and whoever logs them.
 #[derive(Debug, Default, Clone)]
-pub struct Counts(std::sync::Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>);
+pub(crate) struct Counts(
+    std::sync::Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
+);
 
 impl Counts {
     /// (read from the stream, written to it) so far.
-    pub fn get(&self) -> crate::relay::Bytes {
+    pub(crate) fn get(&self) -> crate::relay::Bytes {
         use std::sync::atomic::Ordering::Relaxed;
         crate::relay::Bytes {
             up: self.0 .0.load(Relaxed),
@@ -103,14 +100,14 @@ impl Counts {
 
 /// A stream that counts the bytes read from it (`up`) and written to it (`down`).
 #[derive(Debug)]
-pub struct Counted<S> {
+pub(crate) struct Counted<S> {
     inner: S,
     counts: Counts,
 }
 
 impl<S> Counted<S> {
     /// Wraps `inner`; the returned [`Counts`] reads the totals.
-    pub fn new(inner: S) -> (Self, Counts) {
+    pub(crate) fn new(inner: S) -> (Self, Counts) {
         let counts = Counts::default();
         (
             Counted {
@@ -168,14 +165,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 
 /// A stream that fails every read and write once its token is cancelled: a way to end a
 /// session that runs in a task we do not own (russh's), even before its protocol can say goodbye.
-pub struct Killable<S> {
+pub(crate) struct Killable<S> {
     inner: S,
     killed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 impl<S> Killable<S> {
     /// Wraps `inner`; cancelling `token` kills it.
-    pub fn new(inner: S, token: tokio_util::sync::CancellationToken) -> Self {
+    pub(crate) fn new(inner: S, token: tokio_util::sync::CancellationToken) -> Self {
         Killable {
             inner,
             killed: Box::pin(token.cancelled_owned()),

@@ -1,25 +1,31 @@
 //! sluice: one TLS port that carries a site's HTTPS and SSH.
 //!
-//! # Layout
-//! - [`config`]: the TOML file, validated into a [`config::Config`].
-//! - [`server`]: sockets, the accept loop, limits, reload and graceful shutdown ([`server::Server`]).
-//! - `conn`: one connection from accept to close: outer detection, TLS, inner detection,
-//!   routing, the target, one log line.
+//! # Layout: one connection's way through
+//! - [`server`]: `accept` (per-core workers, admission) -> `proxy_header` -> `conn` (outer
+//!   detection, TLS, inner detection, routing) -> `dispatch` (the target) -> `conn_log` (one
+//!   line, the counters); `reload`, `limits` and `shared` beside them.
 //! - [`detect`]: the pure, incremental protocol classifier.
-//! - [`route`]: pure routing decisions from ALPN, SNI and detected protocol.
+//! - `route`: pure routing decisions from ALPN, SNI and the detected protocol.
+//! - [`relay`]: the two-way copy (splice(2) between plain sockets) with half-close, idle
+//!   timeout and byte counts.
+//! - `upstream` and `resolve`: connecting to backends, with cached asynchronous name lookups.
+//! - [`ssh`]: the embedded SSH server (tunnels and jump host): `auth` decides logins, `handler`
+//!   answers russh, `forward` moves the bytes.
+//! - `outcome`: how a connection ended and which side ended it (the log line and metrics).
+//!
+//! # Beside it
+//! - [`config`]: the TOML file, validated into a [`Config`].
 //! - [`tls`]: certificates (PEM, self-signed, SNI) and the rustls server config.
-//! - [`outcome`]: how a connection ended and which side ended it (log line and metrics).
-//! - [`relay`]: the two-way copy with half-close, idle timeout and byte counts.
-//! - [`upstream`]: connecting to backends.
-//! - [`proxy_protocol`]: PROXY protocol v1/v2 headers, encoded and decoded (pure).
-//! - [`net`]: CIDRs, host globs, `host:port` permit entries, port ranges (pure).
-//! - [`resolve`]: asynchronous, cached name resolution (hickory) for upstreams and forwards.
+//! - [`proxy_protocol`] and [`net`]: PROXY headers; CIDRs, globs, permit entries (pure leaves).
+//! - [`daemon`]: `sluice serve` as a process (runtime, signals, systemd).
+//! - [`admin`] and [`metrics`]: the health and Prometheus endpoint.
 //! - [`builtin`]: sluice's own small HTTP answers (status page, redirect, 502).
-//! - [`io`]: a stream that replays bytes already read.
 //! - [`state`]: the state directory for generated secrets.
-//! - [`ssh`]: the embedded SSH server (tunnels and jump host).
-//! - [`exit`]: exit codes, and the errors that know theirs.
 //! - [`client`]: `sluice connect`, the ProxyCommand TLS helper.
+//! - [`exit`]: exit codes, and the errors that know theirs.
+//!
+//! Modules are public where something outside the library uses them (the binary, the
+//! integration tests, the fuzz targets, the benchmarks); the rest are `pub(crate)`.
 
 pub mod admin;
 pub mod builtin;
@@ -28,18 +34,22 @@ pub mod config;
 pub mod daemon;
 pub mod detect;
 pub mod exit;
-pub mod io;
+pub(crate) mod io;
 pub mod metrics;
 pub mod net;
-pub mod outcome;
+pub(crate) mod outcome;
 pub mod proxy_protocol;
 pub mod relay;
-pub mod resolve;
-pub mod route;
+pub(crate) mod resolve;
+pub(crate) mod route;
 pub mod server;
 pub mod ssh;
 pub mod state;
-pub mod sys;
-pub mod systemd;
+pub(crate) mod sys;
+pub(crate) mod systemd;
 pub mod tls;
-pub mod upstream;
+pub(crate) mod upstream;
+
+pub use config::{Config, ConfigError};
+pub use exit::Exit;
+pub use server::{ServeError, Server};

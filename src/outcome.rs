@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// Who ended a connection, or whose fault it was (as pingora tags its errors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     /// The client: it closed, sent something refused, failed its handshake, or went silent.
     Client,
     /// The upstream: unreachable, reset, or an I/O error.
@@ -20,7 +20,7 @@ pub enum Side {
 
 impl Side {
     /// The label value: `client`, `upstream` or `internal`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Side::Client => "client",
             Side::Upstream => "upstream",
@@ -31,7 +31,7 @@ impl Side {
 
 /// The kind of ending, a label with few values (the `end` field and label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// Served to its end: the relay or the session closed, or sluice's own answer was sent.
     Closed,
     /// sluice refused it: unknown protocol, a route that refuses, a failed authentication.
@@ -46,7 +46,7 @@ pub enum Kind {
 
 impl Kind {
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Kind::Closed => "closed",
             Kind::Refused => "refused",
@@ -59,7 +59,7 @@ impl Kind {
 
 /// sluice's own short answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answer {
+pub(crate) enum Answer {
     /// The plain-HTTP redirect to https.
     Redirect,
     /// The built-in status page.
@@ -98,7 +98,7 @@ pub enum SshEnd {
 
 /// Every way a connection ends.
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Both directions of the relay closed.
     Closed,
     /// sluice answered by itself and closed.
@@ -127,7 +127,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// The kind, for the `end` label.
-    pub fn kind(&self) -> Kind {
+    pub(crate) fn kind(&self) -> Kind {
         match self {
             Outcome::Closed | Outcome::Answered(_) => Kind::Closed,
             Outcome::AnswerFailed(_, None) | Outcome::TlsTimeout(_) | Outcome::IdleTimeout => {
@@ -151,7 +151,7 @@ impl Outcome {
     }
 
     /// Which side ended the connection, for the `side` label.
-    pub fn side(&self) -> Side {
+    pub(crate) fn side(&self) -> Side {
         match self {
             Outcome::Refused(side, _) | Outcome::Io(side, _) => *side,
             Outcome::UpstreamUnreachable(_) => Side::Upstream,

@@ -44,7 +44,7 @@ thread_local! {
 }
 
 /// Puts `settings` in force for lookups from now on (start-up and reload).
-pub fn configure(settings: &DnsSettings) {
+pub(crate) fn configure(settings: &DnsSettings) {
     let mut cur = SETTINGS.lock().unwrap_or_else(|p| p.into_inner());
     if cur.as_deref() != Some(settings) {
         *cur = Some(Arc::new(settings.clone()));
@@ -128,7 +128,7 @@ fn resolver() -> TokioResolver {
 
 /// The addresses of `host` (a name, an IPv4 address, or an IPv6 address with or without
 /// brackets) with `port`. IP literals need no lookup.
-pub async fn lookup(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+pub(crate) async fn lookup(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
@@ -148,7 +148,7 @@ pub async fn lookup(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
 }
 
 /// Splits `host:port` (`[v6]:port` for IPv6) and resolves it.
-pub async fn lookup_host_port(addr: &str) -> io::Result<Vec<SocketAddr>> {
+pub(crate) async fn lookup_host_port(addr: &str) -> io::Result<Vec<SocketAddr>> {
     let bad = || {
         io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -7,7 +7,7 @@ use crate::detect::Protocol;
 
 /// What decided the route, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RoutedBy {
+pub(crate) enum RoutedBy {
     /// The ALPN protocol the client chose in the TLS handshake.
     Alpn,
     /// The SNI name the client sent.
@@ -22,7 +22,7 @@ pub enum RoutedBy {
 
 impl RoutedBy {
     /// The name used in logs.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RoutedBy::Alpn => "alpn",
             RoutedBy::Sni => "sni",
@@ -41,7 +41,7 @@ impl fmt::Display for RoutedBy {
 
 /// Where a connection goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// To this route.
     Route(RouteKind),
     /// Plain HTTP on a route that wants TLS: answer with a 308 to https.
@@ -51,7 +51,7 @@ pub enum Decision {
 }
 
 /// The route whose ALPN list holds the protocol the client chose.
-pub fn by_alpn(cfg: &Config, alpn: &[u8]) -> Option<RouteKind> {
+pub(crate) fn by_alpn(cfg: &Config, alpn: &[u8]) -> Option<RouteKind> {
     [&cfg.ssh, &cfg.http]
         .into_iter()
         .find(|r| r.alpn.iter().any(|p| p.as_bytes() == alpn))
@@ -59,7 +59,7 @@ pub fn by_alpn(cfg: &Config, alpn: &[u8]) -> Option<RouteKind> {
 }
 
 /// The route bound to the SNI name the client sent.
-pub fn by_sni(cfg: &Config, sni: &str) -> Option<RouteKind> {
+pub(crate) fn by_sni(cfg: &Config, sni: &str) -> Option<RouteKind> {
     let sni = sni.trim_end_matches('.').to_ascii_lowercase();
     let routes = [&cfg.ssh, &cfg.http];
     // An exact name beats a wildcard, whichever route holds them (as certificate choice does).
@@ -74,7 +74,7 @@ pub fn by_sni(cfg: &Config, sni: &str) -> Option<RouteKind> {
 }
 
 /// After TLS: the route for a recognised protocol in the decrypted bytes.
-pub fn by_inner_protocol(cfg: &Config, p: Protocol) -> Decision {
+pub(crate) fn by_inner_protocol(cfg: &Config, p: Protocol) -> Decision {
     match p {
         Protocol::Ssh => Decision::Route(RouteKind::Ssh),
         Protocol::Http1 => Decision::Route(RouteKind::Http),
@@ -86,17 +86,17 @@ pub fn by_inner_protocol(cfg: &Config, p: Protocol) -> Decision {
 }
 
 /// After TLS: the decrypted bytes matched nothing.
-pub fn inner_unknown(cfg: &Config) -> Decision {
+pub(crate) fn inner_unknown(cfg: &Config) -> Decision {
     fallback(cfg.detect.on_unknown, "unknown protocol")
 }
 
 /// After TLS: the client sent nothing within `detect.timeout`.
-pub fn inner_timeout(cfg: &Config) -> Decision {
+pub(crate) fn inner_timeout(cfg: &Config) -> Decision {
     fallback(cfg.detect.on_timeout, "silent client")
 }
 
 /// Before TLS: a plaintext protocol, subject to the route's plaintext policy.
-pub fn plaintext(cfg: &Config, p: Protocol) -> Decision {
+pub(crate) fn plaintext(cfg: &Config, p: Protocol) -> Decision {
     let kind = match p {
         Protocol::Ssh => RouteKind::Ssh,
         Protocol::Http1 => RouteKind::Http,
@@ -110,7 +110,7 @@ pub fn plaintext(cfg: &Config, p: Protocol) -> Decision {
 }
 
 /// Before TLS: a silent client goes to `on_timeout` only if that route takes plaintext.
-pub fn plaintext_timeout(cfg: &Config) -> Decision {
+pub(crate) fn plaintext_timeout(cfg: &Config) -> Decision {
     match cfg.detect.on_timeout {
         Fallback::Route(kind) if cfg.route(kind).plaintext == Plaintext::Accept => {
             Decision::Route(kind)

@@ -11,7 +11,7 @@ use std::os::fd::OwnedFd;
 use std::os::fd::{AsFd, FromRawFd, RawFd};
 
 /// Lifts the soft open-files limit to the hard one: each relayed connection needs two.
-pub fn raise_nofile_limit() {
+pub(crate) fn raise_nofile_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut lim = getrlimit(Resource::Nofile);
     if lim.current < lim.maximum {
@@ -22,7 +22,7 @@ pub fn raise_nofile_limit() {
 
 /// Whether the kernel offers kTLS: the `tls` upper-layer protocol is listed in
 /// /proc/sys/net/ipv4/tcp_available_ulp (once the module is loaded). `Err` says why not.
-pub fn ktls_probe() -> Result<(), std::io::Error> {
+pub(crate) fn ktls_probe() -> Result<(), std::io::Error> {
     let path = "/proc/sys/net/ipv4/tcp_available_ulp";
     let ulps = std::fs::read_to_string(path)?;
     if ulps.split_whitespace().any(|u| u == "tls") {
@@ -70,7 +70,7 @@ fn check_tcp_listener(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), String> {
 }
 
 /// The host name, from uname(2).
-pub fn hostname() -> Option<String> {
+pub(crate) fn hostname() -> Option<String> {
     rustix::system::uname()
         .nodename()
         .to_str()
@@ -80,7 +80,7 @@ pub fn hostname() -> Option<String> {
 
 /// An inotify instance that reports entries created, replaced, written or removed in the
 /// directories it watches (certificate renewals swap files and symlinks there).
-pub struct DirWatch {
+pub(crate) struct DirWatch {
     fd: OwnedFd,
 }
 
@@ -88,7 +88,7 @@ impl DirWatch {
     /// A new, non-blocking inotify instance (Linux only: elsewhere an error, and the callers
     /// poll instead).
     #[cfg(target_os = "linux")]
-    pub fn new() -> std::io::Result<DirWatch> {
+    pub(crate) fn new() -> std::io::Result<DirWatch> {
         use rustix::fs::inotify::{init, CreateFlags};
         Ok(DirWatch {
             fd: init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?,
@@ -103,7 +103,7 @@ impl DirWatch {
 
     /// Watches `dir` (adding it twice is harmless).
     #[cfg(target_os = "linux")]
-    pub fn add(&self, dir: &std::path::Path) -> std::io::Result<()> {
+    pub(crate) fn add(&self, dir: &std::path::Path) -> std::io::Result<()> {
         use rustix::fs::inotify::{add_watch, WatchFlags};
         let mask = WatchFlags::CLOSE_WRITE
             | WatchFlags::MOVED_TO
@@ -121,7 +121,7 @@ impl DirWatch {
     }
 
     /// Reads and discards the pending events; whether there were any.
-    pub fn drain(&self) -> bool {
+    pub(crate) fn drain(&self) -> bool {
         let mut buf = [0u8; 4096];
         let mut any = false;
         while let Ok(n) = rustix::io::read(&self.fd, &mut buf) {
@@ -134,7 +134,7 @@ impl DirWatch {
     }
 
     /// A new watch registered with the current tokio runtime.
-    pub fn new_async() -> std::io::Result<tokio::io::unix::AsyncFd<DirWatch>> {
+    pub(crate) fn new_async() -> std::io::Result<tokio::io::unix::AsyncFd<DirWatch>> {
         let w = DirWatch::new()?;
         // SAFETY: the descriptor is owned by the DirWatch that the AsyncFd owns, so it stays
         // open for as long as it is registered.

@@ -24,7 +24,7 @@ pub enum ActivationError {
 
 /// The listening sockets systemd passed (`LISTEN_FDS` for this PID), non-blocking and ready for
 /// tokio; empty when not socket-activated.
-pub fn inherited_listeners() -> Result<Vec<std::net::TcpListener>, ActivationError> {
+pub(crate) fn inherited_listeners() -> Result<Vec<std::net::TcpListener>, ActivationError> {
     // The environment stays (unsetting it is unsound once threads run): adopt the descriptors
     // once per process, or a second server would own them twice.
     static ADOPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -70,12 +70,12 @@ fn send(states: &[sd_notify::NotifyState<'_>]) {
 }
 
 /// Config, certificates, keys and listeners are ready.
-pub fn ready() {
+pub(crate) fn ready() {
     send(&[sd_notify::NotifyState::Ready]);
 }
 
 /// A reload starts (systemd then waits for [`ready`] again).
-pub fn reloading() {
+pub(crate) fn reloading() {
     match sd_notify::NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[sd_notify::NotifyState::Reloading, now]),
         Err(_) => send(&[sd_notify::NotifyState::Reloading]),
@@ -83,18 +83,18 @@ pub fn reloading() {
 }
 
 /// Shutdown starts.
-pub fn stopping() {
+pub(crate) fn stopping() {
     send(&[sd_notify::NotifyState::Stopping]);
 }
 
 /// A one-line status shown by `systemctl status`.
-pub fn status(text: &str) {
+pub(crate) fn status(text: &str) {
     send(&[sd_notify::NotifyState::Status(text)]);
 }
 
 /// If the unit sets `WatchdogSec=`, pings systemd at half the interval while `liveness` holds:
 /// a stalled runtime stops the pings and systemd restarts the service.
-pub fn spawn_watchdog(liveness: crate::admin::Liveness) {
+pub(crate) fn spawn_watchdog(liveness: crate::admin::Liveness) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
     };

@@ -6,7 +6,7 @@
 //!
 //! One connection's way through: `accept` (per-core workers, the accept loop, admission) ->
 //! `proxy_header` (from trusted load balancers) -> `conn` (outer detection, TLS, inner
-//! detection and routing: [`crate::detect`], [`crate::route`]) -> `dispatch` (the upstream
+//! detection and routing: [`crate::detect`], `route`) -> `dispatch` (the upstream
 //! through [`crate::relay`], the embedded [`crate::ssh`] server, or sluice's own answer).
 //! Beside them: `conn_log` (the one line and the counters per connection), `reload` (snapshot building, the certificate watch), `limits` (per-client
 //! counts, log throttles), `shared` (what connections see of the server, `Ctx`).

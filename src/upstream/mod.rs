@@ -10,7 +10,7 @@ use crate::config::Upstream;
 
 /// Why an upstream could not be reached.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     /// The name did not resolve.
     #[error("cannot resolve {addr}: {source}")]
     Resolve {
@@ -40,7 +40,7 @@ pub enum ConnectError {
 }
 
 /// Connects to `up`, trying each resolved address in turn within `up.connect_timeout`.
-pub async fn connect(up: &Upstream) -> Result<(TcpStream, SocketAddr), ConnectError> {
+pub(crate) async fn connect(up: &Upstream) -> Result<(TcpStream, SocketAddr), ConnectError> {
     let deadline = Instant::now() + up.connect_timeout;
     let timeout = || ConnectError::Timeout {
         addr: up.addr.clone(),
