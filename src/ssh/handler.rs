@@ -18,9 +18,9 @@ use tracing::{debug, info, warn};
 use super::auth::{self, Denial, Grant};
 use super::forward;
 use super::limits::{ChannelCount, ChannelSlot};
-use super::sockets::{self, Claim};
+use super::permit;
+use super::sockets::Claim;
 use super::{SshServer, TUNNELS_ONLY};
-use crate::net::HostMatch;
 
 /// What the connection log line should say about the session, and how authentication went.
 #[derive(Default)]
@@ -395,68 +395,27 @@ impl russh::server::Handler for Conn {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let target = format!("{host}:{port}");
-        // A host name or address literal, nothing else reaches the resolver or the logs.
-        let host_ok = !host.is_empty()
-            && host.len() <= 253
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b));
-        if !host_ok {
-            self.deny_channel("direct-tcpip", &super::clean(host), "malformed host");
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
-        }
         let Some(grant) = self.grant.clone() else {
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
             return Ok(());
         };
+        let target = format!("{}:{port}", super::clean(host));
         let deny = |reason: &str| self.deny_channel("direct-tcpip", &target, reason);
-        let Ok(port) =
-            u16::try_from(port)
-                .map_err(|_| ())
-                .and_then(|p| if p == 0 { Err(()) } else { Ok(p) })
-        else {
-            deny("bad port");
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
+        let permit::Connect {
+            port,
+            allowed_by_name,
+        } = match permit::connect(&grant, &self.server.settings, host, port) {
+            Ok(c) => c,
+            Err(r) => {
+                deny(&r.to_string());
+                reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await;
+                return Ok(());
+            }
         };
-        if !grant.port_forwarding {
-            deny("port forwarding not permitted for this key");
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
-        }
-        if grant
-            .permit_open
-            .as_ref()
-            .is_some_and(|list| !list.iter().any(|p| p.matches(host, port)))
-        {
-            deny("not in the key's permitopen");
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
-        }
-        let rules = &self.server.settings.permit_open;
-        let by_name = rules.iter().any(|p| p.allows_name(host, port));
-        let by_addr_possible = rules
-            .iter()
-            .any(|p| matches!(p.host, HostMatch::Net(_)) && p.port.matches(port));
-        if !by_name && !by_addr_possible {
-            deny("not in ssh.permit_open");
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
-        }
         let Some(slot) = self.channels.enter() else {
             deny("too many channels on this connection (ssh.max_channels)");
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
@@ -469,7 +428,7 @@ impl russh::server::Handler for Conn {
             reply,
             host.to_string(),
             port,
-            by_name,
+            allowed_by_name,
             self.peer,
             grant.user,
             slot,
@@ -491,30 +450,12 @@ impl russh::server::Handler for Conn {
             self.deny_channel("tcpip-forward", &target, reason);
             Ok(false)
         };
-        let Ok(requested) = u16::try_from(*port) else {
-            return deny("bad port");
+        let held = self.forwards.len() + self.sockets.len();
+        let requested = match permit::listen(&grant, &self.server.settings, address, *port, held) {
+            Ok(p) => p,
+            Err(r) => return deny(&r.to_string()),
         };
-        if !grant.port_forwarding {
-            return deny("port forwarding not permitted for this key");
-        }
-        if grant
-            .permit_listen
-            .as_ref()
-            .is_some_and(|l| !l.iter().any(|p| p.matches(address, requested)))
-        {
-            return deny("not in the key's permitlisten");
-        }
         let range = self.server.settings.listen_ports.clone();
-        if requested != 0 && !range.contains(&requested) {
-            return deny(&format!(
-                "port outside ssh.listen_ports ({}-{})",
-                range.start(),
-                range.end()
-            ));
-        }
-        if self.forwards.len() + self.sockets.len() >= self.server.settings.max_forwards as usize {
-            return deny("too many forwards on this connection (ssh.max_forwards)");
-        }
         let listener =
             match forward::bind_tcp(self.server.settings.listen_address, requested, range) {
                 Ok(l) => l,
@@ -564,28 +505,11 @@ impl russh::server::Handler for Conn {
             self.deny_channel("streamlocal-forward", socket_path, reason);
             Ok(false)
         };
-        if !grant.port_forwarding {
-            return deny("port forwarding not permitted for this key");
-        }
-        let Some(name) = sockets::socket_name(socket_path) else {
-            return deny(
-                "the socket name must be 1-100 of [A-Za-z0-9._-], not starting with a dot",
-            );
+        let held = self.forwards.len() + self.sockets.len();
+        let name = match permit::listen_socket(&grant, &self.server.settings, socket_path, held) {
+            Ok(n) => n,
+            Err(r) => return deny(&r.to_string()),
         };
-        if self.forwards.len() + self.sockets.len() >= self.server.settings.max_forwards as usize {
-            return deny("too many forwards on this connection (ssh.max_forwards)");
-        }
-        // Socket names are one namespace for every key: without a per-key list, any key could
-        // take (or wait for) another's name. Until names are scoped per identity, a key must
-        // list the names it may publish.
-        let Some(allowed) = grant.permit_listen.as_ref() else {
-            return deny(
-                "unix-socket forwards need permitlisten=\"/name-glob\" on the key or cert-authority line",
-            );
-        };
-        if !allowed.iter().any(|p| p.matches_socket(&name)) {
-            return deny("not in the key's permitlisten (socket entries are \"/name-glob\")");
-        }
         let (claim, listener) = match self.server.sockets.claim(&self.server.socket_dir, &name) {
             Ok(c) => c,
             Err(e) => return deny(&format!("cannot listen: {e}")),

@@ -14,6 +14,7 @@ mod hostkey;
 mod keys;
 mod limits;
 pub mod penalty;
+mod permit;
 pub mod policy;
 mod sockets;
 mod tz;

@@ -1,0 +1,310 @@
+//! What an authenticated session may open, decided without sockets: `-W/-L/-J` connects,
+//! `-R` listeners on ports and on unix sockets. The handler turns a [`Refusal`] into a
+//! `denied ...` log line and a refused request.
+
+use std::fmt;
+use std::ops::RangeInclusive;
+
+use super::auth::Grant;
+use super::sockets;
+use crate::config::SshSettings;
+use crate::net::HostMatch;
+
+/// Why a forward was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Not a host name or an address literal.
+    MalformedHost,
+    /// Port 0 for a connect, or above 65535.
+    BadPort,
+    /// The key or certificate does not allow forwarding (`restrict`, no extension).
+    NoForwarding,
+    /// The key line's `permitopen` does not list the target.
+    NotInKeyPermitOpen,
+    /// `[ssh] permit_open` does not list the target.
+    NotInPermitOpen,
+    /// The key line's `permitlisten` does not list the address and port.
+    NotInKeyPermitListen,
+    /// A fixed port outside `[ssh] listen_ports`.
+    OutsideListenPorts(RangeInclusive<u16>),
+    /// `[ssh] max_forwards` listeners already open on this connection.
+    TooManyForwards,
+    /// A socket name that is not 1-100 of `[A-Za-z0-9._-]`.
+    BadSocketName,
+    /// Socket names are shared by every key: a key must list the names it may take.
+    SocketNeedsPermitListen,
+    /// The key's `permitlisten` lists no matching `/name-glob`.
+    SocketNotInPermitListen,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::MalformedHost => f.write_str("malformed host"),
+            Refusal::BadPort => f.write_str("bad port"),
+            Refusal::NoForwarding => f.write_str("port forwarding not permitted for this key"),
+            Refusal::NotInKeyPermitOpen => f.write_str("not in the key's permitopen"),
+            Refusal::NotInPermitOpen => f.write_str("not in ssh.permit_open"),
+            Refusal::NotInKeyPermitListen => f.write_str("not in the key's permitlisten"),
+            Refusal::OutsideListenPorts(r) => write!(
+                f,
+                "port outside ssh.listen_ports ({}-{})",
+                r.start(),
+                r.end()
+            ),
+            Refusal::TooManyForwards => {
+                f.write_str("too many forwards on this connection (ssh.max_forwards)")
+            }
+            Refusal::BadSocketName => f.write_str(
+                "the socket name must be 1-100 of [A-Za-z0-9._-], not starting with a dot",
+            ),
+            Refusal::SocketNeedsPermitListen => f.write_str(
+                "unix-socket forwards need permitlisten=\"/name-glob\" on the key or cert-authority line",
+            ),
+            Refusal::SocketNotInPermitListen => {
+                f.write_str("not in the key's permitlisten (socket entries are \"/name-glob\")")
+            }
+        }
+    }
+}
+
+/// A connect (`direct-tcpip`) that may go ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Connect {
+    pub(crate) port: u16,
+    /// `[ssh] permit_open` allows the name itself; otherwise only addresses it resolves to
+    /// that an address rule allows (checked after the lookup).
+    pub(crate) allowed_by_name: bool,
+}
+
+/// `-W/-L/-J HOST:PORT`.
+pub(crate) fn connect(
+    grant: &Grant,
+    settings: &SshSettings,
+    host: &str,
+    port: u32,
+) -> Result<Connect, Refusal> {
+    // A host name or address literal, nothing else reaches the resolver or the logs.
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b));
+    if !host_ok {
+        return Err(Refusal::MalformedHost);
+    }
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(Refusal::BadPort)?;
+    if !grant.port_forwarding {
+        return Err(Refusal::NoForwarding);
+    }
+    if grant
+        .permit_open
+        .as_ref()
+        .is_some_and(|list| !list.iter().any(|p| p.matches(host, port)))
+    {
+        return Err(Refusal::NotInKeyPermitOpen);
+    }
+    let rules = &settings.permit_open;
+    let allowed_by_name = rules.iter().any(|p| p.allows_name(host, port));
+    let by_addr_possible = rules
+        .iter()
+        .any(|p| matches!(p.host, HostMatch::Net(_)) && p.port.matches(port));
+    if !allowed_by_name && !by_addr_possible {
+        return Err(Refusal::NotInPermitOpen);
+    }
+    Ok(Connect {
+        port,
+        allowed_by_name,
+    })
+}
+
+/// `-R [ADDRESS:]PORT`: the port to bind (0: any in `listen_ports`). `held` counts the
+/// connection's open listeners.
+pub(crate) fn listen(
+    grant: &Grant,
+    settings: &SshSettings,
+    address: &str,
+    port: u32,
+    held: usize,
+) -> Result<u16, Refusal> {
+    let requested = u16::try_from(port).map_err(|_| Refusal::BadPort)?;
+    if !grant.port_forwarding {
+        return Err(Refusal::NoForwarding);
+    }
+    if grant
+        .permit_listen
+        .as_ref()
+        .is_some_and(|l| !l.iter().any(|p| p.matches(address, requested)))
+    {
+        return Err(Refusal::NotInKeyPermitListen);
+    }
+    let range = &settings.listen_ports;
+    if requested != 0 && !range.contains(&requested) {
+        return Err(Refusal::OutsideListenPorts(range.clone()));
+    }
+    if held >= settings.max_forwards as usize {
+        return Err(Refusal::TooManyForwards);
+    }
+    Ok(requested)
+}
+
+/// `-R /NAME:...`: the socket's file name.
+pub(crate) fn listen_socket(
+    grant: &Grant,
+    settings: &SshSettings,
+    socket_path: &str,
+    held: usize,
+) -> Result<String, Refusal> {
+    if !grant.port_forwarding {
+        return Err(Refusal::NoForwarding);
+    }
+    let name = sockets::socket_name(socket_path).ok_or(Refusal::BadSocketName)?;
+    if held >= settings.max_forwards as usize {
+        return Err(Refusal::TooManyForwards);
+    }
+    // Socket names are one namespace for every key: without a per-key list, any key could
+    // take (or wait for) another's name. Until names are scoped per identity, a key must
+    // list the names it may publish.
+    let allowed = grant
+        .permit_listen
+        .as_ref()
+        .ok_or(Refusal::SocketNeedsPermitListen)?;
+    if !allowed.iter().any(|p| p.matches_socket(&name)) {
+        return Err(Refusal::SocketNotInPermitListen);
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ssh::authorized_keys::parse_line;
+    use crate::ssh::tz::SystemTz;
+
+    /// The grant a key line with `options` gives.
+    fn grant(options: &str) -> Grant {
+        let key = russh::keys::PrivateKey::from(
+            russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[1; 32]),
+        );
+        let key = key.public_key().to_openssh().unwrap();
+        let line = format!("{options} {key}").trim_start().to_string();
+        let (_, o) = parse_line(&line, &SystemTz).unwrap();
+        Grant {
+            user: "u".into(),
+            label: "test".into(),
+            key: "SHA256:test".into(),
+            port_forwarding: o.port_forwarding,
+            permit_open: o.permit_open,
+            permit_listen: o.permit_listen,
+            expires: None,
+        }
+    }
+
+    fn settings(permit_open: &[&str]) -> SshSettings {
+        SshSettings {
+            permit_open: permit_open
+                .iter()
+                .map(|p| crate::net::PermitOpen::parse(p).unwrap())
+                .collect(),
+            listen_ports: 20000..=20010,
+            max_forwards: 2,
+            ..SshSettings::default()
+        }
+    }
+
+    #[test]
+    fn connects_need_both_the_key_and_the_server_to_allow_them() {
+        let s = settings(&["db.internal:5432", "10.0.0.0/8:*"]);
+        let any = grant("");
+        assert_eq!(
+            connect(&any, &s, "db.internal", 5432),
+            Ok(Connect {
+                port: 5432,
+                allowed_by_name: true
+            })
+        );
+        // A name no rule lists may still resolve into an allowed network: decided later.
+        assert_eq!(
+            connect(&any, &s, "app.internal", 80).map(|c| c.allowed_by_name),
+            Ok(false)
+        );
+        let s_names_only = settings(&["db.internal:5432"]);
+        assert_eq!(
+            connect(&any, &s_names_only, "app.internal", 80),
+            Err(Refusal::NotInPermitOpen)
+        );
+        assert_eq!(connect(&any, &s, "db.internal", 0), Err(Refusal::BadPort));
+        assert_eq!(
+            connect(&any, &s, "db.internal", 70000),
+            Err(Refusal::BadPort)
+        );
+        assert_eq!(connect(&any, &s, "a b", 22), Err(Refusal::MalformedHost));
+        assert_eq!(connect(&any, &s, "", 22), Err(Refusal::MalformedHost));
+        assert_eq!(
+            connect(&grant("restrict"), &s, "db.internal", 5432),
+            Err(Refusal::NoForwarding)
+        );
+        let narrow = grant("permitopen=\"db.internal:5432\"");
+        assert!(connect(&narrow, &s, "db.internal", 5432).is_ok());
+        assert_eq!(
+            connect(&narrow, &s, "10.1.1.1", 22),
+            Err(Refusal::NotInKeyPermitOpen)
+        );
+    }
+
+    #[test]
+    fn listeners_stay_in_range_and_in_number() {
+        let s = settings(&[]);
+        let any = grant("");
+        assert_eq!(listen(&any, &s, "localhost", 0, 0), Ok(0));
+        assert_eq!(listen(&any, &s, "localhost", 20005, 1), Ok(20005));
+        assert_eq!(
+            listen(&any, &s, "localhost", 8080, 0),
+            Err(Refusal::OutsideListenPorts(20000..=20010))
+        );
+        assert_eq!(
+            Refusal::OutsideListenPorts(20000..=20010).to_string(),
+            "port outside ssh.listen_ports (20000-20010)"
+        );
+        assert_eq!(
+            listen(&any, &s, "localhost", 0, 2),
+            Err(Refusal::TooManyForwards)
+        );
+        assert_eq!(
+            listen(&any, &s, "localhost", 1 << 16, 0),
+            Err(Refusal::BadPort)
+        );
+        let only = grant("permitlisten=\"localhost:20001\"");
+        assert_eq!(listen(&only, &s, "localhost", 20001, 0), Ok(20001));
+        assert_eq!(
+            listen(&only, &s, "localhost", 20002, 0),
+            Err(Refusal::NotInKeyPermitListen)
+        );
+    }
+
+    #[test]
+    fn sockets_need_a_listed_name() {
+        let s = settings(&[]);
+        assert_eq!(
+            listen_socket(&grant(""), &s, "/app", 0),
+            Err(Refusal::SocketNeedsPermitListen)
+        );
+        let g = grant("permitlisten=\"/preview-*\"");
+        assert_eq!(
+            listen_socket(&g, &s, "/preview-42", 0).as_deref(),
+            Ok("preview-42")
+        );
+        assert_eq!(
+            listen_socket(&g, &s, "/other", 0),
+            Err(Refusal::SocketNotInPermitListen)
+        );
+        assert_eq!(listen_socket(&g, &s, "/.x", 0), Err(Refusal::BadSocketName));
+        assert_eq!(
+            listen_socket(&g, &s, "/preview-1", 2),
+            Err(Refusal::TooManyForwards)
+        );
+    }
+}
