@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Counts connections per client (an IPv4 address, or an IPv6 /64: one host's usual share).
-pub(crate) struct PerClient {
+pub(super) struct PerClient {
     max: u32,
     map: Mutex<HashMap<IpAddr, u32>>,
 }
@@ -30,7 +30,7 @@ impl PerClient {
     }
 
     /// Takes a slot for `ip`, or `None` if its client is at the limit.
-    pub(crate) fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+    pub(super) fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
         let key = Self::key(ip);
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(key).or_insert(0);
@@ -46,7 +46,7 @@ impl PerClient {
 }
 
 /// One connection's slot in a [`PerClient`] count; dropping it frees the slot.
-pub(crate) struct ClientSlot {
+pub(super) struct ClientSlot {
     owner: Arc<PerClient>,
     key: IpAddr,
 }
@@ -64,7 +64,7 @@ impl Drop for ClientSlot {
 }
 
 /// Lets a burst of log lines through per second and counts the rest.
-pub(crate) struct Throttle {
+pub(super) struct Throttle {
     state: Mutex<(tokio::time::Instant, u32, u64)>,
 }
 
@@ -78,7 +78,7 @@ impl Throttle {
     }
 
     /// `Some(suppressed since the last line)` if this line may be logged.
-    pub(crate) fn allow(&self) -> Option<u64> {
+    pub(super) fn allow(&self) -> Option<u64> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = tokio::time::Instant::now();
         if now.duration_since(s.0) >= Duration::from_secs(1) {

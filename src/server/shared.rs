@@ -1,5 +1,7 @@
 //! What a connection sees of the running server: the snapshot it is served with and the
-//! shared counters and limits. `conn` depends on this, not on the server.
+//! shared counters and limits (visible inside `server` only). `conn` and `dispatch` depend on
+//! this and on [`Ctx`], not on the server itself; what comes next (a tunnel registry, grants,
+//! an audit sink) joins `Shared` as one field each.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -16,38 +18,38 @@ use super::limits::{PerClient, Throttle};
 
 /// What new connections are served with: replaced whole by a reload, while open connections
 /// keep the one they started with.
-pub(crate) struct Snapshot {
-    pub(crate) cfg: Config,
+pub(super) struct Snapshot {
+    pub(super) cfg: Config,
     /// The TLS config offering the routes' ALPN ids.
-    pub(crate) tls: Arc<rustls::ServerConfig>,
+    pub(super) tls: Arc<rustls::ServerConfig>,
     /// The same without ALPN, for clients whose ALPN list matches none of ours: they are
     /// routed by SNI or by their first bytes instead of failing the handshake.
-    pub(crate) tls_no_alpn: Arc<rustls::ServerConfig>,
+    pub(super) tls_no_alpn: Arc<rustls::ServerConfig>,
     /// The embedded SSH server, when the ssh route has no upstream.
-    pub(crate) ssh: Option<Arc<crate::ssh::SshServer>>,
+    pub(super) ssh: Option<Arc<crate::ssh::SshServer>>,
     /// `tls.client_ca`'s verifier, to re-verify client certificates of resumed sessions.
-    pub(crate) client_verifier: Option<tls::ClientVerifier>,
+    pub(super) client_verifier: Option<tls::ClientVerifier>,
 }
 
 /// Shared state of a running server.
-pub(crate) struct Shared {
+pub(super) struct Shared {
     /// Config, TLS and SSH for new connections.
-    pub(crate) snapshot: ArcSwap<Snapshot>,
+    pub(super) snapshot: ArcSwap<Snapshot>,
     /// Limits fixed at start (a reload does not resize them).
-    pub(crate) limits: crate::config::Limits,
+    pub(super) limits: crate::config::Limits,
     /// `threads` at start.
-    pub(crate) limits_threads: Option<u32>,
+    pub(super) limits_threads: Option<u32>,
     /// Connections per client still in handshake or detection.
-    pub(crate) unrouted: Arc<PerClient>,
+    pub(super) unrouted: Arc<PerClient>,
     /// All connections per client.
-    pub(crate) per_client: Arc<PerClient>,
-    pub(crate) next_id: AtomicU64,
+    pub(super) per_client: Arc<PerClient>,
+    pub(super) next_id: AtomicU64,
     /// Cancelled when the shutdown grace runs out: open connections close.
-    pub(crate) force_close: CancellationToken,
+    pub(super) force_close: CancellationToken,
     /// Pipes for splicing plain legs.
-    pub(crate) pipes: Arc<crate::relay::splice::PipePool>,
-    pub(crate) refusals: Throttle,
-    pub(crate) failures: Throttle,
+    pub(super) pipes: Arc<crate::relay::splice::PipePool>,
+    pub(super) refusals: Throttle,
+    pub(super) failures: Throttle,
 }
 
 /// What one connection is served with: the server's shared state and the snapshot (config,
