@@ -1,5 +1,6 @@
 //! From the serde shape (`file`) to a validated [`Config`](super::Config): every value
-//! checked, relative paths resolved, `${VAR}` expanded, each error at its key.
+//! checked, relative paths resolved, `${VAR}` expanded, each error at its key. The
+//! `[ssh]` table is checked in `ssh`, the routes and fallbacks in `route`.
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -11,6 +12,9 @@ use toml::Spanned;
 use super::error::{locate, ConfigError, Location};
 use super::file;
 use super::types::*;
+
+mod route;
+mod ssh;
 
 /// Replaces each `${NAME}` in `text` with the variable's value; an unset or empty variable,
 /// or an unclosed `${`, is an error naming it.
@@ -324,85 +328,6 @@ impl Validator<'_> {
         Ok(cfg)
     }
 
-    fn ssh(&self, raw: &file::Ssh) -> Result<SshSettings, ConfigError> {
-        let mut s = SshSettings {
-            host_key: match &raw.host_key {
-                Some(p) => Some(self.path(p)?.path),
-                None => None,
-            },
-            ..SshSettings::default()
-        };
-        s.authorized_keys = raw
-            .authorized_keys
-            .iter()
-            .map(|p| self.path(p))
-            .collect::<Result<_, _>>()?;
-        for p in &raw.permit_open {
-            s.permit_open.push(
-                crate::net::PermitOpen::parse(p.get_ref()).or_else(|m| self.err(p.span(), m))?,
-            );
-        }
-        if let Some(a) = &raw.listen_address {
-            s.listen_address = a.get_ref().parse().or_else(|_| {
-                self.err(a.span(), format!("`{}` is not an IP address", a.get_ref()))
-            })?;
-        }
-        if let Some(r) = &raw.listen_ports {
-            s.listen_ports = crate::net::parse_port_range(r.get_ref()).map_or_else(
-                || {
-                    self.err(
-                        r.span(),
-                        format!("`{}` is not a port range like \"20000-25000\"", r.get_ref()),
-                    )
-                },
-                Ok,
-            )?;
-        }
-        s.socket_dir = match &raw.socket_dir {
-            Some(p) => Some(self.path(p)?.path),
-            None => None,
-        };
-        if let Some(t) = &raw.connect_timeout {
-            s.connect_timeout = self.duration(t, MIN_TIMEOUT, 10 * MINUTE)?;
-        }
-        if let Some(t) = &raw.auth_timeout {
-            s.auth_timeout = self.duration(t, Duration::from_secs(1), 10 * MINUTE)?;
-        }
-        if let Some(t) = &raw.keepalive_interval {
-            s.keepalive_interval = self.duration(t, Duration::from_secs(1), 60 * MINUTE)?;
-        }
-        for c in &raw.penalty_exempt {
-            s.penalty_exempt
-                .push(crate::net::Cidr::parse(c.get_ref()).map_or_else(
-                    || {
-                        self.err(
-                            c.span(),
-                            format!("`{}` is not an address or CIDR", c.get_ref()),
-                        )
-                    },
-                    Ok,
-                )?);
-        }
-        if raw.max_auth_failures_per_ip.is_some() {
-            tracing::warn!(
-                "ssh.max_auth_failures_per_ip is deprecated and has no effect: failed logins no longer lock an address out, they slow its later failures down (a key that verifies always gets in); ssh.penalty_exempt lists addresses never slowed. Remove the setting."
-            );
-        }
-        for (v, slot) in [
-            (&raw.max_auth_attempts, &mut s.max_auth_attempts),
-            (&raw.max_channels, &mut s.max_channels),
-            (&raw.max_forwards, &mut s.max_forwards),
-        ] {
-            if let Some(v) = v {
-                if *v.get_ref() == 0 {
-                    return self.err(v.span(), "must be at least 1");
-                }
-                *slot = *v.get_ref();
-            }
-        }
-        Ok(s)
-    }
-
     /// A duration within `[min, max]`; bounds keep deadlines meaningful and `Instant` math safe.
     fn duration(
         &self,
@@ -426,18 +351,6 @@ impl Validator<'_> {
         Ok(v)
     }
 
-    fn fallback(&self, f: &Spanned<String>) -> Result<Fallback, ConfigError> {
-        match f.get_ref().as_str() {
-            "ssh" => Ok(Fallback::Route(RouteKind::Ssh)),
-            "http" => Ok(Fallback::Route(RouteKind::Http)),
-            "close" => Ok(Fallback::Close),
-            other => self.err(
-                f.span(),
-                format!("`{other}` is not a route; expected \"ssh\", \"http\" or \"close\""),
-            ),
-        }
-    }
-
     fn server_name(&self, n: &Spanned<String>) -> Result<String, ConfigError> {
         let name = n.get_ref().trim_end_matches('.').to_ascii_lowercase();
         let plain = name.strip_prefix("*.").unwrap_or(&name);
@@ -458,101 +371,5 @@ impl Validator<'_> {
             );
         }
         Ok(name)
-    }
-
-    fn route(&self, kind: RouteKind, r: &file::Route) -> Result<Route, ConfigError> {
-        let mut route = Route::default_for(kind);
-        if let Some(u) = &r.upstream {
-            let addr = u.get_ref().trim();
-            let valid = match addr.rsplit_once(':') {
-                Some((host, port)) => {
-                    !host.is_empty()
-                        && port.parse::<u16>().is_ok_and(|p| p != 0)
-                        && (!host.contains(':') || host.starts_with('['))
-                }
-                None => false,
-            };
-            if !valid {
-                return self.err(u.span(), format!("`{addr}` is not host:port, e.g. \"127.0.0.1:8080\", \"[::1]:22\" or \"backend.internal:8080\""));
-            }
-            route.upstream = Some(Upstream {
-                addr: addr.to_string(),
-                proxy_protocol: r.proxy_protocol.as_ref().map(|p| *p.get_ref()),
-                connect_timeout: match &r.connect_timeout {
-                    Some(t) => self.duration(t, MIN_TIMEOUT, 10 * MINUTE)?,
-                    None => DEFAULT_CONNECT_TIMEOUT,
-                },
-            });
-        } else if let Some(span) = r
-            .proxy_protocol
-            .as_ref()
-            .map(|p| p.span())
-            .or(r.connect_timeout.as_ref().map(|t| t.span()))
-        {
-            return self.err(span, "only applies to an `upstream`, and none is set");
-        }
-        if let Some(t) = &r.idle_timeout {
-            route.idle_timeout = self.duration(t, MIN_TIMEOUT, 30 * DAY)?;
-        }
-        if let Some(t) = &r.half_closed_timeout {
-            route.half_closed_timeout = self.duration(t, MIN_TIMEOUT, 30 * DAY)?;
-        }
-        if let Some(p) = &r.plaintext {
-            route.plaintext = match (p.get_ref().as_str(), kind) {
-                ("accept", _) => Plaintext::Accept,
-                ("reject", _) => Plaintext::Reject,
-                ("redirect", RouteKind::Http) => Plaintext::Redirect,
-                ("redirect", RouteKind::Ssh) => return self.err(p.span(), "\"redirect\" is for the http route only; use \"accept\" or \"reject\""),
-                (other, _) => return self.err(p.span(), format!("`{other}` is not a plaintext policy; expected \"accept\", \"reject\" or \"redirect\"")),
-            };
-        }
-        if let Some(req) = r.require_client_cert.as_ref().filter(|v| *v.get_ref()) {
-            route.require_client_cert = true;
-            // Without TLS there is no certificate: plaintext would walk around the requirement.
-            match &r.plaintext {
-                None => route.plaintext = Plaintext::Reject,
-                Some(p) if route.plaintext != Plaintext::Reject => return self.err(
-                    p.span(),
-                    "a route that requires client certificates takes no plaintext; use \"reject\"",
-                ),
-                Some(_) => {}
-            }
-            let _ = req;
-        }
-        for n in &r.sni {
-            route.sni.push(self.server_name(n)?);
-        }
-        match kind {
-            RouteKind::Http => {
-                if let Some(a) = &r.alpn {
-                    return self.err(a.span(), "the http route's ALPN is http/1.1 (and h2 with `h2 = true`); it is not configurable");
-                }
-                let h2 = r.h2.as_ref().is_some_and(|h| *h.get_ref());
-                if h2 && route.upstream.is_none() {
-                    let span = r.h2.as_ref().map(|h| h.span()).unwrap_or(0..0);
-                    return self.err(span, "h2 needs an `upstream` that speaks HTTP/2; the built-in status page speaks HTTP/1.1 only");
-                }
-                route.alpn = default_alpn(kind, h2);
-            }
-            RouteKind::Ssh => {
-                if let Some(h) = &r.h2 {
-                    return self.err(h.span(), "h2 is for the http route only");
-                }
-                if let Some(a) = &r.alpn {
-                    route.alpn.clear();
-                    for p in a.get_ref() {
-                        let v = p.get_ref();
-                        if v.is_empty() || v.len() > 255 {
-                            return self.err(p.span(), "an ALPN id is 1 to 255 bytes");
-                        }
-                        if v == "http/1.1" || v == "h2" {
-                            return self.err(p.span(), format!("`{v}` is HTTP's ALPN id"));
-                        }
-                        route.alpn.push(v.clone());
-                    }
-                }
-            }
-        }
-        Ok(route)
     }
 }
