@@ -11,6 +11,7 @@
 //! - `upstream` and `resolve`: connecting to backends, with cached asynchronous name lookups.
 //! - [`ssh`]: the embedded SSH server (tunnels and jump host): `auth` decides logins, `handler`
 //!   answers russh, `forward` moves the bytes.
+//! - `tunnel`: names published with `ssh -R NAME:PORT:...` and who owns them.
 //! - `outcome`: how a connection ended and which side ended it (the log line and metrics).
 //!
 //! # Beside it
@@ -48,6 +49,7 @@ pub mod state;
 pub(crate) mod sys;
 pub(crate) mod systemd;
 pub mod tls;
+pub(crate) mod tunnel;
 pub(crate) mod upstream;
 
 pub use config::{Config, ConfigError};

@@ -34,6 +34,15 @@ pub(super) struct File {
     pub proxy_header: Option<Spanned<String>>,
     pub admin: Option<Spanned<Admin>>,
     pub dns: Option<Spanned<Dns>>,
+    pub tunnels: Option<Spanned<Tunnels>>,
+}
+
+/// `[tunnels]`: services published by name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Tunnels {
+    pub domain: Spanned<String>,
+    pub max_per_identity: Option<Spanned<u32>>,
 }
 
 /// `[dns]`: name resolution for upstreams and forward targets.

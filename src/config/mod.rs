@@ -53,6 +53,7 @@ impl Config {
             trusted_proxies: Vec::new(),
             proxy_header: ProxyHeader::Required,
             dns: crate::resolve::DnsSettings::default(),
+            tunnels: None,
             admin: None,
         }
     }
@@ -127,6 +128,12 @@ impl Config {
         if let Some(a) = self.admin {
             s.push_str(&format!(
                 "admin         http://{a}/ (livez, readyz, metrics)\n"
+            ));
+        }
+        if let Some(t) = &self.tunnels {
+            s.push_str(&format!(
+                "tunnels       ssh -R NAME:PORT:... publishes NAME; reached as NAME or NAME.{} with -W/-J/-L; at most {} names per key\n",
+                t.domain, t.max_per_identity
             ));
         }
         let alpn: Vec<String> = self

@@ -376,3 +376,39 @@ fn dns_servers_and_timeout() {
     let e = err("[dns]\ntimeout = \"2h\"\n");
     assert!(e.contains("dns.timeout"), "{e}");
 }
+
+#[test]
+fn tunnels_table() {
+    assert_eq!(
+        parse("").unwrap().tunnels,
+        None,
+        "nothing changes without [tunnels]"
+    );
+    let c = parse("[tunnels]\ndomain = \"T.Example.org.\"\n").unwrap();
+    assert_eq!(
+        c.tunnels,
+        Some(TunnelSettings {
+            domain: "t.example.org".into(),
+            max_per_identity: 16
+        })
+    );
+    let e = err("[tunnels]\ndomain = \"*.t.example.org\"\n");
+    assert!(
+        e.contains("sluice.toml:2:10") && e.contains("without `*.`"),
+        "{e}"
+    );
+    let e = err("[tunnels]\ndomain = \"no spaces.org\"\n");
+    assert!(e.contains("not a DNS name"), "{e}");
+    let e = err("[tunnels]\ndomain = \"t.example.org\"\nmax_per_identity = 0\n");
+    assert!(
+        e.contains("sluice.toml:3:20") && e.contains("1 to 10000"),
+        "{e}"
+    );
+    let e = err("[tunnels]\n");
+    assert!(e.contains("domain"), "{e}");
+    let e =
+        err("[routes.ssh]\nupstream = \"127.0.0.1:22\"\n[tunnels]\ndomain = \"t.example.org\"\n");
+    assert!(e.contains("embedded SSH server"), "{e}");
+    let e = err("[tunnels]\ndomain = \"t.example.org\"\nbogus = 1\n");
+    assert!(e.contains("bogus"), "{e}");
+}

@@ -58,6 +58,17 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// `[dns]`: name servers and timeout for upstream and forward-target names.
     pub dns: crate::resolve::DnsSettings,
+    /// `[tunnels]`: services published by name through the embedded SSH server.
+    pub tunnels: Option<TunnelSettings>,
+}
+
+/// `[tunnels]`: names published with `ssh -R NAME:PORT:...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelSettings {
+    /// Visitors reach tunnel NAME at `NAME.<domain>` (lower case, no trailing dot).
+    pub domain: String,
+    /// Names one identity may hold at once (published or kept for it).
+    pub max_per_identity: u32,
 }
 
 /// The admin listener's address when `[admin]` sets none.

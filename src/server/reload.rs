@@ -60,7 +60,9 @@ pub(super) fn build_snapshot(
         Some(_) => None,
         None => match previous.and_then(|p| {
             p.ssh.as_ref().filter(|_| {
-                p.cfg.embedded_ssh == cfg.embedded_ssh && p.cfg.ssh.idle() == cfg.ssh.idle()
+                p.cfg.embedded_ssh == cfg.embedded_ssh
+                    && p.cfg.ssh.idle() == cfg.ssh.idle()
+                    && p.cfg.tunnels == cfg.tunnels
             })
         }) {
             Some(same) => Some(same.clone()),
@@ -71,6 +73,7 @@ pub(super) fn build_snapshot(
                 cfg.ssh.idle(),
                 force_close.clone(),
                 previous.and_then(|p| p.ssh.as_deref()),
+                cfg.tunnels.clone(),
             )?)),
         },
     };

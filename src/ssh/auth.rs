@@ -23,6 +23,9 @@ pub(crate) struct Grant {
     pub(crate) label: String,
     /// The fingerprint of the key that signed (a certificate's own key), `SHA256:...`.
     pub(crate) key: String,
+    /// Who this is, for owning tunnel names: the key's fingerprint, or for a certificate its
+    /// CA, key id and login (a re-issued certificate keeps its names).
+    pub(crate) identity: String,
     pub(crate) port_forwarding: bool,
     pub(crate) permit_open: Option<Vec<KeyPermitOpen>>,
     pub(crate) permit_listen: Option<Vec<PermitListen>>,
@@ -183,6 +186,7 @@ pub(crate) fn authorize_key(
             user: user.to_string(),
             label: format!("{what} ({})", line.origin),
             key: fingerprint(key),
+            identity: fingerprint(key),
             port_forwarding: o.port_forwarding,
             permit_open: o.permit_open.clone(),
             permit_listen: o.permit_listen.clone(),
@@ -228,6 +232,7 @@ pub(crate) fn authorize_cert(
                     user: user.to_string(),
                     label: format!("{what} ({})", ca.origin),
                     key: cert.public_key().fingerprint(HashAlg::Sha256).to_string(),
+                    identity: format!("cert {ca_fp} {} {user}", super::clean(cert.key_id())),
                     port_forwarding: forwarding,
                     permit_open: o.permit_open.clone(),
                     permit_listen: o.permit_listen.clone(),

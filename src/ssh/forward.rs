@@ -110,6 +110,49 @@ pub(crate) async fn direct(
     splice(&server, channel, tcp, slot).await;
 }
 
+/// A tunnel a visitor asked for, and the session that serves it.
+pub(crate) struct Visit {
+    pub(crate) to: crate::tunnel::Published,
+    pub(crate) name: String,
+    pub(crate) port: u16,
+}
+
+/// `-W/-J/-L NAME:PORT` to a published tunnel: a `forwarded-tcpip` channel to the publisher,
+/// then the visitor's channel is accepted and the two are relayed. No socket is involved.
+pub(crate) async fn to_tunnel(
+    server: Arc<SshServer>,
+    channel: Channel<Msg>,
+    reply: ChannelOpenHandle,
+    visit: Visit,
+    peer: SocketAddr,
+    slot: ChannelSlot,
+) {
+    let Visit { to, name, port } = visit;
+    let _forward = crate::metrics::GaugeGuard::new(&crate::metrics::get().ssh_forwards_active);
+    let open = to.handle.channel_open_forwarded_tcpip(
+        to.address.clone(),
+        u32::from(port),
+        peer.ip().to_string(),
+        u32::from(peer.port()),
+    );
+    let publisher = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            warn!(target: "sluice::ssh", %peer, tunnel = name, port, error = %e, "tunnel: the publisher refused the channel");
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return;
+        }
+        Err(_) => {
+            warn!(target: "sluice::ssh", %peer, tunnel = name, port, "tunnel: the publisher did not answer the channel open");
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return;
+        }
+    };
+    reply.accept().await;
+    info!(target: "sluice::ssh", %peer, tunnel = name, port, "direct-tcpip to a tunnel opened");
+    splice(&server, channel, publisher.into_stream(), slot).await;
+}
+
 /// Binds `address:port` for `-R`; port 0 takes a free port from `range`.
 pub(crate) fn bind_tcp(
     address: IpAddr,

@@ -3,9 +3,9 @@
 //! Handler methods run on the session's own loop, so nothing here awaits anything that needs
 //! that loop (channel opens, connects): such work is spawned.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -21,6 +21,7 @@ use super::limits::{ChannelCount, ChannelSlot};
 use super::permit;
 use super::sockets::Claim;
 use super::{SshServer, TUNNELS_ONLY};
+use crate::tunnel;
 
 /// What the connection log line should say about the session, and how authentication went.
 #[derive(Default)]
@@ -87,7 +88,14 @@ pub(crate) struct Conn {
     expiry: Option<JoinHandle<()>>,
     /// Cuts the connection (see `io::Killable`).
     kill: tokio_util::sync::CancellationToken,
+    /// This connection among all (tunnel registrations name their session).
+    id: u64,
+    /// Tunnel names and ports this session publishes.
+    names: HashSet<(String, u16)>,
 }
+
+/// Connection ids for tunnel registrations.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Conn {
     pub(crate) fn new(
@@ -113,6 +121,8 @@ impl Conn {
             sockets: HashMap::new(),
             expiry: None,
             kill,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            names: HashSet::new(),
         }
     }
 
@@ -179,6 +189,46 @@ impl Conn {
         Auth::Accept
     }
 
+    /// `-R NAME:PORT:...`: registers the name for this session; nothing is bound.
+    fn publish_name(
+        &mut self,
+        grant: &Grant,
+        name: String,
+        address: &str,
+        port: u32,
+        max_per_identity: u32,
+        session: &Session,
+    ) -> bool {
+        let target = format!("{name}:{port}");
+        let held = self.forwards.len() + self.sockets.len() + self.names.len();
+        let port = match permit::publish(grant, &self.server.settings, &name, port, held) {
+            Ok(p) => p,
+            Err(r) => {
+                self.deny_channel("tcpip-forward", &target, &r.to_string());
+                return false;
+            }
+        };
+        let to = tunnel::Published {
+            handle: session.handle(),
+            address: address.to_string(),
+        };
+        let r = self.server.registry.publish(
+            &name,
+            port,
+            &grant.identity,
+            self.id,
+            to,
+            max_per_identity,
+        );
+        if let Err(e) = r {
+            self.deny_channel("tcpip-forward", &target, &e.to_string());
+            return false;
+        }
+        info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, tunnel = name, port, "tunnel published");
+        self.names.insert((name, port));
+        true
+    }
+
     fn deny_channel(&self, what: &str, target: &str, reason: &str) {
         let user = self.grant.as_ref().map_or("-", |g| g.user.as_str());
         warn!(target: "sluice::ssh", peer = %self.peer, user, target, reason, "denied {what}");
@@ -216,6 +266,9 @@ impl Drop for Conn {
         }
         if let Some(t) = self.expiry.take() {
             t.abort();
+        }
+        if !self.names.is_empty() {
+            self.server.registry.end_session(self.id);
         }
     }
 }
@@ -416,11 +469,54 @@ impl russh::server::Handler for Conn {
                 return Ok(());
             }
         };
+        let tunnel = match &self.server.tunnels {
+            Some(t) => match tunnel::name::from_host(host, &t.domain) {
+                Some(name) => match self.server.registry.route(&name, port) {
+                    // Reached by name only: a tunnel has no address a CIDR rule could allow.
+                    Some(_) if !allowed_by_name => {
+                        deny("not in ssh.permit_open");
+                        reply
+                            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                            .await;
+                        return Ok(());
+                    }
+                    Some(to) => Some((name, to)),
+                    // An owned name or one under the domain is never looked up in DNS.
+                    None if self.server.registry.is_owned(&name)
+                        || tunnel::name::under_domain(host, &t.domain) =>
+                    {
+                        deny("no live tunnel publishes this name and port");
+                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                        return Ok(());
+                    }
+                    None => None,
+                },
+                None if tunnel::name::under_domain(host, &t.domain) => {
+                    deny("not a tunnel name (one DNS label under tunnels.domain)");
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    return Ok(());
+                }
+                None => None,
+            },
+            None => None,
+        };
         let Some(slot) = self.channels.enter() else {
             deny("too many channels on this connection (ssh.max_channels)");
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         };
+        if let Some((name, to)) = tunnel {
+            // The publisher's channel open waits on its session: never on this loop.
+            tokio::spawn(forward::to_tunnel(
+                self.server.clone(),
+                channel,
+                reply,
+                forward::Visit { to, name, port },
+                self.peer,
+                slot,
+            ));
+            return Ok(());
+        }
         // Connecting takes time: never on the session loop.
         tokio::spawn(forward::direct(
             self.server.clone(),
@@ -446,11 +542,17 @@ impl russh::server::Handler for Conn {
         let Some(grant) = self.grant.clone() else {
             return Ok(false);
         };
+        if let Some(t) = &self.server.tunnels {
+            if let Some(name) = tunnel::name::from_host(address, &t.domain) {
+                let max = t.max_per_identity;
+                return Ok(self.publish_name(&grant, name, address, *port, max, session));
+            }
+        }
         let deny = |reason: &str| {
             self.deny_channel("tcpip-forward", &target, reason);
             Ok(false)
         };
-        let held = self.forwards.len() + self.sockets.len();
+        let held = self.forwards.len() + self.sockets.len() + self.names.len();
         let requested = match permit::listen(&grant, &self.server.settings, address, *port, held) {
             Ok(p) => p,
             Err(r) => return deny(&r.to_string()),
@@ -483,6 +585,20 @@ impl russh::server::Handler for Conn {
         port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        let name = self
+            .server
+            .tunnels
+            .as_ref()
+            .and_then(|t| tunnel::name::from_host(address, &t.domain));
+        if let (Some(name), Ok(p)) = (name, u16::try_from(port)) {
+            let key = (name, p);
+            if self.names.remove(&key) {
+                self.server.registry.unpublish(&key.0, p, self.id);
+                info!(target: "sluice::ssh", peer = %self.peer, tunnel = key.0, port, "tunnel withdrawn");
+                return Ok(true);
+            }
+            return Ok(false);
+        }
         match self.forwards.remove(&(address.to_string(), port)) {
             Some(task) => {
                 task.abort();

@@ -77,6 +77,10 @@ pub struct SshServer {
     /// Unix socket names held by `-R /name` forwards of live sessions, shared the same way: a
     /// session on the old server and one on the new must not take each other's sockets.
     pub(crate) sockets: Arc<sockets::Sockets>,
+    /// `[tunnels]`, when names may be published.
+    pub(crate) tunnels: Option<crate::config::TunnelSettings>,
+    /// Tunnel names and who serves them, shared the same way across a reload.
+    pub(crate) registry: Arc<crate::tunnel::Registry>,
     host_fingerprint: String,
 }
 
@@ -89,6 +93,7 @@ impl SshServer {
         channel_idle: crate::relay::Idle,
         stop: CancellationToken,
         previous: Option<&SshServer>,
+        tunnels: Option<crate::config::TunnelSettings>,
     ) -> Result<SshServer, SshError> {
         let key_path = host_key_path(settings, state_dir);
         let host_key = load_or_create_host_key(&key_path)?;
@@ -118,6 +123,8 @@ impl SshServer {
                 |p| p.penalties.clone(),
             ),
             sockets: previous.map_or_else(Default::default, |p| p.sockets.clone()),
+            tunnels,
+            registry: previous.map_or_else(Default::default, |p| p.registry.clone()),
             host_fingerprint,
         })
     }

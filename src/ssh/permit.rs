@@ -9,6 +9,7 @@ use super::auth::Grant;
 use super::sockets;
 use crate::config::SshSettings;
 use crate::net::HostMatch;
+use crate::tunnel;
 
 /// Why a forward was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +36,11 @@ pub(crate) enum Refusal {
     SocketNeedsPermitListen,
     /// The key's `permitlisten` lists no matching `/name-glob`.
     SocketNotInPermitListen,
+    /// A tunnel name the key's `permitlisten` does not grant, outside its own namespace.
+    NameNotPermitted {
+        /// The key's short id: it may always publish `NAME-<own>`.
+        own: String,
+    },
 }
 
 impl fmt::Display for Refusal {
@@ -64,6 +70,10 @@ impl fmt::Display for Refusal {
             Refusal::SocketNotInPermitListen => {
                 f.write_str("not in the key's permitlisten (socket entries are \"/name-glob\")")
             }
+            Refusal::NameNotPermitted { own } => write!(
+                f,
+                "the name is not in the key's permitlisten (\"NAME-GLOB:PORT\"); this key may publish NAME-{own}"
+            ),
         }
     }
 }
@@ -178,6 +188,37 @@ pub(crate) fn listen_socket(
     Ok(name)
 }
 
+/// `-R NAME:PORT:...` with `[tunnels]`: whether the key may publish this name.
+pub(crate) fn publish(
+    grant: &Grant,
+    settings: &SshSettings,
+    name: &str,
+    port: u32,
+    held: usize,
+) -> Result<u16, Refusal> {
+    // A name needs the port visitors use (80, 22, 443): 0 would allocate nothing.
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(Refusal::BadPort)?;
+    if !grant.port_forwarding {
+        return Err(Refusal::NoForwarding);
+    }
+    if held >= settings.max_forwards as usize {
+        return Err(Refusal::TooManyForwards);
+    }
+    let granted = grant
+        .permit_listen
+        .as_ref()
+        .is_some_and(|l| l.iter().any(|p| p.matches_name(name, port)));
+    let own = tunnel::name::short_id(&grant.identity);
+    if granted || tunnel::name::in_own_namespace(name, &own) {
+        Ok(port)
+    } else {
+        Err(Refusal::NameNotPermitted { own })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +237,7 @@ mod tests {
             user: "u".into(),
             label: "test".into(),
             key: "SHA256:test".into(),
+            identity: "SHA256:test".into(),
             port_forwarding: o.port_forwarding,
             permit_open: o.permit_open,
             permit_listen: o.permit_listen,
@@ -304,6 +346,43 @@ mod tests {
         assert_eq!(listen_socket(&g, &s, "/.x", 0), Err(Refusal::BadSocketName));
         assert_eq!(
             listen_socket(&g, &s, "/preview-1", 2),
+            Err(Refusal::TooManyForwards)
+        );
+    }
+
+    #[test]
+    fn names_come_from_permitlisten_or_the_keys_own_namespace() {
+        let s = settings(&[]);
+        let own = tunnel::name::short_id("SHA256:test");
+        let any = grant("");
+        assert_eq!(
+            publish(&any, &s, "myapp", 80, 0),
+            Err(Refusal::NameNotPermitted { own: own.clone() })
+        );
+        assert_eq!(publish(&any, &s, &format!("myapp-{own}"), 80, 0), Ok(80));
+        assert_eq!(
+            publish(&any, &s, &format!("myapp-{own}"), 0, 0),
+            Err(Refusal::BadPort)
+        );
+        let g = grant("permitlisten=\"preview-*:80\",permitlisten=\"mydevice:*\"");
+        assert_eq!(publish(&g, &s, "preview-42", 80, 0), Ok(80));
+        assert!(
+            publish(&g, &s, "preview-42", 443, 0).is_err(),
+            "port 80 only"
+        );
+        assert_eq!(publish(&g, &s, "mydevice", 22, 0), Ok(22));
+        // A bare port in permitlisten grants ports, not names.
+        let ports_only = grant("permitlisten=\"8080\"");
+        assert!(matches!(
+            publish(&ports_only, &s, "myapp", 8080, 0),
+            Err(Refusal::NameNotPermitted { .. })
+        ));
+        assert_eq!(
+            publish(&grant("restrict"), &s, &format!("a-{own}"), 80, 0),
+            Err(Refusal::NoForwarding)
+        );
+        assert_eq!(
+            publish(&any, &s, &format!("a-{own}"), 80, 2),
             Err(Refusal::TooManyForwards)
         );
     }

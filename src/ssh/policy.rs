@@ -84,6 +84,16 @@ impl PermitListen {
         port_ok && self.host.as_deref().is_none_or(|h| glob(h, address))
     }
 
+    /// Whether the key may publish tunnel `name` on `port`: only entries with a host part
+    /// (read as a name glob, `preview-*:80`) grant names; a bare port grants none.
+    pub fn matches_name(&self, name: &str, port: u16) -> bool {
+        let port_ok = match self.port {
+            PortMatch::Any => true,
+            PortMatch::Port(p) => p == port,
+        };
+        self.socket.is_none() && port_ok && self.host.as_deref().is_some_and(|h| glob(h, name))
+    }
+
     /// Whether a unix-socket forward for the socket `name` matches a `/glob` entry.
     pub fn matches_socket(&self, name: &str) -> bool {
         self.socket.as_deref().is_some_and(|g| glob(g, name))

@@ -22,6 +22,9 @@ mod clients;
 /// The embedded SSH server, driven by the real OpenSSH client through TLS.
 mod ssh;
 
+/// Tunnels by name: `ssh -R NAME:PORT:...` published, owned, and reached with `-W`.
+mod tunnels;
+
 /// The embedded SSH server's bounds (vendor/russh): EOF and request floods on a stalled
 /// channel, data after EOF, the process-wide window budget; driven by a russh client.
 mod ssh_limits;

@@ -75,23 +75,28 @@ fn ssh_section(
 }
 
 /// sluice with the embedded SSH server, and what the tests need around it.
-struct Fixture {
-    d: Daemon,
+pub(crate) struct Fixture {
+    pub(crate) d: Daemon,
     dir: tempfile::TempDir,
     authorized: PathBuf,
     host_key: PathBuf,
-    echo: std::net::SocketAddr,
+    pub(crate) echo: std::net::SocketAddr,
     _cert: TestCert,
 }
 
 impl Fixture {
     /// `authorized` lines; `permit` extra `permit_open` entries besides the echo server.
-    async fn new(authorized: &str, permit: &[String], ports: &str) -> Fixture {
+    pub(crate) async fn new(authorized: &str, permit: &[String], ports: &str) -> Fixture {
         Fixture::with(authorized, permit, ports, "").await
     }
 
     /// As `new`, with extra `[ssh]` keys.
-    async fn with(authorized: &str, permit: &[String], ports: &str, ssh_extra: &str) -> Fixture {
+    pub(crate) async fn with(
+        authorized: &str,
+        permit: &[String],
+        ports: &str,
+        ssh_extra: &str,
+    ) -> Fixture {
         need("ssh", "openssh-client");
         need("openssl", "openssl");
         let cert = TestCert::localhost();
@@ -115,12 +120,12 @@ impl Fixture {
     }
 
     /// `ssh` through sluice's TLS port with `key`, plus `args`.
-    fn ssh(&self, key: &Path, args: &[&str]) -> Command {
+    pub(crate) fn ssh(&self, key: &Path, args: &[&str]) -> Command {
         ssh_via(self.d.addr.port(), key, args)
     }
 
     /// `ssh -N -o ExitOnForwardFailure=yes -R spec` run to its end (at most 20 s).
-    async fn forward_output(&self, key: &Path, spec: &str) -> std::process::Output {
+    pub(crate) async fn forward_output(&self, key: &Path, spec: &str) -> std::process::Output {
         let mut c = self.ssh(
             key,
             &[
@@ -139,7 +144,12 @@ impl Fixture {
     }
 
     /// `ssh -W target` with `input` on stdin: (success, stdout, stderr).
-    async fn w(&self, key: &Path, target: &str, input: &[u8]) -> (bool, Vec<u8>, String) {
+    pub(crate) async fn w(
+        &self,
+        key: &Path,
+        target: &str,
+        input: &[u8],
+    ) -> (bool, Vec<u8>, String) {
         w_via(self.d.addr.port(), key, target, input).await
     }
 }
@@ -332,7 +342,7 @@ async fn w_via(port: u16, key: &Path, target: &str, input: &[u8]) -> (bool, Vec<
 }
 
 /// A free port range of `n` ports for `listen_ports`: (first port, "FIRST-LAST").
-fn port_range(n: u16) -> (u16, String) {
+pub(crate) fn port_range(n: u16) -> (u16, String) {
     let start = reserve_ports(n);
     (start, format!("{start}-{}", start + n - 1))
 }

@@ -254,6 +254,33 @@ impl Validator<'_> {
             }
             cfg.embedded_ssh = self.ssh(ssh.get_ref())?;
         }
+        if let Some(spanned) = &raw.tunnels {
+            if cfg.ssh.upstream.is_some() {
+                return self.err(
+                    spanned.span(),
+                    "tunnels are carried by the embedded SSH server, but [routes.ssh] sends SSH to an upstream: remove its upstream or the [tunnels] table",
+                );
+            }
+            let t = spanned.get_ref();
+            let domain = self.server_name(&t.domain)?;
+            if domain.starts_with("*.") {
+                return self.err(
+                    t.domain.span(),
+                    "the tunnel domain is written without `*.`: tunnel NAME is reached at NAME.<domain>",
+                );
+            }
+            let max_per_identity = match &t.max_per_identity {
+                Some(n) if *n.get_ref() == 0 || *n.get_ref() > 10_000 => {
+                    return self.err(n.span(), "must be 1 to 10000")
+                }
+                Some(n) => *n.get_ref(),
+                None => 16,
+            };
+            cfg.tunnels = Some(TunnelSettings {
+                domain,
+                max_per_identity,
+            });
+        }
         if let Some(dns) = &raw.dns {
             let dns = dns.get_ref();
             for s in &dns.servers {

@@ -1,0 +1,229 @@
+//! Who owns which name and which session serves it now.
+//!
+//! A name belongs to the first identity that publishes it and stays its own for the life of
+//! the process (kept in memory for now; the store that keeps it across restarts comes with
+//! the grants), so a reconnect gets it back and nobody else takes it meanwhile. While a
+//! session serves the name, visitors are sent to it, port by port.
+
+#[cfg(test)]
+use std::collections::BTreeSet;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use russh::server::Handle;
+
+/// Why a name could not be published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Another identity owns the name.
+    Owned,
+    /// Another session of the same identity serves this name and port now.
+    Held {
+        /// When that session published it.
+        since: SystemTime,
+    },
+    /// The identity holds `max_per_identity` names already.
+    TooMany(u32),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Owned => f.write_str("the name belongs to another key"),
+            Refused::Held { since } => write!(
+                f,
+                "another session of this key serves the name and port (since {})",
+                humantime::format_rfc3339_seconds(*since)
+            ),
+            Refused::TooMany(n) => write!(
+                f,
+                "this key holds {n} names already (tunnels.max_per_identity)"
+            ),
+        }
+    }
+}
+
+/// Where a visitor for a name and port goes: the session that publishes it.
+#[derive(Clone)]
+pub(crate) struct Published {
+    pub(crate) handle: Handle,
+    /// The address the client sent in its `tcpip-forward` (echoed in `forwarded-tcpip`).
+    pub(crate) address: String,
+}
+
+struct Name<T> {
+    owner: String,
+    /// Port -> the session serving it.
+    live: HashMap<u16, Live<T>>,
+}
+
+struct Live<T> {
+    session: u64,
+    since: SystemTime,
+    to: T,
+}
+
+/// All names, shared by every SSH session (and kept across reloads). `T` is where a
+/// visitor goes ([`Published`]; the unit tests use a number).
+pub(crate) struct Registry<T = Published> {
+    names: Mutex<HashMap<String, Name<T>>>,
+}
+
+impl<T> Default for Registry<T> {
+    fn default() -> Self {
+        Registry {
+            names: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T: Clone> Registry<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Name<T>>> {
+        self.names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes `name:port` for `owner`'s `session`.
+    pub(crate) fn publish(
+        &self,
+        name: &str,
+        port: u16,
+        owner: &str,
+        session: u64,
+        to: T,
+        max_per_identity: u32,
+    ) -> Result<(), Refused> {
+        let mut names = self.lock();
+        match names.get(name) {
+            Some(n) if n.owner != owner => return Err(Refused::Owned),
+            Some(n) => {
+                if let Some(l) = n.live.get(&port).filter(|l| l.session != session) {
+                    return Err(Refused::Held { since: l.since });
+                }
+            }
+            None => {
+                let held = names.values().filter(|n| n.owner == owner).count();
+                if held >= max_per_identity as usize {
+                    return Err(Refused::TooMany(max_per_identity));
+                }
+            }
+        }
+        let entry = names.entry(name.to_string()).or_insert_with(|| Name {
+            owner: owner.to_string(),
+            live: HashMap::new(),
+        });
+        entry.live.insert(
+            port,
+            Live {
+                session,
+                since: SystemTime::now(),
+                to,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops serving `name:port` from `session` (the name stays its owner's).
+    pub(crate) fn unpublish(&self, name: &str, port: u16, session: u64) -> bool {
+        let mut names = self.lock();
+        let Some(n) = names.get_mut(name) else {
+            return false;
+        };
+        let ours = n.live.get(&port).is_some_and(|l| l.session == session);
+        if ours {
+            n.live.remove(&port);
+        }
+        ours
+    }
+
+    /// Everything `session` served stops (it ended).
+    pub(crate) fn end_session(&self, session: u64) {
+        for n in self.lock().values_mut() {
+            n.live.retain(|_, l| l.session != session);
+        }
+    }
+
+    /// The session serving `name:port` now, if any.
+    pub(crate) fn route(&self, name: &str, port: u16) -> Option<T> {
+        self.lock()
+            .get(name)
+            .and_then(|n| n.live.get(&port))
+            .map(|l| l.to.clone())
+    }
+
+    /// Whether any identity owns `name`.
+    pub(crate) fn is_owned(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+
+    /// Names with live ports: (name, owner, ports).
+    #[cfg(test)]
+    fn live(&self) -> Vec<(String, String, BTreeSet<u16>)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .iter()
+            .filter(|(_, n)| !n.live.is_empty())
+            .map(|(k, n)| (k.clone(), n.owner.clone(), n.live.keys().copied().collect()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_belong_to_their_first_publisher() {
+        let r: Registry<u32> = Registry::default();
+        r.publish("myapp", 80, "alice", 1, 10, 16).unwrap();
+        assert_eq!(r.route("myapp", 80), Some(10));
+        assert_eq!(r.route("myapp", 443), None, "port by port");
+        assert_eq!(
+            r.publish("myapp", 80, "bob", 2, 20, 16),
+            Err(Refused::Owned)
+        );
+        assert_eq!(
+            r.publish("myapp", 22, "bob", 2, 20, 16),
+            Err(Refused::Owned)
+        );
+        // The same session adds a port; the same key in another session cannot take a live one.
+        r.publish("myapp", 22, "alice", 1, 11, 16).unwrap();
+        assert!(matches!(
+            r.publish("myapp", 80, "alice", 3, 30, 16),
+            Err(Refused::Held { .. })
+        ));
+        assert_eq!(
+            r.live(),
+            vec![("myapp".into(), "alice".into(), [22, 80].into())]
+        );
+        // The session ends: visitors find nothing, the name stays alice's.
+        r.end_session(1);
+        assert_eq!(r.route("myapp", 80), None);
+        assert!(r.is_owned("myapp"));
+        assert_eq!(
+            r.publish("myapp", 80, "bob", 2, 20, 16),
+            Err(Refused::Owned)
+        );
+        r.publish("myapp", 80, "alice", 3, 30, 16).unwrap();
+        assert_eq!(r.route("myapp", 80), Some(30));
+        assert!(!r.unpublish("myapp", 80, 1), "not the serving session");
+        assert!(r.unpublish("myapp", 80, 3));
+        assert_eq!(r.route("myapp", 80), None);
+    }
+
+    #[test]
+    fn names_per_identity_are_bounded() {
+        let r: Registry<u32> = Registry::default();
+        r.publish("a", 80, "alice", 1, 0, 2).unwrap();
+        r.publish("b", 80, "alice", 1, 0, 2).unwrap();
+        assert_eq!(
+            r.publish("c", 80, "alice", 1, 0, 2),
+            Err(Refused::TooMany(2))
+        );
+        // More ports on a name it holds are not more names.
+        r.publish("a", 443, "alice", 1, 0, 2).unwrap();
+        r.publish("c", 80, "bob", 2, 0, 2).unwrap();
+    }
+}
