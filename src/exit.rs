@@ -45,7 +45,7 @@ impl Exit for crate::ssh::SshError {
         use crate::ssh::SshError;
         match self {
             SshError::HostKey(_) | SshError::Config(_) => EX_CONFIG,
-            SshError::SocketDir { .. } => EX_CANTCREAT,
+            SshError::SocketDir { .. } | SshError::Store(_) => EX_CANTCREAT,
         }
     }
 }

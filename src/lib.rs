@@ -21,7 +21,8 @@
 //! - [`daemon`]: `sluice serve` as a process (runtime, signals, systemd).
 //! - [`admin`] and [`metrics`]: the health and Prometheus endpoint.
 //! - [`builtin`]: sluice's own small HTTP answers (status page, redirect, 502).
-//! - [`state`]: the state directory for generated secrets.
+//! - [`state`]: the state directory for generated secrets; [`store`]: what must survive a
+//!   restart (tunnel name owners), in SQLite.
 //! - [`client`]: `sluice connect`, the ProxyCommand TLS helper.
 //! - [`exit`]: exit codes, and the errors that know theirs.
 //!
@@ -46,6 +47,7 @@ pub(crate) mod route;
 pub mod server;
 pub mod ssh;
 pub mod state;
+pub mod store;
 pub(crate) mod sys;
 pub(crate) mod systemd;
 pub mod tls;

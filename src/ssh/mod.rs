@@ -50,6 +50,9 @@ pub enum SshError {
     /// An authorized_keys file could not be read.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The store that keeps tunnel names' owners could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// The unix socket directory could not be made.
     #[error("{}: cannot create the socket directory: {source}", path.display())]
     SocketDir {
@@ -111,6 +114,14 @@ impl SshServer {
             path: socket_dir.clone(),
             source,
         })?;
+        // A reload keeps the registry (live tunnels stay up) unless tunnels were switched on.
+        let registry = match previous {
+            Some(p) if p.tunnels.is_some() || tunnels.is_none() => p.registry.clone(),
+            _ if tunnels.is_some() => Arc::new(crate::tunnel::Registry::new(Some(Arc::new(
+                crate::store::Store::open(state_dir)?,
+            )))),
+            _ => Arc::new(crate::tunnel::Registry::default()),
+        };
         Ok(SshServer {
             config: Arc::new(russh_config(settings, host_key)),
             settings: settings.clone(),
@@ -124,7 +135,7 @@ impl SshServer {
             ),
             sockets: previous.map_or_else(Default::default, |p| p.sockets.clone()),
             tunnels,
-            registry: previous.map_or_else(Default::default, |p| p.registry.clone()),
+            registry,
             host_fingerprint,
         })
     }

@@ -1,17 +1,18 @@
 //! Who owns which name and which session serves it now.
 //!
-//! A name belongs to the first identity that publishes it and stays its own for the life of
-//! the process (kept in memory for now; the store that keeps it across restarts comes with
-//! the grants), so a reconnect gets it back and nobody else takes it meanwhile. While a
+//! A name belongs to the first identity that publishes it and stays its own (in the store, so
+//! across restarts too): a reconnect gets it back and nobody else takes it meanwhile. While a
 //! session serves the name, visitors are sent to it, port by port.
 
 #[cfg(test)]
 use std::collections::BTreeSet;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use russh::server::Handle;
+
+use crate::store::{Claim, Store};
 
 /// Why a name could not be published.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +26,8 @@ pub(crate) enum Refused {
     },
     /// The identity holds `max_per_identity` names already.
     TooMany(u32),
+    /// The owner could not be recorded (the store failed): nothing was published.
+    Store(String),
 }
 
 impl std::fmt::Display for Refused {
@@ -40,6 +43,7 @@ impl std::fmt::Display for Refused {
                 f,
                 "this key holds {n} names already (tunnels.max_per_identity)"
             ),
+            Refused::Store(e) => write!(f, "cannot record the name's owner: {e}"),
         }
     }
 }
@@ -67,13 +71,24 @@ struct Live<T> {
 /// All names, shared by every SSH session (and kept across reloads). `T` is where a
 /// visitor goes ([`Published`]; the unit tests use a number).
 pub(crate) struct Registry<T = Published> {
+    /// Names known in this process (published since start), with their owners.
     names: Mutex<HashMap<String, Name<T>>>,
+    /// Where owners are kept across restarts; without it, for the life of the process.
+    store: Option<Arc<Store>>,
 }
 
 impl<T> Default for Registry<T> {
     fn default() -> Self {
+        Registry::new(None)
+    }
+}
+
+impl<T> Registry<T> {
+    /// A registry that keeps owners in `store`.
+    pub(crate) fn new(store: Option<Arc<Store>>) -> Self {
         Registry {
             names: Mutex::new(HashMap::new()),
+            store,
         }
     }
 }
@@ -101,12 +116,24 @@ impl<T: Clone> Registry<T> {
                     return Err(Refused::Held { since: l.since });
                 }
             }
-            None => {
-                let held = names.values().filter(|n| n.owner == owner).count();
-                if held >= max_per_identity as usize {
-                    return Err(Refused::TooMany(max_per_identity));
+            None => match &self.store {
+                // The store decides, atomically: a name owned before a restart stays owned.
+                Some(store) => match store.claim_name(name, owner) {
+                    Ok((Claim::Other(_), _)) => return Err(Refused::Owned),
+                    Ok((Claim::New, held)) if held >= u64::from(max_per_identity) => {
+                        let _ = store.release_name(name, owner);
+                        return Err(Refused::TooMany(max_per_identity));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(Refused::Store(e.to_string())),
+                },
+                None => {
+                    let held = names.values().filter(|n| n.owner == owner).count();
+                    if held >= max_per_identity as usize {
+                        return Err(Refused::TooMany(max_per_identity));
+                    }
                 }
-            }
+            },
         }
         let entry = names.entry(name.to_string()).or_insert_with(|| Name {
             owner: owner.to_string(),
@@ -151,9 +178,15 @@ impl<T: Clone> Registry<T> {
             .map(|l| l.to.clone())
     }
 
-    /// Whether any identity owns `name`.
+    /// Whether any identity owns `name` (a store that cannot answer counts as owned: a
+    /// visitor is then refused rather than sent to DNS).
     pub(crate) fn is_owned(&self, name: &str) -> bool {
-        self.lock().contains_key(name)
+        if self.lock().contains_key(name) {
+            return true;
+        }
+        self.store
+            .as_ref()
+            .is_some_and(|s| !matches!(s.owner_of(name), Ok(None)))
     }
 
     /// Names with live ports: (name, owner, ports).
@@ -211,6 +244,28 @@ mod tests {
         assert!(!r.unpublish("myapp", 80, 1), "not the serving session");
         assert!(r.unpublish("myapp", 80, 3));
         assert_eq!(r.route("myapp", 80), None);
+    }
+
+    #[test]
+    fn with_a_store_owners_outlive_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = || Some(Arc::new(Store::open(dir.path()).unwrap()));
+        let r: Registry<u32> = Registry::new(store());
+        r.publish("myapp", 80, "alice", 1, 10, 2).unwrap();
+        r.publish("b", 80, "alice", 1, 10, 2).unwrap();
+        drop(r);
+        // A restart: bob still cannot take it, alice gets it back, and her limit counts it.
+        let r: Registry<u32> = Registry::new(store());
+        assert!(r.is_owned("myapp"));
+        assert!(!r.is_owned("free"));
+        assert_eq!(r.publish("myapp", 80, "bob", 2, 20, 2), Err(Refused::Owned));
+        assert_eq!(
+            r.publish("c", 80, "alice", 3, 30, 2),
+            Err(Refused::TooMany(2))
+        );
+        assert!(!r.is_owned("c"), "a refused claim is given back");
+        r.publish("myapp", 80, "alice", 3, 30, 2).unwrap();
+        assert_eq!(r.route("myapp", 80), Some(30));
     }
 
     #[test]

@@ -57,7 +57,7 @@ fn sign(ca: &Key, key: &Key, principals: &str, validity: &str, opts: &[&str]) ->
 
 /// The `[routes.ssh]` and `[ssh]` tables both fixtures use: keys from `DIR/authorized_keys`,
 /// `permit_open` targets, `listen_ports`, unix sockets in `DIR/sockets`, plus `ssh_extra`.
-fn ssh_section(
+pub(crate) fn ssh_section(
     dir: &Path,
     host_key: &Path,
     permit_open: &[String],
@@ -302,7 +302,7 @@ fn fingerprint_of(key: &Key) -> String {
 
 /// The real OpenSSH client through sluice's TLS port `port` (openssl s_client as ProxyCommand),
 /// logging in with `key`, plus `args`.
-fn ssh_via(port: u16, key: &Path, args: &[&str]) -> Command {
+pub(crate) fn ssh_via(port: u16, key: &Path, args: &[&str]) -> Command {
     let mut c = Command::new("ssh");
     c.args(["-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no"])
         .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10"])
@@ -316,7 +316,12 @@ fn ssh_via(port: u16, key: &Path, args: &[&str]) -> Command {
 }
 
 /// `ssh -W target` through sluice's TLS port `port` with `input` on stdin: (success, stdout, stderr).
-async fn w_via(port: u16, key: &Path, target: &str, input: &[u8]) -> (bool, Vec<u8>, String) {
+pub(crate) async fn w_via(
+    port: u16,
+    key: &Path,
+    target: &str,
+    input: &[u8],
+) -> (bool, Vec<u8>, String) {
     let mut child = ssh_via(port, key, &["-W", target, "tunnel@localhost"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -86,10 +86,25 @@ impl Daemon {
 
     /// Starts sluice with exactly this config text.
     pub async fn start_raw(text: &str) -> Daemon {
+        Daemon::start_raw_in(text, None).await
+    }
+
+    /// As `start`, with its state in `state` (kept across a restart) instead of a new one.
+    pub async fn start_in(state: &Path, cert: &TestCert, extra: &str) -> Daemon {
+        let text = format!(
+            "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"2s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n{extra}",
+            cert.cert.display(),
+            cert.key.display()
+        );
+        Daemon::start_raw_in(&text, Some(state)).await
+    }
+
+    async fn start_raw_in(text: &str, state: Option<&Path>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let cfg = Config::parse(text, None, dir.path())
             .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
-        let server = Server::bind(cfg, dir.path().join("state")).await.unwrap();
+        let state = state.map_or_else(|| dir.path().join("state"), Path::to_path_buf);
+        let server = Server::bind(cfg, state).await.unwrap();
         let addrs = server.local_addrs();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(server.run(async {

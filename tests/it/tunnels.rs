@@ -243,3 +243,88 @@ async fn ssh_dash_j_reaches_a_real_sshd_behind_a_name_and_scp_moves_32_mib() {
     sshd.child.kill().await.unwrap();
     f.d.stop().await;
 }
+
+#[tokio::test]
+async fn a_restart_keeps_names_with_their_owners() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let owner = keygen(dir.path(), "owner");
+    let other = keygen(dir.path(), "other");
+    let authorized = format!(
+        "permitlisten=\"mydevice:22\" {}\npermitlisten=\"mydevice:22\" {}\n",
+        owner.public.trim(),
+        other.public.trim()
+    );
+    std::fs::write(dir.path().join("authorized_keys"), authorized).unwrap();
+    let echo = crate::support::echo_upstream().await;
+    let cert = crate::support::TestCert::localhost();
+    let extra = format!(
+        "{}{TUNNELS}",
+        crate::ssh::ssh_section(
+            dir.path(),
+            &state.join("hostkey"),
+            &["mydevice:22".to_string()],
+            &port_range(4).1,
+            ""
+        )
+    );
+    let spec = format!("mydevice:22:{echo}");
+    let reached = |port: u16, key: std::path::PathBuf| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (ok, out, _) = crate::ssh::w_via(port, &key, "mydevice:22", b"hi").await;
+            if ok && out == b"hi" {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "mydevice:22 not reached"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let forward = |port: u16, key: std::path::PathBuf, spec: String| {
+        crate::ssh::ssh_via(
+            port,
+            &key,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &spec,
+                "tunnel@localhost",
+            ],
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+    };
+
+    let d = crate::support::Daemon::start_in(&state, &cert, &extra).await;
+    let mut first = forward(d.addr.port(), owner.private.clone(), spec.clone());
+    reached(d.addr.port(), other.private.clone()).await;
+    first.kill().await.unwrap();
+    first.wait().await.unwrap();
+    d.stop().await;
+    assert!(
+        state.join("sluice.db").exists(),
+        "no store in the state directory"
+    );
+
+    // Restarted: the other key, though permitlisten grants it the name too, cannot take it.
+    let d = crate::support::Daemon::start_in(&state, &cert, &extra).await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        forward(d.addr.port(), other.private.clone(), spec.clone()).wait(),
+    )
+    .await
+    .expect("ssh -R with a refused name hung");
+    assert!(
+        !out.unwrap().success(),
+        "a restart handed the name to another key"
+    );
+    let _back = forward(d.addr.port(), owner.private.clone(), spec.clone());
+    reached(d.addr.port(), other.private.clone()).await;
+    d.stop().await;
+}
