@@ -39,6 +39,11 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Counts `result` in `family` (tunnel publishes and visits).
+pub(crate) fn count(family: &Family<ResultLabels, Counter>, result: &'static str) {
+    family.get_or_create(&ResultLabels { result }).inc();
+}
+
 /// A route.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -90,6 +95,14 @@ pub struct Metrics {
     pub ssh_sessions_active: Gauge,
     /// Embedded SSH server: open `-W`/`-L`/`-J` channels and `-R` listeners.
     pub ssh_forwards_active: Gauge,
+    /// Tunnel names and ports published now (`ssh -R NAME:PORT`).
+    pub tunnels_published: Gauge,
+    /// `-R NAME:PORT` requests: `published`, or why not (`denied`, `owned`, `held`,
+    /// `too_many`, `store_error`).
+    pub tunnel_publish: Family<ResultLabels, Counter>,
+    /// Visitors to a tunnel by name (`-W/-J/-L`): `opened`, `denied`, `no_tunnel`,
+    /// `publisher_failed`.
+    pub tunnel_visits: Family<ResultLabels, Counter>,
     /// Reloads of the config, certificates and authorized keys.
     pub reloads: Family<ReloadLabels, Counter>,
     /// 1 while draining for shutdown (then `/readyz` answers 503).
@@ -135,6 +148,9 @@ impl Metrics {
             ssh_auth: Family::default(),
             ssh_sessions_active: Gauge::default(),
             ssh_forwards_active: Gauge::default(),
+            tunnels_published: Gauge::default(),
+            tunnel_publish: Family::default(),
+            tunnel_visits: Family::default(),
             reloads: Family::default(),
             draining: Gauge::default(),
             registry: Registry::default(),
@@ -189,6 +205,21 @@ impl Metrics {
             "ssh_forwards_active",
             "Embedded SSH server: forwarding channels and -R listeners open now",
             m.ssh_forwards_active.clone(),
+        );
+        registry.register(
+            "tunnels_published",
+            "Tunnel names and ports published now",
+            m.tunnels_published.clone(),
+        );
+        registry.register(
+            "tunnel_publish",
+            "ssh -R NAME:PORT requests, by result",
+            m.tunnel_publish.clone(),
+        );
+        registry.register(
+            "tunnel_visits",
+            "Visitors to tunnels by name (-W/-J/-L), by result",
+            m.tunnel_visits.clone(),
         );
         registry.register(
             "reloads",

@@ -138,17 +138,20 @@ pub(crate) async fn to_tunnel(
     let publisher = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
+            crate::metrics::count(&crate::metrics::get().tunnel_visits, "publisher_failed");
             warn!(target: "sluice::ssh", %peer, tunnel = name, port, error = %e, "tunnel: the publisher refused the channel");
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return;
         }
         Err(_) => {
+            crate::metrics::count(&crate::metrics::get().tunnel_visits, "publisher_failed");
             warn!(target: "sluice::ssh", %peer, tunnel = name, port, "tunnel: the publisher did not answer the channel open");
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return;
         }
     };
     reply.accept().await;
+    crate::metrics::count(&crate::metrics::get().tunnel_visits, "opened");
     info!(target: "sluice::ssh", %peer, tunnel = name, port, "direct-tcpip to a tunnel opened");
     splice(&server, channel, publisher.into_stream(), slot).await;
 }

@@ -204,6 +204,7 @@ impl Conn {
         let port = match permit::publish(grant, &self.server.settings, &name, port, held) {
             Ok(p) => p,
             Err(r) => {
+                crate::metrics::count(&crate::metrics::get().tunnel_publish, "denied");
                 self.deny_channel("tcpip-forward", &target, &r.to_string());
                 return false;
             }
@@ -221,9 +222,11 @@ impl Conn {
             max_per_identity,
         );
         if let Err(e) = r {
+            crate::metrics::count(&crate::metrics::get().tunnel_publish, e.as_str());
             self.deny_channel("tcpip-forward", &target, &e.to_string());
             return false;
         }
+        crate::metrics::count(&crate::metrics::get().tunnel_publish, "published");
         info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, tunnel = name, port, "tunnel published");
         self.names.insert((name, port));
         true
@@ -474,6 +477,7 @@ impl russh::server::Handler for Conn {
                 Some(name) => match self.server.registry.route(&name, port) {
                     // Reached by name only: a tunnel has no address a CIDR rule could allow.
                     Some(_) if !allowed_by_name => {
+                        crate::metrics::count(&crate::metrics::get().tunnel_visits, "denied");
                         deny("not in ssh.permit_open");
                         reply
                             .reject(ChannelOpenFailure::AdministrativelyProhibited)
@@ -485,6 +489,7 @@ impl russh::server::Handler for Conn {
                     None if self.server.registry.is_owned(&name)
                         || tunnel::name::under_domain(host, &t.domain) =>
                     {
+                        crate::metrics::count(&crate::metrics::get().tunnel_visits, "no_tunnel");
                         deny("no live tunnel publishes this name and port");
                         reply.reject(ChannelOpenFailure::ConnectFailed).await;
                         return Ok(());
@@ -492,6 +497,7 @@ impl russh::server::Handler for Conn {
                     None => None,
                 },
                 None if tunnel::name::under_domain(host, &t.domain) => {
+                    crate::metrics::count(&crate::metrics::get().tunnel_visits, "no_tunnel");
                     deny("not a tunnel name (one DNS label under tunnels.domain)");
                     reply.reject(ChannelOpenFailure::ConnectFailed).await;
                     return Ok(());

@@ -30,6 +30,18 @@ pub(crate) enum Refused {
     Store(String),
 }
 
+impl Refused {
+    /// The metric label.
+    pub(crate) fn as_str(&self) -> &'static str {
+        match self {
+            Refused::Owned => "owned",
+            Refused::Held { .. } => "held",
+            Refused::TooMany(_) => "too_many",
+            Refused::Store(_) => "store_error",
+        }
+    }
+}
+
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -139,7 +151,7 @@ impl<T: Clone> Registry<T> {
             owner: owner.to_string(),
             live: HashMap::new(),
         });
-        entry.live.insert(
+        let previous = entry.live.insert(
             port,
             Live {
                 session,
@@ -147,6 +159,9 @@ impl<T: Clone> Registry<T> {
                 to,
             },
         );
+        if previous.is_none() {
+            crate::metrics::get().tunnels_published.inc();
+        }
         Ok(())
     }
 
@@ -159,15 +174,20 @@ impl<T: Clone> Registry<T> {
         let ours = n.live.get(&port).is_some_and(|l| l.session == session);
         if ours {
             n.live.remove(&port);
+            crate::metrics::get().tunnels_published.dec();
         }
         ours
     }
 
     /// Everything `session` served stops (it ended).
     pub(crate) fn end_session(&self, session: u64) {
+        let mut ended = 0;
         for n in self.lock().values_mut() {
+            let before = n.live.len();
             n.live.retain(|_, l| l.session != session);
+            ended += before - n.live.len();
         }
+        crate::metrics::get().tunnels_published.dec_by(ended as i64);
     }
 
     /// The session serving `name:port` now, if any.

@@ -24,6 +24,18 @@ fn own_id(public: &str) -> String {
     d[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A tunnel counter now (process-wide: other tests add to it, so compare with `>=`).
+fn counted(visits: bool, result: &'static str) -> u64 {
+    let m = sluice::metrics::get();
+    let f = if visits {
+        &m.tunnel_visits
+    } else {
+        &m.tunnel_publish
+    };
+    f.get_or_create(&sluice::metrics::ResultLabels { result })
+        .get()
+}
+
 /// Keeps `ssh -N -R spec` up with `key`; killed on drop.
 fn publish(f: &Fixture, key: &Path, spec: &str) -> tokio::process::Child {
     f.ssh(
@@ -69,12 +81,16 @@ async fn a_name_published_with_dash_r_is_reached_by_name_and_owned() {
         other.public.trim()
     );
     let (_, range) = port_range(4);
-    let permit = [
-        "mydevice:22".to_string(),
-        "mydevice.t.localhost:22".to_string(),
-    ];
+    // Ports other than 22 and names nobody owns are allowed here, so that what refuses them
+    // below is the registry, not permit_open.
+    let permit = ["mydevice:*".to_string(), "*.t.localhost:22".to_string()];
     let f = Fixture::with(&authorized, &permit, &range, TUNNELS).await;
 
+    let (opened, denied, no_tunnel) = (
+        counted(true, "opened"),
+        counted(false, "denied"),
+        counted(true, "no_tunnel"),
+    );
     // The device publishes its "sshd" (the echo server here) as mydevice:22; no port is bound.
     let mut device = publish(&f, &owner.private, &format!("mydevice:22:{}", f.echo));
     until_reached(&f, &other.private, "mydevice:22").await;
@@ -94,6 +110,12 @@ async fn a_name_published_with_dash_r_is_reached_by_name_and_owned() {
     assert!(!ok, "mydevice:23 is not published");
     let (ok, _, _) = f.w(&other.private, "nobody.t.localhost:22", b"x").await;
     assert!(!ok);
+    assert!(counted(true, "opened") >= opened + 2, "visits counted");
+    assert!(
+        counted(true, "no_tunnel") >= no_tunnel + 2,
+        "refused visits counted"
+    );
+    assert!(counted(false, "denied") > denied, "the refused -R counted");
 
     // The publisher goes: visitors are refused, and the name stays its owner's.
     device.kill().await.unwrap();
@@ -314,6 +336,7 @@ async fn a_restart_keeps_names_with_their_owners() {
 
     // Restarted: the other key, though permitlisten grants it the name too, cannot take it.
     let d = crate::support::Daemon::start_in(&state, &cert, &extra).await;
+    let owned = counted(false, "owned");
     let out = tokio::time::timeout(
         Duration::from_secs(20),
         forward(d.addr.port(), other.private.clone(), spec.clone()).wait(),
@@ -323,6 +346,10 @@ async fn a_restart_keeps_names_with_their_owners() {
     assert!(
         !out.unwrap().success(),
         "a restart handed the name to another key"
+    );
+    assert!(
+        counted(false, "owned") > owned,
+        "refused as another key's name"
     );
     let _back = forward(d.addr.port(), owner.private.clone(), spec.clone());
     reached(d.addr.port(), other.private.clone()).await;
