@@ -121,9 +121,8 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Claims `name` for `owner` unless someone owns it, in one transaction; also returns how
-    /// many names the owner held before (the caller bounds it, releasing a claim too many).
-    pub(crate) fn claim_name(&self, name: &str, owner: &str) -> Result<(Claim, u64), StoreError> {
+    /// Claims `name` for `owner` unless someone owns it, in one transaction.
+    pub(crate) fn claim_name(&self, name: &str, owner: &str) -> Result<Claim, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let existing: Option<String> = tx
@@ -133,11 +132,6 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
-        let held: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM tunnel_names WHERE owner = ?1",
-            params![owner],
-            |r| r.get(0),
-        )?;
         let claim = match existing {
             Some(o) if o == owner => Claim::Ours,
             Some(o) => Claim::Other(o),
@@ -153,28 +147,15 @@ impl Store {
             }
         };
         tx.commit()?;
-        Ok((claim, u64::try_from(held).unwrap_or(0)))
+        Ok(claim)
     }
 
-    /// Gives a name back (the claim that would have exceeded a limit, for one).
-    pub(crate) fn release_name(&self, name: &str, owner: &str) -> Result<(), StoreError> {
-        self.conn().execute(
-            "DELETE FROM tunnel_names WHERE name = ?1 AND owner = ?2",
-            params![name, owner],
-        )?;
-        Ok(())
-    }
-
-    /// Who owns `name`.
-    pub(crate) fn owner_of(&self, name: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT owner FROM tunnel_names WHERE name = ?1",
-                params![name],
-                |r| r.get(0),
-            )
-            .optional()?)
+    /// Every name with its owner.
+    pub(crate) fn names(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut q = conn.prepare("SELECT name, owner FROM tunnel_names")?;
+        let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 
@@ -193,28 +174,28 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "the store is private");
-        assert_eq!(s.claim_name("myapp", "alice").unwrap(), (Claim::New, 0));
-        assert_eq!(s.claim_name("myapp", "alice").unwrap(), (Claim::Ours, 1));
+        assert_eq!(s.claim_name("myapp", "alice").unwrap(), Claim::New);
+        assert_eq!(s.claim_name("myapp", "alice").unwrap(), Claim::Ours);
         assert_eq!(
             s.claim_name("myapp", "bob").unwrap(),
-            (Claim::Other("alice".into()), 0)
-        );
-        assert_eq!(s.claim_name("other", "alice").unwrap(), (Claim::New, 1));
-        drop(s);
-        let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.owner_of("myapp").unwrap().as_deref(), Some("alice"));
-        assert_eq!(
-            s.claim_name("myapp", "bob").unwrap().0,
             Claim::Other("alice".into())
         );
-        s.release_name("other", "bob").unwrap();
+        assert_eq!(s.claim_name("other", "alice").unwrap(), Claim::New);
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        let mut names = s.names().unwrap();
+        names.sort();
         assert_eq!(
-            s.owner_of("other").unwrap().as_deref(),
-            Some("alice"),
-            "not bob's to give"
+            names,
+            [
+                ("myapp".into(), "alice".into()),
+                ("other".into(), "alice".into())
+            ]
         );
-        s.release_name("other", "alice").unwrap();
-        assert_eq!(s.owner_of("other").unwrap(), None);
+        assert_eq!(
+            s.claim_name("myapp", "bob").unwrap(),
+            Claim::Other("alice".into())
+        );
     }
 
     #[test]

@@ -42,9 +42,13 @@ pub(super) async fn close<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S) {
     }
 }
 
-/// The outcome of one of sluice's own answers, sent under a deadline.
-fn answered(what: Answer, sent: Result<io::Result<()>, tokio::time::error::Elapsed>) -> Outcome {
-    match sent {
+/// Sends one of sluice's own answers, with `CLOSE_TIMEOUT` past its deadline to finish.
+async fn answered(
+    what: Answer,
+    deadline: Instant,
+    send: impl std::future::Future<Output = io::Result<()>>,
+) -> Outcome {
+    match timeout_at(deadline + CLOSE_TIMEOUT, Box::pin(send)).await {
         Ok(Ok(())) => Outcome::Answered(what),
         Ok(Err(e)) => Outcome::AnswerFailed(what, Some(e)),
         Err(_) => Outcome::AnswerFailed(what, None),
@@ -71,14 +75,8 @@ pub(super) async fn dispatch<S>(
         Decision::Redirect => {
             log.route = Some(RouteKind::Http);
             log.target = Some("redirect to https".into());
-            log.outcome = Some(answered(
-                Answer::Redirect,
-                timeout_at(
-                    reply_deadline + CLOSE_TIMEOUT,
-                    Box::pin(builtin::redirect(client, &prefix, reply_deadline)),
-                )
-                .await,
-            ));
+            let send = builtin::redirect(client, &prefix, reply_deadline);
+            log.outcome = Some(answered(Answer::Redirect, reply_deadline, send).await);
             close(client).await;
             return;
         }
@@ -95,14 +93,8 @@ pub(super) async fn dispatch<S>(
         match kind {
             RouteKind::Http => {
                 log.target = Some("status page".into());
-                log.outcome = Some(answered(
-                    Answer::StatusPage,
-                    timeout_at(
-                        reply_deadline + CLOSE_TIMEOUT,
-                        Box::pin(builtin::status_page(client, &prefix, reply_deadline)),
-                    )
-                    .await,
-                ));
+                let send = builtin::status_page(client, &prefix, reply_deadline);
+                log.outcome = Some(answered(Answer::StatusPage, reply_deadline, send).await);
                 close(client).await;
             }
             RouteKind::Ssh => {

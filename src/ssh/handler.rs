@@ -200,7 +200,7 @@ impl Conn {
         session: &Session,
     ) -> bool {
         let target = format!("{name}:{port}");
-        let held = self.forwards.len() + self.sockets.len() + self.names.len();
+        let held = self.held();
         let port = match permit::publish(grant, &self.server.settings, &name, port, held) {
             Ok(p) => p,
             Err(r) => {
@@ -230,6 +230,11 @@ impl Conn {
         info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, tunnel = name, port, "tunnel published");
         self.names.insert((name, port));
         true
+    }
+
+    /// Listeners, sockets and names this session holds (bounded by `ssh.max_forwards`).
+    fn held(&self) -> usize {
+        self.forwards.len() + self.sockets.len() + self.names.len()
     }
 
     fn deny_channel(&self, what: &str, target: &str, reason: &str) {
@@ -558,7 +563,7 @@ impl russh::server::Handler for Conn {
             self.deny_channel("tcpip-forward", &target, reason);
             Ok(false)
         };
-        let held = self.forwards.len() + self.sockets.len() + self.names.len();
+        let held = self.held();
         let requested = match permit::listen(&grant, &self.server.settings, address, *port, held) {
             Ok(p) => p,
             Err(r) => return deny(&r.to_string()),
@@ -627,7 +632,7 @@ impl russh::server::Handler for Conn {
             self.deny_channel("streamlocal-forward", socket_path, reason);
             Ok(false)
         };
-        let held = self.forwards.len() + self.sockets.len();
+        let held = self.held();
         let name = match permit::listen_socket(&grant, &self.server.settings, socket_path, held) {
             Ok(n) => n,
             Err(r) => return deny(&r.to_string()),

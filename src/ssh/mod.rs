@@ -117,9 +117,10 @@ impl SshServer {
         // A reload keeps the registry (live tunnels stay up) unless tunnels were switched on.
         let registry = match previous {
             Some(p) if p.tunnels.is_some() || tunnels.is_none() => p.registry.clone(),
-            _ if tunnels.is_some() => Arc::new(crate::tunnel::Registry::new(Some(Arc::new(
-                crate::store::Store::open(state_dir)?,
-            )))),
+            _ if tunnels.is_some() => {
+                let store = crate::store::Store::open(state_dir)?;
+                Arc::new(crate::tunnel::Registry::open(Arc::new(store))?)
+            }
             _ => Arc::new(crate::tunnel::Registry::default()),
         };
         Ok(SshServer {

@@ -87,6 +87,14 @@ pub(crate) struct Connect {
     pub(crate) allowed_by_name: bool,
 }
 
+/// A port a client names to connect to or to publish: not 0, at most 65535.
+fn nonzero_port(port: u32) -> Result<u16, Refusal> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(Refusal::BadPort)
+}
+
 /// `-W/-L/-J HOST:PORT`.
 pub(crate) fn connect(
     grant: &Grant,
@@ -103,10 +111,7 @@ pub(crate) fn connect(
     if !host_ok {
         return Err(Refusal::MalformedHost);
     }
-    let port = u16::try_from(port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or(Refusal::BadPort)?;
+    let port = nonzero_port(port)?;
     if !grant.port_forwarding {
         return Err(Refusal::NoForwarding);
     }
@@ -197,10 +202,7 @@ pub(crate) fn publish(
     held: usize,
 ) -> Result<u16, Refusal> {
     // A name needs the port visitors use (80, 22, 443): 0 would allocate nothing.
-    let port = u16::try_from(port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or(Refusal::BadPort)?;
+    let port = nonzero_port(port)?;
     if !grant.port_forwarding {
         return Err(Refusal::NoForwarding);
     }

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use russh::server::Handle;
 
-use crate::store::{Claim, Store};
+use crate::store::{Claim, Store, StoreError};
 
 /// Why a name could not be published.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,20 +96,36 @@ impl<T> Default for Registry<T> {
 }
 
 impl<T> Registry<T> {
-    /// A registry that keeps owners in `store`.
-    pub(crate) fn new(store: Option<Arc<Store>>) -> Self {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Name<T>>> {
+        self.names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn new(store: Option<Arc<Store>>) -> Self {
         Registry {
             names: Mutex::new(HashMap::new()),
             store,
         }
     }
+
+    /// A registry that keeps owners in `store`, with every owner it holds loaded now: after
+    /// this the store is written (new names), never read, so visitors cost no query.
+    pub(crate) fn open(store: Arc<Store>) -> Result<Self, StoreError> {
+        let owners = store.names()?;
+        let r = Registry::new(Some(store));
+        r.lock().extend(owners.into_iter().map(|(name, owner)| {
+            (
+                name,
+                Name {
+                    owner,
+                    live: HashMap::new(),
+                },
+            )
+        }));
+        Ok(r)
+    }
 }
 
 impl<T: Clone> Registry<T> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Name<T>>> {
-        self.names.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Publishes `name:port` for `owner`'s `session`.
     pub(crate) fn publish(
         &self,
@@ -128,24 +144,19 @@ impl<T: Clone> Registry<T> {
                     return Err(Refused::Held { since: l.since });
                 }
             }
-            None => match &self.store {
-                // The store decides, atomically: a name owned before a restart stays owned.
-                Some(store) => match store.claim_name(name, owner) {
-                    Ok((Claim::Other(_), _)) => return Err(Refused::Owned),
-                    Ok((Claim::New, held)) if held >= u64::from(max_per_identity) => {
-                        let _ = store.release_name(name, owner);
-                        return Err(Refused::TooMany(max_per_identity));
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Err(Refused::Store(e.to_string())),
-                },
-                None => {
-                    let held = names.values().filter(|n| n.owner == owner).count();
-                    if held >= max_per_identity as usize {
-                        return Err(Refused::TooMany(max_per_identity));
-                    }
+            None => {
+                let held = names.values().filter(|n| n.owner == owner).count();
+                if held >= max_per_identity as usize {
+                    return Err(Refused::TooMany(max_per_identity));
                 }
-            },
+                // Recorded before it is served; the claim is atomic in the store, which is
+                // what decides once several processes share one.
+                match self.store.as_ref().map(|s| s.claim_name(name, owner)) {
+                    Some(Ok(Claim::Other(_))) => return Err(Refused::Owned),
+                    Some(Err(e)) => return Err(Refused::Store(e.to_string())),
+                    Some(Ok(Claim::New | Claim::Ours)) | None => {}
+                }
+            }
         }
         let entry = names.entry(name.to_string()).or_insert_with(|| Name {
             owner: owner.to_string(),
@@ -198,15 +209,9 @@ impl<T: Clone> Registry<T> {
             .map(|l| l.to.clone())
     }
 
-    /// Whether any identity owns `name` (a store that cannot answer counts as owned: a
-    /// visitor is then refused rather than sent to DNS).
+    /// Whether any identity owns `name`.
     pub(crate) fn is_owned(&self, name: &str) -> bool {
-        if self.lock().contains_key(name) {
-            return true;
-        }
-        self.store
-            .as_ref()
-            .is_some_and(|s| !matches!(s.owner_of(name), Ok(None)))
+        self.lock().contains_key(name)
     }
 
     /// Names with live ports: (name, owner, ports).
@@ -269,13 +274,13 @@ mod tests {
     #[test]
     fn with_a_store_owners_outlive_the_registry() {
         let dir = tempfile::tempdir().unwrap();
-        let store = || Some(Arc::new(Store::open(dir.path()).unwrap()));
-        let r: Registry<u32> = Registry::new(store());
+        let store = || Arc::new(Store::open(dir.path()).unwrap());
+        let r: Registry<u32> = Registry::open(store()).unwrap();
         r.publish("myapp", 80, "alice", 1, 10, 2).unwrap();
         r.publish("b", 80, "alice", 1, 10, 2).unwrap();
         drop(r);
         // A restart: bob still cannot take it, alice gets it back, and her limit counts it.
-        let r: Registry<u32> = Registry::new(store());
+        let r: Registry<u32> = Registry::open(store()).unwrap();
         assert!(r.is_owned("myapp"));
         assert!(!r.is_owned("free"));
         assert_eq!(r.publish("myapp", 80, "bob", 2, 20, 2), Err(Refused::Owned));

@@ -553,10 +553,7 @@ async fn openssh_through_sluice_connect_to_an_external_sshd() {
         &format!("[routes.ssh]\nupstream = \"127.0.0.1:{}\"\n", sshd.port),
     )
     .await;
-    let user = std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "root".into());
+    let user = crate::ssh::login_user();
     let proxy = format!(
         "ProxyCommand={} connect --ca {} localhost:{}",
         bin().display(),

@@ -1110,6 +1110,30 @@ pub(crate) async fn start_sshd(client: &Key) -> Sshd {
     }
 }
 
+/// The local login name, which the test sshd (running as this user) accepts.
+pub(crate) fn login_user() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "root".into())
+}
+
+/// An ssh_config in `dir` with `Host sluice` (through TLS to `port`) and `key` for every host:
+/// `ssh -F CFG -J sluice ...`.
+pub(crate) fn jump_config(dir: &Path, port: u16, key: &Path) -> PathBuf {
+    let cfg = dir.join("ssh_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Host sluice\n  HostName localhost\n  User tunnel\n  ProxyCommand openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{port} -servername localhost\n\
+             Host *\n  IdentityFile {}\n  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 #[tokio::test]
 async fn jump_through_sluice_to_a_real_sshd() {
     let dir = tempfile::tempdir().unwrap();
@@ -1121,21 +1145,8 @@ async fn jump_through_sluice_to_a_real_sshd() {
         &port_range(10).1,
     )
     .await;
-    let user = std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "root".into());
-    let cfg = dir.path().join("ssh_config");
-    std::fs::write(
-        &cfg,
-        format!(
-            "Host sluice\n  HostName localhost\n  User tunnel\n  ProxyCommand openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{} -servername localhost\n\
-             Host *\n  IdentityFile {}\n  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
-            f.d.addr.port(),
-            id.private.display()
-        ),
-    )
-    .unwrap();
+    let user = login_user();
+    let cfg = jump_config(dir.path(), f.d.addr.port(), &id.private);
     let out = tokio::time::timeout(
         Duration::from_secs(30),
         Command::new("ssh")

@@ -36,9 +36,10 @@ fn counted(visits: bool, result: &'static str) -> u64 {
         .get()
 }
 
-/// Keeps `ssh -N -R spec` up with `key`; killed on drop.
-fn publish(f: &Fixture, key: &Path, spec: &str) -> tokio::process::Child {
-    f.ssh(
+/// Keeps `ssh -N -R spec` up with `key` through sluice on `port`; killed on drop.
+fn publish(port: u16, key: &Path, spec: &str) -> tokio::process::Child {
+    crate::ssh::ssh_via(
+        port,
         key,
         &[
             "-N",
@@ -54,11 +55,11 @@ fn publish(f: &Fixture, key: &Path, spec: &str) -> tokio::process::Child {
     .unwrap()
 }
 
-/// Tries `ssh -W target` until it echoes, within 30 s.
-async fn until_reached(f: &Fixture, key: &Path, target: &str) {
+/// Tries `ssh -W target` through sluice on `port` until it echoes, within 30 s.
+async fn until_reached(port: u16, key: &Path, target: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let (ok, out, err) = f.w(key, target, b"ping through the tunnel").await;
+        let (ok, out, err) = crate::ssh::w_via(port, key, target, b"ping through the tunnel").await;
         if ok && out == b"ping through the tunnel" {
             return;
         }
@@ -92,9 +93,13 @@ async fn a_name_published_with_dash_r_is_reached_by_name_and_owned() {
         counted(true, "no_tunnel"),
     );
     // The device publishes its "sshd" (the echo server here) as mydevice:22; no port is bound.
-    let mut device = publish(&f, &owner.private, &format!("mydevice:22:{}", f.echo));
-    until_reached(&f, &other.private, "mydevice:22").await;
-    until_reached(&f, &other.private, "mydevice.t.localhost:22").await;
+    let mut device = publish(
+        f.d.addr.port(),
+        &owner.private,
+        &format!("mydevice:22:{}", f.echo),
+    );
+    until_reached(f.d.addr.port(), &other.private, "mydevice:22").await;
+    until_reached(f.d.addr.port(), &other.private, "mydevice.t.localhost:22").await;
 
     // Another key cannot take the name, even while its owner is connected.
     let out = f
@@ -140,8 +145,12 @@ async fn a_name_published_with_dash_r_is_reached_by_name_and_owned() {
         "another key took an owned name while its owner was away"
     );
     // The owner comes back and gets it again.
-    let _device = publish(&f, &owner.private, &format!("mydevice:22:{}", f.echo));
-    until_reached(&f, &other.private, "mydevice:22").await;
+    let _device = publish(
+        f.d.addr.port(),
+        &owner.private,
+        &format!("mydevice:22:{}", f.echo),
+    );
+    until_reached(f.d.addr.port(), &other.private, "mydevice:22").await;
     f.d.stop().await;
 }
 
@@ -160,8 +169,12 @@ async fn without_permitlisten_a_key_publishes_under_its_own_id() {
         !out.status.success(),
         "a bare name without permitlisten was published"
     );
-    let _tunnel = publish(&f, &key.private, &format!("{name}:80:{}", f.echo));
-    until_reached(&f, &key.private, &format!("{name}:80")).await;
+    let _tunnel = publish(
+        f.d.addr.port(),
+        &key.private,
+        &format!("{name}:80:{}", f.echo),
+    );
+    until_reached(f.d.addr.port(), &key.private, &format!("{name}:80")).await;
     // Not in ssh.permit_open (only NAME:80 is): the name alone does not open other ports.
     let (ok, _, _) = f.w(&key.private, &format!("{name}:81"), b"x").await;
     assert!(!ok);
@@ -189,25 +202,12 @@ async fn ssh_dash_j_reaches_a_real_sshd_behind_a_name_and_scp_moves_32_mib() {
     .await;
     // The device behind NAT: its sshd is published by name, nothing listens on the server.
     let _device = publish(
-        &f,
+        f.d.addr.port(),
         &device_key.private,
         &format!("mydevice:22:127.0.0.1:{}", sshd.port),
     );
-    let user = std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "root".into());
-    let cfg = dir.path().join("ssh_config");
-    std::fs::write(
-        &cfg,
-        format!(
-            "Host sluice\n  HostName localhost\n  User tunnel\n  ProxyCommand openssl s_client -quiet -verify_quiet -connect 127.0.0.1:{} -servername localhost\n\
-             Host *\n  IdentityFile {}\n  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
-            f.d.addr.port(),
-            admin.private.display()
-        ),
-    )
-    .unwrap();
+    let user = crate::ssh::login_user();
+    let cfg = crate::ssh::jump_config(dir.path(), f.d.addr.port(), &admin.private);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let out = Command::new("ssh")
@@ -291,41 +291,9 @@ async fn a_restart_keeps_names_with_their_owners() {
         )
     );
     let spec = format!("mydevice:22:{echo}");
-    let reached = |port: u16, key: std::path::PathBuf| async move {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let (ok, out, _) = crate::ssh::w_via(port, &key, "mydevice:22", b"hi").await;
-            if ok && out == b"hi" {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "mydevice:22 not reached"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
-    let forward = |port: u16, key: std::path::PathBuf, spec: String| {
-        crate::ssh::ssh_via(
-            port,
-            &key,
-            &[
-                "-N",
-                "-o",
-                "ExitOnForwardFailure=yes",
-                "-R",
-                &spec,
-                "tunnel@localhost",
-            ],
-        )
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-    };
-
     let d = crate::support::Daemon::start_in(&state, &cert, &extra).await;
-    let mut first = forward(d.addr.port(), owner.private.clone(), spec.clone());
-    reached(d.addr.port(), other.private.clone()).await;
+    let mut first = publish(d.addr.port(), &owner.private, &spec);
+    until_reached(d.addr.port(), &other.private, "mydevice:22").await;
     first.kill().await.unwrap();
     first.wait().await.unwrap();
     d.stop().await;
@@ -339,7 +307,7 @@ async fn a_restart_keeps_names_with_their_owners() {
     let owned = counted(false, "owned");
     let out = tokio::time::timeout(
         Duration::from_secs(20),
-        forward(d.addr.port(), other.private.clone(), spec.clone()).wait(),
+        publish(d.addr.port(), &other.private, &spec).wait(),
     )
     .await
     .expect("ssh -R with a refused name hung");
@@ -351,7 +319,7 @@ async fn a_restart_keeps_names_with_their_owners() {
         counted(false, "owned") > owned,
         "refused as another key's name"
     );
-    let _back = forward(d.addr.port(), owner.private.clone(), spec.clone());
-    reached(d.addr.port(), other.private.clone()).await;
+    let _back = publish(d.addr.port(), &owner.private, &spec);
+    until_reached(d.addr.port(), &other.private, "mydevice:22").await;
     d.stop().await;
 }
