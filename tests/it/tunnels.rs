@@ -111,10 +111,14 @@ async fn a_name_published_with_dash_r_is_reached_by_name_and_owned() {
     );
     // A port the device did not publish, and a name nobody owns under the domain: refused,
     // never looked up in DNS.
-    let (ok, _, _) = f.w(&other.private, "mydevice:23", b"x").await;
+    // ssh reports the channel refusal: "connect failed" is the registry's (no live tunnel),
+    // "administratively prohibited" would be permit_open's.
+    let (ok, _, err) = f.w(&other.private, "mydevice:23", b"x").await;
     assert!(!ok, "mydevice:23 is not published");
-    let (ok, _, _) = f.w(&other.private, "nobody.t.localhost:22", b"x").await;
+    assert!(err.contains("open failed: connect failed"), "{err}");
+    let (ok, _, err) = f.w(&other.private, "nobody.t.localhost:22", b"x").await;
     assert!(!ok);
+    assert!(err.contains("open failed: connect failed"), "{err}");
     assert!(counted(true, "opened") >= opened + 2, "visits counted");
     assert!(
         counted(true, "no_tunnel") >= no_tunnel + 2,
@@ -162,9 +166,14 @@ async fn without_permitlisten_a_key_publishes_under_its_own_id() {
     let name = format!("myapp-{own}");
     let (_, range) = port_range(4);
     let f = Fixture::with(&key.public, &[format!("{name}:80")], &range, TUNNELS).await;
+    let denied = counted(false, "denied");
     let out = f
         .forward_output(&key.private, &format!("myapp:80:{}", f.echo))
         .await;
+    assert!(
+        counted(false, "denied") > denied,
+        "refused by the naming rule"
+    );
     assert!(
         !out.status.success(),
         "a bare name without permitlisten was published"
@@ -176,8 +185,9 @@ async fn without_permitlisten_a_key_publishes_under_its_own_id() {
     );
     until_reached(f.d.addr.port(), &key.private, &format!("{name}:80")).await;
     // Not in ssh.permit_open (only NAME:80 is): the name alone does not open other ports.
-    let (ok, _, _) = f.w(&key.private, &format!("{name}:81"), b"x").await;
+    let (ok, _, err) = f.w(&key.private, &format!("{name}:81"), b"x").await;
     assert!(!ok);
+    assert!(err.contains("administratively prohibited"), "{err}");
     f.d.stop().await;
 }
 
