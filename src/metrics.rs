@@ -51,6 +51,15 @@ pub struct RouteLabels {
     pub route: &'static str,
 }
 
+/// An HTTPS request to a tunnel.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelRequestLabels {
+    /// The tunnel's name (names are bounded: `tunnels.max_per_identity` per key).
+    pub tunnel: String,
+    /// The status class: `2xx`, `4xx`, ...
+    pub class: &'static str,
+}
+
 /// An outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -103,6 +112,8 @@ pub struct Metrics {
     /// Visitors to a tunnel by name (`-W/-J/-L`): `opened`, `denied`, `no_tunnel`,
     /// `publisher_failed`.
     pub tunnel_visits: Family<ResultLabels, Counter>,
+    /// HTTPS requests to tunnels, by tunnel and status class (sluice's own 404/421/502 too).
+    pub tunnel_requests: Family<TunnelRequestLabels, Counter>,
     /// Reloads of the config, certificates and authorized keys.
     pub reloads: Family<ReloadLabels, Counter>,
     /// 1 while draining for shutdown (then `/readyz` answers 503).
@@ -151,6 +162,7 @@ impl Metrics {
             tunnels_published: Gauge::default(),
             tunnel_publish: Family::default(),
             tunnel_visits: Family::default(),
+            tunnel_requests: Family::default(),
             reloads: Family::default(),
             draining: Gauge::default(),
             registry: Registry::default(),
@@ -220,6 +232,11 @@ impl Metrics {
             "tunnel_visits",
             "Visitors to tunnels by name (-W/-J/-L), by result",
             m.tunnel_visits.clone(),
+        );
+        registry.register(
+            "tunnel_requests",
+            "HTTPS requests to tunnels, by tunnel and status class",
+            m.tunnel_requests.clone(),
         );
         registry.register(
             "reloads",

@@ -96,6 +96,17 @@ pub enum SshEnd {
     },
 }
 
+/// How a connection of HTTPS visitors to a tunnel ended.
+#[derive(Debug)]
+pub(crate) struct HttpEnd {
+    /// Requests served on it.
+    pub(crate) requests: u64,
+    /// hyper's error, when the connection ended on one (a malformed request, a reset).
+    pub(crate) error: Option<String>,
+    /// The error was a deadline (a request head too slow).
+    pub(crate) timeout: bool,
+}
+
 /// Every way a connection ends.
 #[derive(Debug)]
 pub(crate) enum Outcome {
@@ -123,6 +134,8 @@ pub(crate) enum Outcome {
     Shutdown,
     /// An embedded SSH session.
     Ssh(SshEnd),
+    /// HTTPS visitors of a tunnel, served by sluice.
+    Http(HttpEnd),
 }
 
 impl Outcome {
@@ -139,6 +152,11 @@ impl Outcome {
             | Outcome::UpstreamUnreachable(_) => Kind::Error,
             Outcome::Refused(..) | Outcome::CertRejected(_) => Kind::Refused,
             Outcome::Shutdown => Kind::Shutdown,
+            Outcome::Http(s) => match &s.error {
+                None => Kind::Closed,
+                Some(_) if s.timeout => Kind::Timeout,
+                Some(_) => Kind::Error,
+            },
             Outcome::Ssh(s) => match s {
                 SshEnd::HandshakeFailed(_) => Kind::Error,
                 SshEnd::NoBanner | SshEnd::AuthTimeout { .. } => Kind::Timeout,
@@ -214,6 +232,10 @@ impl fmt::Display for Outcome {
             Outcome::Ssh(SshEnd::Shutdown { who }) => {
                 write!(f, "ssh session ended{who}: sluice is shutting down")
             }
+            Outcome::Http(h) => match &h.error {
+                None => write!(f, "closed after {} requests", h.requests),
+                Some(e) => write!(f, "closed after {} requests: {e}", h.requests),
+            },
         }
     }
 }

@@ -40,14 +40,22 @@ impl fmt::Display for RoutedBy {
 }
 
 /// Where a connection goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Decision {
     /// To this route.
     Route(RouteKind),
     /// Plain HTTP on a route that wants TLS: answer with a 308 to https.
     Redirect,
+    /// HTTPS to tunnel NAME (its SNI was `NAME.<tunnels.domain>`), served by sluice.
+    Tunnel(String),
     /// Nowhere: close it, with the reason for the log.
     Close(&'static str),
+}
+
+/// The tunnel an SNI of `NAME.<tunnels.domain>` names, when `[tunnels]` is set.
+pub(crate) fn by_tunnel_sni(cfg: &Config, sni: &str) -> Option<String> {
+    let domain = &cfg.tunnels.as_ref()?.domain;
+    crate::tunnel::name::from_sni(sni, domain)
 }
 
 /// The route whose ALPN list holds the protocol the client chose.

@@ -43,6 +43,9 @@ pub(super) struct File {
 pub(super) struct Tunnels {
     pub domain: Spanned<String>,
     pub max_per_identity: Option<Spanned<u32>>,
+    pub header_timeout: Option<Spanned<Dur>>,
+    pub max_visitors: Option<Spanned<u32>>,
+    pub pool_idle: Option<Spanned<Dur>>,
 }
 
 /// `[dns]`: name resolution for upstreams and forward targets.

@@ -135,6 +135,13 @@ impl Config {
                 "tunnels       ssh -R NAME:PORT:... publishes NAME; reached as NAME or NAME.{} with -W/-J/-L; at most {} names per key\n",
                 t.domain, t.max_per_identity
             ));
+            s.push_str(&format!(
+                "              https://NAME.{}/ to NAME:80; {} visitors per tunnel; request head within {}; pooled channels idle {}\n",
+                t.domain,
+                t.max_visitors,
+                humantime::format_duration(t.header_timeout),
+                humantime::format_duration(t.pool_idle)
+            ));
         }
         let alpn: Vec<String> = self
             .alpn_offered()

@@ -389,8 +389,31 @@ fn tunnels_table() {
         c.tunnels,
         Some(TunnelSettings {
             domain: "t.example.org".into(),
-            max_per_identity: 16
+            max_per_identity: 16,
+            header_timeout: std::time::Duration::from_secs(10),
+            max_visitors: 256,
+            pool_idle: std::time::Duration::from_secs(30),
         })
+    );
+    let c = parse("[tunnels]\ndomain = \"t.example.org\"\nheader_timeout = \"3s\"\nmax_visitors = 8\npool_idle = \"1m\"\n").unwrap();
+    let t = c.tunnels.unwrap();
+    assert_eq!(
+        (
+            t.header_timeout.as_secs(),
+            t.max_visitors,
+            t.pool_idle.as_secs()
+        ),
+        (3, 8, 60)
+    );
+    let e = err("[tunnels]\ndomain = \"t.example.org\"\nmax_visitors = 0\n");
+    assert!(
+        e.contains("sluice.toml:3:16") && e.contains("1 to 1000000"),
+        "{e}"
+    );
+    let e = err("[tunnels]\ndomain = \"t.example.org\"\nheader_timeout = \"1h\"\n");
+    assert!(
+        e.contains("tunnels.header_timeout") || e.contains("header_timeout"),
+        "{e}"
     );
     let e = err("[tunnels]\ndomain = \"*.t.example.org\"\n");
     assert!(

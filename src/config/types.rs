@@ -69,6 +69,13 @@ pub struct TunnelSettings {
     pub domain: String,
     /// Names one identity may hold at once (published or kept for it).
     pub max_per_identity: u32,
+    /// How long an HTTPS visitor may take to send a request head (and a keep-alive
+    /// connection may wait for its next one).
+    pub header_timeout: Duration,
+    /// HTTPS visitor connections at once per tunnel name.
+    pub max_visitors: u32,
+    /// How long a channel to a publisher stays pooled unused.
+    pub pool_idle: Duration,
 }
 
 /// The admin listener's address when `[admin]` sets none.

@@ -14,6 +14,7 @@ use super::dispatch::{close, dispatch};
 use super::limits::ClientSlot;
 use super::proxy_header::looks_like_proxy_header;
 use super::shared::{Ctx, Shared};
+use crate::config::RouteKind;
 use crate::detect::{self, Candidates, Protocol, Verdict};
 use crate::io::Prefixed;
 use crate::outcome::{Outcome, Side};
@@ -196,14 +197,25 @@ async fn handshake_and_route(
         )
         .await?;
         let hello = start.client_hello();
-        let offered = &cx.snap.tls.alpn_protocols;
+        // A tunnel's visitors are offered h2 and http/1.1, whatever the http route speaks.
+        let tls = match &cx.snap.tls_tunnel {
+            Some(t)
+                if hello
+                    .server_name()
+                    .is_some_and(|n| route::by_tunnel_sni(cfg, n).is_some()) =>
+            {
+                t
+            }
+            _ => &cx.snap.tls,
+        };
+        let offered = &tls.alpn_protocols;
         let overlap = hello
             .alpn()
             .map(|mut theirs| theirs.any(|p| offered.iter().any(|o| o.as_slice() == p)));
         let config = if overlap == Some(false) {
             cx.snap.tls_no_alpn.clone()
         } else {
-            cx.snap.tls.clone()
+            tls.clone()
         };
         start.into_stream(config).await
     };
@@ -237,27 +249,33 @@ async fn handshake_and_route(
 
     let mut prefix = Vec::new();
     let detect_start = Instant::now();
-    let (decision, by) = if let Some(kind) = alpn.as_deref().and_then(|a| route::by_alpn(cfg, a)) {
-        (Decision::Route(kind), RoutedBy::Alpn)
-    } else if let Some(kind) = sni.as_deref().and_then(|n| route::by_sni(cfg, n)) {
-        (Decision::Route(kind), RoutedBy::Sni)
-    } else {
-        let deadline = Instant::now() + cfg.detect.timeout;
-        match peek(&mut tls, Candidates::INNER, deadline, &mut prefix).await {
-            Peek::Match(p) => (route::by_inner_protocol(cfg, p), RoutedBy::Peek),
-            Peek::NoMatch => (route::inner_unknown(cfg), RoutedBy::Peek),
-            Peek::Timeout => (route::inner_timeout(cfg), RoutedBy::Timeout),
-            Peek::Eof => (
-                Decision::Close("client closed before sending"),
-                RoutedBy::Peek,
-            ),
-            Peek::Error(e) => {
-                log.noisy = true;
-                log.outcome = Some(Outcome::Io(Side::Client, e));
-                return None;
+    let by_alpn = alpn.as_deref().and_then(|a| route::by_alpn(cfg, a));
+    let tunnel = sni.as_deref().and_then(|n| route::by_tunnel_sni(cfg, n));
+    let (decision, by) =
+        if let Some(kind) = by_alpn.filter(|k| *k == RouteKind::Ssh || tunnel.is_none()) {
+            // ALPN `ssh` reaches the SSH server under any name, a tunnel's too.
+            (Decision::Route(kind), RoutedBy::Alpn)
+        } else if let Some(name) = tunnel {
+            (Decision::Tunnel(name), RoutedBy::Sni)
+        } else if let Some(kind) = sni.as_deref().and_then(|n| route::by_sni(cfg, n)) {
+            (Decision::Route(kind), RoutedBy::Sni)
+        } else {
+            let deadline = Instant::now() + cfg.detect.timeout;
+            match peek(&mut tls, Candidates::INNER, deadline, &mut prefix).await {
+                Peek::Match(p) => (route::by_inner_protocol(cfg, p), RoutedBy::Peek),
+                Peek::NoMatch => (route::inner_unknown(cfg), RoutedBy::Peek),
+                Peek::Timeout => (route::inner_timeout(cfg), RoutedBy::Timeout),
+                Peek::Eof => (
+                    Decision::Close("client closed before sending"),
+                    RoutedBy::Peek,
+                ),
+                Peek::Error(e) => {
+                    log.noisy = true;
+                    log.outcome = Some(Outcome::Io(Side::Client, e));
+                    return None;
+                }
             }
-        }
-    };
+        };
     log.by = Some(by);
     crate::metrics::get()
         .detect_seconds

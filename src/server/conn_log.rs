@@ -6,7 +6,6 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::shared::Shared;
-use crate::config::RouteKind;
 use crate::outcome::Outcome;
 use crate::relay;
 use crate::route::RoutedBy;
@@ -23,7 +22,8 @@ pub(super) struct ConnLog {
     pub(super) sni: Option<String>,
     pub(super) alpn: Option<String>,
     pub(super) by: Option<RoutedBy>,
-    pub(super) route: Option<RouteKind>,
+    /// `http`, `ssh` or `tunnel`.
+    pub(super) route: Option<&'static str>,
     pub(super) target: Option<String>,
     pub(super) bytes: relay::Bytes,
     /// Which relay core moved the bytes: `splice` or `copy`.
@@ -45,7 +45,7 @@ impl ConnLog {
         let m = crate::metrics::get();
         m.connections
             .get_or_create(&crate::metrics::ConnLabels {
-                route: self.route.map_or("none", RouteKind::as_str),
+                route: self.route.unwrap_or("none"),
                 routed_by: self.by.map_or("none", RoutedBy::as_str),
                 end: outcome.kind().as_str(),
                 side: outcome.side().as_str(),
@@ -70,7 +70,7 @@ impl ConnLog {
             sni = self.sni.as_deref().unwrap_or("-"),
             alpn = self.alpn.as_deref().unwrap_or("-"),
             routed_by = self.by.map_or("-", RoutedBy::as_str),
-            route = self.route.map_or("-", RouteKind::as_str),
+            route = self.route.unwrap_or("-"),
             backend = self.target.as_deref().unwrap_or("-"),
             bytes_up = self.bytes.up,
             bytes_down = self.bytes.down,

@@ -73,11 +73,31 @@ pub(super) async fn dispatch<S>(
     let kind = match decision {
         Decision::Route(kind) => kind,
         Decision::Redirect => {
-            log.route = Some(RouteKind::Http);
+            log.route = Some(RouteKind::Http.as_str());
             log.target = Some("redirect to https".into());
             let send = builtin::redirect(client, &prefix, reply_deadline);
             log.outcome = Some(answered(Answer::Redirect, reply_deadline, send).await);
             close(client).await;
+            return;
+        }
+        Decision::Tunnel(name) => {
+            log.route = Some("tunnel");
+            let Some(gateway) = &cx.snap.gateway else {
+                log.outcome = Some(Outcome::Refused(Side::Internal, "no tunnel gateway"));
+                close(client).await;
+                return;
+            };
+            let host = log
+                .sni
+                .as_deref()
+                .unwrap_or_default()
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            log.target = Some(name.clone());
+            let (counted, counts) = crate::io::Counted::new(Prefixed::new(prefix, stream));
+            let served = Box::pin(gateway.serve(counted, &name, &host, log.peer, log.id, h2)).await;
+            log.bytes = counts.get();
+            log.outcome = Some(Outcome::Http(served));
             return;
         }
         Decision::Close(why) => {
@@ -87,7 +107,7 @@ pub(super) async fn dispatch<S>(
             return;
         }
     };
-    log.route = Some(kind);
+    log.route = Some(kind.as_str());
     let route: &Route = cfg.route(kind);
     let Some(up) = &route.upstream else {
         match kind {

@@ -77,7 +77,34 @@ pub(super) fn build_snapshot(
             )?)),
         },
     };
+    // The gateway keeps its pool of channels while the registry it dials stays the same.
+    let gateway = match (&cfg.tunnels, &ssh) {
+        (Some(t), Some(ssh)) => Some(
+            match previous
+                .and_then(|p| p.gateway.as_ref())
+                .filter(|g| g.serves(&ssh.registry, t))
+            {
+                Some(g) => g.clone(),
+                None => Arc::new(crate::tunnel::http::Gateway::new(
+                    t.clone(),
+                    ssh.registry.clone(),
+                    force_close.clone(),
+                )),
+            },
+        ),
+        _ => None,
+    };
+    let tls_tunnel = gateway.as_ref().map(|_| {
+        let mut c = (*tls_config).clone();
+        c.alpn_protocols = [b"h2".to_vec(), b"http/1.1".to_vec()]
+            .into_iter()
+            .chain(cfg.ssh.alpn.iter().map(|a| a.as_bytes().to_vec()))
+            .collect();
+        Arc::new(c)
+    });
     Ok(Snapshot {
+        tls_tunnel,
+        gateway,
         tls_no_alpn: {
             let mut c = (*tls_config).clone();
             c.alpn_protocols.clear();

@@ -25,6 +25,10 @@ pub(super) struct Snapshot {
     /// The same without ALPN, for clients whose ALPN list matches none of ours: they are
     /// routed by SNI or by their first bytes instead of failing the handshake.
     pub(super) tls_no_alpn: Arc<rustls::ServerConfig>,
+    /// For SNIs naming a tunnel: ALPN h2, http/1.1 (and the ssh route's ids).
+    pub(super) tls_tunnel: Option<Arc<rustls::ServerConfig>>,
+    /// Serves HTTPS visitors of tunnels, with `[tunnels]` and the embedded SSH server.
+    pub(super) gateway: Option<Arc<crate::tunnel::http::Gateway>>,
     /// The embedded SSH server, when the ssh route has no upstream.
     pub(super) ssh: Option<Arc<crate::ssh::SshServer>>,
     /// `tls.client_ca`'s verifier, to re-verify client certificates of resumed sessions.

@@ -212,6 +212,7 @@ impl Conn {
         let to = tunnel::Published {
             handle: session.handle(),
             address: address.to_string(),
+            session: self.id,
         };
         let r = self.server.registry.publish(
             &name,

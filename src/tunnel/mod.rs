@@ -3,6 +3,7 @@
 //! (pure rules in `name`) and the live registry (`registry`); the SSH server registers and
 //! opens channels, `ssh::permit` decides which names a key may publish.
 
+pub(crate) mod http;
 pub(crate) mod name;
 mod registry;
 

@@ -27,6 +27,13 @@ pub(crate) fn from_host(host: &str, domain: &str) -> Option<String> {
     is_label(&label).then_some(label)
 }
 
+/// The tunnel an SNI names: exactly `NAME.<domain>` (any case; the bare name is not one).
+pub(crate) fn from_sni(sni: &str, domain: &str) -> Option<String> {
+    let host = sni.trim_end_matches('.').to_ascii_lowercase();
+    let label = host.strip_suffix(domain)?.strip_suffix('.')?;
+    is_label(label).then(|| label.to_string())
+}
+
 /// Whether `host` is under the tunnel domain (`NAME.<domain>`), so it must not be resolved.
 pub(crate) fn under_domain(host: &str, domain: &str) -> bool {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
@@ -96,6 +103,25 @@ mod tests {
         assert!(under_domain("MYAPP.T.EXAMPLE.ORG", d));
         assert!(!under_domain("xt.example.org", d));
         assert!(!under_domain("t.example.org", d));
+    }
+
+    #[test]
+    fn names_from_sni() {
+        let d = "t.example.org";
+        assert_eq!(
+            from_sni("MyApp.T.Example.Org.", d).as_deref(),
+            Some("myapp")
+        );
+        for sni in [
+            "myapp",
+            "t.example.org",
+            "a.b.t.example.org",
+            "xt.example.org",
+            "-a.t.example.org",
+            "example.org",
+        ] {
+            assert_eq!(from_sni(sni, d), None, "{sni}");
+        }
     }
 
     #[test]

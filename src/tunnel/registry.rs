@@ -66,6 +66,8 @@ pub(crate) struct Published {
     pub(crate) handle: Handle,
     /// The address the client sent in its `tcpip-forward` (echoed in `forwarded-tcpip`).
     pub(crate) address: String,
+    /// The publishing session (pooled HTTP channels belong to one session).
+    pub(crate) session: u64,
 }
 
 struct Name<T> {

@@ -81,7 +81,7 @@ pub(crate) struct Fixture {
     authorized: PathBuf,
     host_key: PathBuf,
     pub(crate) echo: std::net::SocketAddr,
-    _cert: TestCert,
+    pub(crate) cert: TestCert,
 }
 
 impl Fixture {
@@ -99,7 +99,8 @@ impl Fixture {
     ) -> Fixture {
         need("ssh", "openssh-client");
         need("openssl", "openssl");
-        let cert = TestCert::localhost();
+        // Tunnel visitors come as NAME.t.localhost (tunnels.rs).
+        let cert = TestCert::new(&["localhost", "127.0.0.1", "*.t.localhost"]);
         let dir = tempfile::tempdir().unwrap();
         let echo = echo_upstream().await;
         let auth_path = dir.path().join("authorized_keys");
@@ -115,7 +116,7 @@ impl Fixture {
             authorized: auth_path,
             host_key,
             echo,
-            _cert: cert,
+            cert,
         }
     }
 
@@ -171,7 +172,8 @@ impl Logged {
     async fn new(authorized: &str, ssh_extra: &str) -> Logged {
         need("ssh", "openssh-client");
         need("openssl", "openssl");
-        let cert = TestCert::localhost();
+        // Tunnel visitors come as NAME.t.localhost (tunnels.rs).
+        let cert = TestCert::new(&["localhost", "127.0.0.1", "*.t.localhost"]);
         let dir = tempfile::tempdir().unwrap();
         let echo = echo_upstream().await;
         let authorized_path = dir.path().join("authorized_keys");
@@ -1195,7 +1197,7 @@ async fn unauthenticated_time_is_bounded() {
         "closed before auth_timeout: {took:?}"
     );
     // Inside TLS, sending nothing at all: routed to ssh at detect.timeout, then bounded too.
-    let tls = tls_connect(f.d.addr, &f._cert, "localhost", &["ssh"]).await;
+    let tls = tls_connect(f.d.addr, &f.cert, "localhost", &["ssh"]).await;
     let mut tls = tls;
     let mut banner = [0u8; 14];
     tls.read_exact(&mut banner).await.unwrap();

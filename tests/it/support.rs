@@ -100,6 +100,13 @@ impl Daemon {
     }
 
     async fn start_raw_in(text: &str, state: Option<&Path>) -> Daemon {
+        // SLUICE_TEST_LOG=debug (an EnvFilter) shows the daemons' logs on stderr, to debug.
+        if let Ok(filter) = std::env::var("SLUICE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().unwrap();
         let cfg = Config::parse(text, None, dir.path())
             .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));

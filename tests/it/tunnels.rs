@@ -1,8 +1,11 @@
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ssh::{keygen, port_range, Fixture};
+use crate::support::{need, tls_connect};
 
 /// `[tunnels]` for the fixtures: names under `t.localhost`.
 const TUNNELS: &str = "\n[tunnels]\ndomain = \"t.localhost\"\n";
@@ -332,4 +335,298 @@ async fn a_restart_keeps_names_with_their_owners() {
     let _back = publish(d.addr.port(), &owner.private, &spec);
     until_reached(d.addr.port(), &other.private, "mydevice:22").await;
     d.stop().await;
+}
+
+/// The device's web service: answers `hello-from-device`, the path and the request headers
+/// it received (so the forwarding headers can be checked); counts the connections it took.
+async fn device_web() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let mut body = format!("hello-from-device\npath: {}\n", req.uri());
+                        for (k, v) in req.headers() {
+                            body.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+                        }
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// `curl -si` to `https://HOST:PORT/PATH` (HOST resolved to 127.0.0.1), trusting the
+/// fixture's certificate: (status, the whole answer, headers and body).
+async fn curl(f: &Fixture, host: &str, path: &str, extra: &[&str]) -> (u16, String) {
+    let port = f.d.addr.port();
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-i", "--max-time", "10", "--cacert"])
+        .arg(&f.cert.cert)
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .args(extra)
+        .arg(format!("https://{host}:{port}{path}"))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+#[tokio::test]
+async fn https_visitors_reach_a_published_name_over_http1_and_h2() {
+    need("curl", "curl");
+    let dir = tempfile::tempdir().unwrap();
+    let owner = keygen(dir.path(), "owner");
+    let (device, conns) = device_web().await;
+    let (_, range) = port_range(2);
+    let f = Fixture::with(
+        &format!("permitlisten=\"myapp:80\" {}", owner.public.trim()),
+        &[],
+        &range,
+        TUNNELS,
+    )
+    .await;
+    let host = "myapp.t.localhost";
+    let authority = format!("{host}:{}", f.d.addr.port());
+    // Before it is published: nobody owns the name.
+    let (status, text) = curl(&f, host, "/", &[]).await;
+    assert_eq!(status, 404, "{text}");
+    let mut publisher = publish(
+        f.d.addr.port(),
+        &owner.private,
+        &format!("myapp:80:{device}"),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let (status, text) = curl(&f, host, "/a/b?q=1", &["-H", "X-Forwarded-For: 6.6.6.6"]).await;
+        if status == 200 {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never served: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let lower = text.to_ascii_lowercase();
+    assert!(
+        lower.contains("hello-from-device\npath: /a/b?q=1\n"),
+        "{text}"
+    );
+    // The visitor's own X-Forwarded-For is replaced, not trusted.
+    assert!(lower.contains("x-forwarded-for: 127.0.0.1\n"), "{text}");
+    assert!(!lower.contains("6.6.6.6"), "{text}");
+    assert!(lower.contains("x-forwarded-proto: https\n"), "{text}");
+    assert!(
+        lower.contains(&format!("x-forwarded-host: {authority}\n")),
+        "{text}"
+    );
+    assert!(lower.contains(&format!("host: {authority}\n")), "{text}");
+
+    // h2 from the visitor, HTTP/1.1 through the tunnel.
+    let (status, text) = curl(&f, host, "/h2", &["--http2"]).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.starts_with("HTTP/2 200"), "{text}");
+    assert!(text.contains(&format!("host: {authority}\n")), "{text}");
+
+    // Channels are pooled: sequential visitors reuse the channel the first one opened.
+    let before = conns.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        assert_eq!(curl(&f, host, "/again", &[]).await.0, 200);
+    }
+    let opened = conns.load(Ordering::SeqCst) - before;
+    assert!(
+        opened <= 1,
+        "5 sequential requests opened {opened} channels"
+    );
+
+    // Host must name what SNI named.
+    let (status, text) = curl(&f, host, "/", &["-H", "Host: other.t.localhost"]).await;
+    assert_eq!(status, 421, "{text}");
+    // An unknown name: 404.
+    let (status, text) = curl(&f, "nobody.t.localhost", "/", &[]).await;
+    assert_eq!(status, 404, "{text}");
+    let requests = sluice::metrics::get()
+        .tunnel_requests
+        .get_or_create(&sluice::metrics::TunnelRequestLabels {
+            tunnel: "myapp".into(),
+            class: "2xx",
+        })
+        .get();
+    assert!(requests >= 7, "2xx requests counted: {requests}");
+
+    // The publisher goes: a 502 that says so, with Retry-After.
+    publisher.kill().await.unwrap();
+    publisher.wait().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        // A request already on its way when the session ended may get "did not answer".
+        let (status, text) = curl(&f, host, "/", &[]).await;
+        if status == 502 && text.contains("not connected now") {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {status}: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        text.to_ascii_lowercase().contains("retry-after: 5"),
+        "{text}"
+    );
+    assert!(text.contains("tunnel myapp is not connected now"), "{text}");
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn a_websocket_passes_through_a_tunnel() {
+    need("curl", "curl");
+    let py = "/usr/bin/python3";
+    let has = std::process::Command::new(py)
+        .args(["-c", "import websockets"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has,
+        "python3-websockets is needed (apt-get install python3-websockets)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let owner = keygen(dir.path(), "owner");
+    // The device: a real WebSocket echo server.
+    let device_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = tokio::process::Command::new(py)
+        .args(["-c", "import asyncio, sys, websockets\nasync def echo(ws, path):\n    async for m in ws:\n        await ws.send('echo:' + m)\nasync def main():\n    async with websockets.serve(echo, '127.0.0.1', int(sys.argv[1])):\n        print('ready', flush=True)\n        await asyncio.Future()\nasyncio.run(main())\n"])
+        .arg(device_port.to_string())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        tokio::io::BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+    }
+    let (_, range) = port_range(2);
+    let f = Fixture::with(
+        &format!("permitlisten=\"ws:80\" {}", owner.public.trim()),
+        &[],
+        &range,
+        TUNNELS,
+    )
+    .await;
+    let _publisher = publish(
+        f.d.addr.port(),
+        &owner.private,
+        &format!("ws:80:127.0.0.1:{device_port}"),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // Published once the device answers (a plain GET gets its 426 Upgrade Required).
+    loop {
+        let (status, text) = curl(&f, "ws.t.localhost", "/", &[]).await;
+        if status == 426 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never published: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The visitor: websockets' client over wss, three messages each way.
+    let client = format!(
+        "import asyncio, ssl, sys, websockets\nasync def main():\n    ctx = ssl.create_default_context(cafile=sys.argv[1])\n    async with websockets.connect('wss://ws.t.localhost:{p}/chat', ssl=ctx, host='127.0.0.1', port={p}, server_hostname='ws.t.localhost') as ws:\n        for i in range(3):\n            await ws.send('m%d' % i)\n            print(await ws.recv())\nasyncio.run(main())\n",
+        p = f.d.addr.port()
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(py)
+            .args(["-c", &client])
+            .arg(&f.cert.cert)
+            .output(),
+    )
+    .await
+    .expect("the websocket client hung")
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "echo:m0\necho:m1\necho:m2\n"
+    );
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_visitor_is_cut_at_the_header_timeout_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    need("curl", "curl");
+    let dir = tempfile::tempdir().unwrap();
+    let owner = keygen(dir.path(), "owner");
+    let (device, _) = device_web().await;
+    let (_, range) = port_range(2);
+    let f = Fixture::with(
+        &format!("permitlisten=\"myapp:80\" {}", owner.public.trim()),
+        &[],
+        &range,
+        "\n[tunnels]\ndomain = \"t.localhost\"\nheader_timeout = \"1s\"\n",
+    )
+    .await;
+    let _publisher = publish(
+        f.d.addr.port(),
+        &owner.private,
+        &format!("myapp:80:{device}"),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while curl(&f, "myapp.t.localhost", "/", &[]).await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Half a request head, then silence.
+    let mut slow = tls_connect(f.d.addr, &f.cert, "myapp.t.localhost", &["http/1.1"]).await;
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: myapp.t.localhost\r\nX-Slow: ")
+        .await
+        .unwrap();
+    assert_eq!(
+        curl(&f, "myapp.t.localhost", "/", &[]).await.0,
+        200,
+        "others are served meanwhile"
+    );
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the slow visitor was not cut");
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"), "{buf:?}");
+    f.d.stop().await;
 }

@@ -276,9 +276,27 @@ impl Validator<'_> {
                 Some(n) => *n.get_ref(),
                 None => 16,
             };
+            let max_visitors = match &t.max_visitors {
+                Some(n) if *n.get_ref() == 0 || *n.get_ref() > 1_000_000 => {
+                    return self.err(n.span(), "must be 1 to 1000000")
+                }
+                Some(n) => *n.get_ref(),
+                None => 256,
+            };
+            let header_timeout = match &t.header_timeout {
+                Some(d) => self.duration(d, MIN_TIMEOUT, 5 * MINUTE)?,
+                None => Duration::from_secs(10),
+            };
+            let pool_idle = match &t.pool_idle {
+                Some(d) => self.duration(d, MIN_TIMEOUT, 60 * MINUTE)?,
+                None => Duration::from_secs(30),
+            };
             cfg.tunnels = Some(TunnelSettings {
                 domain,
                 max_per_identity,
+                header_timeout,
+                max_visitors,
+                pool_idle,
             });
         }
         if let Some(dns) = &raw.dns {
