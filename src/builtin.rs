@@ -17,6 +17,19 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     deadline: Instant,
 ) -> io::Result<Vec<u8>> {
     let mut head = prefix.to_vec();
+    let len = read_until_head(s, &mut head, deadline).await?;
+    head.truncate(len);
+    Ok(head)
+}
+
+/// Reads into `buf` until it holds a whole request head; returns the head's length. Bytes
+/// read past the head (a body, a pipelined request) stay in `buf`.
+pub async fn read_until_head<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> io::Result<usize> {
+    let head = buf;
     // On the heap: an array here would enlarge every connection task for its whole life.
     let mut chunk = vec![0u8; 2048];
     // Where the search resumes: bytes before it were searched already (less the 3 that may
@@ -24,8 +37,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     let mut searched = 0;
     loop {
         if let Some(end) = find(&head[searched..], b"\r\n\r\n") {
-            head.truncate(searched + end + 4);
-            return Ok(head);
+            return Ok(searched + end + 4);
         }
         searched = head.len().saturating_sub(3);
         if head.len() >= MAX_HEAD {

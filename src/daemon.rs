@@ -58,6 +58,14 @@ fn announce(server: &Server, cfg: &Config) {
     for r in [&cfg.ssh, &cfg.http] {
         info!(route = r.kind.as_str(), target = %r.target_description(), "route");
     }
+    if cfg.source.is_none() {
+        for k in &cfg.embedded_ssh.authorized_keys {
+            info!(file = %k.path.display(), "no config file: admitting your own authorized_keys (a config file admits only the keys it names)");
+        }
+    }
+    if let Some(t) = &cfg.tunnels {
+        info!(domain = %t.domain, "tunnels: ssh -R NAME:80:HOST:PORT publishes https://NAME.{}/", t.domain);
+    }
     if let Some(ssh) = server.ssh() {
         info!(fingerprint = %ssh.host_fingerprint(), "embedded SSH server host key");
     }
@@ -84,6 +92,15 @@ fn announce(server: &Server, cfg: &Config) {
                 cert.display(),
                 if server.ssh().is_some_and(|s| s.keys().counts() == (0, 0)) { " (once your public key is in an [ssh] authorized_keys file)" } else { "" }
             );
+            if let Some(t) = &cfg.tunnels {
+                info!(
+                    "publish a local web server on port 3000: ssh -N -R myapp:80:localhost:3000 -o ProxyCommand='{} connect --ca {} %h:%p' -p {port} tunnel@{host} ; then: curl --cacert {} https://myapp.{}:{port}/",
+                    std::env::current_exe().map_or_else(|_| "sluice".into(), |p| p.display().to_string()),
+                    cert.display(),
+                    cert.display(),
+                    t.domain
+                );
+            }
         }
     }
 }

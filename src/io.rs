@@ -16,7 +16,12 @@ pub(crate) struct Prefixed<S> {
     prefix: Vec<u8>,
     pos: usize,
     inner: S,
+    /// Everything read so far, while recording (a ClientHello that may be passed through).
+    record: Option<Vec<u8>>,
 }
+
+/// The most a recording keeps; past it, the recording is dropped (nothing can be replayed).
+const RECORD_MAX: usize = 64 * 1024;
 
 impl<S> Prefixed<S> {
     /// Replays `prefix` before reading from `inner`.
@@ -25,6 +30,42 @@ impl<S> Prefixed<S> {
             prefix,
             pos: 0,
             inner,
+            record: None,
+        }
+    }
+
+    /// As `new`, also keeping a copy of every byte read (at most 64 KiB), so that what a
+    /// reader consumed can be replayed to someone else ([`Prefixed::replay`]).
+    pub(crate) fn recording(prefix: Vec<u8>, inner: S) -> Self {
+        Prefixed {
+            record: Some(Vec::new()),
+            ..Prefixed::new(prefix, inner)
+        }
+    }
+
+    /// Stops recording (its memory is freed).
+    pub(crate) fn stop_recording(&mut self) {
+        self.record = None;
+    }
+
+    /// A stream that replays every byte read so far, then the rest; `Err(self)` when the
+    /// recording is not complete (not recording, or past 64 KiB).
+    pub(crate) fn replay(mut self) -> Result<Self, Self> {
+        let Some(mut record) = self.record.take() else {
+            return Err(self);
+        };
+        record.extend_from_slice(&self.prefix[self.pos..]);
+        Ok(Prefixed::new(record, self.inner))
+    }
+}
+
+/// Adds `bytes` to a recording, or drops it when it would pass [`RECORD_MAX`].
+fn keep(record: &mut Option<Vec<u8>>, bytes: &[u8]) {
+    if let Some(r) = record {
+        if r.len() + bytes.len() > RECORD_MAX {
+            *record = None;
+        } else {
+            r.extend_from_slice(bytes);
         }
     }
 }
@@ -39,6 +80,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         if this.pos < this.prefix.len() {
             let n = (this.prefix.len() - this.pos).min(buf.remaining());
             buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            keep(&mut this.record, &this.prefix[this.pos..this.pos + n]);
             this.pos += n;
             if this.pos == this.prefix.len() {
                 // Free the prefix; a long-lived connection should not keep it.
@@ -47,7 +89,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        if this.record.is_none() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            keep(&mut this.record, &buf.filled()[before..]);
+        }
+        r
     }
 }
 
@@ -239,6 +289,30 @@ mod tests {
         out.extend_from_slice(&small[..n]);
         p.read_to_end(&mut out).await.unwrap();
         assert_eq!(out, b"SSH-2.0-x\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_recording_replays_what_was_read_then_the_rest() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut p = Prefixed::recording(b"\x16\x03\x01".to_vec(), a);
+        b.write_all(b"hello, rest").await.unwrap();
+        drop(b);
+        let mut head = [0u8; 2];
+        p.read_exact(&mut head).await.unwrap();
+        let mut more = [0u8; 6];
+        p.read_exact(&mut more).await.unwrap();
+        // Read: the prefix's 3 bytes and 5 of the inner stream's; replayed: all, then the rest.
+        let mut again = p.replay().map_err(|_| ()).unwrap();
+        let mut out = Vec::new();
+        again.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"\x16\x03\x01hello, rest");
+        // Past the bound, nothing can be replayed.
+        let (a, mut b) = tokio::io::duplex(1 << 17);
+        let mut p = Prefixed::recording(Vec::new(), a);
+        b.write_all(&vec![0u8; RECORD_MAX + 1]).await.unwrap();
+        let mut sink = vec![0u8; RECORD_MAX + 1];
+        p.read_exact(&mut sink).await.unwrap();
+        assert!(p.replay().is_err());
     }
 
     #[tokio::test]

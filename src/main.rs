@@ -218,7 +218,9 @@ fn init_logging(format: LogFormat) {
 fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
     match path {
         Some(p) => Config::load(p),
-        None => Ok(Config::embedded_default()),
+        None => Ok(Config::without_file(
+            std::env::var_os("HOME").map(PathBuf::from).as_deref(),
+        )),
     }
 }
 
@@ -232,7 +234,16 @@ fn check(path: &Path) -> Result<(), Failure> {
     let state_dir = sluice::state::resolve(cfg.state_dir.as_deref());
     // Certificates are part of the config: a check that does not load them proves little.
     if let sluice::config::CertSource::Files { .. } = cfg.tls.cert {
-        sluice::tls::load_certs(&cfg, &state_dir).map_err(|e| config_failure(&e))?;
+        let certs = sluice::tls::load_certs(&cfg, &state_dir).map_err(|e| config_failure(&e))?;
+        // A warning, not an error: the certificate may be about to be issued.
+        if let Some(t) = &cfg.tunnels {
+            let wildcard = format!("*.{}", t.domain);
+            if let Err(why) = certs.covers(&wildcard) {
+                eprintln!(
+                    "sluice check: warning: no certificate in [tls] or [[tls.sni]] covers {wildcard}, so HTTPS visitors of tunnels will fail verification: {why}"
+                );
+            }
+        }
     }
     print!("{}", cfg.describe());
     println!("config OK: {}", path.display());

@@ -107,7 +107,7 @@ pub struct Metrics {
     /// Tunnel names and ports published now (`ssh -R NAME:PORT`).
     pub tunnels_published: Gauge,
     /// `-R NAME:PORT` requests: `published`, or why not (`denied`, `owned`, `held`,
-    /// `too_many`, `store_error`).
+    /// `too_many`, `store_error`); `evicted` when a stale session of the same key lost it.
     pub tunnel_publish: Family<ResultLabels, Counter>,
     /// Visitors to a tunnel by name (`-W/-J/-L`): `opened`, `denied`, `no_tunnel`,
     /// `publisher_failed`.

@@ -116,7 +116,14 @@ pub fn load_certs(cfg: &Config, state_dir: &Path) -> Result<Certs, TlsError> {
             load_pair(cert, key, &provider, cfg.source.as_deref())?,
             false,
         ),
-        CertSource::SelfSigned => (self_signed(state_dir, &provider)?, true),
+        CertSource::SelfSigned => {
+            // Tunnel visitors come as NAME.<domain>: the certificate covers them too.
+            let wildcard = cfg.tunnels.as_ref().map(|t| format!("*.{}", t.domain));
+            (
+                self_signed(state_dir, &provider, wildcard.as_deref())?,
+                true,
+            )
+        }
     };
     let fingerprint = fingerprint(&default.cert[0]);
     let mut certs = Certs {
@@ -138,6 +145,18 @@ pub fn load_certs(cfg: &Config, state_dir: &Path) -> Result<Certs, TlsError> {
         }
     }
     Ok(certs)
+}
+
+impl Certs {
+    /// Whether the certificate sluice picks for `name` (`*.example.org` for any name under it)
+    /// is valid for it, as a client would check; the reason when not.
+    pub fn covers(&self, name: &str) -> Result<(), String> {
+        let probe = match name.strip_prefix("*.") {
+            Some(parent) => format!("sluice-name-check.{parent}"),
+            None => name.to_string(),
+        };
+        check_name(self.pick(Some(&probe)), name)
+    }
 }
 
 /// Checks that the certificate is valid for `name`, as a client would.
@@ -209,8 +228,13 @@ fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
     }
 }
 
-/// Loads the self-signed certificate from `dir`, or makes one there on first start.
-fn self_signed(dir: &Path, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
+/// Loads the self-signed certificate from `dir`, or makes one there on first start (and
+/// again when the one there does not cover `wildcard`, the tunnel domain's `*.<domain>`).
+fn self_signed(
+    dir: &Path,
+    provider: &CryptoProvider,
+    wildcard: Option<&str>,
+) -> Result<Arc<CertifiedKey>, TlsError> {
     let err = |message: String| TlsError::SelfSigned {
         dir: dir.to_path_buf(),
         message,
@@ -220,8 +244,16 @@ fn self_signed(dir: &Path, provider: &CryptoProvider) -> Result<Arc<CertifiedKey
         let chain = read_chain(&cert_path).map_err(err)?;
         let key = PrivateKeyDer::from_pem_file(&key_path)
             .map_err(|e| err(format!("{}: {}", key_path.display(), pem_error(&e))))?;
-        let ck = CertifiedKey::from_der(chain, key, provider).map_err(|e| err(e.to_string()))?;
-        return Ok(Arc::new(ck));
+        let ck =
+            Arc::new(CertifiedKey::from_der(chain, key, provider).map_err(|e| err(e.to_string()))?);
+        match wildcard.map(|w| check_name(&ck, w)) {
+            None | Some(Ok(())) => return Ok(ck),
+            Some(Err(_)) => tracing::info!(
+                "the self-signed certificate in {} does not cover {}: making a new one",
+                dir.display(),
+                wildcard.unwrap_or_default()
+            ),
+        }
     }
     let mut names = vec![
         "localhost".to_string(),
@@ -231,6 +263,7 @@ fn self_signed(dir: &Path, provider: &CryptoProvider) -> Result<Arc<CertifiedKey
     if let Some(h) = hostname() {
         names.push(h);
     }
+    names.extend(wildcard.map(str::to_string));
     let mut params = rcgen::CertificateParams::new(names).map_err(|e| err(e.to_string()))?;
     params
         .distinguished_name

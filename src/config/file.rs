@@ -46,6 +46,8 @@ pub(super) struct Tunnels {
     pub header_timeout: Option<Spanned<Dur>>,
     pub max_visitors: Option<Spanned<u32>>,
     pub pool_idle: Option<Spanned<Dur>>,
+    #[serde(default)]
+    pub permit_listen: Vec<Spanned<String>>,
 }
 
 /// `[dns]`: name resolution for upstreams and forward targets.

@@ -19,8 +19,34 @@ pub use error::{ConfigError, Location};
 pub use types::*;
 use validate::Validator;
 
+/// The tunnel domain of `sluice serve` without a config file: `*.localhost` resolves to the
+/// loopback in curl and browsers, and `*.t.localhost` (unlike `*.localhost`, a wildcard over one
+/// label, which no verifier accepts) can be in a certificate.
+pub const DEMO_TUNNEL_DOMAIN: &str = "t.localhost";
+
 impl Config {
-    /// The configuration used when no file is given.
+    /// What `sluice serve` runs without a config file: the embedded default, plus tunnels at
+    /// `NAME.t.localhost` that any admitted key may publish, and the running user's own
+    /// `~/.ssh/authorized_keys` (under `home`) admitted when it exists. A config file gets
+    /// none of this unless it says so.
+    pub fn without_file(home: Option<&Path>) -> Config {
+        let mut cfg = Config::embedded_default();
+        let mut tunnels = TunnelSettings::with_domain(DEMO_TUNNEL_DOMAIN);
+        tunnels.permit_listen = crate::net::PermitListen::parse("*:*").into_iter().collect();
+        cfg.tunnels = Some(tunnels);
+        if let Some(keys) = home
+            .map(|h| h.join(".ssh/authorized_keys"))
+            .filter(|p| p.is_file())
+        {
+            cfg.embedded_ssh.authorized_keys.push(ConfigPath {
+                path: keys,
+                at: Location::default(),
+            });
+        }
+        cfg
+    }
+
+    /// The configuration a config file starts from.
     pub fn embedded_default() -> Config {
         let listen = DEFAULT_LISTEN.parse().expect("constant address parses");
         Config {

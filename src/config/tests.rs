@@ -387,13 +387,17 @@ fn tunnels_table() {
     let c = parse("[tunnels]\ndomain = \"T.Example.org.\"\n").unwrap();
     assert_eq!(
         c.tunnels,
-        Some(TunnelSettings {
-            domain: "t.example.org".into(),
-            max_per_identity: 16,
-            header_timeout: std::time::Duration::from_secs(10),
-            max_visitors: 256,
-            pool_idle: std::time::Duration::from_secs(30),
-        })
+        Some(TunnelSettings::with_domain("t.example.org"))
+    );
+    let c = parse(
+        "[tunnels]\ndomain = \"t.example.org\"\npermit_listen = [\"preview-*:80\", \"myapp:*\"]\n",
+    )
+    .unwrap();
+    assert_eq!(c.tunnels.unwrap().permit_listen.len(), 2);
+    let e = err("[tunnels]\ndomain = \"t.example.org\"\npermit_listen = [\"8080\"]\n");
+    assert!(
+        e.contains("sluice.toml:3:18") && e.contains("not a name pattern"),
+        "{e}"
     );
     let c = parse("[tunnels]\ndomain = \"t.example.org\"\nheader_timeout = \"3s\"\nmax_visitors = 8\npool_idle = \"1m\"\n").unwrap();
     let t = c.tunnels.unwrap();

@@ -76,6 +76,22 @@ pub struct TunnelSettings {
     pub max_visitors: u32,
     /// How long a channel to a publisher stays pooled unused.
     pub pool_idle: Duration,
+    /// Names any key without a `permitlisten` of its own may publish (`NAME-GLOB:PORT`).
+    pub permit_listen: Vec<crate::net::PermitListen>,
+}
+
+impl TunnelSettings {
+    /// `[tunnels]` with `domain` and every other key at its default.
+    pub fn with_domain(domain: &str) -> TunnelSettings {
+        TunnelSettings {
+            domain: domain.to_string(),
+            max_per_identity: 16,
+            header_timeout: Duration::from_secs(10),
+            max_visitors: 256,
+            pool_idle: Duration::from_secs(30),
+            permit_listen: Vec::new(),
+        }
+    }
 }
 
 /// The admin listener's address when `[admin]` sets none.

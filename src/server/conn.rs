@@ -134,11 +134,47 @@ async fn serve(
     let (decision, by) = match peek(&mut tcp, Candidates::OUTER, deadline, &mut prefix).await {
         Peek::Match(Protocol::Tls) => {
             log.tls = true;
-            let routed = Box::pin(handshake_and_route(cx, tcp, prefix, log, unrouted)).await;
-            if let Some(r) = routed {
-                Box::pin(dispatch(cx, r.tls, r.prefix, r.decision, log, r.h2)).await;
+            match Box::pin(handshake_and_route(cx, tcp, prefix, log, unrouted)).await {
+                Some(Routed::Tls(r)) => {
+                    Box::pin(dispatch(cx, r.tls, r.prefix, r.decision, log, r.h2)).await;
+                }
+                Some(Routed::Passthrough(p)) => Box::pin(passthrough(cx, p, log)).await,
+                None => {}
             }
             return;
+        }
+        Peek::Match(Protocol::Http1) if cfg.tunnels.is_some() => {
+            // Plain http://NAME.<domain>/ goes to https whatever the http route does with
+            // plaintext: the Host decides, so the head is read first (and kept for the route).
+            let deadline = Instant::now()
+                + cfg
+                    .tunnels
+                    .as_ref()
+                    .map_or(cfg.detect.timeout, |t| t.header_timeout);
+            match crate::builtin::read_until_head(&mut tcp, &mut prefix, deadline).await {
+                Ok(len) => {
+                    let tunnel = crate::builtin::header(&prefix[..len], "host")
+                        .map(crate::tunnel::http::host_of)
+                        .and_then(|h| route::by_tunnel_sni(cfg, &h));
+                    match tunnel {
+                        Some(_) => (Decision::Redirect, RoutedBy::Plaintext),
+                        None => (route::plaintext(cfg, Protocol::Http1), RoutedBy::Plaintext),
+                    }
+                }
+                Err(e) => {
+                    log.noisy = true;
+                    log.outcome = Some(match e.kind() {
+                        io::ErrorKind::TimedOut => {
+                            Outcome::Refused(Side::Client, "request head not complete in time")
+                        }
+                        io::ErrorKind::InvalidData => {
+                            Outcome::Refused(Side::Client, "request head too large")
+                        }
+                        _ => Outcome::Io(Side::Client, e),
+                    });
+                    return;
+                }
+            }
         }
         Peek::Match(p) => (route::plaintext(cfg, p), RoutedBy::Plaintext),
         Peek::Timeout => (route::plaintext_timeout(cfg), RoutedBy::Timeout),
@@ -170,6 +206,14 @@ async fn serve(
     Box::pin(dispatch(cx, tcp, prefix, decision, log, false)).await;
 }
 
+/// Where a TLS connection goes after its ClientHello.
+enum Routed {
+    /// Handshaken by sluice and routed.
+    Tls(RoutedTls),
+    /// Not terminated: SNI names a tunnel published on port 443.
+    Passthrough(Box<Passthrough>),
+}
+
 /// A TLS connection, handshaken and routed, ready for [`dispatch`].
 struct RoutedTls {
     /// Boxed: moved through several futures, it would take room in each one's state.
@@ -188,14 +232,41 @@ async fn handshake_and_route(
     prefix: Vec<u8>,
     log: &mut ConnLog,
     unrouted: ClientSlot,
-) -> Option<RoutedTls> {
+) -> Option<Routed> {
     let cfg = &cx.snap.cfg;
     let handshake = async {
-        let start = tokio_rustls::LazyConfigAcceptor::new(
-            rustls::server::Acceptor::default(),
-            Prefixed::new(prefix, tcp),
-        )
-        .await?;
+        // With tunnels, the ClientHello is kept: a tunnel on port 443 gets it as it came.
+        let io = match &cx.snap.gateway {
+            Some(_) => Prefixed::recording(prefix, tcp),
+            None => Prefixed::new(prefix, tcp),
+        };
+        let mut start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+        let hello = start.client_hello();
+        let sni = hello.server_name().map(str::to_string);
+        if let Some((gateway, name)) = cx
+            .snap
+            .gateway
+            .as_ref()
+            .zip(sni.as_deref().and_then(|n| route::by_tunnel_sni(cfg, n)))
+        {
+            if let Some(to) = gateway.passthrough(&name) {
+                match start.io.replay() {
+                    Ok(stream) => {
+                        return Ok(Handshake::Passthrough(Box::new(Passthrough {
+                            stream,
+                            name,
+                            sni: sni.unwrap_or_default(),
+                            to,
+                            gateway: gateway.clone(),
+                        })))
+                    }
+                    // A ClientHello past 64 KiB: served as an ordinary visitor instead.
+                    Err(io) => start.io = io,
+                }
+            }
+        }
+        start.io.stop_recording();
         let hello = start.client_hello();
         // A tunnel's visitors are offered h2 and http/1.1, whatever the http route speaks.
         let tls = match &cx.snap.tls_tunnel {
@@ -217,10 +288,19 @@ async fn handshake_and_route(
         } else {
             tls.clone()
         };
-        start.into_stream(config).await
+        start
+            .into_stream(config)
+            .await
+            .map(|t| Handshake::Tls(Box::new(t)))
     };
     let mut tls = match tokio::time::timeout(cfg.tls.handshake_timeout, Box::pin(handshake)).await {
-        Ok(Ok(s)) => s,
+        Ok(Ok(Handshake::Tls(s))) => *s,
+        Ok(Ok(Handshake::Passthrough(p))) => {
+            log.sni = Some(p.sni.clone());
+            log.by = Some(RoutedBy::Sni);
+            drop(unrouted);
+            return Some(Routed::Passthrough(p));
+        }
         Ok(Err(e)) => {
             crate::metrics::get().tls_handshake_failures.inc();
             log.noisy = true;
@@ -304,10 +384,77 @@ async fn handshake_and_route(
     };
     drop(unrouted);
     let h2 = alpn.as_deref() == Some(b"h2") || prefix.starts_with(b"PRI ");
-    Some(RoutedTls {
+    Some(Routed::Tls(RoutedTls {
         tls: Box::new(tls),
         prefix,
         decision,
         h2,
-    })
+    }))
+}
+
+/// The first half of a TLS handshake: sluice's own, or a ClientHello to pass through.
+enum Handshake {
+    Tls(Box<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>>),
+    Passthrough(Box<Passthrough>),
+}
+
+/// A TLS connection for a tunnel on port 443: its bytes from the first, and where they go.
+struct Passthrough {
+    /// Replays the ClientHello, then the rest.
+    stream: Prefixed<TcpStream>,
+    name: String,
+    sni: String,
+    to: crate::tunnel::Published,
+    gateway: Arc<crate::tunnel::http::Gateway>,
+}
+
+/// Relays a passed-through TLS connection to the tunnel's publisher, untouched.
+async fn passthrough(cx: &Ctx, p: Box<Passthrough>, log: &mut ConnLog) {
+    use crate::tunnel::http::TLS_PORT;
+    let Passthrough {
+        mut stream,
+        name,
+        to,
+        gateway,
+        ..
+    } = *p;
+    log.route = Some("tunnel");
+    log.target = Some(format!("{name}:{TLS_PORT} (passthrough)"));
+    let Some(_admitted) = gateway.admit(&name) else {
+        log.outcome = Some(Outcome::Refused(
+            Side::Internal,
+            "too many visitors for this tunnel (tunnels.max_visitors)",
+        ));
+        return;
+    };
+    let open = tokio::time::timeout(
+        crate::tunnel::http::OPEN_TIMEOUT,
+        to.open(TLS_PORT, log.peer),
+    );
+    let channel = match open.await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            log.outcome = Some(Outcome::UpstreamUnreachable(format!(
+                "the publisher refused the channel: {e}"
+            )));
+            return;
+        }
+        Err(_) => {
+            log.outcome = Some(Outcome::UpstreamUnreachable(
+                "the publisher did not answer the channel open".into(),
+            ));
+            return;
+        }
+    };
+    log.relay = Some("copy");
+    let mut upstream = channel.into_stream();
+    let (bytes, end) = Box::pin(relay::relay(
+        &mut stream,
+        &mut upstream,
+        cx.snap.cfg.http.idle(),
+        &cx.shared.force_close,
+    ))
+    .await;
+    log.bytes = bytes;
+    log.outcome = Some(end.into());
 }

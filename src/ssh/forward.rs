@@ -129,13 +129,7 @@ pub(crate) async fn to_tunnel(
 ) {
     let Visit { to, name, port } = visit;
     let _forward = crate::metrics::GaugeGuard::new(&crate::metrics::get().ssh_forwards_active);
-    let open = to.handle.channel_open_forwarded_tcpip(
-        to.address.clone(),
-        u32::from(port),
-        peer.ip().to_string(),
-        u32::from(peer.port()),
-    );
-    let publisher = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+    let publisher = match tokio::time::timeout(OPEN_TIMEOUT, to.open(port, peer)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             crate::metrics::count(&crate::metrics::get().tunnel_visits, "publisher_failed");

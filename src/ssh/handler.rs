@@ -23,6 +23,10 @@ use super::sockets::Claim;
 use super::{SshServer, TUNNELS_ONLY};
 use crate::tunnel;
 
+/// How long the session holding a name gets to answer a keepalive when its key publishes the
+/// name again from another session (then it is evicted).
+const STALE_PING: Duration = Duration::from_secs(3);
+
 /// What the connection log line should say about the session, and how authentication went.
 #[derive(Default)]
 pub(crate) struct ConnState {
@@ -190,18 +194,23 @@ impl Conn {
     }
 
     /// `-R NAME:PORT:...`: registers the name for this session; nothing is bound.
-    fn publish_name(
+    async fn publish_name(
         &mut self,
         grant: &Grant,
         name: String,
-        address: &str,
+        via: tunnel::Via,
         port: u32,
         max_per_identity: u32,
-        session: &Session,
+        handle: russh::server::Handle,
     ) -> bool {
         let target = format!("{name}:{port}");
         let held = self.held();
-        let port = match permit::publish(grant, &self.server.settings, &name, port, held) {
+        let config = self
+            .server
+            .tunnels
+            .as_ref()
+            .map_or(&[][..], |t| &t.permit_listen[..]);
+        let port = match permit::publish(grant, &self.server.settings, config, &name, port, held) {
             Ok(p) => p,
             Err(r) => {
                 crate::metrics::count(&crate::metrics::get().tunnel_publish, "denied");
@@ -210,18 +219,38 @@ impl Conn {
             }
         };
         let to = tunnel::Published {
-            handle: session.handle(),
-            address: address.to_string(),
+            handle,
+            via,
             session: self.id,
         };
-        let r = self.server.registry.publish(
-            &name,
-            port,
-            &grant.identity,
-            self.id,
-            to,
-            max_per_identity,
-        );
+        let registry = &self.server.registry;
+        let publish =
+            |to| registry.publish(&name, port, &grant.identity, self.id, to, max_per_identity);
+        let mut r = publish(to.clone());
+        if let Err(tunnel::Refused::Held { .. }) = r {
+            // The same key holds it in another session: a reconnect whose old session may be
+            // stale (a dead link, a stopped client). A keepalive with a short deadline decides.
+            if let Some(old) = registry.route(&name, port) {
+                let alive = matches!(
+                    tokio::time::timeout(STALE_PING, old.handle.ping()).await,
+                    Ok(Ok(()))
+                );
+                if !alive && registry.unpublish(&name, port, old.session) {
+                    crate::metrics::count(&crate::metrics::get().tunnel_publish, "evicted");
+                    warn!(target: "sluice::ssh", peer = %self.peer, tunnel = name, port, stale_session = old.session, "tunnel: the session holding it did not answer a keepalive within {}: evicted", humantime::format_duration(STALE_PING));
+                    let handle = old.handle.clone();
+                    tokio::spawn(async move {
+                        let bye = handle.disconnect(
+                            russh::Disconnect::ByApplication,
+                            "sluice: this key reconnected and this session did not answer".into(),
+                            String::new(),
+                        );
+                        let _ = tokio::time::timeout(STALE_PING, bye).await;
+                    });
+                    r = publish(to);
+                }
+            }
+        }
         if let Err(e) = r {
             crate::metrics::count(&crate::metrics::get().tunnel_publish, e.as_str());
             self.deny_channel("tcpip-forward", &target, &e.to_string());
@@ -557,7 +586,10 @@ impl russh::server::Handler for Conn {
         if let Some(t) = &self.server.tunnels {
             if let Some(name) = tunnel::name::from_host(address, &t.domain) {
                 let max = t.max_per_identity;
-                return Ok(self.publish_name(&grant, name, address, *port, max, session));
+                let via = tunnel::Via::Tcp(address.to_string());
+                return Ok(self
+                    .publish_name(&grant, name, via, *port, max, session.handle())
+                    .await);
             }
         }
         let deny = |reason: &str| {
@@ -629,6 +661,19 @@ impl russh::server::Handler for Conn {
         let Some(grant) = self.grant.clone() else {
             return Ok(false);
         };
+        // `-R /NAME:...` with [tunnels]: Preevy's way of naming a tunnel, on port 80.
+        if let Some(t) = &self.server.tunnels {
+            if let Some(name) = tunnel::name::from_socket_path(socket_path) {
+                let (via, max) = (
+                    tunnel::Via::Socket(socket_path.to_string()),
+                    t.max_per_identity,
+                );
+                let port = u32::from(tunnel::http::HTTP_PORT);
+                return Ok(self
+                    .publish_name(&grant, name, via, port, max, session.handle())
+                    .await);
+            }
+        }
         let deny = |reason: &str| {
             self.deny_channel("streamlocal-forward", socket_path, reason);
             Ok(false)
@@ -659,6 +704,17 @@ impl russh::server::Handler for Conn {
         socket_path: &str,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        if self.server.tunnels.is_some() {
+            if let Some(name) = tunnel::name::from_socket_path(socket_path) {
+                let key = (name, tunnel::http::HTTP_PORT);
+                if self.names.remove(&key) {
+                    self.server.registry.unpublish(&key.0, key.1, self.id);
+                    info!(target: "sluice::ssh", peer = %self.peer, tunnel = key.0, "tunnel withdrawn");
+                    return Ok(true);
+                }
+                return Ok(false);
+            }
+        }
         match self.sockets.remove(socket_path) {
             Some((task, claim)) => {
                 task.abort();

@@ -8,7 +8,7 @@ use std::ops::RangeInclusive;
 use super::auth::Grant;
 use super::sockets;
 use crate::config::SshSettings;
-use crate::net::HostMatch;
+use crate::net::{HostMatch, PermitListen};
 use crate::tunnel;
 
 /// Why a forward was refused.
@@ -193,10 +193,13 @@ pub(crate) fn listen_socket(
     Ok(name)
 }
 
-/// `-R NAME:PORT:...` with `[tunnels]`: whether the key may publish this name.
+/// `-R NAME:PORT:...` with `[tunnels]`: whether the key may publish this name. The key's
+/// own `permitlisten` decides when it has one, else `tunnels.permit_listen` (`config`); the
+/// key's own namespace (`NAME-<short id>`) is always its own.
 pub(crate) fn publish(
     grant: &Grant,
     settings: &SshSettings,
+    config: &[PermitListen],
     name: &str,
     port: u32,
     held: usize,
@@ -211,8 +214,10 @@ pub(crate) fn publish(
     }
     let granted = grant
         .permit_listen
-        .as_ref()
-        .is_some_and(|l| l.iter().any(|p| p.matches_name(name, port)));
+        .as_deref()
+        .unwrap_or(config)
+        .iter()
+        .any(|p| p.matches_name(name, port));
     let own = tunnel::name::short_id(&grant.identity);
     if granted || tunnel::name::in_own_namespace(name, &own) {
         Ok(port)
@@ -358,34 +363,46 @@ mod tests {
         let own = tunnel::name::short_id("SHA256:test");
         let any = grant("");
         assert_eq!(
-            publish(&any, &s, "myapp", 80, 0),
+            publish(&any, &s, &[], "myapp", 80, 0),
             Err(Refusal::NameNotPermitted { own: own.clone() })
         );
-        assert_eq!(publish(&any, &s, &format!("myapp-{own}"), 80, 0), Ok(80));
         assert_eq!(
-            publish(&any, &s, &format!("myapp-{own}"), 0, 0),
+            publish(&any, &s, &[], &format!("myapp-{own}"), 80, 0),
+            Ok(80)
+        );
+        assert_eq!(
+            publish(&any, &s, &[], &format!("myapp-{own}"), 0, 0),
             Err(Refusal::BadPort)
         );
         let g = grant("permitlisten=\"preview-*:80\",permitlisten=\"mydevice:*\"");
-        assert_eq!(publish(&g, &s, "preview-42", 80, 0), Ok(80));
+        assert_eq!(publish(&g, &s, &[], "preview-42", 80, 0), Ok(80));
         assert!(
-            publish(&g, &s, "preview-42", 443, 0).is_err(),
+            publish(&g, &s, &[], "preview-42", 443, 0).is_err(),
             "port 80 only"
         );
-        assert_eq!(publish(&g, &s, "mydevice", 22, 0), Ok(22));
+        assert_eq!(publish(&g, &s, &[], "mydevice", 22, 0), Ok(22));
         // A bare port in permitlisten grants ports, not names.
         let ports_only = grant("permitlisten=\"8080\"");
         assert!(matches!(
-            publish(&ports_only, &s, "myapp", 8080, 0),
+            publish(&ports_only, &s, &[], "myapp", 8080, 0),
             Err(Refusal::NameNotPermitted { .. })
         ));
         assert_eq!(
-            publish(&grant("restrict"), &s, &format!("a-{own}"), 80, 0),
+            publish(&grant("restrict"), &s, &[], &format!("a-{own}"), 80, 0),
             Err(Refusal::NoForwarding)
         );
         assert_eq!(
-            publish(&any, &s, &format!("a-{own}"), 80, 2),
+            publish(&any, &s, &[], &format!("a-{own}"), 80, 2),
             Err(Refusal::TooManyForwards)
         );
+        // tunnels.permit_listen grants names to keys without a permitlisten of their own.
+        let config = [PermitListen::parse("myapp:*").unwrap()];
+        assert_eq!(publish(&any, &s, &config, "myapp", 443, 0), Ok(443));
+        assert!(publish(&any, &s, &config, "other", 80, 0).is_err());
+        assert!(
+            publish(&g, &s, &config, "myapp", 80, 0).is_err(),
+            "a key's own permitlisten is the whole list for it"
+        );
+        assert_eq!(publish(&g, &s, &config, "preview-1", 80, 0), Ok(80));
     }
 }

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use crate::net::PermitListen;
 use crate::net::{glob, split_host_port, unmap, Cidr, PortMatch};
 
 /// A key's `permitopen="host:port"`: the requested host string, literally (as OpenSSH does).
@@ -31,72 +32,6 @@ impl KeyPermitOpen {
                 || self
                     .host
                     .eq_ignore_ascii_case(host.trim_matches(|c| c == '[' || c == ']')))
-    }
-}
-
-/// A key's `permitlisten="[host:]port"`, or (a sluice extension) `"/name-glob"` for
-/// `ssh -R /name:...` unix sockets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PermitListen {
-    host: Option<String>,
-    port: PortMatch,
-    socket: Option<String>,
-}
-
-impl PermitListen {
-    /// Parses `port`, `*`, `host:port`, `[v6]:port`, or `/socket-name-glob`.
-    pub fn parse(s: &str) -> Option<PermitListen> {
-        if let Some(name) = s.strip_prefix('/') {
-            let ok = !name.is_empty() && !name.contains('/');
-            return ok.then(|| PermitListen {
-                host: None,
-                port: PortMatch::Any,
-                socket: Some(name.to_string()),
-            });
-        }
-        if let Some(port) = PortMatch::parse(s) {
-            return Some(PermitListen {
-                host: None,
-                port,
-                socket: None,
-            });
-        }
-        let (host, port) = split_host_port(s)?;
-        let port = PortMatch::parse(port)?;
-        (!host.is_empty()).then(|| PermitListen {
-            host: Some(host.to_ascii_lowercase()),
-            port,
-            socket: None,
-        })
-    }
-
-    /// Whether a TCP forward request for `address:port` matches; port 0 (allocate) needs a
-    /// `*` port. Socket entries never match TCP requests.
-    pub fn matches(&self, address: &str, port: u16) -> bool {
-        if self.socket.is_some() {
-            return false;
-        }
-        let port_ok = match (self.port, port) {
-            (PortMatch::Any, _) => true,
-            (PortMatch::Port(_), 0) => false,
-            (PortMatch::Port(p), q) => p == q,
-        };
-        port_ok && self.host.as_deref().is_none_or(|h| glob(h, address))
-    }
-
-    /// Whether the key may publish tunnel `name` on `port`: only entries with a host part
-    /// (read as a name glob, `preview-*:80`) grant names; a bare port grants none.
-    pub fn matches_name(&self, name: &str, port: u16) -> bool {
-        let port_ok = match self.port {
-            PortMatch::Any => true,
-            PortMatch::Port(p) => p == port,
-        };
-        self.socket.is_none() && port_ok && self.host.as_deref().is_some_and(|h| glob(h, name))
-    }
-
-    /// Whether a unix-socket forward for the socket `name` matches a `/glob` entry.
-    pub fn matches_socket(&self, name: &str) -> bool {
-        self.socket.as_deref().is_some_and(|g| glob(g, name))
     }
 }
 

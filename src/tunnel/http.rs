@@ -36,13 +36,15 @@ use crate::outcome::HttpEnd;
 
 /// The publisher's port that HTTPS visitors reach (`ssh -R NAME:80:...`).
 pub(crate) const HTTP_PORT: u16 = 80;
+/// A tunnel published on this port gets its visitors' TLS untouched (passthrough).
+pub(crate) const TLS_PORT: u16 = 443;
 
 /// The largest request head (HTTP/1.1 buffer, h2 header list).
 const MAX_HEAD: usize = 64 * 1024;
 /// Streams at once on one h2 visitor connection.
 const H2_STREAMS: u32 = 100;
 /// How long opening a channel to the publisher may take.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retry-After on the page for a tunnel whose publisher is away.
 const RETRY_AFTER: &str = "5";
 
@@ -72,7 +74,7 @@ struct Visitor {
 }
 
 /// A visitor connection counted against its tunnel's `max_visitors`, until dropped.
-struct Admitted {
+pub(crate) struct Admitted {
     visitors: Arc<Mutex<HashMap<Arc<str>, u32>>>,
     name: Arc<str>,
 }
@@ -133,7 +135,14 @@ impl Gateway {
         Arc::ptr_eq(&self.registry, registry) && self.settings == *settings
     }
 
-    fn admit(&self, name: &Arc<str>) -> Option<Arc<Admitted>> {
+    /// The session serving `name` on port 443, whose visitors' TLS is passed through.
+    pub(crate) fn passthrough(&self, name: &str) -> Option<super::Published> {
+        self.registry.route(name, TLS_PORT)
+    }
+
+    /// Counts a visitor connection against `max_visitors`; `None` when the tunnel is full.
+    pub(crate) fn admit(&self, name: &str) -> Option<Arc<Admitted>> {
+        let name: Arc<str> = name.into();
         let mut v = self.visitors.lock().unwrap_or_else(|p| p.into_inner());
         let n = v.entry(name.clone()).or_insert(0);
         if *n >= self.settings.max_visitors {
@@ -142,7 +151,7 @@ impl Gateway {
         *n += 1;
         Some(Arc::new(Admitted {
             visitors: self.visitors.clone(),
-            name: name.clone(),
+            name,
         }))
     }
 
@@ -333,7 +342,7 @@ fn authority(req: &Request<Incoming>) -> Option<String> {
 }
 
 /// The host of an authority, lower case, without port or trailing dot; empty if malformed.
-fn host_of(authority: &str) -> String {
+pub(crate) fn host_of(authority: &str) -> String {
     authority
         .parse::<http::uri::Authority>()
         .map(|a| a.host().trim_end_matches('.').to_ascii_lowercase())
@@ -608,13 +617,9 @@ impl tower_service::Service<Uri> for Dialer {
                 .route(name, port)
                 .filter(|t| t.session == session)
                 .ok_or(DialError::Gone)?;
-            let open = to.handle.channel_open_forwarded_tcpip(
-                to.address.clone(),
-                u32::from(port),
-                "127.0.0.1",
-                0,
-            );
-            match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+            // The visitor's address is in X-Forwarded-For; the channel is shared by many.
+            let from = SocketAddr::from(([127, 0, 0, 1], 0));
+            match tokio::time::timeout(OPEN_TIMEOUT, to.open(port, from)).await {
                 Ok(Ok(c)) => Ok(TokioIo::new(Link(c.into_stream()))),
                 Ok(Err(e)) => Err(DialError::Refused(e)),
                 Err(_) => Err(DialError::Timeout),

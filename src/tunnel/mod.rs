@@ -7,4 +7,4 @@ pub(crate) mod http;
 pub(crate) mod name;
 mod registry;
 
-pub(crate) use registry::{Published, Registry};
+pub(crate) use registry::{Published, Refused, Registry, Via};

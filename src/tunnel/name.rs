@@ -34,6 +34,12 @@ pub(crate) fn from_sni(sni: &str, domain: &str) -> Option<String> {
     is_label(label).then(|| label.to_string())
 }
 
+/// The tunnel a `streamlocal-forward` path names: `/NAME` (`ssh -R /NAME:...`), NAME a label.
+pub(crate) fn from_socket_path(path: &str) -> Option<String> {
+    let label = path.strip_prefix('/')?.to_ascii_lowercase();
+    is_label(&label).then_some(label)
+}
+
 /// Whether `host` is under the tunnel domain (`NAME.<domain>`), so it must not be resolved.
 pub(crate) fn under_domain(host: &str, domain: &str) -> bool {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
@@ -121,6 +127,14 @@ mod tests {
             "example.org",
         ] {
             assert_eq!(from_sni(sni, d), None, "{sni}");
+        }
+    }
+
+    #[test]
+    fn names_from_socket_paths() {
+        assert_eq!(from_socket_path("/MyApp").as_deref(), Some("myapp"));
+        for p in ["myapp", "/", "/a/b", "/my_app.sock", "//x"] {
+            assert_eq!(from_socket_path(p), None, "{p}");
         }
     }
 

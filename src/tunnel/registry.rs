@@ -64,10 +64,47 @@ impl std::fmt::Display for Refused {
 #[derive(Clone)]
 pub(crate) struct Published {
     pub(crate) handle: Handle,
-    /// The address the client sent in its `tcpip-forward` (echoed in `forwarded-tcpip`).
-    pub(crate) address: String,
+    /// How the publisher asked for it, and so which channel reaches it.
+    pub(crate) via: Via,
     /// The publishing session (pooled HTTP channels belong to one session).
     pub(crate) session: u64,
+}
+
+/// How a tunnel was published.
+#[derive(Clone, Debug)]
+pub(crate) enum Via {
+    /// `-R NAME:PORT:...`: `tcpip-forward` with this bind address, reached by `forwarded-tcpip`.
+    Tcp(String),
+    /// `-R /NAME:...`: `streamlocal-forward` of this socket path, reached by
+    /// `forwarded-streamlocal` (published on port 80, as Preevy's clients use it).
+    Socket(String),
+}
+
+impl Published {
+    /// Opens a channel to the publisher for a visitor from `from` to `port`.
+    pub(crate) async fn open(
+        &self,
+        port: u16,
+        from: std::net::SocketAddr,
+    ) -> Result<russh::Channel<russh::server::Msg>, russh::Error> {
+        match &self.via {
+            Via::Tcp(address) => {
+                self.handle
+                    .channel_open_forwarded_tcpip(
+                        address.clone(),
+                        u32::from(port),
+                        from.ip().to_string(),
+                        u32::from(from.port()),
+                    )
+                    .await
+            }
+            Via::Socket(path) => {
+                self.handle
+                    .channel_open_forwarded_streamlocal(path.clone())
+                    .await
+            }
+        }
+    }
 }
 
 struct Name<T> {

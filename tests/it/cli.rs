@@ -569,3 +569,77 @@ fn start_up_log_reports_the_ktls_probe() {
     sigterm(&d.child);
     assert_eq!(wait_exit(&mut d.child, Duration::from_secs(10)), 0);
 }
+
+/// The README's quick start, verbatim in spirit: `sluice serve` with no config, the user's
+/// own key in `~/.ssh/authorized_keys`, `ssh -R myapp:80:...` through `sluice connect`, then
+/// `curl https://myapp.t.localhost:8443/`. In a network namespace of its own (the default
+/// port is fixed), with HOME in a temporary directory.
+#[test]
+fn the_embedded_default_serves_a_tunnel_end_to_end() {
+    need("unshare", "util-linux");
+    need("ip", "iproute2");
+    need("ssh", "openssh-client");
+    need("curl", "curl");
+    let home = tempfile::tempdir().unwrap();
+    let key = crate::ssh::keygen(home.path(), "id_ed25519");
+    let ssh_dir = home.path().join(".ssh");
+    std::fs::create_dir_all(&ssh_dir).unwrap();
+    std::fs::write(ssh_dir.join("authorized_keys"), &key.public).unwrap();
+    let site = home.path().join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("hello.txt"), "hello from behind NAT\n").unwrap();
+    let script = r#"
+set -u
+trap 'kill $(jobs -p) 2>/dev/null' EXIT
+ip link set lo up
+cd "$HOME/site" && /usr/bin/python3 -m http.server --bind 127.0.0.1 3000 >/dev/null 2>&1 &
+"$BIN" serve >/dev/null 2>"$HOME/sluice.log" &
+for i in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/8443) 2>/dev/null && break; sleep 0.05; done
+CERT="$HOME/.local/state/sluice/tls-cert.pem"
+ssh -F none -i "$KEY" -o BatchMode=yes -o IdentitiesOnly=yes -o StrictHostKeyChecking=no \
+  -o UserKnownHostsFile=/dev/null -o ExitOnForwardFailure=yes \
+  -o ProxyCommand="$BIN connect --ca $CERT %h:%p" \
+  -N -R myapp:80:localhost:3000 -p 8443 tunnel@localhost >/dev/null 2>"$HOME/ssh.log" </dev/null &
+for i in $(seq 1 200); do
+  curl -sf --max-time 5 --cacert "$CERT" https://myapp.t.localhost:8443/hello.txt && exit 0
+  sleep 0.05
+done
+echo "--- sluice log"; cat "$HOME/sluice.log"; echo "--- ssh log"; cat "$HOME/ssh.log"
+exit 1
+"#;
+    let out = Command::new("unshare")
+        .args(["--net", "--kill-child", "bash", "-c", script])
+        .env("HOME", home.path())
+        .env("BIN", bin())
+        .env("KEY", &key.private)
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("SLUICE_CONFIG")
+        .env_remove("SLUICE_STATE_DIR")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("hello from behind NAT"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_warns_when_no_certificate_covers_the_tunnel_domain() {
+    let cert = TestCert::localhost();
+    let text =
+        "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[tunnels]\ndomain = \"t.example.org\"\n";
+    let path = write(cert.dir.path(), "sluice.toml", text);
+    let (code, _, err) = run(&["check", "--config", &path]);
+    assert_eq!(code, 0, "a warning, not an error: {err}");
+    assert!(
+        err.contains("warning: no certificate") && err.contains("*.t.example.org"),
+        "{err}"
+    );
+    let covered = TestCert::new(&["localhost", "*.t.example.org"]);
+    let path = write(covered.dir.path(), "sluice.toml", text);
+    let (code, _, err) = run(&["check", "--config", &path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning"), "{err}");
+}

@@ -401,7 +401,10 @@ async fn https_visitors_reach_a_published_name_over_http1_and_h2() {
     let (device, conns) = device_web().await;
     let (_, range) = port_range(2);
     let f = Fixture::with(
-        &format!("permitlisten=\"myapp:80\" {}", owner.public.trim()),
+        &format!(
+            "permitlisten=\"myapp:80\",permitlisten=\"viasocket:80\" {}",
+            owner.public.trim()
+        ),
         &[],
         &range,
         TUNNELS,
@@ -459,6 +462,42 @@ async fn https_visitors_reach_a_published_name_over_http1_and_h2() {
     assert!(
         opened <= 1,
         "5 sequential requests opened {opened} channels"
+    );
+
+    // `-R /NAME:...` (streamlocal, as Preevy's clients publish) is tunnel NAME on port 80.
+    let _by_socket = publish(
+        f.d.addr.port(),
+        &owner.private,
+        &format!("/viasocket:{device}"),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, text) = curl(&f, "viasocket.t.localhost", "/s", &[]).await;
+        if status == 200 {
+            assert!(text.contains("hello-from-device\npath: /s\n"), "{text}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "-R /viasocket never served: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Plain http://NAME.<domain>/ on the same port: a 308 to https.
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-i", "--max-time", "10"])
+        .arg(format!("http://{authority}/p?q=1"))
+        .arg("--resolve")
+        .arg(format!("{host}:{}:127.0.0.1", f.d.addr.port()))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 308"), "{text}");
+    assert!(
+        text.contains(&format!("Location: https://{authority}/p?q=1\r\n")),
+        "{text}"
     );
 
     // Host must name what SNI named.
@@ -628,5 +667,163 @@ async fn a_slow_visitor_is_cut_at_the_header_timeout_and_others_are_served() {
     let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the slow visitor was not cut");
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"), "{buf:?}");
+    f.d.stop().await;
+}
+
+/// Waits until `https://HOST/` answers 200 through the tunnel (30 s).
+async fn until_served(f: &Fixture, host: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, text) = curl(f, host, "/", &[]).await;
+        if status == 200 {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{host} never served: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reconnecting_owner_evicts_a_stale_holder_but_not_a_live_one() {
+    need("curl", "curl");
+    let dir = tempfile::tempdir().unwrap();
+    let owner = keygen(dir.path(), "owner");
+    let (first_device, first_conns) = device_web().await;
+    let (second_device, second_conns) = device_web().await;
+    let (_, range) = port_range(2);
+    let f = Fixture::with(
+        &format!("permitlisten=\"myapp:80\" {}", owner.public.trim()),
+        &[],
+        &range,
+        TUNNELS,
+    )
+    .await;
+    let port = f.d.addr.port();
+    let mut first = publish(port, &owner.private, &format!("myapp:80:{first_device}"));
+    until_served(&f, "myapp.t.localhost").await;
+    assert!(first_conns.load(Ordering::SeqCst) >= 1);
+
+    // A live holder keeps the name: the second session's -R is refused (ssh exits).
+    let mut second = publish(port, &owner.private, &format!("myapp:80:{second_device}"));
+    let status = tokio::time::timeout(Duration::from_secs(20), second.wait())
+        .await
+        .expect("the second publisher was neither refused nor evicted the live one")
+        .unwrap();
+    assert!(!status.success());
+    until_served(&f, "myapp.t.localhost").await;
+    assert_eq!(
+        second_conns.load(Ordering::SeqCst),
+        0,
+        "served by the live holder"
+    );
+
+    // The first client stops answering (a dead link): the owner's next session evicts it.
+    let pid = first.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let evicted = counted(false, "evicted");
+    let _second = publish(port, &owner.private, &format!("myapp:80:{second_device}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while second_conns.load(Ordering::SeqCst) == 0 {
+        let _ = curl(&f, "myapp.t.localhost", "/", &[]).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stale holder was not evicted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(counted(false, "evicted") > evicted, "eviction counted");
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+    first.kill().await.unwrap();
+    f.d.stop().await;
+}
+
+#[tokio::test]
+async fn a_tunnel_on_port_443_gets_the_visitors_tls_untouched() {
+    need("curl", "curl");
+    need("openssl", "openssl");
+    let dir = tempfile::tempdir().unwrap();
+    let owner = keygen(dir.path(), "owner");
+    // The device holds its own certificate; sluice never sees its key.
+    let device_cert = crate::support::TestCert::new(&["mysite.t.localhost"]);
+    let device_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _server = tokio::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(device_port.to_string())
+        .arg("-cert")
+        .arg(&device_cert.cert)
+        .arg("-key")
+        .arg(&device_cert.key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (_, range) = port_range(2);
+    let f = Fixture::with(
+        &format!("permitlisten=\"mysite:443\" {}", owner.public.trim()),
+        &[],
+        &range,
+        TUNNELS,
+    )
+    .await;
+    let _publisher = publish(
+        f.d.addr.port(),
+        &owner.private,
+        &format!("mysite:443:127.0.0.1:{device_port}"),
+    );
+    // Verified against the device's certificate, not sluice's: the TLS is the device's own.
+    let port = f.d.addr.port();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = tokio::process::Command::new("curl")
+            .args(["-s", "--max-time", "10", "--cacert"])
+            .arg(&device_cert.cert)
+            .arg("--resolve")
+            .arg(format!("mysite.t.localhost:{port}:127.0.0.1"))
+            .arg(format!("https://mysite.t.localhost:{port}/"))
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && text.contains("s_server") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "passthrough never served: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // openssl s_client sees the device's certificate and verifies it end to end.
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-brief", "-verify_return_error", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args([
+            "-servername",
+            "mysite.t.localhost",
+            "-verify_hostname",
+            "mysite.t.localhost",
+            "-CAfile",
+        ])
+        .arg(&device_cert.cert)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Verification: OK"), "{err}");
     f.d.stop().await;
 }

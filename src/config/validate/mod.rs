@@ -269,27 +269,40 @@ impl Validator<'_> {
                     "the tunnel domain is written without `*.`: tunnel NAME is reached at NAME.<domain>",
                 );
             }
+            let defaults = TunnelSettings::with_domain(&domain);
             let max_per_identity = match &t.max_per_identity {
                 Some(n) if *n.get_ref() == 0 || *n.get_ref() > 10_000 => {
                     return self.err(n.span(), "must be 1 to 10000")
                 }
                 Some(n) => *n.get_ref(),
-                None => 16,
+                None => defaults.max_per_identity,
             };
+            let mut permit_listen = Vec::new();
+            for p in &t.permit_listen {
+                match crate::net::PermitListen::parse(p.get_ref()) {
+                    Some(l) if l.names() => permit_listen.push(l),
+                    _ => {
+                        return self.err(
+                            p.span(),
+                            format!("`{}` is not a name pattern: use NAME:PORT, e.g. \"preview-*:80\" or \"myapp:*\"", p.get_ref()),
+                        )
+                    }
+                }
+            }
             let max_visitors = match &t.max_visitors {
                 Some(n) if *n.get_ref() == 0 || *n.get_ref() > 1_000_000 => {
                     return self.err(n.span(), "must be 1 to 1000000")
                 }
                 Some(n) => *n.get_ref(),
-                None => 256,
+                None => defaults.max_visitors,
             };
             let header_timeout = match &t.header_timeout {
                 Some(d) => self.duration(d, MIN_TIMEOUT, 5 * MINUTE)?,
-                None => Duration::from_secs(10),
+                None => defaults.header_timeout,
             };
             let pool_idle = match &t.pool_idle {
                 Some(d) => self.duration(d, MIN_TIMEOUT, 60 * MINUTE)?,
-                None => Duration::from_secs(30),
+                None => defaults.pool_idle,
             };
             cfg.tunnels = Some(TunnelSettings {
                 domain,
@@ -297,6 +310,7 @@ impl Validator<'_> {
                 header_timeout,
                 max_visitors,
                 pool_idle,
+                permit_listen,
             });
         }
         if let Some(dns) = &raw.dns {

@@ -41,6 +41,11 @@ pub struct Session {
 
 #[derive(Debug)]
 pub enum Msg {
+    /// sluice patch: a keepalive whose answer is reported, to tell a stale session from a
+    /// live one (`Handle::ping`).
+    Ping {
+        reply_channel: oneshot::Sender<()>,
+    },
     ChannelOpenAgent {
         channel_ref: ChannelRef,
     },
@@ -205,6 +210,17 @@ impl Handle {
             .send(Msg::Channel(id, ChannelMsg::ExitStatus { exit_status }))
             .await
             .map_err(|_| ())
+    }
+
+    /// sluice patch: sends `keepalive@openssh.com` (want reply) and resolves when the client
+    /// answers (success or failure alike); `Err` when the session is gone.
+    pub async fn ping(&self) -> Result<(), ()> {
+        let (reply_channel, reply) = oneshot::channel();
+        self.sender
+            .send(Msg::Ping { reply_channel })
+            .await
+            .map_err(|_| ())?;
+        reply.await.map_err(|_| ())
     }
 
     /// Notifies the client that it can open TCP/IP forwarding channels for a port.
@@ -621,6 +637,10 @@ impl Session {
                 reply_channel,
             } => {
                 self.tcpip_forward(&address, port, reply_channel)?;
+            }
+            // sluice patch: Handle::ping.
+            Msg::Ping { reply_channel } => {
+                self.send_ping(reply_channel)?;
             }
             Msg::CancelTcpIpForward {
                 address,
