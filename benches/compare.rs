@@ -6,12 +6,14 @@
 //! connection; (2) bulk on a plain leg (plain SSH -> upstream) against sslh; (3) new TLS
 //! connections per second and per CPU-second; (4) latency to the first upstream byte by ALPN,
 //! peek and plaintext routing; (5) resident memory per idle TLS connection; (6) the embedded SSH
-//! server's `ssh -W` against OpenSSH's sshd. CPU is the relay process's, from /proc/PID/stat.
+//! server's `ssh -W` against OpenSSH's sshd; (7) HTTP through a tunnel published with
+//! `ssh -R`, sluice by name over HTTPS against sshd's `-R` port. CPU is the relay process's,
+//! from /proc/PID/stat.
 //!
-//! Run: `cargo bench --bench compare`. Environment: COMPARE_ONLY=ceiling,1,2,3,4,5,6 (which),
+//! Run: `cargo bench --bench compare`. Environment: COMPARE_ONLY=ceiling,1,2,3,4,5,6,7 (which),
 //! COMPARE_MIB=1024, COMPARE_ROUNDS=3, COMPARE_HS_SECS=3, COMPARE_HS_CLIENTS=4,
 //! COMPARE_LAT_N=500, COMPARE_IDLE=9000, COMPARE_IDLE_STUNNEL=2000, COMPARE_SLUICE_THREADS=1
-//! (sluice's `threads`; HAProxy runs with `nbthread 1`).
+//! (sluice's `threads`; HAProxy runs with `nbthread 1`), COMPARE_TUN_CONNS=16, COMPARE_TUN_SECS=5.
 // Test and benchmark code: a panic (unwrap) is the failure report, and wall-clock time is
 // what a benchmark or an end-to-end test against real processes measures.
 #![allow(clippy::unwrap_used, clippy::disallowed_types, missing_docs)]
@@ -234,6 +236,22 @@ fn spawn(name: &'static str, port: u16, cmd: &mut Command) -> Option<Peer> {
     wait_port(port).then_some(p)
 }
 
+/// As `spawn`, for a process that listens nowhere (a publisher): its start is not awaited.
+fn spawn_running(name: &'static str, cmd: &mut Command) -> Option<Peer> {
+    use std::os::unix::process::CommandExt;
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .ok()?;
+    Some(Peer {
+        name,
+        child,
+        port: 0,
+    })
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -268,7 +286,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn main() {
     // `cargo bench` passes --bench; this harness reads its settings from the environment.
-    let only: String = env_or("COMPARE_ONLY", "ceiling,1,2,3,4,5,6".to_string());
+    let only: String = env_or("COMPARE_ONLY", "ceiling,1,2,3,4,5,6,7".to_string());
     let want = |s: &str| only.split(',').any(|o| o.trim() == s);
     raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -277,7 +295,12 @@ fn main() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    // *.t.localhost for scenario 7's tunnel visitors.
+    let ck = rcgen::generate_simple_self_signed(vec![
+        "localhost".to_string(),
+        "*.t.localhost".to_string(),
+    ])
+    .unwrap();
     let (cert, key, combined) = (
         dir.path().join("cert.pem"),
         dir.path().join("key.pem"),
@@ -313,7 +336,7 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     type Scenario = (&'static str, fn(&mut Bench));
-    let scenarios: [Scenario; 7] = [
+    let scenarios: [Scenario; 8] = [
         ("ceiling", ceiling),
         ("1", bulk_tls),
         ("2", bulk_plain),
@@ -321,6 +344,7 @@ fn main() {
         ("4", latency),
         ("5", idle_memory),
         ("6", ssh_forward),
+        ("7", tunnel_http),
     ];
     for (name, run) in scenarios {
         if want(name) {
@@ -1063,5 +1087,315 @@ fn report(results: &[(&'static str, Vec<f64>, Vec<f64>)]) {
             b_thr / t,
             b_cpu / c
         );
+    }
+}
+
+/// The web service behind the tunnels: HTTP/1.1 keep-alive, `ok` to every request.
+async fn http_origin() -> SocketAddr {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                        Bytes::from_static(b"ok\n"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// How a visitor reaches a tunnel: plain HTTP to a port, or HTTPS with this SNI.
+#[derive(Clone)]
+enum Visit {
+    Plain(u16),
+    Tls(u16, Arc<rustls::ClientConfig>, &'static str),
+}
+
+/// One visitor connection, ready for HTTP/1.1 requests.
+async fn visit(
+    v: &Visit,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<hyper::body::Bytes>> {
+    let tcp = TcpStream::connect((
+        "127.0.0.1",
+        match v {
+            Visit::Plain(p) | Visit::Tls(p, _, _) => *p,
+        },
+    ))
+    .await
+    .unwrap();
+    tcp.set_nodelay(true).unwrap();
+    macro_rules! handshake {
+        ($io:expr) => {{
+            let (send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new($io))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            send
+        }};
+    }
+    match v {
+        Visit::Plain(_) => handshake!(tcp),
+        Visit::Tls(_, cc, sni) => {
+            let tls = tokio_rustls::TlsConnector::from(cc.clone())
+                .connect(ServerName::try_from(*sni).unwrap(), tcp)
+                .await
+                .unwrap();
+            handshake!(tls)
+        }
+    }
+}
+
+/// `conns` visitors sending requests for `secs`, on kept-alive connections or each on a new
+/// one: (requests per second, p50 ms, p99 ms, requests).
+fn http_load(
+    b: &Bench,
+    v: &Visit,
+    conns: usize,
+    secs: f64,
+    keep_alive: bool,
+) -> (f64, f64, f64, usize) {
+    use http_body_util::BodyExt;
+    b.rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let mut tasks = Vec::new();
+        for _ in 0..conns {
+            let v = v.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut send = visit(&v).await;
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    if !keep_alive {
+                        send = visit(&v).await;
+                    }
+                    let req = hyper::Request::get("/")
+                        .header("host", "bench.t.localhost")
+                        .body(http_body_util::Empty::new())
+                        .unwrap();
+                    let resp = send.send_request(req).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    let _ = resp.into_body().collect().await.unwrap();
+                    lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+                }
+                lat
+            }));
+        }
+        let start = Instant::now();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        let took = start.elapsed().as_secs_f64().max(secs);
+        let n = all.len();
+        (
+            n as f64 / took,
+            percentile(&mut all, 0.50),
+            percentile(&mut all, 0.99),
+            n,
+        )
+    })
+}
+
+/// Scenario 7: HTTP through a tunnel from a machine behind NAT. OpenSSH's `ssh -N -R` is the
+/// publisher for both servers: to sluice by name (`-R bench:80:...` through `sluice connect`,
+/// visitors on HTTPS at bench.t.localhost, terminated by sluice), and to OpenSSH's sshd
+/// (`-R PORT:...`, visitors on plain HTTP to the bound port). And the same load straight to
+/// the origin, for the latency a tunnel adds. CPU is the server's (sluice, or sshd and its
+/// per-connection children), per 1,000 requests.
+fn tunnel_http(b: &mut Bench) {
+    for (cmd, pkg) in [
+        ("ssh", "openssh-client"),
+        ("/usr/sbin/sshd", "openssh-server"),
+    ] {
+        if !have(cmd) {
+            b.skipped
+                .push(format!("tunnels ({cmd} not installed: {pkg})"));
+            return;
+        }
+    }
+    let d = b.dir.path().join("tunnels");
+    std::fs::create_dir_all(&d).unwrap();
+    for k in ["client", "host"] {
+        let _ = std::fs::remove_file(d.join(k));
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join(k))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let public = std::fs::read_to_string(d.join("client.pub")).unwrap();
+    let auth = d.join("authorized_keys");
+    std::fs::write(&auth, format!("permitlisten=\"bench:80\" {public}")).unwrap();
+    let origin = b.rt.block_on(http_origin());
+    let conns: usize = env_or("COMPARE_TUN_CONNS", 16);
+    let secs: f64 = env_or("COMPARE_TUN_SECS", 5.0);
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let ssh_opts = |key: &std::path::Path| -> Vec<String> {
+        vec![
+            "-F".into(),
+            "/dev/null".into(),
+            "-i".into(),
+            key.display().to_string(),
+            "-o".into(),
+            "IdentitiesOnly=yes".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=no".into(),
+            "-o".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+            "-o".into(),
+            "ExitOnForwardFailure=yes".into(),
+            "-N".into(),
+        ]
+    };
+    // sluice, publisher through `sluice connect` (TLS to port 443, as from behind NAT).
+    let ssh = format!(
+        "[routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\n[tunnels]\ndomain = \"t.localhost\"\n",
+        auth.display()
+    );
+    let Some(sluice) = spawn_sluice(b, &d, "sluice.toml", &ssh) else {
+        b.skipped.push("tunnels (sluice did not start)".into());
+        return;
+    };
+    let connect = format!(
+        "{} connect --ca {} localhost:{}",
+        env!("CARGO_BIN_EXE_sluice"),
+        b.cert.display(),
+        sluice.port
+    );
+    let sluice_pub = spawn_running(
+        "ssh -R (sluice)",
+        Command::new("ssh")
+            .args(ssh_opts(&d.join("client")))
+            .args(["-o", &format!("ProxyCommand={connect}")])
+            .args(["-R", &format!("bench:80:{origin}"), "tunnel@localhost"]),
+    );
+    // sshd, publisher on plain TCP.
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let (sp, rport) = (free_port(), free_port());
+    let scfg = d.join("sshd_config");
+    std::fs::write(
+        &scfg,
+        format!(
+            "Port {sp}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nStrictModes no\nUsePAM no\nPidFile none\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nGatewayPorts no\n",
+            d.join("host").display(),
+            d.join("sshd_keys").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("sshd_keys"), &public).unwrap();
+    let sshd = spawn(
+        "sshd",
+        sp,
+        Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&scfg),
+    );
+    let sshd_pub = spawn(
+        "ssh -R (sshd)",
+        rport,
+        Command::new("ssh")
+            .args(ssh_opts(&d.join("client")))
+            .args(["-p", &sp.to_string()])
+            .args([
+                "-R",
+                &format!("{rport}:{origin}"),
+                &format!("{user}@127.0.0.1"),
+            ]),
+    );
+    let mut cc = (*client_config(&b.der, Some(b"http/1.1"))).clone();
+    cc.resumption = rustls::client::Resumption::default();
+    let tls = Visit::Tls(sluice.port, Arc::new(cc), "bench.t.localhost");
+    // Published once a request gets through.
+    let ready = b.rt.block_on(async {
+        for _ in 0..200 {
+            let ok = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut s = visit(&tls).await;
+                let req = hyper::Request::get("/")
+                    .header("host", "bench.t.localhost")
+                    .body(http_body_util::Empty::new())
+                    .unwrap();
+                s.send_request(req).await.map(|r| r.status() == 200)
+            })
+            .await;
+            if matches!(ok, Ok(Ok(true))) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    });
+    if !ready {
+        b.skipped
+            .push("tunnels (the sluice tunnel never served)".into());
+        return;
+    }
+    let mut peers: Vec<(&'static str, Visit, Option<u32>)> =
+        vec![("direct", Visit::Plain(origin.port()), None)];
+    peers.push(("sluice", tls, Some(sluice.child.id())));
+    match (&sshd, &sshd_pub) {
+        (Some(s), Some(_)) => peers.push(("sshd -R", Visit::Plain(rport), Some(s.child.id()))),
+        _ => b.skipped.push("tunnels: sshd -R (did not start)".into()),
+    }
+    let _keep = (sluice_pub, sshd_pub);
+    for keep_alive in [true, false] {
+        // (req/s, p50, p99, server CPU-ms per 1,000 requests), one list per peer.
+        let mut rows: Vec<(&'static str, Vec<[f64; 4]>)> =
+            peers.iter().map(|p| (p.0, Vec::new())).collect();
+        let c = if keep_alive { conns } else { conns.min(4) };
+        for _ in 0..b.rounds {
+            for (i, (_, v, pid)) in peers.iter().enumerate() {
+                let sampler = pid.map(TreeSampler::start);
+                let (rps, p50, p99, n) = http_load(b, v, c, secs, keep_alive);
+                let cpu_ms = sampler.map_or(0.0, |s| s.finish() as f64 * 10.0);
+                rows[i]
+                    .1
+                    .push([rps, p50, p99, cpu_ms / (n as f64 / 1000.0)]);
+            }
+        }
+        println!(
+            "\nScenario 7: HTTP through a tunnel, {} ({c} visitors, {secs} s, {} rounds)",
+            if keep_alive {
+                "kept-alive connections"
+            } else {
+                "a new connection per request"
+            },
+            b.rounds
+        );
+        println!(
+            "{:<10} {:>10} {:>9} {:>9} {:>16}",
+            "peer", "req/s", "p50 ms", "p99 ms", "CPU-ms/1k req"
+        );
+        for (name, r) in &rows {
+            let col = |k: usize| median(r.iter().map(|x| x[k]).collect());
+            let cpu = if *name == "direct" {
+                "-".to_string()
+            } else {
+                format!("{:.1}", col(3))
+            };
+            println!(
+                "{:<10} {:>10.0} {:>9.2} {:>9.2} {:>16}",
+                name,
+                col(0),
+                col(1),
+                col(2),
+                cpu
+            );
+        }
     }
 }

@@ -63,7 +63,7 @@ impl Exit for crate::server::ServeError {
             ServeError::Tls(e) => e.exit_code(),
             ServeError::Ssh(e) => e.exit_code(),
             ServeError::Bind { .. } | ServeError::Runtime(_) | ServeError::Signals(_) => EX_OSERR,
-            ServeError::Activation(_) => EX_CONFIG,
+            ServeError::Activation(_) | ServeError::Config(_) => EX_CONFIG,
         }
     }
 }

@@ -50,8 +50,9 @@ pub mod state;
 pub mod store;
 pub(crate) mod sys;
 pub(crate) mod systemd;
+pub(crate) mod text;
 pub mod tls;
-pub(crate) mod tunnel;
+pub mod tunnel;
 pub(crate) mod upstream;
 
 pub use config::{Config, ConfigError};

@@ -731,3 +731,68 @@ impl AsyncWrite for Chunked<'_> {
         Poll::Ready(Ok(()))
     }
 }
+
+// === tunnel_inputs ===
+
+/// What tunnel visitors and publishers send: an `Authorization` header, an SNI, a bind
+/// address, a socket path, and an htpasswd file. The input is split at the first byte 0: the
+/// part before is a domain candidate, the rest the text. Names that come out are DNS labels,
+/// and name the host they came from; Basic credentials re-encode to what they were read from.
+pub fn tunnel_inputs(data: &[u8]) {
+    use sluice::tunnel::{access, name};
+    let (domain, rest) = match data.iter().position(|&b| b == 0) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (&b"t.example.org"[..], data),
+    };
+    if let Some((user, password)) = access::basic(rest) {
+        assert!(!user.contains(':'), "the user ends at the first colon");
+        let again = format!("{user}:{password}");
+        let enc = {
+            // Standard base64, to check the round trip without a second implementation's quirks.
+            const T: &[u8; 64] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let b = again.as_bytes();
+            let mut out = String::new();
+            for c in b.chunks(3) {
+                let n = (u32::from(c[0]) << 16)
+                    | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+                    | u32::from(*c.get(2).unwrap_or(&0));
+                for i in 0..4 {
+                    if i <= c.len() {
+                        out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                    } else {
+                        out.push('=');
+                    }
+                }
+            }
+            out
+        };
+        assert_eq!(
+            access::basic(format!("Basic {enc}").as_bytes()),
+            Some((user, password))
+        );
+    }
+    let (Ok(domain), Ok(text)) = (std::str::from_utf8(domain), std::str::from_utf8(rest)) else {
+        return;
+    };
+    let domain = domain.to_ascii_lowercase();
+    if let Some(n) = name::from_sni(text, &domain) {
+        assert!(name::is_label(&n), "{n:?}");
+        assert_eq!(
+            format!("{n}.{domain}"),
+            text.trim_end_matches('.').to_ascii_lowercase()
+        );
+    }
+    if let Some(n) = name::from_host(text, &domain) {
+        assert!(name::is_label(&n), "{n:?}");
+    }
+    if let Some(n) = name::from_socket_path(text) {
+        assert!(name::is_label(&n), "{n:?}");
+        assert_eq!(format!("/{n}"), text.to_ascii_lowercase());
+    }
+    if let Ok(h) = access::Htpasswd::parse(text) {
+        for u in h.users() {
+            assert!(!u.is_empty() && !u.contains(':'));
+        }
+    }
+}

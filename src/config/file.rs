@@ -48,6 +48,17 @@ pub(super) struct Tunnels {
     pub pool_idle: Option<Spanned<Dur>>,
     #[serde(default)]
     pub permit_listen: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub private: Vec<Spanned<PrivateTunnels>>,
+}
+
+/// `[[tunnels.private]]`: names whose HTTPS visitors must authenticate.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PrivateTunnels {
+    pub names: Vec<Spanned<String>>,
+    pub htpasswd: Option<Spanned<PathBuf>>,
+    pub client_cert: Option<Spanned<bool>>,
 }
 
 /// `[dns]`: name resolution for upstreams and forward targets.

@@ -63,7 +63,7 @@ pub struct Config {
 }
 
 /// `[tunnels]`: names published with `ssh -R NAME:PORT:...`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TunnelSettings {
     /// Visitors reach tunnel NAME at `NAME.<domain>` (lower case, no trailing dot).
     pub domain: String,
@@ -78,6 +78,27 @@ pub struct TunnelSettings {
     pub pool_idle: Duration,
     /// Names any key without a `permitlisten` of its own may publish (`NAME-GLOB:PORT`).
     pub permit_listen: Vec<crate::net::PermitListen>,
+    /// `[[tunnels.private]]`: names whose visitors must authenticate; the first match decides.
+    pub private: Vec<PrivateTunnels>,
+}
+
+/// Tunnel names whose HTTPS visitors must show a client certificate, HTTP Basic credentials
+/// from an htpasswd file (bcrypt), or both when both are set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivateTunnels {
+    /// Name globs (`admin-*`).
+    pub names: Vec<String>,
+    /// An htpasswd file of bcrypt entries (`htpasswd -B`).
+    pub htpasswd: Option<ConfigPath>,
+    /// A client certificate from `[tls] client_ca` is required.
+    pub client_cert: bool,
+}
+
+impl PrivateTunnels {
+    /// Whether this entry covers tunnel `name`.
+    pub fn covers(&self, name: &str) -> bool {
+        self.names.iter().any(|g| crate::net::glob(g, name))
+    }
 }
 
 impl TunnelSettings {
@@ -90,6 +111,7 @@ impl TunnelSettings {
             max_visitors: 256,
             pool_idle: Duration::from_secs(30),
             permit_listen: Vec::new(),
+            private: Vec::new(),
         }
     }
 }

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
 use super::conn_log::ConnLog;
-use super::dispatch::{close, dispatch};
+use super::dispatch::{close, dispatch, Inner};
 use super::limits::ClientSlot;
 use super::proxy_header::looks_like_proxy_header;
 use super::shared::{Ctx, Shared};
@@ -136,7 +136,7 @@ async fn serve(
             log.tls = true;
             match Box::pin(handshake_and_route(cx, tcp, prefix, log, unrouted)).await {
                 Some(Routed::Tls(r)) => {
-                    Box::pin(dispatch(cx, r.tls, r.prefix, r.decision, log, r.h2)).await;
+                    Box::pin(dispatch(cx, r.tls, r.prefix, r.decision, log, r.inner)).await;
                 }
                 Some(Routed::Passthrough(p)) => Box::pin(passthrough(cx, p, log)).await,
                 None => {}
@@ -203,7 +203,7 @@ async fn serve(
         .detect_seconds
         .observe(detect_start.elapsed().as_secs_f64());
     drop(unrouted);
-    Box::pin(dispatch(cx, tcp, prefix, decision, log, false)).await;
+    Box::pin(dispatch(cx, tcp, prefix, decision, log, Inner::default())).await;
 }
 
 /// Where a TLS connection goes after its ClientHello.
@@ -220,7 +220,7 @@ struct RoutedTls {
     tls: Box<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>>,
     prefix: Vec<u8>,
     decision: Decision,
-    h2: bool,
+    inner: Inner,
 }
 
 /// The TLS handshake and the inner routing decision; `None` if the connection is done (the
@@ -250,7 +250,7 @@ async fn handshake_and_route(
             .as_ref()
             .zip(sni.as_deref().and_then(|n| route::by_tunnel_sni(cfg, n)))
         {
-            if let Some(to) = gateway.passthrough(&name) {
+            if let Some(to) = gateway.passthrough(&name, &cx.snap.access) {
                 match start.io.replay() {
                     Ok(stream) => {
                         return Ok(Handshake::Passthrough(Box::new(Passthrough {
@@ -383,12 +383,29 @@ async fn handshake_and_route(
         d => d,
     };
     drop(unrouted);
-    let h2 = alpn.as_deref() == Some(b"h2") || prefix.starts_with(b"PRI ");
+    // A tunnel may be private to holders of a client certificate: one that verifies now.
+    let client_cert = matches!(decision, Decision::Tunnel(_))
+        && match tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .filter(|c| !c.is_empty())
+        {
+            None => false,
+            Some(chain) if log.resumed => {
+                tls::reverify_resumed(cx.snap.client_verifier.as_ref(), chain).is_ok()
+            }
+            Some(_) => true,
+        };
+    let inner = Inner {
+        h2: alpn.as_deref() == Some(b"h2") || prefix.starts_with(b"PRI "),
+        client_cert,
+    };
     Some(Routed::Tls(RoutedTls {
         tls: Box::new(tls),
         prefix,
         decision,
-        h2,
+        inner,
     }))
 }
 

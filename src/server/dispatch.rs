@@ -55,6 +55,15 @@ async fn answered(
     }
 }
 
+/// What the TLS layer (if any) established for a connection, as its target needs it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Inner {
+    /// The client speaks h2 (ALPN, or the preface seen).
+    pub(super) h2: bool,
+    /// The client showed a client certificate that verifies now (re-verified if resumed).
+    pub(super) client_cert: bool,
+}
+
 /// Sends a routed connection to its target. `prefix` holds client bytes already read.
 pub(super) async fn dispatch<S>(
     cx: &Ctx,
@@ -62,7 +71,7 @@ pub(super) async fn dispatch<S>(
     prefix: Vec<u8>,
     decision: Decision,
     log: &mut ConnLog,
-    h2: bool,
+    inner: Inner,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -95,7 +104,16 @@ pub(super) async fn dispatch<S>(
                 .to_ascii_lowercase();
             log.target = Some(name.clone());
             let (counted, counts) = crate::io::Counted::new(Prefixed::new(prefix, stream));
-            let served = Box::pin(gateway.serve(counted, &name, &host, log.peer, log.id, h2)).await;
+            let visit = crate::tunnel::http::Visit {
+                name: &name,
+                host: &host,
+                peer: log.peer,
+                conn: log.id,
+                h2: inner.h2,
+                client_cert: inner.client_cert,
+                access: cx.snap.access.clone(),
+            };
+            let served = Box::pin(gateway.serve(counted, visit)).await;
             log.bytes = counts.get();
             log.outcome = Some(Outcome::Http(served));
             return;
@@ -144,7 +162,7 @@ pub(super) async fn dispatch<S>(
                 .inc();
             warn!(id = log.id, peer = %log.peer, route = kind.as_str(), error = %e, "upstream unreachable");
             log.outcome = Some(Outcome::UpstreamUnreachable(e.to_string()));
-            if kind == RouteKind::Http && !h2 {
+            if kind == RouteKind::Http && !inner.h2 {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, builtin::bad_gateway(client)).await;
             }
             close(client).await;

@@ -32,4 +32,7 @@ pub enum ServeError {
     /// Sockets passed by systemd are unusable.
     #[error(transparent)]
     Activation(#[from] crate::systemd::ActivationError),
+    /// A file the config names is unusable (an htpasswd file of a private tunnel).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }

@@ -78,6 +78,15 @@ pub(super) fn build_snapshot(
         },
     };
     // The gateway keeps its pool of channels while the registry it dials stays the same.
+    // htpasswd files are read at every reload, even when the config did not change.
+    let access = match &cfg.tunnels {
+        Some(t) => Arc::new(crate::tunnel::access::Access::load(
+            &t.private,
+            cfg.source.as_deref(),
+        )?),
+        None => Arc::default(),
+    };
+    // The gateway keeps its pool of channels while the registry it dials stays the same.
     let gateway = match (&cfg.tunnels, &ssh) {
         (Some(t), Some(ssh)) => Some(
             match previous
@@ -105,6 +114,7 @@ pub(super) fn build_snapshot(
     Ok(Snapshot {
         tls_tunnel,
         gateway,
+        access,
         tls_no_alpn: {
             let mut c = (*tls_config).clone();
             c.alpn_protocols.clear();

@@ -29,6 +29,8 @@ pub(super) struct Snapshot {
     pub(super) tls_tunnel: Option<Arc<rustls::ServerConfig>>,
     /// Serves HTTPS visitors of tunnels, with `[tunnels]` and the embedded SSH server.
     pub(super) gateway: Option<Arc<crate::tunnel::http::Gateway>>,
+    /// Who may visit private tunnels (htpasswd files as read at start or the last reload).
+    pub(super) access: Arc<crate::tunnel::access::Access>,
     /// The embedded SSH server, when the ssh route has no upstream.
     pub(super) ssh: Option<Arc<crate::ssh::SshServer>>,
     /// `tls.client_ca`'s verifier, to re-verify client certificates of resumed sessions.

@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::access::{Access, Denied, Verdict};
 use super::Registry;
 use crate::config::TunnelSettings;
 use crate::outcome::HttpEnd;
@@ -51,6 +52,7 @@ const RETRY_AFTER: &str = "5";
 /// Serves HTTPS visitors of tunnels; one per server, shared by every visitor connection.
 pub(crate) struct Gateway {
     settings: TunnelSettings,
+
     registry: Arc<Registry>,
     /// Visitor connections open now, per tunnel name (bounded by `max_visitors`).
     visitors: Arc<Mutex<HashMap<Arc<str>, u32>>>,
@@ -58,6 +60,23 @@ pub(crate) struct Gateway {
     server: hyper_util::server::conn::auto::Builder<TokioExecutor>,
     /// Cancelled at the end of the shutdown grace: upgraded streams close.
     stop: CancellationToken,
+}
+
+/// A visitor connection as the server hands it over.
+pub(crate) struct Visit<'a> {
+    /// The tunnel its SNI named.
+    pub(crate) name: &'a str,
+    /// That SNI, lower case, without a trailing dot.
+    pub(crate) host: &'a str,
+    pub(crate) peer: SocketAddr,
+    /// The connection's id in the logs.
+    pub(crate) conn: u64,
+    /// ALPN chose h2 (else HTTP/1.1).
+    pub(crate) h2: bool,
+    /// The connection showed a client certificate that verifies now.
+    pub(crate) client_cert: bool,
+    /// Who may visit private tunnels.
+    pub(crate) access: Arc<Access>,
 }
 
 /// One visitor connection: the tunnel its SNI names, and who it is.
@@ -71,6 +90,8 @@ struct Visitor {
     requests: Arc<std::sync::atomic::AtomicU64>,
     /// `None`: the tunnel had `max_visitors` connections already; requests get a 503.
     admitted: Option<Arc<Admitted>>,
+    client_cert: bool,
+    access: Arc<Access>,
 }
 
 /// A visitor connection counted against its tunnel's `max_visitors`, until dropped.
@@ -135,8 +156,12 @@ impl Gateway {
         Arc::ptr_eq(&self.registry, registry) && self.settings == *settings
     }
 
-    /// The session serving `name` on port 443, whose visitors' TLS is passed through.
-    pub(crate) fn passthrough(&self, name: &str) -> Option<super::Published> {
+    /// The session serving `name` on port 443, whose visitors' TLS is passed through. Never
+    /// for a private tunnel: sluice must see its requests to check them.
+    pub(crate) fn passthrough(&self, name: &str, access: &Access) -> Option<super::Published> {
+        if access.covers(name) {
+            return None;
+        }
         self.registry.route(name, TLS_PORT)
     }
 
@@ -155,21 +180,20 @@ impl Gateway {
         }))
     }
 
-    /// Serves one visitor connection for tunnel `name` (its SNI was `host`) to its end.
-    /// `h2` when ALPN chose h2; otherwise HTTP/1.1.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn serve<S>(
-        self: &Arc<Self>,
-        io: S,
-        name: &str,
-        host: &str,
-        peer: SocketAddr,
-        conn: u64,
-        h2: bool,
-    ) -> HttpEnd
+    /// Serves one visitor connection to its end.
+    pub(crate) async fn serve<S>(self: &Arc<Self>, io: S, visit: Visit<'_>) -> HttpEnd
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let Visit {
+            name,
+            host,
+            peer,
+            conn,
+            h2,
+            client_cert,
+            access,
+        } = visit;
         let name: Arc<str> = name.into();
         let admitted = self.admit(&name);
         if admitted.is_none() {
@@ -182,6 +206,8 @@ impl Gateway {
             conn,
             requests: Arc::default(),
             admitted,
+            client_cert,
+            access,
         };
         let requests = visitor.requests.clone();
         let gateway = self.clone();
@@ -249,6 +275,22 @@ impl Gateway {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return r;
         }
+        let access = v.access.clone();
+        let authorization = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        let user = match access.check(&v.name, v.client_cert, authorization).await {
+            Verdict::Public => None,
+            Verdict::Allowed { user } => {
+                // The credentials were sluice's to check, not the device's to see.
+                if user.is_some() {
+                    req.headers_mut().remove(header::AUTHORIZATION);
+                }
+                user
+            }
+            Verdict::Denied(d) => return refuse(log, v, d),
+        };
         let Some(to) = self.registry.route(&v.name, HTTP_PORT) else {
             return if self.registry.is_owned(&v.name) {
                 self.away(log, &v.name)
@@ -274,6 +316,10 @@ impl Gateway {
         let keep_upgrade = upgrade.is_some();
         strip_hop_by_hop(req.headers_mut(), keep_upgrade);
         forwarding_headers(req.headers_mut(), v.peer, &authority);
+        if let Some(u) = user.as_deref().and_then(|u| HeaderValue::from_str(u).ok()) {
+            req.headers_mut()
+                .insert(HeaderName::from_static("x-forwarded-user"), u);
+        }
         let resp = match self.client.request(req).await {
             Ok(r) => r,
             Err(e) if self.registry.route(&v.name, HTTP_PORT).is_none() => {
@@ -326,6 +372,42 @@ impl Gateway {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER));
         r
+    }
+}
+
+/// The answer to a visitor a private tunnel refused; wrong credentials are logged in a line
+/// fail2ban matches (deploy/fail2ban), the rest (a browser's first request before it asks for
+/// credentials, a missing certificate) only at debug and info.
+fn refuse(log: Log, v: &Visitor, d: Denied) -> Response<Body> {
+    let ip = v.peer.ip().to_canonical();
+    match d {
+        Denied::NoClientCert => {
+            info!(target: "sluice::tunnel::auth", tunnel = %v.name, peer = %v.peer, "refused: the tunnel is private and the connection showed no client certificate");
+            log.answer(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "tunnel {} is private: a client certificate is needed\n",
+                    v.name
+                ),
+            )
+        }
+        Denied::NoCredentials | Denied::Wrong(_) => {
+            if let Denied::Wrong(user) = &d {
+                warn!(target: "sluice::tunnel::auth", "Failed password for {} from {ip} tunnel {}", crate::text::clean(user), v.name);
+            } else {
+                tracing::debug!(target: "sluice::tunnel::auth", tunnel = %v.name, peer = %v.peer, "asked for credentials");
+            }
+            let mut r = log.answer(
+                StatusCode::UNAUTHORIZED,
+                &format!("tunnel {} is private: credentials are needed\n", v.name),
+            );
+            if let Ok(realm) =
+                HeaderValue::from_str(&format!("Basic realm=\"{}\", charset=\"UTF-8\"", v.name))
+            {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, realm);
+            }
+            r
+        }
     }
 }
 

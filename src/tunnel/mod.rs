@@ -3,8 +3,9 @@
 //! (pure rules in `name`) and the live registry (`registry`); the SSH server registers and
 //! opens channels, `ssh::permit` decides which names a key may publish.
 
+pub mod access;
 pub(crate) mod http;
-pub(crate) mod name;
+pub mod name;
 mod registry;
 
 pub(crate) use registry::{Published, Refused, Registry, Via};

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 /// A DNS label sluice accepts as a tunnel name: 1-63 of `[a-z0-9-]`, no hyphen at either end.
-pub(crate) fn is_label(s: &str) -> bool {
+pub fn is_label(s: &str) -> bool {
     (1..=63).contains(&s.len())
         && !s.starts_with('-')
         && !s.ends_with('-')
@@ -15,7 +15,7 @@ pub(crate) fn is_label(s: &str) -> bool {
 /// The tunnel name in a `tcpip-forward` bind address or a `direct-tcpip` host: `NAME` or
 /// `NAME.<domain>` (any case). `None` for everything that keeps its old meaning: addresses,
 /// `localhost` (OpenSSH's default bind address), `*`, the empty string, other host names.
-pub(crate) fn from_host(host: &str, domain: &str) -> Option<String> {
+pub fn from_host(host: &str, domain: &str) -> Option<String> {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     if host.is_empty() || host == "localhost" || host.parse::<IpAddr>().is_ok() {
         return None;
@@ -28,20 +28,20 @@ pub(crate) fn from_host(host: &str, domain: &str) -> Option<String> {
 }
 
 /// The tunnel an SNI names: exactly `NAME.<domain>` (any case; the bare name is not one).
-pub(crate) fn from_sni(sni: &str, domain: &str) -> Option<String> {
+pub fn from_sni(sni: &str, domain: &str) -> Option<String> {
     let host = sni.trim_end_matches('.').to_ascii_lowercase();
     let label = host.strip_suffix(domain)?.strip_suffix('.')?;
     is_label(label).then(|| label.to_string())
 }
 
 /// The tunnel a `streamlocal-forward` path names: `/NAME` (`ssh -R /NAME:...`), NAME a label.
-pub(crate) fn from_socket_path(path: &str) -> Option<String> {
+pub fn from_socket_path(path: &str) -> Option<String> {
     let label = path.strip_prefix('/')?.to_ascii_lowercase();
     is_label(&label).then_some(label)
 }
 
 /// Whether `host` is under the tunnel domain (`NAME.<domain>`), so it must not be resolved.
-pub(crate) fn under_domain(host: &str, domain: &str) -> bool {
+pub fn under_domain(host: &str, domain: &str) -> bool {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     host.strip_suffix(domain)
         .is_some_and(|rest| rest.ends_with('.'))

@@ -282,13 +282,13 @@ async fn pkcs1_sec1_and_pkcs8_keys_over_tls12_and_tls13() {
 }
 
 /// A client CA, as PEM, and a way to sign client certificates valid until `until`.
-struct ClientCa {
+pub(crate) struct ClientCa {
     key: rcgen::KeyPair,
-    cert: rcgen::Certificate,
+    pub(crate) cert: rcgen::Certificate,
 }
 
 impl ClientCa {
-    fn new(name: &str) -> ClientCa {
+    pub(crate) fn new(name: &str) -> ClientCa {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -300,7 +300,7 @@ impl ClientCa {
     }
 
     /// A client certificate and its key, as PEM files `NAME.pem` and `NAME.key` in `dir`.
-    fn issue(
+    pub(crate) fn issue(
         &self,
         dir: &std::path::Path,
         name: &str,

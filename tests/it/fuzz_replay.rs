@@ -84,6 +84,7 @@ replay_tests!(
     pin,
     proxy_url,
     connect_reply,
+    tunnel_inputs,
 );
 
 /// The regression inputs with the checks of still-open bugs on (`targets::check_open_bugs`):

@@ -827,3 +827,165 @@ async fn a_tunnel_on_port_443_gets_the_visitors_tls_untouched() {
     assert!(err.contains("Verification: OK"), "{err}");
     f.d.stop().await;
 }
+
+#[test]
+fn private_tunnels_need_a_client_certificate_or_basic_credentials() {
+    need("curl", "curl");
+    need("htpasswd", "apache2-utils");
+    need("fail2ban-regex", "fail2ban");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let owner = keygen(dir.path(), "owner");
+    std::fs::write(
+        dir.path().join("authorized_keys"),
+        format!(
+            "permitlisten=\"staff:80\",permitlisten=\"admin-1:80\" {}\n",
+            owner.public.trim()
+        ),
+    )
+    .unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let st = std::process::Command::new("htpasswd")
+        .args(["-cbB", "-C", "5"])
+        .arg(&htpasswd)
+        .args(["alice", "secret"])
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let ca = crate::clients::ClientCa::new("visitors CA");
+    let ca_path = dir.path().join("visitors-ca.pem");
+    std::fs::write(&ca_path, ca.cert.pem()).unwrap();
+    let laptop = ca.issue(
+        dir.path(),
+        "laptop",
+        std::time::SystemTime::now() + Duration::from_secs(3600),
+    );
+    let cert = crate::support::TestCert::new(&["localhost", "*.t.localhost"]);
+    let (_, range) = port_range(2);
+    let ssh = crate::ssh::ssh_section(
+        dir.path(),
+        &dir.path().join("hostkey"),
+        &[],
+        &range,
+        &format!(
+            "[tunnels]\ndomain = \"t.localhost\"\n[[tunnels.private]]\nnames = [\"staff\"]\nhtpasswd = \"{}\"\n[[tunnels.private]]\nnames = [\"admin-*\"]\nclient_cert = true\n",
+            htpasswd.display()
+        ),
+    );
+    let mut d = crate::cli::serve_config(
+        dir.path(),
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n{ssh}",
+            cert.cert.display(),
+            cert.key.display(),
+            ca_path.display()
+        ),
+    );
+    let port = d.addr.port();
+    let lines = rt.block_on(async {
+        let (device, _) = device_web().await;
+        let _staff = publish(port, &owner.private, &format!("staff:80:{device}"));
+        let _admin = publish(port, &owner.private, &format!("admin-1:80:{device}"));
+        let curl = |host: &'static str, extra: Vec<String>| {
+            let cacert = cert.cert.clone();
+            async move {
+                let out = tokio::process::Command::new("curl")
+                    .args(["-s", "-i", "--max-time", "10", "--cacert"])
+                    .arg(&cacert)
+                    .arg("--resolve")
+                    .arg(format!("{host}:{port}:127.0.0.1"))
+                    .args(&extra)
+                    .arg(format!("https://{host}:{port}/"))
+                    .output()
+                    .await
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            }
+        };
+        let creds = |u: &str| vec!["-u".to_string(), u.to_string()];
+        // Published once the right credentials get through.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let text = loop {
+            let text = curl("staff.t.localhost", creds("alice:secret")).await;
+            if text.starts_with("HTTP/2 200") {
+                break text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never served: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let lower = text.to_ascii_lowercase();
+        assert!(lower.contains("x-forwarded-user: alice\n"), "{text}");
+        assert!(
+            !lower.contains("authorization:"),
+            "the credentials reached the device: {text}"
+        );
+        let text = curl("staff.t.localhost", vec![]).await;
+        assert!(text.starts_with("HTTP/2 401"), "{text}");
+        assert!(
+            text.contains("www-authenticate: Basic realm=\"staff\""),
+            "{text}"
+        );
+        for wrong in ["alice:guess", "bob:secret"] {
+            let text = curl("staff.t.localhost", creds(wrong)).await;
+            assert!(text.starts_with("HTTP/2 401"), "{wrong}: {text}");
+        }
+        // The client-certificate tunnel: refused without one, served with one from the CA.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let with_cert = vec![
+                "--cert".to_string(),
+                laptop.0.display().to_string(),
+                "--key".to_string(),
+                laptop.1.display().to_string(),
+            ];
+            let text = curl("admin-1.t.localhost", with_cert).await;
+            if text.starts_with("HTTP/2 200") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never served: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let text = curl("admin-1.t.localhost", creds("alice:secret")).await;
+        assert!(text.starts_with("HTTP/2 403"), "{text}");
+        // Two wrong passwords: two lines for fail2ban.
+        let mut failed = Vec::new();
+        while failed.len() < 2 {
+            let l = d
+                .log
+                .recv_timeout(Duration::from_secs(10))
+                .expect("no 'Failed password' lines for the wrong credentials");
+            if l.contains("Failed password") {
+                failed.push(l);
+            }
+        }
+        failed
+    });
+    crate::cli::sigterm(&d.child);
+    crate::cli::wait_exit(&mut d.child, Duration::from_secs(10));
+    assert!(
+        lines[0].contains("Failed password for alice from 127.0.0.1 tunnel staff"),
+        "{lines:?}"
+    );
+    let log = dir.path().join("auth.log");
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let filter = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/fail2ban/filter.d/sluice.conf"
+    );
+    let out = std::process::Command::new("fail2ban-regex")
+        .arg(&log)
+        .arg(filter)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("Lines: 2 lines, 0 ignored, 2 matched"),
+        "{report}"
+    );
+}

@@ -304,7 +304,63 @@ impl Validator<'_> {
                 Some(d) => self.duration(d, MIN_TIMEOUT, 60 * MINUTE)?,
                 None => defaults.pool_idle,
             };
+            let mut private = Vec::new();
+            for p in &t.private {
+                let e = p.get_ref();
+                if e.names.is_empty() {
+                    return self.err(
+                        p.span(),
+                        "`names` lists no tunnel names (globs such as \"admin-*\")",
+                    );
+                }
+                let mut names = Vec::new();
+                for n in &e.names {
+                    let g = n.get_ref().to_ascii_lowercase();
+                    let ok = !g.is_empty()
+                        && g.bytes().all(|b| {
+                            b.is_ascii_lowercase()
+                                || b.is_ascii_digit()
+                                || b == b'-'
+                                || b == b'*'
+                                || b == b'?'
+                        });
+                    if !ok {
+                        return self.err(
+                            n.span(),
+                            format!(
+                                "`{}` is not a tunnel name glob (letters, digits, -, * and ?)",
+                                n.get_ref()
+                            ),
+                        );
+                    }
+                    names.push(g);
+                }
+                let client_cert = e.client_cert.as_ref().is_some_and(|c| *c.get_ref());
+                if client_cert && cfg.tls.client_ca.is_none() {
+                    let at = e.client_cert.as_ref().map_or(p.span(), |c| c.span());
+                    return self.err(
+                        at,
+                        "needs [tls] client_ca, the CA that signs client certificates",
+                    );
+                }
+                let htpasswd = match &e.htpasswd {
+                    Some(h) => Some(self.path(h)?),
+                    None => None,
+                };
+                if htpasswd.is_none() && !client_cert {
+                    return self.err(
+                        p.span(),
+                        "a private tunnel needs `htpasswd`, `client_cert = true`, or both",
+                    );
+                }
+                private.push(PrivateTunnels {
+                    names,
+                    htpasswd,
+                    client_cert,
+                });
+            }
             cfg.tunnels = Some(TunnelSettings {
+                private,
                 domain,
                 max_per_identity,
                 header_timeout,
