@@ -136,15 +136,19 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
-/// Serves admin requests until `stop` is cancelled.
+/// The live tunnels now, for `/tunnels` (the server's registry, as a reload left it).
+pub type TunnelList = Arc<dyn Fn() -> Vec<crate::tunnel::LiveTunnel> + Send + Sync>;
+
+/// Serves admin requests until `stop` is cancelled; `/tunnels` when `tunnels` is given.
 pub async fn serve(
     listener: TcpListener,
     readiness: Readiness,
     liveness: Liveness,
     stop: CancellationToken,
+    tunnels: TunnelList,
 ) {
     if let Ok(a) = listener.local_addr() {
-        info!(admin = %a, "admin endpoint: /livez /readyz /metrics");
+        info!(admin = %a, "admin endpoint: /livez /readyz /metrics /tunnels");
     }
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
     let busy = Arc::new(Semaphore::new(MAX_CONCURRENT));
@@ -172,11 +176,10 @@ pub async fn serve(
             });
             continue;
         };
-        let (readiness, liveness) = (readiness.clone(), liveness.clone());
+        let (readiness, liveness, tunnels) = (readiness.clone(), liveness.clone(), tunnels.clone());
         tokio::spawn(async move {
-            if let Err(e) =
-                tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &readiness, &liveness)).await
-            {
+            let answer = answer(stream, &readiness, &liveness, &tunnels);
+            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
                 debug!(%peer, error = %e, "admin request timed out");
             }
             drop(permit);
@@ -184,7 +187,12 @@ pub async fn serve(
     }
 }
 
-async fn answer(mut s: TcpStream, readiness: &Readiness, liveness: &Liveness) {
+async fn answer(
+    mut s: TcpStream,
+    readiness: &Readiness,
+    liveness: &Liveness,
+    tunnels: &TunnelList,
+) {
     use crate::builtin::{read_head, request_line, respond, TEXT};
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
     let head = match read_head(&mut s, &[], deadline).await {
@@ -232,10 +240,15 @@ async fn answer(mut s: TcpStream, readiness: &Readiness, liveness: &Liveness) {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             crate::metrics::get().encode(),
         ),
+        "/tunnels" => (
+            OK,
+            "application/json",
+            serde_json::to_string(&tunnels()).unwrap_or_else(|_| "[]".into()) + "\n",
+        ),
         _ => (
             "404 Not Found",
             TEXT,
-            "not found; try /livez, /readyz or /metrics\n".to_string(),
+            "not found; try /livez, /readyz, /metrics or /tunnels\n".to_string(),
         ),
     };
     let _ = respond(&mut s, status, ctype, "", &body, head_only).await;
@@ -308,6 +321,44 @@ pub fn check(addr: SocketAddr, path: &'static str, timeout: Duration) -> Result<
     let status = line.lines().next().unwrap_or("").trim().to_string();
     if status.split_whitespace().nth(1) == Some("200") {
         Ok(())
+    } else {
+        Err(HealthError::NotOk {
+            addr,
+            path,
+            status: if status.is_empty() {
+                "nothing".into()
+            } else {
+                status
+            },
+        })
+    }
+}
+
+/// GETs `path` from the admin endpoint at `addr`: the body of a 200 answer (at most 16 MiB).
+pub fn fetch(
+    addr: SocketAddr,
+    path: &'static str,
+    timeout: Duration,
+) -> Result<String, HealthError> {
+    use std::io::{Read, Write};
+    let unreachable = |source| HealthError::Unreachable { addr, source };
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(unreachable)?;
+    s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
+    s.set_write_timeout(Some(timeout)).map_err(unreachable)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(unreachable)?;
+    let mut reply = Vec::new();
+    s.take(16 << 20)
+        .read_to_end(&mut reply)
+        .map_err(unreachable)?;
+    let text = String::from_utf8_lossy(&reply);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or("").trim().to_string();
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(body.to_string())
     } else {
         Err(HealthError::NotOk {
             addr,

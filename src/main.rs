@@ -50,6 +50,25 @@ enum Command {
     /// Ask a running sluice's admin endpoint whether it is ready (exit 0) or not (exit 1): an
     /// exec probe for images without curl.
     Healthcheck(HealthArgs),
+    /// List the live tunnels of a running sluice (name, port, owner, since, traffic), from its
+    /// admin endpoint.
+    Tunnels(TunnelsArgs),
+}
+
+#[derive(Args)]
+struct TunnelsArgs {
+    /// The admin address; default: [admin] listen from --config, else 127.0.0.1:9090.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Take the admin address from this config file (--admin wins if both are given).
+    #[arg(long, short, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the admin endpoint's JSON as it came.
+    #[arg(long)]
+    json: bool,
+    /// Give up after this long.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 /// Where `serve` and `hostkey` find their config and state.
@@ -186,6 +205,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         // The helpers keep stderr for their own one-line errors and stdout for data: no logging.
         Command::Connect(args) => connect(args),
         Command::Healthcheck(args) => healthcheck(args),
+        Command::Tunnels(args) => tunnels(args),
         command => {
             init_logging(cli.log_format);
             match command {
@@ -193,7 +213,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Command::Check { config } => check(&config),
                 Command::Serve(args) => serve(args),
                 Command::Hostkey(args) => hostkey(args),
-                Command::Connect(_) | Command::Healthcheck(_) => Ok(()),
+                Command::Connect(_) | Command::Healthcheck(_) | Command::Tunnels(_) => Ok(()),
             }
         }
     }
@@ -294,6 +314,54 @@ fn healthcheck(args: HealthArgs) -> Result<(), Failure> {
     sluice::admin::check(sluice::admin::probe_addr(probe.addr), path, probe.timeout)
         .map_err(|e| Failure::new(1, format!("sluice healthcheck: {e}")))?;
     println!("{} ok", if probe.live { "live" } else { "ready" });
+    Ok(())
+}
+
+fn tunnels(a: TunnelsArgs) -> Result<(), Failure> {
+    let json = a.json;
+    let probe = Probe::try_from(HealthArgs {
+        admin: a.admin,
+        config: a.config,
+        live: false,
+        timeout: a.timeout,
+    })?;
+    let body = sluice::admin::fetch(
+        sluice::admin::probe_addr(probe.addr),
+        "/tunnels",
+        probe.timeout,
+    )
+    .map_err(|e| Failure::new(1, format!("sluice tunnels: {e}")))?;
+    if json {
+        print!("{body}");
+        return Ok(());
+    }
+    let list: Vec<sluice::tunnel::LiveTunnel> = serde_json::from_str(&body).map_err(|e| {
+        Failure::new(
+            1,
+            format!("sluice tunnels: the admin endpoint's answer is not a tunnel list: {e}"),
+        )
+    })?;
+    if list.is_empty() {
+        println!("no live tunnels");
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>5} {:<7} {:<21} {:>8} {:>14} {:>14}  OWNER",
+        "NAME", "PORT", "VIA", "SINCE", "VISITS", "TO PUBLISHER", "TO VISITORS"
+    );
+    for t in list {
+        println!(
+            "{:<24} {:>5} {:<7} {:<21} {:>8} {:>14} {:>14}  {}",
+            t.name,
+            t.port,
+            t.via,
+            t.since,
+            t.visits,
+            t.bytes_to_publisher,
+            t.bytes_to_visitors,
+            t.owner
+        );
+    }
     Ok(())
 }
 

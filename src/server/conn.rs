@@ -472,6 +472,7 @@ async fn passthrough(cx: &Ctx, p: Box<Passthrough>, log: &mut ConnLog) {
         &cx.shared.force_close,
     ))
     .await;
+    to.traffic.add(1, bytes.up, bytes.down);
     log.bytes = bytes;
     log.outcome = Some(end.into());
 }

@@ -199,11 +199,20 @@ impl Server {
             &self.liveness,
         );
         if let Some(admin) = self.admin {
+            let shared = self.shared.clone();
+            let tunnels: crate::admin::TunnelList = Arc::new(move || {
+                let snap = shared.snapshot.load();
+                match (&snap.cfg.tunnels, &snap.ssh) {
+                    (Some(_), Some(ssh)) => ssh.registry.list(),
+                    _ => Vec::new(),
+                }
+            });
             tokio::spawn(crate::admin::serve(
                 admin,
                 self.readiness.clone(),
                 self.liveness.clone(),
                 stop_admin.clone(),
+                tunnels,
             ));
         }
         self.reloader.watch_certs(stop_accepting.clone());

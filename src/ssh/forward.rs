@@ -23,12 +23,21 @@ static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Relays a channel and a socket until both ends close.
-async fn splice<S>(server: &SshServer, channel: Channel<Msg>, mut socket: S, _slot: ChannelSlot)
+/// Relays a channel and a socket to the end; the bytes from the channel's side (`up`) and
+/// from the socket's (`down`).
+async fn splice<S>(
+    server: &SshServer,
+    channel: Channel<Msg>,
+    mut socket: S,
+    _slot: ChannelSlot,
+) -> crate::relay::Bytes
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut stream = channel.into_stream();
-    let _ = crate::relay::relay(&mut stream, &mut socket, server.channel_idle, &server.stop).await;
+    crate::relay::relay(&mut stream, &mut socket, server.channel_idle, &server.stop)
+        .await
+        .0
 }
 
 /// `-W`/`-L`/`-J`: resolve, check addresses against `permit_open`, connect, then accept the
@@ -147,7 +156,8 @@ pub(crate) async fn to_tunnel(
     reply.accept().await;
     crate::metrics::count(&crate::metrics::get().tunnel_visits, "opened");
     info!(target: "sluice::ssh", %peer, tunnel = name, port, "direct-tcpip to a tunnel opened");
-    splice(&server, channel, publisher.into_stream(), slot).await;
+    let bytes = splice(&server, channel, publisher.into_stream(), slot).await;
+    to.traffic.add(1, bytes.up, bytes.down);
 }
 
 /// Binds `address:port` for `-R`; port 0 takes a free port from `range`.
@@ -215,7 +225,9 @@ pub(crate) async fn reverse_tcp(
                 u32::from(from.port()),
             );
             match tokio::time::timeout(OPEN_TIMEOUT, open).await {
-                Ok(Ok(channel)) => splice(&server, channel, tcp, slot).await,
+                Ok(Ok(channel)) => {
+                    splice(&server, channel, tcp, slot).await;
+                }
                 Ok(Err(e)) => {
                     warn!(target: "sluice::ssh", port, error = %e, "reverse forward: the client refused the channel");
                 }
@@ -252,7 +264,9 @@ pub(crate) async fn reverse_unix(
             )
             .await
             {
-                Ok(Ok(channel)) => splice(&server, channel, stream, slot).await,
+                Ok(Ok(channel)) => {
+                    splice(&server, channel, stream, slot).await;
+                }
                 _ => {
                     warn!(target: "sluice::ssh", "reverse forward (unix): the client did not take the channel");
                 }

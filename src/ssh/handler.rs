@@ -222,6 +222,7 @@ impl Conn {
             handle,
             via,
             session: self.id,
+            traffic: Arc::default(),
         };
         let registry = &self.server.registry;
         let publish =

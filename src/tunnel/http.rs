@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::access::{Access, Denied, Verdict};
-use super::Registry;
+use super::{Registry, Traffic};
 use crate::config::TunnelSettings;
 use crate::outcome::HttpEnd;
 
@@ -56,7 +56,7 @@ pub(crate) struct Gateway {
     registry: Arc<Registry>,
     /// Visitor connections open now, per tunnel name (bounded by `max_visitors`).
     visitors: Arc<Mutex<HashMap<Arc<str>, u32>>>,
-    client: Client<Dialer, Incoming>,
+    client: Client<Dialer, Upload>,
     server: hyper_util::server::conn::auto::Builder<TokioExecutor>,
     /// Cancelled at the end of the shutdown grace: upgraded streams close.
     stop: CancellationToken,
@@ -254,6 +254,7 @@ impl Gateway {
             method,
             path,
             start,
+            traffic: None,
         };
         let Some(authority) = authority(&req) else {
             return log.answer(StatusCode::BAD_REQUEST, "the request names no host\n");
@@ -320,6 +321,12 @@ impl Gateway {
             req.headers_mut()
                 .insert(HeaderName::from_static("x-forwarded-user"), u);
         }
+        let mut log = log;
+        log.traffic = Some(to.traffic.clone());
+        let req = req.map(|body| Upload {
+            inner: body,
+            traffic: to.traffic.clone(),
+        });
         let resp = match self.client.request(req).await {
             Ok(r) => r,
             Err(e) if self.registry.route(&v.name, HTTP_PORT).is_none() => {
@@ -521,6 +528,8 @@ struct Log {
     method: Method,
     path: String,
     start: Instant,
+    /// The tunnel's counters, once the request goes to it.
+    traffic: Option<Arc<Traffic>>,
 }
 
 impl Log {
@@ -570,6 +579,9 @@ impl Logged {
         let Some(l) = self.log.take() else {
             return;
         };
+        if let Some(t) = &l.traffic {
+            t.add(1, 0, self.bytes);
+        }
         let class = match self.status.as_u16() {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -650,6 +662,38 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Logged(l) => l.inner.size_hint(),
         }
+    }
+}
+
+/// A visitor's request body on its way to the publisher, counted into the tunnel's traffic.
+pub(crate) struct Upload {
+    inner: Incoming,
+    traffic: Arc<Traffic>,
+}
+
+impl http_body::Body for Upload {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.traffic.add(0, d.len() as u64, 0);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -8,4 +8,5 @@ pub(crate) mod http;
 pub mod name;
 mod registry;
 
-pub(crate) use registry::{Published, Refused, Registry, Via};
+pub use registry::LiveTunnel;
+pub(crate) use registry::{Published, Refused, Registry, Traffic, Via};

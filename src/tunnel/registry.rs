@@ -7,6 +7,8 @@
 #[cfg(test)]
 use std::collections::BTreeSet;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -68,6 +70,46 @@ pub(crate) struct Published {
     pub(crate) via: Via,
     /// The publishing session (pooled HTTP channels belong to one session).
     pub(crate) session: u64,
+    /// What went through it.
+    pub(crate) traffic: Arc<Traffic>,
+}
+
+/// Visits and bytes of one published tunnel (a name and port, for one session).
+#[derive(Debug, Default)]
+pub(crate) struct Traffic {
+    visits: AtomicU64,
+    to_publisher: AtomicU64,
+    to_visitors: AtomicU64,
+}
+
+impl Traffic {
+    /// Counts `visits` (requests, or relayed connections) and bytes each way.
+    pub(crate) fn add(&self, visits: u64, to_publisher: u64, to_visitors: u64) {
+        self.visits.fetch_add(visits, Relaxed);
+        self.to_publisher.fetch_add(to_publisher, Relaxed);
+        self.to_visitors.fetch_add(to_visitors, Relaxed);
+    }
+}
+
+/// One live tunnel, as `sluice tunnels` lists it (the admin endpoint's `/tunnels`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LiveTunnel {
+    /// The name.
+    pub name: String,
+    /// The port published on it (80: HTTPS visitors; 443: passed through).
+    pub port: u16,
+    /// The identity that owns it (a key fingerprint, or `cert CA KEY-ID USER`).
+    pub owner: String,
+    /// When this session published it (RFC 3339, UTC).
+    pub since: String,
+    /// `tcp` (`-R NAME:PORT`) or `socket` (`-R /NAME`).
+    pub via: String,
+    /// Requests (HTTPS) and relayed connections (`-W/-J/-L`, passthrough) since then.
+    pub visits: u64,
+    /// Bytes from visitors to the publisher.
+    pub bytes_to_publisher: u64,
+    /// Bytes from the publisher to visitors.
+    pub bytes_to_visitors: u64,
 }
 
 /// How a tunnel was published.
@@ -78,6 +120,22 @@ pub(crate) enum Via {
     /// `-R /NAME:...`: `streamlocal-forward` of this socket path, reached by
     /// `forwarded-streamlocal` (published on port 80, as Preevy's clients use it).
     Socket(String),
+}
+
+/// What a registry entry says about its traffic, for [`Registry::list`].
+pub(crate) trait AsTraffic {
+    /// How it was published (`tcp`, `socket`) and its counters.
+    fn traffic(&self) -> (&'static str, &Traffic);
+}
+
+impl AsTraffic for Published {
+    fn traffic(&self) -> (&'static str, &Traffic) {
+        let via = match self.via {
+            Via::Tcp(_) => "tcp",
+            Via::Socket(_) => "socket",
+        };
+        (via, &self.traffic)
+    }
 }
 
 impl Published {
@@ -248,6 +306,34 @@ impl<T: Clone> Registry<T> {
             .map(|l| l.to.clone())
     }
 
+    /// Every live tunnel, sorted by name and port.
+    pub(crate) fn list(&self) -> Vec<LiveTunnel>
+    where
+        T: AsTraffic,
+    {
+        let mut v: Vec<LiveTunnel> = self
+            .lock()
+            .iter()
+            .flat_map(|(name, n)| {
+                n.live.iter().map(move |(port, l)| {
+                    let (via, t) = l.to.traffic();
+                    LiveTunnel {
+                        name: name.clone(),
+                        port: *port,
+                        owner: n.owner.clone(),
+                        since: humantime::format_rfc3339_seconds(l.since).to_string(),
+                        via: via.to_string(),
+                        visits: t.visits.load(Relaxed),
+                        bytes_to_publisher: t.to_publisher.load(Relaxed),
+                        bytes_to_visitors: t.to_visitors.load(Relaxed),
+                    }
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.name, a.port).cmp(&(&b.name, b.port)));
+        v
+    }
+
     /// Whether any identity owns `name`.
     pub(crate) fn is_owned(&self, name: &str) -> bool {
         self.lock().contains_key(name)
@@ -271,6 +357,17 @@ impl<T: Clone> Registry<T> {
 mod tests {
     use super::*;
 
+    impl AsTraffic for u32 {
+        fn traffic(&self) -> (&'static str, &Traffic) {
+            static NONE: Traffic = Traffic {
+                visits: AtomicU64::new(0),
+                to_publisher: AtomicU64::new(0),
+                to_visitors: AtomicU64::new(0),
+            };
+            ("tcp", &NONE)
+        }
+    }
+
     #[test]
     fn names_belong_to_their_first_publisher() {
         let r: Registry<u32> = Registry::default();
@@ -287,6 +384,18 @@ mod tests {
         );
         // The same session adds a port; the same key in another session cannot take a live one.
         r.publish("myapp", 22, "alice", 1, 11, 16).unwrap();
+        let listed: Vec<(String, u16, String)> = r
+            .list()
+            .into_iter()
+            .map(|t| (t.name, t.port, t.owner))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                ("myapp".into(), 22, "alice".into()),
+                ("myapp".into(), 80, "alice".into())
+            ]
+        );
         assert!(matches!(
             r.publish("myapp", 80, "alice", 3, 30, 16),
             Err(Refused::Held { .. })

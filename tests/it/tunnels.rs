@@ -875,17 +875,18 @@ fn private_tunnels_need_a_client_certificate_or_basic_credentials() {
     let mut d = crate::cli::serve_config(
         dir.path(),
         &format!(
-            "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n{ssh}",
+            "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n{ssh}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
             cert.cert.display(),
             cert.key.display(),
             ca_path.display()
         ),
     );
     let port = d.addr.port();
-    let lines = rt.block_on(async {
+    let admin = d.admin_addr().to_string();
+    let (lines, _staff, _admin) = rt.block_on(async {
         let (device, _) = device_web().await;
-        let _staff = publish(port, &owner.private, &format!("staff:80:{device}"));
-        let _admin = publish(port, &owner.private, &format!("admin-1:80:{device}"));
+        let staff = publish(port, &owner.private, &format!("staff:80:{device}"));
+        let admin = publish(port, &owner.private, &format!("admin-1:80:{device}"));
         let curl = |host: &'static str, extra: Vec<String>| {
             let cacert = cert.cert.clone();
             async move {
@@ -964,8 +965,37 @@ fn private_tunnels_need_a_client_certificate_or_basic_credentials() {
                 failed.push(l);
             }
         }
-        failed
+        (failed, staff, admin)
     });
+    // `sluice tunnels` lists both, with the requests that reached them.
+    let out = std::process::Command::new(crate::support::bin())
+        .args(["tunnels", "--admin", &admin])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.starts_with("NAME"), "{table}");
+    let out = std::process::Command::new(crate::support::bin())
+        .args(["tunnels", "--json", "--admin", &admin])
+        .output()
+        .unwrap();
+    let list: Vec<sluice::tunnel::LiveTunnel> = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<(&str, u16)> = list.iter().map(|t| (t.name.as_str(), t.port)).collect();
+    assert_eq!(names, [("admin-1", 80), ("staff", 80)], "{table}");
+    let staff = &list[1];
+    assert!(staff.owner.starts_with("SHA256:"), "{staff:?}");
+    assert!(
+        staff.visits >= 1 && staff.bytes_to_visitors > 0,
+        "only allowed requests reach it: {staff:?}"
+    );
+    assert!(
+        table.contains("staff") && table.contains(&staff.owner),
+        "{table}"
+    );
     crate::cli::sigterm(&d.child);
     crate::cli::wait_exit(&mut d.child, Duration::from_secs(10));
     assert!(
