@@ -1207,6 +1207,128 @@ fn http_load(
     })
 }
 
+/// Whether a request through `v` gets a 200 within 20 s.
+async fn served(v: &Visit) -> bool {
+    for _ in 0..200 {
+        let ok = tokio::time::timeout(Duration::from_secs(2), async {
+            let tcp_ok = match v {
+                Visit::Plain(p) | Visit::Tls(p, _, _) => {
+                    TcpStream::connect(("127.0.0.1", *p)).await.is_ok()
+                }
+            };
+            if !tcp_ok {
+                return false;
+            }
+            let mut s = visit(v).await;
+            let req = hyper::Request::get("/")
+                .header("host", "bench.t.localhost")
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            s.send_request(req).await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        if ok == Ok(true) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// rathole (Noise transport, so its tunnel pays one layer of crypto as an SSH channel does)
+/// and bore (no encryption), when installed (`cargo install rathole bore-cli`): (name, visitor
+/// port, server, client).
+fn other_tunnels(
+    b: &mut Bench,
+    d: &std::path::Path,
+    origin: SocketAddr,
+) -> Vec<(&'static str, u16, Peer, Peer)> {
+    let mut out = Vec::new();
+    if have("rathole") {
+        let keys = Command::new("rathole").arg("--genkey").output().unwrap();
+        let text = String::from_utf8_lossy(&keys.stdout).into_owned();
+        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+        let (mut private, mut public) = (None, None);
+        while let Some(l) = lines.next() {
+            if l.starts_with("Private Key") {
+                private = lines.next().map(str::to_string);
+            } else if l.starts_with("Public Key") {
+                public = lines.next().map(str::to_string);
+            }
+        }
+        let (control, vport) = (free_port(), free_port());
+        if let (Some(private), Some(public)) = (private, public) {
+            let server = d.join("rathole-server.toml");
+            std::fs::write(&server, format!(
+                "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{private}\"\n[server.services.bench]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{vport}\"\n"
+            )).unwrap();
+            let client = d.join("rathole-client.toml");
+            std::fs::write(&client, format!(
+                "[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n[client.services.bench]\ntoken = \"bench\"\nlocal_addr = \"{origin}\"\n"
+            )).unwrap();
+            match (
+                spawn(
+                    "rathole",
+                    control,
+                    Command::new("rathole").arg("--server").arg(&server),
+                ),
+                spawn_running(
+                    "rathole client",
+                    Command::new("rathole").arg("--client").arg(&client),
+                ),
+            ) {
+                (Some(s), Some(c)) => out.push(("rathole", vport, s, c)),
+                _ => b.skipped.push("tunnels: rathole (did not start)".into()),
+            }
+        } else {
+            b.skipped
+                .push(format!("tunnels: rathole (--genkey printed {text:?})"));
+        }
+    } else {
+        b.skipped
+            .push("tunnels: rathole (not installed: cargo install rathole)".into());
+    }
+    if have("bore") {
+        // bore's control port is fixed (7835); the tunnel port is chosen with --port.
+        let vport = free_port();
+        match (
+            spawn(
+                "bore",
+                7835,
+                Command::new("bore").args([
+                    "server",
+                    "--bind-addr",
+                    "127.0.0.1",
+                    "--min-port",
+                    "1024",
+                ]),
+            ),
+            spawn_running(
+                "bore client",
+                Command::new("bore").args([
+                    "local",
+                    &origin.port().to_string(),
+                    "--local-host",
+                    "127.0.0.1",
+                    "--to",
+                    "127.0.0.1",
+                    "--port",
+                    &vport.to_string(),
+                ]),
+            ),
+        ) {
+            (Some(s), Some(c)) => out.push(("bore", vport, s, c)),
+            _ => b
+                .skipped
+                .push("tunnels: bore (did not start; is port 7835 free?)".into()),
+        }
+    } else {
+        b.skipped
+            .push("tunnels: bore (not installed: cargo install bore-cli)".into());
+    }
+    out
+}
+
 /// Scenario 7: HTTP through a tunnel from a machine behind NAT. OpenSSH's `ssh -N -R` is the
 /// publisher for both servers: to sluice by name (`-R bench:80:...` through `sluice connect`,
 /// visitors on HTTPS at bench.t.localhost, terminated by sluice), and to OpenSSH's sshd
@@ -1352,7 +1474,15 @@ fn tunnel_http(b: &mut Bench) {
         (Some(s), Some(_)) => peers.push(("sshd -R", Visit::Plain(rport), Some(s.child.id()))),
         _ => b.skipped.push("tunnels: sshd -R (did not start)".into()),
     }
-    let _keep = (sluice_pub, sshd_pub);
+    let others = other_tunnels(b, &d, origin);
+    for (name, port, server, _) in &others {
+        if b.rt.block_on(served(&Visit::Plain(*port))) {
+            peers.push((*name, Visit::Plain(*port), Some(server.child.id())));
+        } else {
+            b.skipped.push(format!("tunnels: {name} (never served)"));
+        }
+    }
+    let _keep = (sluice_pub, sshd_pub, others);
     for keep_alive in [true, false] {
         // (req/s, p50, p99, server CPU-ms per 1,000 requests), one list per peer.
         let mut rows: Vec<(&'static str, Vec<[f64; 4]>)> =
