@@ -190,8 +190,14 @@ impl Access {
         let Some((user, password)) = authorization.and_then(basic) else {
             return Verdict::Denied(Denied::NoCredentials);
         };
-        let Some(hash) = file.users.get(&user).cloned() else {
-            return Verdict::Denied(Denied::Wrong(user));
+        // An unknown user costs a bcrypt check too (against another entry's hash), so that
+        // the answer's timing does not tell which users exist.
+        let (hash, known) = match file.users.get(&user) {
+            Some(h) => (h.clone(), true),
+            None => match file.users.values().next() {
+                Some(h) => (h.clone(), false),
+                None => return Verdict::Denied(Denied::Wrong(user)),
+            },
         };
         let key = {
             let mut d = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
@@ -203,7 +209,7 @@ impl Access {
             k.copy_from_slice(d.finish().as_ref());
             k
         };
-        if self.remembered(&key) {
+        if known && self.remembered(&key) {
             return Verdict::Allowed { user: Some(user) };
         }
         let ok = match self.bcrypt.clone().acquire_owned().await {
@@ -215,7 +221,7 @@ impl Access {
             .unwrap_or(false),
             Err(_) => false,
         };
-        if !ok {
+        if !ok || !known {
             return Verdict::Denied(Denied::Wrong(user));
         }
         self.remember(key);
@@ -335,6 +341,12 @@ mod tests {
         let allowed = Verdict::Allowed {
             user: Some("alice".into()),
         };
+        // bob is not listed: refused even with a password that matches another entry.
+        let bob = b"Basic Ym9iOnNlY3JldA==".as_slice(); // bob:secret
+        assert_eq!(
+            a.check("staff", false, Some(bob)).await,
+            Verdict::Denied(Denied::Wrong("bob".into()))
+        );
         assert_eq!(a.check("staff", false, Some(good)).await, allowed);
         assert_eq!(
             a.check("staff", false, Some(good)).await,
