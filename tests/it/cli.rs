@@ -592,7 +592,8 @@ fn the_embedded_default_serves_a_tunnel_end_to_end() {
 set -u
 trap 'kill $(jobs -p) 2>/dev/null' EXIT
 ip link set lo up
-cd "$HOME/site" && /usr/bin/python3 -m http.server --bind 127.0.0.1 3000 >/dev/null 2>&1 &
+# exec: the job is python itself, so the EXIT trap ends it (a netns does not end processes).
+(cd "$HOME/site" && exec /usr/bin/python3 -m http.server --bind 127.0.0.1 3000 >/dev/null 2>&1) &
 "$BIN" serve >/dev/null 2>"$HOME/sluice.log" &
 for i in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/8443) 2>/dev/null && break; sleep 0.05; done
 CERT="$HOME/.local/state/sluice/tls-cert.pem"
