@@ -884,15 +884,7 @@ fn ssh_forward(b: &mut Bench) {
     }
     let d = b.dir.path().join("ssh");
     std::fs::create_dir_all(&d).unwrap();
-    for k in ["client", "host"] {
-        let _ = std::fs::remove_file(d.join(k));
-        let st = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(d.join(k))
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
+    ssh_keys(&d);
     let auth = d.join("authorized_keys");
     std::fs::copy(d.join("client.pub"), &auth).unwrap();
     let mut peers = Vec::new();
@@ -995,6 +987,19 @@ fn ssh_forward(b: &mut Bench) {
     }
     println!("\nScenario 6: ssh -W ({cipher}, {mib} MiB each way): sluice's embedded server vs OpenSSH sshd");
     report(&results);
+}
+
+/// Fresh Ed25519 key pairs `DIR/client` and `DIR/host` (the sshd scenarios' user and host keys).
+fn ssh_keys(d: &std::path::Path) {
+    for k in ["client", "host"] {
+        let _ = std::fs::remove_file(d.join(k));
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join(k))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
 }
 
 /// Samples the CPU of a process and its children every 20 ms; `finish` gives the ticks used
@@ -1348,15 +1353,7 @@ fn tunnel_http(b: &mut Bench) {
     }
     let d = b.dir.path().join("tunnels");
     std::fs::create_dir_all(&d).unwrap();
-    for k in ["client", "host"] {
-        let _ = std::fs::remove_file(d.join(k));
-        let st = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(d.join(k))
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
+    ssh_keys(&d);
     let public = std::fs::read_to_string(d.join("client.pub")).unwrap();
     let auth = d.join("authorized_keys");
     std::fs::write(&auth, format!("permitlisten=\"bench:80\" {public}")).unwrap();
@@ -1444,24 +1441,7 @@ fn tunnel_http(b: &mut Bench) {
     cc.resumption = rustls::client::Resumption::default();
     let tls = Visit::Tls(sluice.port, Arc::new(cc), "bench.t.localhost");
     // Published once a request gets through.
-    let ready = b.rt.block_on(async {
-        for _ in 0..200 {
-            let ok = tokio::time::timeout(Duration::from_secs(2), async {
-                let mut s = visit(&tls).await;
-                let req = hyper::Request::get("/")
-                    .header("host", "bench.t.localhost")
-                    .body(http_body_util::Empty::new())
-                    .unwrap();
-                s.send_request(req).await.map(|r| r.status() == 200)
-            })
-            .await;
-            if matches!(ok, Ok(Ok(true))) {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    });
+    let ready = b.rt.block_on(served(&tls));
     if !ready {
         b.skipped
             .push("tunnels (the sluice tunnel never served)".into());

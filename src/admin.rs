@@ -298,40 +298,18 @@ pub enum HealthError {
 /// Asks the admin endpoint at `addr` for `path` (`/readyz` or `/livez`); Ok if it answers 200.
 /// Blocking and dependency-free, for exec probes in images without curl.
 pub fn check(addr: SocketAddr, path: &'static str, timeout: Duration) -> Result<(), HealthError> {
-    use std::io::{Read, Write};
-    let unreachable = |source| HealthError::Unreachable { addr, source };
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(unreachable)?;
-    s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
-    s.set_write_timeout(Some(timeout)).map_err(unreachable)?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(unreachable)?;
+    use std::io::Read;
+    let mut s = request(addr, path, timeout)?;
     let mut reply = Vec::new();
     let mut chunk = [0u8; 512];
     while !reply.contains(&b'\n') && reply.len() < 4096 {
         match s.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => reply.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(unreachable(e)),
+            Err(source) => return Err(HealthError::Unreachable { addr, source }),
         }
     }
-    let line = String::from_utf8_lossy(&reply);
-    let status = line.lines().next().unwrap_or("").trim().to_string();
-    if status.split_whitespace().nth(1) == Some("200") {
-        Ok(())
-    } else {
-        Err(HealthError::NotOk {
-            addr,
-            path,
-            status: if status.is_empty() {
-                "nothing".into()
-            } else {
-                status
-            },
-        })
-    }
+    ok_status(&String::from_utf8_lossy(&reply), addr, path)
 }
 
 /// GETs `path` from the admin endpoint at `addr`: the body of a 200 answer (at most 16 MiB).
@@ -340,7 +318,25 @@ pub fn fetch(
     path: &'static str,
     timeout: Duration,
 ) -> Result<String, HealthError> {
-    use std::io::{Read, Write};
+    use std::io::Read;
+    let mut reply = Vec::new();
+    request(addr, path, timeout)?
+        .take(16 << 20)
+        .read_to_end(&mut reply)
+        .map_err(|source| HealthError::Unreachable { addr, source })?;
+    let text = String::from_utf8_lossy(&reply);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    ok_status(head, addr, path)?;
+    Ok(body.to_string())
+}
+
+/// Connects to `addr` and sends `GET path`, with `timeout` for every step.
+fn request(
+    addr: SocketAddr,
+    path: &'static str,
+    timeout: Duration,
+) -> Result<std::net::TcpStream, HealthError> {
+    use std::io::Write;
     let unreachable = |source| HealthError::Unreachable { addr, source };
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(unreachable)?;
     s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
@@ -350,26 +346,24 @@ pub fn fetch(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .map_err(unreachable)?;
-    let mut reply = Vec::new();
-    s.take(16 << 20)
-        .read_to_end(&mut reply)
-        .map_err(unreachable)?;
-    let text = String::from_utf8_lossy(&reply);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok(s)
+}
+
+/// Ok if the answer's status line (the first of `head`) says 200.
+fn ok_status(head: &str, addr: SocketAddr, path: &'static str) -> Result<(), HealthError> {
     let status = head.lines().next().unwrap_or("").trim().to_string();
     if status.split_whitespace().nth(1) == Some("200") {
-        Ok(body.to_string())
-    } else {
-        Err(HealthError::NotOk {
-            addr,
-            path,
-            status: if status.is_empty() {
-                "nothing".into()
-            } else {
-                status
-            },
-        })
+        return Ok(());
     }
+    Err(HealthError::NotOk {
+        addr,
+        path,
+        status: if status.is_empty() {
+            "nothing".into()
+        } else {
+            status
+        },
+    })
 }
 
 /// The address to probe for a listen address: a wildcard becomes loopback.

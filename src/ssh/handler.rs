@@ -263,6 +263,17 @@ impl Conn {
         true
     }
 
+    /// Stops publishing `name:port` (the client cancelled it); false if this session did not.
+    fn withdraw(&mut self, name: String, port: u16) -> bool {
+        let key = (name, port);
+        if !self.names.remove(&key) {
+            return false;
+        }
+        self.server.registry.unpublish(&key.0, port, self.id);
+        info!(target: "sluice::ssh", peer = %self.peer, tunnel = key.0, port, "tunnel withdrawn");
+        true
+    }
+
     /// Listeners, sockets and names this session holds (bounded by `ssh.max_forwards`).
     fn held(&self) -> usize {
         self.forwards.len() + self.sockets.len() + self.names.len()
@@ -636,13 +647,7 @@ impl russh::server::Handler for Conn {
             .as_ref()
             .and_then(|t| tunnel::name::from_host(address, &t.domain));
         if let (Some(name), Ok(p)) = (name, u16::try_from(port)) {
-            let key = (name, p);
-            if self.names.remove(&key) {
-                self.server.registry.unpublish(&key.0, p, self.id);
-                info!(target: "sluice::ssh", peer = %self.peer, tunnel = key.0, port, "tunnel withdrawn");
-                return Ok(true);
-            }
-            return Ok(false);
+            return Ok(self.withdraw(name, p));
         }
         match self.forwards.remove(&(address.to_string(), port)) {
             Some(task) => {
@@ -707,13 +712,7 @@ impl russh::server::Handler for Conn {
     ) -> Result<bool, Self::Error> {
         if self.server.tunnels.is_some() {
             if let Some(name) = tunnel::name::from_socket_path(socket_path) {
-                let key = (name, tunnel::http::HTTP_PORT);
-                if self.names.remove(&key) {
-                    self.server.registry.unpublish(&key.0, key.1, self.id);
-                    info!(target: "sluice::ssh", peer = %self.peer, tunnel = key.0, "tunnel withdrawn");
-                    return Ok(true);
-                }
-                return Ok(false);
+                return Ok(self.withdraw(name, tunnel::http::HTTP_PORT));
             }
         }
         match self.sockets.remove(socket_path) {

@@ -648,11 +648,7 @@ async fn a_slow_visitor_is_cut_at_the_header_timeout_and_others_are_served() {
         &owner.private,
         &format!("myapp:80:{device}"),
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while curl(&f, "myapp.t.localhost", "/", &[]).await.0 != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "never published");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_served(&f, "myapp.t.localhost").await;
     // Half a request head, then silence.
     let mut slow = tls_connect(f.d.addr, &f.cert, "myapp.t.localhost", &["http/1.1"]).await;
     slow.write_all(b"GET / HTTP/1.1\r\nHost: myapp.t.localhost\r\nX-Slow: ")
