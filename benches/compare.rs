@@ -7,13 +7,16 @@
 //! connections per second and per CPU-second; (4) latency to the first upstream byte by ALPN,
 //! peek and plaintext routing; (5) resident memory per idle TLS connection; (6) the embedded SSH
 //! server's `ssh -W` against OpenSSH's sshd; (7) HTTP through a tunnel published with
-//! `ssh -R`, sluice by name over HTTPS against sshd's `-R` port. CPU is the relay process's,
-//! from /proc/PID/stat.
+//! `ssh -R`, sluice by name over HTTPS against sshd's `-R` port, rathole and bore (at full
+//! load, on new connections and at a moderate paced load), and bulk through a raw TCP tunnel;
+//! (8) server memory per idle tunnel at 1,000 tunnels. CPU is the relay process's, from
+//! /proc/PID/stat.
 //!
-//! Run: `cargo bench --bench compare`. Environment: COMPARE_ONLY=ceiling,1,2,3,4,5,6,7 (which),
+//! Run: `cargo bench --bench compare`. Environment: COMPARE_ONLY=ceiling,1,2,3,4,5,6,7,8 (which),
 //! COMPARE_MIB=1024, COMPARE_ROUNDS=3, COMPARE_HS_SECS=3, COMPARE_HS_CLIENTS=4,
 //! COMPARE_LAT_N=500, COMPARE_IDLE=9000, COMPARE_IDLE_STUNNEL=2000, COMPARE_SLUICE_THREADS=1
-//! (sluice's `threads`; HAProxy runs with `nbthread 1`), COMPARE_TUN_CONNS=16, COMPARE_TUN_SECS=5.
+//! (sluice's `threads`; HAProxy runs with `nbthread 1`), COMPARE_TUN_CONNS=16, COMPARE_TUN_SECS=5,
+//! COMPARE_TUN_RATE=1000 (the paced load, requests per second), COMPARE_IDLE_TUNNELS=1000.
 // Test and benchmark code: a panic (unwrap) is the failure report, and wall-clock time is
 // what a benchmark or an end-to-end test against real processes measures.
 #![allow(clippy::unwrap_used, clippy::disallowed_types, missing_docs)]
@@ -286,7 +289,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn main() {
     // `cargo bench` passes --bench; this harness reads its settings from the environment.
-    let only: String = env_or("COMPARE_ONLY", "ceiling,1,2,3,4,5,6,7".to_string());
+    let only: String = env_or("COMPARE_ONLY", "ceiling,1,2,3,4,5,6,7,8".to_string());
     let want = |s: &str| only.split(',').any(|o| o.trim() == s);
     raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -336,7 +339,7 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     type Scenario = (&'static str, fn(&mut Bench));
-    let scenarios: [Scenario; 8] = [
+    let scenarios: [Scenario; 9] = [
         ("ceiling", ceiling),
         ("1", bulk_tls),
         ("2", bulk_plain),
@@ -345,6 +348,7 @@ fn main() {
         ("5", idle_memory),
         ("6", ssh_forward),
         ("7", tunnel_http),
+        ("8", idle_tunnels),
     ];
     for (name, run) in scenarios {
         if want(name) {
@@ -1161,15 +1165,21 @@ async fn visit(
     }
 }
 
-/// `conns` visitors sending requests for `secs`, on kept-alive connections or each on a new
-/// one: (requests per second, p50 ms, p99 ms, requests).
-fn http_load(
-    b: &Bench,
-    v: &Visit,
-    conns: usize,
-    secs: f64,
-    keep_alive: bool,
-) -> (f64, f64, f64, usize) {
+/// How visitors send their requests.
+#[derive(Clone, Copy)]
+enum Load {
+    /// As fast as answers come, on kept-alive connections.
+    KeptAlive,
+    /// As fast as answers come, each on a new connection.
+    NewConnections,
+    /// This many requests per second in all, on kept-alive connections (latency at moderate
+    /// load: each visitor sends on a fixed schedule, not when the last answer came).
+    Paced(f64),
+}
+
+/// `conns` visitors sending requests for `secs`: (requests per second, p50 ms, p99 ms,
+/// requests).
+fn http_load(b: &Bench, v: &Visit, conns: usize, secs: f64, load: Load) -> (f64, f64, f64, usize) {
     use http_body_util::BodyExt;
     b.rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -1179,9 +1189,24 @@ fn http_load(
             tasks.push(tokio::spawn(async move {
                 let mut lat = Vec::new();
                 let mut send = visit(&v).await;
+                let every = match load {
+                    Load::Paced(rate) => Some(Duration::from_secs_f64(conns as f64 / rate)),
+                    Load::KeptAlive | Load::NewConnections => None,
+                };
+                let mut next = Instant::now();
                 while Instant::now() < deadline {
+                    if every.is_some() {
+                        // A fixed schedule, not "after the last answer": a slow answer
+                        // leaves the next request due at once.
+                        tokio::time::sleep_until(next.into()).await;
+                    }
+                    // From the send: tokio's timer fires up to a millisecond late, which
+                    // would add the same noise to every peer.
                     let t0 = Instant::now();
-                    if !keep_alive {
+                    if let Some(every) = every {
+                        next += every;
+                    }
+                    if matches!(load, Load::NewConnections) {
                         send = visit(&v).await;
                     }
                     let req = hyper::Request::get("/")
@@ -1240,14 +1265,21 @@ async fn served(v: &Visit) -> bool {
     false
 }
 
+/// Another tunnel server with two tunnels published through it: HTTP to the origin and raw
+/// TCP to the bulk sink.
+struct OtherTunnel {
+    name: &'static str,
+    http: u16,
+    bulk: u16,
+    server: Peer,
+    /// The client that publishes `bulk` (and, for rathole, `http` too).
+    bulk_client: Peer,
+    _others: Vec<Peer>,
+}
+
 /// rathole (Noise transport, so its tunnel pays one layer of crypto as an SSH channel does)
-/// and bore (no encryption), when installed (`cargo install rathole bore-cli`): (name, visitor
-/// port, server, client).
-fn other_tunnels(
-    b: &mut Bench,
-    d: &std::path::Path,
-    origin: SocketAddr,
-) -> Vec<(&'static str, u16, Peer, Peer)> {
+/// and bore (no encryption), when installed (`cargo install rathole bore-cli`).
+fn other_tunnels(b: &mut Bench, d: &std::path::Path, origin: SocketAddr) -> Vec<OtherTunnel> {
     let mut out = Vec::new();
     if have("rathole") {
         let keys = Command::new("rathole").arg("--genkey").output().unwrap();
@@ -1261,15 +1293,16 @@ fn other_tunnels(
                 public = lines.next().map(str::to_string);
             }
         }
-        let (control, vport) = (free_port(), free_port());
+        let (control, vport, bulk) = (free_port(), free_port(), free_port());
         if let (Some(private), Some(public)) = (private, public) {
             let server = d.join("rathole-server.toml");
             std::fs::write(&server, format!(
-                "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{private}\"\n[server.services.bench]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{vport}\"\n"
+                "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{private}\"\n[server.services.bench]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{vport}\"\n[server.services.bulk]\ntoken = \"bulk\"\nbind_addr = \"127.0.0.1:{bulk}\"\n"
             )).unwrap();
             let client = d.join("rathole-client.toml");
             std::fs::write(&client, format!(
-                "[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n[client.services.bench]\ntoken = \"bench\"\nlocal_addr = \"{origin}\"\n"
+                "[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n[client.services.bench]\ntoken = \"bench\"\nlocal_addr = \"{origin}\"\n[client.services.bulk]\ntoken = \"bulk\"\nlocal_addr = \"{}\"\n",
+                b.sink
             )).unwrap();
             match (
                 spawn(
@@ -1282,7 +1315,14 @@ fn other_tunnels(
                     Command::new("rathole").arg("--client").arg(&client),
                 ),
             ) {
-                (Some(s), Some(c)) => out.push(("rathole", vport, s, c)),
+                (Some(server), Some(client)) => out.push(OtherTunnel {
+                    name: "rathole",
+                    http: vport,
+                    bulk,
+                    server,
+                    bulk_client: client,
+                    _others: Vec::new(),
+                }),
                 _ => b.skipped.push("tunnels: rathole (did not start)".into()),
             }
         } else {
@@ -1295,34 +1335,40 @@ fn other_tunnels(
     }
     if have("bore") {
         // bore's control port is fixed (7835); the tunnel port is chosen with --port.
-        let vport = free_port();
-        match (
-            spawn(
-                "bore",
-                7835,
-                Command::new("bore").args([
-                    "server",
-                    "--bind-addr",
-                    "127.0.0.1",
-                    "--min-port",
-                    "1024",
-                ]),
-            ),
+        let (vport, bulk) = (free_port(), free_port());
+        let client = |name: &'static str, local: u16, port: u16| {
             spawn_running(
-                "bore client",
+                name,
                 Command::new("bore").args([
                     "local",
-                    &origin.port().to_string(),
+                    &local.to_string(),
                     "--local-host",
                     "127.0.0.1",
                     "--to",
                     "127.0.0.1",
                     "--port",
-                    &vport.to_string(),
+                    &port.to_string(),
                 ]),
-            ),
+            )
+        };
+        let server = spawn(
+            "bore",
+            7835,
+            Command::new("bore").args(["server", "--bind-addr", "127.0.0.1", "--min-port", "1024"]),
+        );
+        match (
+            server,
+            client("bore client", origin.port(), vport),
+            client("bore client (bulk)", b.sink.port(), bulk),
         ) {
-            (Some(s), Some(c)) => out.push(("bore", vport, s, c)),
+            (Some(server), Some(c), Some(bulk_client)) => out.push(OtherTunnel {
+                name: "bore",
+                http: vport,
+                bulk,
+                server,
+                bulk_client,
+                _others: vec![c],
+            }),
             _ => b
                 .skipped
                 .push("tunnels: bore (did not start; is port 7835 free?)".into()),
@@ -1356,7 +1402,13 @@ fn tunnel_http(b: &mut Bench) {
     ssh_keys(&d);
     let public = std::fs::read_to_string(d.join("client.pub")).unwrap();
     let auth = d.join("authorized_keys");
-    std::fs::write(&auth, format!("permitlisten=\"bench:80\" {public}")).unwrap();
+    // A raw TCP port tunnel to the sink beside the named HTTP one, for bulk.
+    let sluice_bulk = free_port();
+    std::fs::write(
+        &auth,
+        format!("permitlisten=\"bench:80\",permitlisten=\"{sluice_bulk}\" {public}"),
+    )
+    .unwrap();
     let origin = b.rt.block_on(http_origin());
     let conns: usize = env_or("COMPARE_TUN_CONNS", 16);
     let secs: f64 = env_or("COMPARE_TUN_SECS", 5.0);
@@ -1384,7 +1436,7 @@ fn tunnel_http(b: &mut Bench) {
     };
     // sluice, publisher through `sluice connect` (TLS to port 443, as from behind NAT).
     let ssh = format!(
-        "[routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\n[tunnels]\ndomain = \"t.localhost\"\n",
+        "[routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\nlisten_ports = \"{sluice_bulk}-{sluice_bulk}\"\n[tunnels]\ndomain = \"t.localhost\"\n",
         auth.display()
     );
     let Some(sluice) = spawn_sluice(b, &d, "sluice.toml", &ssh) else {
@@ -1402,11 +1454,16 @@ fn tunnel_http(b: &mut Bench) {
         Command::new("ssh")
             .args(ssh_opts(&d.join("client")))
             .args(["-o", &format!("ProxyCommand={connect}")])
-            .args(["-R", &format!("bench:80:{origin}"), "tunnel@localhost"]),
+            .args(["-R", &format!("bench:80:{origin}")])
+            .args([
+                "-R",
+                &format!("{sluice_bulk}:{}", b.sink),
+                "tunnel@localhost",
+            ]),
     );
     // sshd, publisher on plain TCP.
     let _ = std::fs::create_dir_all("/run/sshd");
-    let (sp, rport) = (free_port(), free_port());
+    let (sp, rport, sshd_bulk) = (free_port(), free_port(), free_port());
     let scfg = d.join("sshd_config");
     std::fs::write(
         &scfg,
@@ -1431,9 +1488,10 @@ fn tunnel_http(b: &mut Bench) {
         Command::new("ssh")
             .args(ssh_opts(&d.join("client")))
             .args(["-p", &sp.to_string()])
+            .args(["-R", &format!("{rport}:{origin}")])
             .args([
                 "-R",
-                &format!("{rport}:{origin}"),
+                &format!("{sshd_bulk}:{}", b.sink),
                 &format!("{user}@127.0.0.1"),
             ]),
     );
@@ -1447,31 +1505,48 @@ fn tunnel_http(b: &mut Bench) {
             .push("tunnels (the sluice tunnel never served)".into());
         return;
     }
-    let mut peers: Vec<(&'static str, Visit, Option<u32>)> =
-        vec![("direct", Visit::Plain(origin.port()), None)];
-    peers.push(("sluice", tls, Some(sluice.child.id())));
+    // (name, visitor, server pid, bulk port and publisher pid).
+    let mut peers: Vec<(&'static str, Visit, Option<u32>, Option<(u16, u32)>)> =
+        vec![("direct", Visit::Plain(origin.port()), None, None)];
+    let sluice_publisher = sluice_pub.as_ref().map(|p| (sluice_bulk, p.child.id()));
+    peers.push(("sluice", tls, Some(sluice.child.id()), sluice_publisher));
     match (&sshd, &sshd_pub) {
-        (Some(s), Some(_)) => peers.push(("sshd -R", Visit::Plain(rport), Some(s.child.id()))),
+        (Some(s), Some(p)) => peers.push((
+            "sshd -R",
+            Visit::Plain(rport),
+            Some(s.child.id()),
+            Some((sshd_bulk, p.child.id())),
+        )),
         _ => b.skipped.push("tunnels: sshd -R (did not start)".into()),
     }
     let others = other_tunnels(b, &d, origin);
-    for (name, port, server, _) in &others {
-        if b.rt.block_on(served(&Visit::Plain(*port))) {
-            peers.push((*name, Visit::Plain(*port), Some(server.child.id())));
+    for o in &others {
+        if b.rt.block_on(served(&Visit::Plain(o.http))) {
+            peers.push((
+                o.name,
+                Visit::Plain(o.http),
+                Some(o.server.child.id()),
+                Some((o.bulk, o.bulk_client.child.id())),
+            ));
         } else {
-            b.skipped.push(format!("tunnels: {name} (never served)"));
+            b.skipped
+                .push(format!("tunnels: {} (never served)", o.name));
         }
     }
     let _keep = (sluice_pub, sshd_pub, others);
-    for keep_alive in [true, false] {
+    let rate: f64 = env_or("COMPARE_TUN_RATE", 1000.0);
+    for mode in [Load::KeptAlive, Load::NewConnections, Load::Paced(rate)] {
         // (req/s, p50, p99, server CPU-ms per 1,000 requests), one list per peer.
         let mut rows: Vec<(&'static str, Vec<[f64; 4]>)> =
             peers.iter().map(|p| (p.0, Vec::new())).collect();
-        let c = if keep_alive { conns } else { conns.min(4) };
+        let c = match mode {
+            Load::KeptAlive => conns,
+            Load::NewConnections | Load::Paced(_) => conns.min(4),
+        };
         for _ in 0..b.rounds {
-            for (i, (_, v, pid)) in peers.iter().enumerate() {
+            for (i, (_, v, pid, _)) in peers.iter().enumerate() {
                 let sampler = pid.map(TreeSampler::start);
-                let (rps, p50, p99, n) = http_load(b, v, c, secs, keep_alive);
+                let (rps, p50, p99, n) = http_load(b, v, c, secs, mode);
                 let cpu_ms = sampler.map_or(0.0, |s| s.finish() as f64 * 10.0);
                 rows[i]
                     .1
@@ -1480,10 +1555,10 @@ fn tunnel_http(b: &mut Bench) {
         }
         println!(
             "\nScenario 7: HTTP through a tunnel, {} ({c} visitors, {secs} s, {} rounds)",
-            if keep_alive {
-                "kept-alive connections"
-            } else {
-                "a new connection per request"
+            match mode {
+                Load::KeptAlive => "kept-alive connections".to_string(),
+                Load::NewConnections => "a new connection per request".to_string(),
+                Load::Paced(r) => format!("moderate load: {r:.0} req/s in all, kept alive"),
             },
             b.rounds
         );
@@ -1508,4 +1583,434 @@ fn tunnel_http(b: &mut Bench) {
             );
         }
     }
+    // Bulk through the raw TCP tunnels: (GiB/s, server CPU-s/GiB, publisher CPU-s/GiB).
+    let mib = b.mib;
+    let bulk: Vec<_> = peers
+        .iter()
+        .filter_map(|(name, _, pid, bulk)| Some((*name, (*pid)?, (*bulk)?)))
+        .collect();
+    let mut rows: Vec<Vec<[f64; 3]>> = bulk.iter().map(|_| Vec::new()).collect();
+    for _ in 0..b.rounds {
+        for (i, (name, server, (port, publisher))) in bulk.iter().enumerate() {
+            let (s, p) = (TreeSampler::start(*server), TreeSampler::start(*publisher));
+            let start = Instant::now();
+            let (got, open) = b.rt.block_on(async {
+                let tcp = TcpStream::connect(("127.0.0.1", *port)).await.unwrap();
+                tcp.set_nodelay(true).unwrap();
+                push_pull(tcp, b"BULK", mib).await
+            });
+            let secs = start.elapsed().as_secs_f64();
+            let (s, p) = (s.finish() as f64 / 100.0, p.finish() as f64 / 100.0);
+            drop(open);
+            assert_eq!(
+                got,
+                mib << 20,
+                "{name}: short bulk transfer through the tunnel"
+            );
+            let gib = 2.0 * mib as f64 / 1024.0;
+            rows[i].push([gib / secs, s / gib, p / gib]);
+        }
+    }
+    println!(
+        "\nScenario 7: raw TCP through a tunnel, {mib} MiB each way on one connection ({} rounds)",
+        b.rounds
+    );
+    println!(
+        "{:<10} {:>8} {:>18} {:>20} {:>14}",
+        "peer", "GiB/s", "server CPU-s/GiB", "publisher CPU-s/GiB", "GiB/CPU-s"
+    );
+    for ((name, _, _), r) in bulk.iter().zip(&rows) {
+        let col = |k: usize| median(r.iter().map(|x| x[k]).collect());
+        println!(
+            "{:<10} {:>8.2} {:>18.3} {:>20.3} {:>14.2}",
+            name,
+            col(0),
+            col(1),
+            col(2),
+            1.0 / col(1)
+        );
+    }
+    println!("(GiB/CPU-s: throughput per server CPU-second; the publisher is OpenSSH's ssh, with `sluice connect` for sluice, or the peer's own client)");
+}
+
+/// A publisher that accepts any host key and never answers a forwarded channel: an idle
+/// device holding one tunnel.
+struct IdlePublisher;
+
+impl russh::client::Handler for IdlePublisher {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// One SSH session on `stream` logged in with `key` that publishes `-R NAME:PORT`.
+async fn publish_idle<S>(
+    stream: S,
+    key: Arc<russh::keys::PrivateKey>,
+    user: &str,
+    name: &str,
+    port: u32,
+) -> Result<russh::client::Handle<IdlePublisher>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = Arc::new(russh::client::Config {
+        inactivity_timeout: None,
+        ..Default::default()
+    });
+    let mut h = russh::client::connect_stream(config, stream, IdlePublisher)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let auth = h
+        .authenticate_publickey(user, russh::keys::PrivateKeyWithHashAlg::new(key, None))
+        .await
+        .map_err(|e| format!("auth: {e}"))?;
+    if !auth.success() {
+        return Err("authentication refused".into());
+    }
+    h.tcpip_forward(name, port)
+        .await
+        .map_err(|e| format!("tcpip-forward {name}:{port}: {e}"))?;
+    Ok(h)
+}
+
+/// A server's memory (KiB): the proportional set size of it and its descendants if it forks
+/// per connection (sshd: shared pages counted once across the children, where summing RSS
+/// would count them in each), else its RSS (PSS would shrink a process whose binary the
+/// publishers on this machine also map: bore, rathole).
+fn server_kib(pid: u32, forks: bool) -> u64 {
+    if forks {
+        pss_tree_kib(pid)
+    } else {
+        rss_kib(pid)
+    }
+}
+
+/// Proportional set size of a process and its descendants (KiB).
+fn pss_tree_kib(pid: u32) -> u64 {
+    let pss = |p: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{p}/smaps_rollup"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("Pss:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    pss(pid) + children(pid).iter().map(|(c, _)| pss(*c)).sum::<u64>()
+}
+
+/// How many of `ports` have a listening socket on 127.0.0.1 (from /proc/net/tcp).
+fn listening(ports: &[u16]) -> usize {
+    let want: std::collections::HashSet<u16> = ports.iter().copied().collect();
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(3) == Some(&"0A")
+                && f.get(1)
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    .is_some_and(|p| want.contains(&p))
+        })
+        .count()
+}
+
+/// Waits up to `secs` for `n` of `ports` to listen; the count reached.
+fn until_listening(ports: &[u16], n: usize, secs: u64) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = listening(ports);
+        if got >= n || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `n` distinct free ports on 127.0.0.1 (held together while chosen, so none repeats).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Scenario 8: server memory per idle tunnel at `COMPARE_IDLE_TUNNELS` tunnels (default
+/// 1,000), each its own publisher connection, as a fleet of devices would hold them: sluice
+/// (one SSH session over TLS per tunnel, `-R idle-N:80`), OpenSSH's sshd (one session per
+/// tunnel, `-R 0`: a process pair each), rathole (one client, a service each: a Noise control
+/// channel per service) and bore (a client process per tunnel). The publishers are russh
+/// sessions in this process for sluice and sshd, and the peers' own clients for the others.
+fn idle_tunnels(b: &mut Bench) {
+    let n: usize = env_or("COMPARE_IDLE_TUNNELS", 1000);
+    let d = b.dir.path().join("idle-tunnels");
+    std::fs::create_dir_all(&d).unwrap();
+    ssh_keys(&d);
+    let key = Arc::new(russh::keys::load_secret_key(d.join("client"), None).unwrap());
+    let public = std::fs::read_to_string(d.join("client.pub")).unwrap();
+    let public = public.trim();
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    // (name, KiB per tunnel, tunnels up, KiB before, KiB after)
+    let mut rows: Vec<(&'static str, f64, usize, u64, u64)> = Vec::new();
+    let settle = || std::thread::sleep(Duration::from_secs(2));
+
+    // sluice
+    let auth = d.join("authorized_keys");
+    std::fs::write(&auth, format!("permitlisten=\"idle-*:80\" {public}\n")).unwrap();
+    let cfg = format!(
+        "[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\nmax_unrouted_per_ip = 20000\n[routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\n[tunnels]\ndomain = \"t.localhost\"\nmax_per_identity = {}\n",
+        auth.display(),
+        n + 16
+    );
+    match spawn_sluice(b, &d, "sluice.toml", &cfg) {
+        Some(sluice) => {
+            let pid = sluice.child.id();
+            let before = server_kib(pid, false);
+            let cc = client_config(&b.der, Some(b"ssh"));
+            let (held, errors) = b.rt.block_on(async {
+                let sem = Arc::new(tokio::sync::Semaphore::new(16));
+                let mut set = tokio::task::JoinSet::new();
+                for i in 0..n {
+                    let permit = sem.clone().acquire_owned().await.unwrap();
+                    let (cc, key, user) = (cc.clone(), key.clone(), user.clone());
+                    let port = sluice.port;
+                    set.spawn(async move {
+                        let r = match tls_connect(&cc, port).await {
+                            Ok(tls) => {
+                                publish_idle(tls, key, &user, &format!("idle-{i}"), 80).await
+                            }
+                            Err(e) => Err(format!("tls: {e}")),
+                        };
+                        drop(permit);
+                        r
+                    });
+                }
+                collect_sessions(set).await
+            });
+            settle();
+            let after = server_kib(pid, false);
+            if let Some(e) = errors.first() {
+                println!(
+                    "sluice: {} of {n} publishers failed, the first: {e}",
+                    errors.len()
+                );
+            }
+            rows.push((
+                "sluice",
+                per(before, after, held.len()),
+                held.len(),
+                before,
+                after,
+            ));
+            b.rt.block_on(async move { drop(held) });
+        }
+        None => b
+            .skipped
+            .push("idle tunnels: sluice (did not start)".into()),
+    }
+
+    // sshd
+    if have("/usr/sbin/sshd") {
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let p = free_port();
+        let scfg = d.join("sshd_config");
+        std::fs::write(
+            &scfg,
+            format!(
+                "Port {p}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nStrictModes no\nUsePAM no\nPidFile none\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nMaxStartups {}\nMaxSessions 10\n",
+                d.join("host").display(),
+                d.join("sshd_keys").display(),
+                n + 16
+            ),
+        )
+        .unwrap();
+        std::fs::write(d.join("sshd_keys"), format!("{public}\n")).unwrap();
+        match spawn(
+            "sshd",
+            p,
+            Command::new("/usr/sbin/sshd")
+                .args(["-D", "-e", "-f"])
+                .arg(&scfg),
+        ) {
+            Some(sshd) => {
+                let pid = sshd.child.id();
+                let before = server_kib(pid, true);
+                let (held, errors) = b.rt.block_on(async {
+                    let sem = Arc::new(tokio::sync::Semaphore::new(8));
+                    let mut set = tokio::task::JoinSet::new();
+                    for _ in 0..n {
+                        let permit = sem.clone().acquire_owned().await.unwrap();
+                        let (key, user) = (key.clone(), user.clone());
+                        set.spawn(async move {
+                            let r = match TcpStream::connect(("127.0.0.1", p)).await {
+                                Ok(tcp) => publish_idle(tcp, key, &user, "127.0.0.1", 0).await,
+                                Err(e) => Err(format!("connect: {e}")),
+                            };
+                            drop(permit);
+                            r
+                        });
+                    }
+                    collect_sessions(set).await
+                });
+                settle();
+                let after = server_kib(pid, true);
+                if let Some(e) = errors.first() {
+                    println!(
+                        "sshd: {} of {n} publishers failed, the first: {e}",
+                        errors.len()
+                    );
+                }
+                rows.push((
+                    "sshd -R",
+                    per(before, after, held.len()),
+                    held.len(),
+                    before,
+                    after,
+                ));
+                b.rt.block_on(async move { drop(held) });
+            }
+            None => b.skipped.push("idle tunnels: sshd (did not start)".into()),
+        }
+    } else {
+        b.skipped
+            .push("idle tunnels: sshd (not installed: openssh-server)".into());
+    }
+
+    // rathole: one client, n services.
+    if have("rathole") {
+        let keys = Command::new("rathole").arg("--genkey").output().unwrap();
+        let text = String::from_utf8_lossy(&keys.stdout).into_owned();
+        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+        let (mut private, mut public) = (None, None);
+        while let Some(l) = lines.next() {
+            if l.starts_with("Private Key") {
+                private = lines.next().map(str::to_string);
+            } else if l.starts_with("Public Key") {
+                public = lines.next().map(str::to_string);
+            }
+        }
+        let control = free_port();
+        let ports = free_ports(n);
+        if let (Some(private), Some(public)) = (private, public) {
+            let mut server = format!("[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{private}\"\n");
+            let mut client = format!("[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n");
+            for (i, port) in ports.iter().enumerate() {
+                server.push_str(&format!(
+                    "[server.services.s{i}]\ntoken = \"t{i}\"\nbind_addr = \"127.0.0.1:{port}\"\n"
+                ));
+                client.push_str(&format!(
+                    "[client.services.s{i}]\ntoken = \"t{i}\"\nlocal_addr = \"{}\"\n",
+                    b.sink
+                ));
+            }
+            std::fs::write(d.join("rathole-server.toml"), server).unwrap();
+            std::fs::write(d.join("rathole-client.toml"), client).unwrap();
+            if let Some(s) = spawn(
+                "rathole",
+                control,
+                Command::new("rathole")
+                    .arg("--server")
+                    .arg(d.join("rathole-server.toml")),
+            ) {
+                let pid = s.child.id();
+                let before = server_kib(pid, false);
+                let c = spawn_running(
+                    "rathole client",
+                    Command::new("rathole")
+                        .arg("--client")
+                        .arg(d.join("rathole-client.toml")),
+                );
+                let up = until_listening(&ports, n, 180);
+                settle();
+                let after = server_kib(pid, false);
+                rows.push(("rathole", per(before, after, up), up, before, after));
+                drop((c, s));
+            } else {
+                b.skipped
+                    .push("idle tunnels: rathole (did not start)".into());
+            }
+        }
+    } else {
+        b.skipped
+            .push("idle tunnels: rathole (not installed: cargo install rathole)".into());
+    }
+
+    // bore: a client process per tunnel.
+    if have("bore") {
+        if let Some(s) = spawn(
+            "bore",
+            7835,
+            Command::new("bore").args(["server", "--bind-addr", "127.0.0.1", "--min-port", "1024"]),
+        ) {
+            let pid = s.child.id();
+            let before = server_kib(pid, false);
+            let ports = free_ports(n);
+            let clients: Vec<Peer> = ports
+                .iter()
+                .filter_map(|port| {
+                    spawn_running(
+                        "bore client",
+                        Command::new("bore").args([
+                            "local",
+                            &b.sink.port().to_string(),
+                            "--local-host",
+                            "127.0.0.1",
+                            "--to",
+                            "127.0.0.1",
+                            "--port",
+                            &port.to_string(),
+                        ]),
+                    )
+                })
+                .collect();
+            let up = until_listening(&ports, n, 120);
+            settle();
+            let after = server_kib(pid, false);
+            rows.push(("bore", per(before, after, up), up, before, after));
+            drop((clients, s));
+        } else {
+            b.skipped
+                .push("idle tunnels: bore (did not start; is port 7835 free?)".into());
+        }
+    } else {
+        b.skipped
+            .push("idle tunnels: bore (not installed: cargo install bore-cli)".into());
+    }
+
+    println!("\nScenario 8: server memory per idle tunnel ({n} tunnels, each its own publisher connection; the server's RSS, or for sshd the PSS of its processes)");
+    println!(
+        "{:<10} {:>8} {:>14} {:>14} {:>14}",
+        "peer", "tunnels", "before", "after", "KiB / tunnel"
+    );
+    for (name, kib, up, before, after) in rows {
+        println!("{name:<10} {up:>8} {before:>10} KiB {after:>10} KiB {kib:>14.1}");
+    }
+}
+
+fn per(before: u64, after: u64, n: usize) -> f64 {
+    (after as f64 - before as f64) / n.max(1) as f64
+}
+
+/// The sessions that came up, and the errors of those that did not.
+async fn collect_sessions(
+    mut set: tokio::task::JoinSet<Result<russh::client::Handle<IdlePublisher>, String>>,
+) -> (Vec<russh::client::Handle<IdlePublisher>>, Vec<String>) {
+    let (mut held, mut errors) = (Vec::new(), Vec::new());
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(h)) => held.push(h),
+            Ok(Err(e)) => errors.push(e),
+            Err(e) => errors.push(format!("task: {e}")),
+        }
+    }
+    (held, errors)
 }

@@ -109,7 +109,7 @@ pub async fn run(opts: &ConnectOptions) -> Result<(), ConnectError> {
     let target = format!("{}:{}", opts.host, opts.port);
     let (mut from_server, mut to_server) = tokio::io::split(tls);
     let up = async move {
-        let mut stdin = tokio::io::stdin();
+        let mut stdin = stdin();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = stdin.read(&mut buf).await?;
@@ -121,7 +121,7 @@ pub async fn run(opts: &ConnectOptions) -> Result<(), ConnectError> {
         }
     };
     let down = async move {
-        let mut stdout = tokio::io::stdout();
+        let mut stdout = stdout();
         let mut buf = vec![0u8; 64 * 1024];
         let mut total = 0u64;
         loop {
@@ -162,6 +162,33 @@ pub async fn run(opts: &ConnectOptions) -> Result<(), ConnectError> {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe || e.kind() == io::ErrorKind::ConnectionReset => finish(down.await),
             Err(e) => Err(ConnectError::Io(format!("{target}: {e}"))),
         },
+    }
+}
+
+/// stdin, read straight from the pipe when it is one (OpenSSH gives a ProxyCommand pipes):
+/// tokio's `stdin()` hands every read to a blocking thread, which cost more CPU than the TLS.
+fn stdin() -> Box<dyn tokio::io::AsyncRead + Unpin + Send> {
+    use std::os::fd::AsFd;
+    let pipe = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(tokio::net::unix::pipe::Receiver::from_owned_fd);
+    match pipe {
+        Ok(p) => Box::new(p),
+        Err(_) => Box::new(tokio::io::stdin()),
+    }
+}
+
+/// stdout, written straight to the pipe when it is one (see `stdin`).
+fn stdout() -> Box<dyn tokio::io::AsyncWrite + Unpin + Send> {
+    use std::os::fd::AsFd;
+    let pipe = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(tokio::net::unix::pipe::Sender::from_owned_fd);
+    match pipe {
+        Ok(p) => Box::new(p),
+        Err(_) => Box::new(tokio::io::stdout()),
     }
 }
 
