@@ -1506,8 +1506,8 @@ fn tunnel_http(b: &mut Bench) {
         return;
     }
     // (name, visitor, server pid, bulk port and publisher pid).
-    let mut peers: Vec<(&'static str, Visit, Option<u32>, Option<(u16, u32)>)> =
-        vec![("direct", Visit::Plain(origin.port()), None, None)];
+    type TunnelPeer = (&'static str, Visit, Option<u32>, Option<(u16, u32)>);
+    let mut peers: Vec<TunnelPeer> = vec![("direct", Visit::Plain(origin.port()), None, None)];
     let sluice_publisher = sluice_pub.as_ref().map(|p| (sluice_bulk, p.child.id()));
     peers.push(("sluice", tls, Some(sluice.child.id()), sluice_publisher));
     match (&sshd, &sshd_pub) {

@@ -169,7 +169,7 @@ pub async fn run(opts: &ConnectOptions) -> Result<(), ConnectError> {
 /// tokio's `stdin()` hands every read to a blocking thread, which cost more CPU than the TLS.
 fn stdin() -> Box<dyn tokio::io::AsyncRead + Unpin + Send> {
     use std::os::fd::AsFd;
-    let pipe = std::io::stdin()
+    let pipe = io::stdin()
         .as_fd()
         .try_clone_to_owned()
         .and_then(tokio::net::unix::pipe::Receiver::from_owned_fd);
@@ -182,7 +182,7 @@ fn stdin() -> Box<dyn tokio::io::AsyncRead + Unpin + Send> {
 /// stdout, written straight to the pipe when it is one (see `stdin`).
 fn stdout() -> Box<dyn tokio::io::AsyncWrite + Unpin + Send> {
     use std::os::fd::AsFd;
-    let pipe = std::io::stdout()
+    let pipe = io::stdout()
         .as_fd()
         .try_clone_to_owned()
         .and_then(tokio::net::unix::pipe::Sender::from_owned_fd);
