@@ -1265,6 +1265,22 @@ async fn served(v: &Visit) -> bool {
     false
 }
 
+/// A Noise key pair from `rathole --genkey`: (its output, private, public).
+fn rathole_keys() -> (String, Option<String>, Option<String>) {
+    let keys = Command::new("rathole").arg("--genkey").output().unwrap();
+    let text = String::from_utf8_lossy(&keys.stdout).into_owned();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let (mut private, mut public) = (None, None);
+    while let Some(l) = lines.next() {
+        if l.starts_with("Private Key") {
+            private = lines.next().map(str::to_string);
+        } else if l.starts_with("Public Key") {
+            public = lines.next().map(str::to_string);
+        }
+    }
+    (text, private, public)
+}
+
 /// Another tunnel server with two tunnels published through it: HTTP to the origin and raw
 /// TCP to the bulk sink.
 struct OtherTunnel {
@@ -1282,17 +1298,7 @@ struct OtherTunnel {
 fn other_tunnels(b: &mut Bench, d: &std::path::Path, origin: SocketAddr) -> Vec<OtherTunnel> {
     let mut out = Vec::new();
     if have("rathole") {
-        let keys = Command::new("rathole").arg("--genkey").output().unwrap();
-        let text = String::from_utf8_lossy(&keys.stdout).into_owned();
-        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-        let (mut private, mut public) = (None, None);
-        while let Some(l) = lines.next() {
-            if l.starts_with("Private Key") {
-                private = lines.next().map(str::to_string);
-            } else if l.starts_with("Public Key") {
-                public = lines.next().map(str::to_string);
-            }
-        }
+        let (text, private, public) = rathole_keys();
         let (control, vport, bulk) = (free_port(), free_port(), free_port());
         if let (Some(private), Some(public)) = (private, public) {
             let server = d.join("rathole-server.toml");
@@ -1759,8 +1765,7 @@ fn idle_tunnels(b: &mut Bench) {
     let public = std::fs::read_to_string(d.join("client.pub")).unwrap();
     let public = public.trim();
     let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
-    // (name, KiB per tunnel, tunnels up, KiB before, KiB after)
-    let mut rows: Vec<(&'static str, f64, usize, u64, u64)> = Vec::new();
+    let mut rows: Vec<IdleRow> = Vec::new();
     let settle = || std::thread::sleep(Duration::from_secs(2));
 
     // sluice
@@ -1773,45 +1778,27 @@ fn idle_tunnels(b: &mut Bench) {
     );
     match spawn_sluice(b, &d, "sluice.toml", &cfg) {
         Some(sluice) => {
-            let pid = sluice.child.id();
-            let before = server_kib(pid, false);
             let cc = client_config(&b.der, Some(b"ssh"));
-            let (held, errors) = b.rt.block_on(async {
-                let sem = Arc::new(tokio::sync::Semaphore::new(16));
-                let mut set = tokio::task::JoinSet::new();
-                for i in 0..n {
-                    let permit = sem.clone().acquire_owned().await.unwrap();
+            let port = sluice.port;
+            rows.push(hold_idle(
+                b,
+                "sluice",
+                sluice.child.id(),
+                false,
+                n,
+                16,
+                |i| {
                     let (cc, key, user) = (cc.clone(), key.clone(), user.clone());
-                    let port = sluice.port;
-                    set.spawn(async move {
-                        let r = match tls_connect(&cc, port).await {
+                    async move {
+                        match tls_connect(&cc, port).await {
                             Ok(tls) => {
                                 publish_idle(tls, key, &user, &format!("idle-{i}"), 80).await
                             }
                             Err(e) => Err(format!("tls: {e}")),
-                        };
-                        drop(permit);
-                        r
-                    });
-                }
-                collect_sessions(set).await
-            });
-            settle();
-            let after = server_kib(pid, false);
-            if let Some(e) = errors.first() {
-                println!(
-                    "sluice: {} of {n} publishers failed, the first: {e}",
-                    errors.len()
-                );
-            }
-            rows.push((
-                "sluice",
-                per(before, after, held.len()),
-                held.len(),
-                before,
-                after,
+                        }
+                    }
+                },
             ));
-            b.rt.block_on(async move { drop(held) });
         }
         None => b
             .skipped
@@ -1842,41 +1829,15 @@ fn idle_tunnels(b: &mut Bench) {
                 .arg(&scfg),
         ) {
             Some(sshd) => {
-                let pid = sshd.child.id();
-                let before = server_kib(pid, true);
-                let (held, errors) = b.rt.block_on(async {
-                    let sem = Arc::new(tokio::sync::Semaphore::new(8));
-                    let mut set = tokio::task::JoinSet::new();
-                    for _ in 0..n {
-                        let permit = sem.clone().acquire_owned().await.unwrap();
-                        let (key, user) = (key.clone(), user.clone());
-                        set.spawn(async move {
-                            let r = match TcpStream::connect(("127.0.0.1", p)).await {
-                                Ok(tcp) => publish_idle(tcp, key, &user, "127.0.0.1", 0).await,
-                                Err(e) => Err(format!("connect: {e}")),
-                            };
-                            drop(permit);
-                            r
-                        });
+                rows.push(hold_idle(b, "sshd -R", sshd.child.id(), true, n, 8, |_| {
+                    let (key, user) = (key.clone(), user.clone());
+                    async move {
+                        match TcpStream::connect(("127.0.0.1", p)).await {
+                            Ok(tcp) => publish_idle(tcp, key, &user, "127.0.0.1", 0).await,
+                            Err(e) => Err(format!("connect: {e}")),
+                        }
                     }
-                    collect_sessions(set).await
-                });
-                settle();
-                let after = server_kib(pid, true);
-                if let Some(e) = errors.first() {
-                    println!(
-                        "sshd: {} of {n} publishers failed, the first: {e}",
-                        errors.len()
-                    );
-                }
-                rows.push((
-                    "sshd -R",
-                    per(before, after, held.len()),
-                    held.len(),
-                    before,
-                    after,
-                ));
-                b.rt.block_on(async move { drop(held) });
+                }));
             }
             None => b.skipped.push("idle tunnels: sshd (did not start)".into()),
         }
@@ -1887,17 +1848,7 @@ fn idle_tunnels(b: &mut Bench) {
 
     // rathole: one client, n services.
     if have("rathole") {
-        let keys = Command::new("rathole").arg("--genkey").output().unwrap();
-        let text = String::from_utf8_lossy(&keys.stdout).into_owned();
-        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-        let (mut private, mut public) = (None, None);
-        while let Some(l) = lines.next() {
-            if l.starts_with("Private Key") {
-                private = lines.next().map(str::to_string);
-            } else if l.starts_with("Public Key") {
-                public = lines.next().map(str::to_string);
-            }
-        }
+        let (_, private, public) = rathole_keys();
         let control = free_port();
         let ports = free_ports(n);
         if let (Some(private), Some(public)) = (private, public) {
@@ -1994,6 +1945,54 @@ fn idle_tunnels(b: &mut Bench) {
     for (name, kib, up, before, after) in rows {
         println!("{name:<10} {up:>8} {before:>10} KiB {after:>10} KiB {kib:>14.1}");
     }
+}
+
+/// (name, KiB per tunnel, tunnels up, KiB before, KiB after)
+type IdleRow = (&'static str, f64, usize, u64, u64);
+
+/// Opens `n` idle publisher sessions (`open(i)`, `concurrency` at a time) against the server
+/// `pid` and measures its memory before and after; the sessions close when it returns.
+fn hold_idle<F, Fut>(
+    b: &Bench,
+    name: &'static str,
+    pid: u32,
+    forks: bool,
+    n: usize,
+    concurrency: usize,
+    open: F,
+) -> IdleRow
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<russh::client::Handle<IdlePublisher>, String>>
+        + Send
+        + 'static,
+{
+    let before = server_kib(pid, forks);
+    let (held, errors) = b.rt.block_on(async {
+        let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            let session = open(i);
+            set.spawn(async move {
+                let r = session.await;
+                drop(permit);
+                r
+            });
+        }
+        collect_sessions(set).await
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let after = server_kib(pid, forks);
+    if let Some(e) = errors.first() {
+        println!(
+            "{name}: {} of {n} publishers failed, the first: {e}",
+            errors.len()
+        );
+    }
+    let up = held.len();
+    b.rt.block_on(async move { drop(held) });
+    (name, per(before, after, up), up, before, after)
 }
 
 fn per(before: u64, after: u64, n: usize) -> f64 {
