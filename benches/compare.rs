@@ -16,7 +16,8 @@
 //! COMPARE_MIB=1024, COMPARE_ROUNDS=3, COMPARE_HS_SECS=3, COMPARE_HS_CLIENTS=4,
 //! COMPARE_LAT_N=500, COMPARE_IDLE=9000, COMPARE_IDLE_STUNNEL=2000, COMPARE_SLUICE_THREADS=1
 //! (sluice's `threads`; HAProxy runs with `nbthread 1`), COMPARE_TUN_CONNS=16, COMPARE_TUN_SECS=5,
-//! COMPARE_TUN_RATE=1000 (the paced load, requests per second), COMPARE_IDLE_TUNNELS=1000.
+//! COMPARE_TUN_RATE=1000 (the paced load, requests per second), COMPARE_IDLE_TUNNELS=1000,
+//! COMPARE_SLUICE_WRAP (a command to run sluice under: benches/heaptrack-wrap.sh).
 // Test and benchmark code: a panic (unwrap) is the failure report, and wall-clock time is
 // what a benchmark or an end-to-end test against real processes measures.
 #![allow(clippy::unwrap_used, clippy::disallowed_types, missing_docs)]
@@ -176,11 +177,20 @@ fn spawn_sluice(b: &Bench, dir: &std::path::Path, file: &str, rest: &str) -> Opt
         ),
     )
     .unwrap();
+    // COMPARE_SLUICE_WRAP runs sluice under a profiler (e.g. `heaptrack`); the figures of that
+    // run are the profiler's, not sluice's.
+    let mut cmd = match std::env::var_os("COMPARE_SLUICE_WRAP") {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.arg(env!("CARGO_BIN_EXE_sluice"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_sluice")),
+    };
     spawn(
         "sluice",
         p,
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--config"])
+        cmd.args(["serve", "--config"])
             .arg(&cfg)
             .args(["--state-dir"])
             .arg(dir.join("state")),
