@@ -2,6 +2,8 @@
 
 /// The command line was wrong.
 pub const EX_USAGE: u8 = 64;
+/// An input file could not be read.
+pub const EX_NOINPUT: u8 = 66;
 /// A service the command needs is not there (the server, the proxy).
 pub const EX_UNAVAILABLE: u8 = 69;
 /// sluice itself failed.
@@ -63,7 +65,8 @@ impl Exit for crate::server::ServeError {
             ServeError::Tls(e) => e.exit_code(),
             ServeError::Ssh(e) => e.exit_code(),
             ServeError::Bind { .. } | ServeError::Runtime(_) | ServeError::Signals(_) => EX_OSERR,
-            ServeError::Activation(_) | ServeError::Config(_) => EX_CONFIG,
+            ServeError::Activation(_) | ServeError::Config(_) | ServeError::Grants(_) => EX_CONFIG,
+            ServeError::ControlSocket { .. } => EX_OSERR,
         }
     }
 }

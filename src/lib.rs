@@ -23,6 +23,8 @@
 //! - [`builtin`]: sluice's own small HTTP answers (status page, redirect, 502).
 //! - [`state`]: the state directory for generated secrets; [`store`]: what must survive a
 //!   restart (tunnel name owners), in SQLite.
+//! - [`grant`]: access grants for devices (sluice's user CA, ports and names allotted in the
+//!   store); [`control`]: the control API that issues and revokes them.
 //! - [`client`]: `sluice connect`, the ProxyCommand TLS helper.
 //! - [`exit`]: exit codes, and the errors that know theirs.
 //!
@@ -33,9 +35,11 @@ pub mod admin;
 pub mod builtin;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod detect;
 pub mod exit;
+pub mod grant;
 pub(crate) mod io;
 pub mod metrics;
 pub mod net;

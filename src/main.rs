@@ -53,6 +53,85 @@ enum Command {
     /// List the live tunnels of a running sluice (name, port, owner, since, traffic), from its
     /// admin endpoint.
     Tunnels(TunnelsArgs),
+    /// Print the public line of the user CA that signs grant certificates (making it if
+    /// there is none), for `cert-authority` trust elsewhere.
+    Ca(StateArgs),
+    /// Issue, list and revoke access grants on a running sluice (its control socket).
+    #[command(subcommand)]
+    Grant(GrantCommand),
+}
+
+#[derive(Subcommand)]
+enum GrantCommand {
+    /// Issue a grant: prints JSON with the grant, the key (if sluice made it), the
+    /// certificate and a ready ssh command.
+    Issue(IssueArgs),
+    /// List live grants (--all: ended ones too).
+    List {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Ended grants too.
+        #[arg(long)]
+        all: bool,
+        /// Print the API's JSON as it came.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a grant: its certificate is refused from now on and its live sessions end.
+    Revoke {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// The grant id (g-...).
+        id: String,
+    },
+}
+
+#[derive(Args)]
+struct IssueArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// The device id (1-64 of A-Z a-z 0-9 : . _ -): the certificate's principal and login.
+    #[arg(long)]
+    device: String,
+    /// How long the grant lasts (default [grants] default_ttl).
+    #[arg(long)]
+    ttl: Option<String>,
+    /// The device's own public key file (OpenSSH); without one sluice makes a key pair.
+    #[arg(long)]
+    public_key: Option<PathBuf>,
+    /// A fixed port from [ssh] listen_ports.
+    #[arg(long)]
+    port: Option<u16>,
+    /// The tunnel name (default from the device id).
+    #[arg(long)]
+    name: Option<String>,
+    /// End the device's live grant instead of refusing.
+    #[arg(long)]
+    replace: bool,
+    /// Addresses or CIDRs (comma-separated) the certificate may be used from.
+    #[arg(long)]
+    source_address: Option<String>,
+    /// A host:port the device may reach with -W/-L (repeatable; default none).
+    #[arg(long)]
+    permit_open: Vec<String>,
+    /// What the device publishes, for the ssh command printed (default localhost:22).
+    #[arg(long)]
+    local: Option<String>,
+}
+
+/// Where the control socket is.
+#[derive(Args)]
+struct ControlArgs {
+    /// The control socket; default: [grants] control_socket from --config, else control.sock
+    /// in the state directory.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Config file (TOML).
+    #[arg(long, short, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The state directory.
+    #[arg(long, env = "SLUICE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -206,6 +285,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Connect(args) => connect(args),
         Command::Healthcheck(args) => healthcheck(args),
         Command::Tunnels(args) => tunnels(args),
+        Command::Grant(cmd) => grant(cmd),
         command => {
             init_logging(cli.log_format);
             match command {
@@ -213,7 +293,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Command::Check { config } => check(&config),
                 Command::Serve(args) => serve(args),
                 Command::Hostkey(args) => hostkey(args),
-                Command::Connect(_) | Command::Healthcheck(_) | Command::Tunnels(_) => Ok(()),
+                Command::Ca(args) => ca(args),
+                Command::Connect(_)
+                | Command::Healthcheck(_)
+                | Command::Tunnels(_)
+                | Command::Grant(_) => Ok(()),
             }
         }
     }
@@ -473,6 +557,192 @@ fn hostkey(a: StateArgs) -> Result<(), Failure> {
     println!("{fp} {}", path.display());
     println!("{public}");
     Ok(())
+}
+
+fn ca(a: StateArgs) -> Result<(), Failure> {
+    let cfg = load(a.config.as_deref()).map_err(|e| config_failure(&e))?;
+    let state_dir = sluice::state::resolve(a.state_dir.as_deref().or(cfg.state_dir.as_deref()));
+    let path = cfg
+        .grants
+        .as_ref()
+        .and_then(|g| g.ca_key.clone())
+        .unwrap_or_else(|| state_dir.join(sluice::grant::ca::CA_FILE));
+    let ca = sluice::grant::UserCa::load_or_create(&path)
+        .map_err(|e| Failure::new(1, format!("sluice ca: {e}")))?;
+    println!("{}", ca.public_line());
+    Ok(())
+}
+
+impl ControlArgs {
+    fn socket(&self) -> Result<PathBuf, Failure> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        let cfg = match &self.config {
+            Some(p) => {
+                Some(Config::load(p).map_err(|e| Failure::of("sluice grant: config error", &e))?)
+            }
+            None => None,
+        };
+        let state_dir = sluice::state::resolve(
+            self.state_dir
+                .as_deref()
+                .or(cfg.as_ref().and_then(|c| c.state_dir.as_deref())),
+        );
+        let settings = cfg.and_then(|c| c.grants).unwrap_or_default();
+        Ok(sluice::grant::Grants::control_socket(&settings, &state_dir))
+    }
+}
+
+/// One request to the control API; the body of a 2xx answer, else a failure with its message.
+fn control(
+    socket: &Path,
+    method: http::Method,
+    uri: &str,
+    body: Option<Vec<u8>>,
+) -> Result<serde_json::Value, Failure> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(1, format!("sluice grant: {e}")))?;
+    let (status, bytes) = rt
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                sluice::control::request(socket, method, uri, body),
+            )
+            .await
+        })
+        .map_err(|_| Failure::new(1, "sluice grant: the control API did not answer within 30s"))?
+        .map_err(|e| Failure::new(sluice::exit::EX_UNAVAILABLE, format!("sluice grant: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+    });
+    if status.is_success() {
+        return Ok(value);
+    }
+    let e = &value["error"];
+    let message = match (e["field"].as_str(), e["message"].as_str()) {
+        (Some(f), Some(m)) => format!("{f}: {m}"),
+        (None, Some(m)) => m.to_string(),
+        _ => value.to_string(),
+    };
+    let code = if status.is_client_error() {
+        EX_USAGE
+    } else {
+        sluice::exit::EX_UNAVAILABLE
+    };
+    Err(Failure::new(
+        code,
+        format!("sluice grant: {} {message}", status.as_u16()),
+    ))
+}
+
+fn grant(cmd: GrantCommand) -> Result<(), Failure> {
+    match cmd {
+        GrantCommand::Issue(a) => {
+            let socket = a.control.socket()?;
+            let public_key = match &a.public_key {
+                Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+                    Failure::new(
+                        sluice::exit::EX_NOINPUT,
+                        format!("sluice grant issue: {}: {e}", p.display()),
+                    )
+                })?),
+                None => None,
+            };
+            let mut body = serde_json::json!({ "device": a.device, "replace": a.replace, "permit_open": a.permit_open });
+            let set = |body: &mut serde_json::Value, k: &str, v: Option<serde_json::Value>| {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            };
+            set(&mut body, "ttl", a.ttl.map(Into::into));
+            set(&mut body, "public_key", public_key.map(Into::into));
+            set(&mut body, "port", a.port.map(Into::into));
+            set(&mut body, "name", a.name.map(Into::into));
+            set(
+                &mut body,
+                "source_address",
+                a.source_address.map(Into::into),
+            );
+            set(&mut body, "local", a.local.map(Into::into));
+            let v = control(
+                &socket,
+                http::Method::POST,
+                "/v1/grants",
+                Some(body.to_string().into_bytes()),
+            )?;
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            Ok(())
+        }
+        GrantCommand::List {
+            control: c,
+            all,
+            json,
+        } => {
+            let socket = c.socket()?;
+            let uri = if all {
+                "/v1/grants?all=true"
+            } else {
+                "/v1/grants"
+            };
+            let v = control(&socket, http::Method::GET, uri, None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return Ok(());
+            }
+            let list: Vec<sluice::grant::GrantView> = serde_json::from_value(v["grants"].clone())
+                .map_err(|e| {
+                Failure::new(1, format!("sluice grant list: not a grant list: {e}"))
+            })?;
+            if list.is_empty() {
+                println!("no {}grants", if all { "" } else { "live " });
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<20} {:<9} {:>6} {:<24} {:<21} FIRST USED",
+                "GRANT", "DEVICE", "STATE", "PORT", "NAME", "EXPIRES"
+            );
+            for g in list {
+                println!(
+                    "{:<24} {:<20} {:<9} {:>6} {:<24} {:<21} {}",
+                    g.id,
+                    g.device,
+                    g.state,
+                    g.port,
+                    g.name.as_deref().unwrap_or("-"),
+                    g.expires,
+                    g.first_used.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(())
+        }
+        GrantCommand::Revoke { control: c, id } => {
+            if id.is_empty()
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return Err(Failure::new(
+                    EX_USAGE,
+                    format!("sluice grant revoke: `{id}` is not a grant id (g-...)"),
+                ));
+            }
+            let socket = c.socket()?;
+            let v = control(
+                &socket,
+                http::Method::DELETE,
+                &format!("/v1/grants/{id}"),
+                None,
+            )?;
+            println!(
+                "revoked {id}; live sessions ended: {}",
+                v["sessions_ended"].as_u64().unwrap_or(0)
+            );
+            Ok(())
+        }
+    }
 }
 
 fn serve(a: StateArgs) -> Result<(), Failure> {

@@ -44,6 +44,13 @@ pub(crate) fn count(family: &Family<ResultLabels, Counter>, result: &'static str
     family.get_or_create(&ResultLabels { result }).inc();
 }
 
+/// A grant's state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `live`, `revoked`, `expired` or `replaced`.
+    pub state: &'static str,
+}
+
 /// A route.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -109,6 +116,11 @@ pub struct Metrics {
     /// `-R NAME:PORT` requests: `published`, or why not (`denied`, `owned`, `held`,
     /// `too_many`, `store_error`); `evicted` when a stale session of the same key lost it.
     pub tunnel_publish: Family<ResultLabels, Counter>,
+    /// Access grants: `issued`, `used` (first authentication), `revoked`, `expired`,
+    /// `replaced`, `refused` (a grant certificate turned away).
+    pub grant_events: Family<ResultLabels, Counter>,
+    /// Access grants kept in the store, by state.
+    pub grants: Family<StateLabels, Gauge>,
     /// Visitors to a tunnel by name (`-W/-J/-L`): `opened`, `denied`, `no_tunnel`,
     /// `publisher_failed`.
     pub tunnel_visits: Family<ResultLabels, Counter>,
@@ -161,6 +173,8 @@ impl Metrics {
             ssh_forwards_active: Gauge::default(),
             tunnels_published: Gauge::default(),
             tunnel_publish: Family::default(),
+            grant_events: Family::default(),
+            grants: Family::default(),
             tunnel_visits: Family::default(),
             tunnel_requests: Family::default(),
             reloads: Family::default(),
@@ -227,6 +241,16 @@ impl Metrics {
             "tunnel_publish",
             "ssh -R NAME:PORT requests, by result",
             m.tunnel_publish.clone(),
+        );
+        registry.register(
+            "grant_events",
+            "Access grant events: issued, used, revoked, expired, replaced, refused",
+            m.grant_events.clone(),
+        );
+        registry.register(
+            "grants",
+            "Access grants kept in the store, by state (live, revoked, expired, replaced)",
+            m.grants.clone(),
         );
         registry.register(
             "tunnel_visits",

@@ -35,6 +35,18 @@ pub(super) struct File {
     pub admin: Option<Spanned<Admin>>,
     pub dns: Option<Spanned<Dns>>,
     pub tunnels: Option<Spanned<Tunnels>>,
+    pub grants: Option<Spanned<Grants>>,
+}
+
+/// `[grants]`: short-lived access grants for devices.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Grants {
+    pub max_ttl: Option<Spanned<Dur>>,
+    pub default_ttl: Option<Spanned<Dur>>,
+    pub ca_key: Option<Spanned<PathBuf>>,
+    pub control_socket: Option<Spanned<PathBuf>>,
+    pub server: Option<Spanned<String>>,
 }
 
 /// `[tunnels]`: services published by name.

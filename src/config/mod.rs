@@ -80,6 +80,7 @@ impl Config {
             proxy_header: ProxyHeader::Required,
             dns: crate::resolve::DnsSettings::default(),
             tunnels: None,
+            grants: None,
             admin: None,
         }
     }

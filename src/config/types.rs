@@ -60,6 +60,36 @@ pub struct Config {
     pub dns: crate::resolve::DnsSettings,
     /// `[tunnels]`: services published by name through the embedded SSH server.
     pub tunnels: Option<TunnelSettings>,
+    /// `[grants]`: access grants for devices (sluice's own user CA, the control API).
+    pub grants: Option<GrantSettings>,
+}
+
+/// `[grants]`: short-lived certificates that let one device publish one port and one name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantSettings {
+    /// The longest TTL a grant may have.
+    pub max_ttl: Duration,
+    /// The TTL of a grant that asks for none.
+    pub default_ttl: Duration,
+    /// The CA key that signs grant certificates; `None`: `ssh_user_ca` in the state directory.
+    pub ca_key: Option<PathBuf>,
+    /// The control API's unix socket; `None`: `control.sock` in the state directory.
+    pub control_socket: Option<PathBuf>,
+    /// `HOST[:PORT]` devices dial, for the ssh command a grant comes with; `None`: the first
+    /// listen address.
+    pub server: Option<String>,
+}
+
+impl Default for GrantSettings {
+    fn default() -> Self {
+        GrantSettings {
+            max_ttl: Duration::from_secs(24 * 3600),
+            default_ttl: Duration::from_secs(3600),
+            ca_key: None,
+            control_socket: None,
+            server: None,
+        }
+    }
 }
 
 /// `[tunnels]`: names published with `ssh -R NAME:PORT:...`.

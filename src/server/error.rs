@@ -35,4 +35,16 @@ pub enum ServeError {
     /// A file the config names is unusable (an htpasswd file of a private tunnel).
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// `[grants]`: the CA key or the store is unusable.
+    #[error(transparent)]
+    Grants(crate::grant::GrantError),
+    /// The control API's unix socket could not be bound.
+    #[error("{}: cannot listen on the control socket: {source}", path.display())]
+    ControlSocket {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }

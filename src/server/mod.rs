@@ -50,6 +50,8 @@ use shared::Shared;
 pub struct Server {
     listeners: Vec<TcpListener>,
     admin: Option<TcpListener>,
+    /// The control API's socket, with `[grants]`.
+    control: Option<(tokio::net::UnixListener, PathBuf)>,
     readiness: Readiness,
     liveness: Liveness,
     shared: Arc<Shared>,
@@ -65,12 +67,26 @@ impl Server {
         let certs = Arc::new(CertStore::new(tls::load_certs(&cfg, &state_dir)?));
         let force_close = CancellationToken::new();
         let ticketer = tls::ticketer()?;
+        let grants = match &cfg.grants {
+            Some(g) => Some(Arc::new(
+                crate::grant::Grants::open(
+                    g,
+                    &cfg.embedded_ssh,
+                    cfg.tunnels.as_ref(),
+                    &state_dir,
+                    cfg.listen[0],
+                )
+                .map_err(ServeError::Grants)?,
+            )),
+            None => None,
+        };
         let snapshot = build_snapshot(
             cfg.clone(),
             &certs,
             &ticketer,
             &state_dir,
             &force_close,
+            grants.as_ref(),
             None,
         )?;
         let inherited = crate::systemd::inherited_listeners()?;
@@ -98,6 +114,18 @@ impl Server {
             }
             None => None,
         };
+        let control = match &cfg.grants {
+            Some(g) => {
+                let path = crate::grant::Grants::control_socket(g, &state_dir);
+                let l =
+                    crate::control::bind(&path).map_err(|source| ServeError::ControlSocket {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Some((l, path))
+            }
+            None => None,
+        };
         crate::resolve::configure(&cfg.dns);
         let shared = Arc::new(Shared {
             unrouted: Arc::new(PerClient::new(cfg.limits.max_unrouted_per_ip)),
@@ -119,10 +147,12 @@ impl Server {
             started: Arc::new(cfg),
             lock: Arc::new(tokio::sync::Mutex::new(())),
             ticketer,
+            grants,
         };
         Ok(Server {
             listeners,
             admin,
+            control,
             readiness: Readiness::ready(),
             liveness: Liveness::default(),
             shared,
@@ -215,6 +245,17 @@ impl Server {
                 tunnels,
             ));
         }
+        let stop_control = CancellationToken::new();
+        if let (Some((l, path)), Some(grants)) = (self.control, &self.reloader.grants) {
+            tokio::spawn(crate::control::serve(
+                l,
+                path,
+                grants.clone(),
+                stop_control.clone(),
+            ));
+            tokio::spawn(grants.clone().sweep(stop_control.clone()));
+        }
+        let _stop_control = stop_control.drop_guard();
         self.reloader.watch_certs(stop_accepting.clone());
         shutdown.await;
         self.readiness.set_draining();

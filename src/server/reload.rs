@@ -45,6 +45,7 @@ pub(super) fn build_snapshot(
     ticketer: &Arc<dyn rustls::server::ProducesTickets>,
     state_dir: &std::path::Path,
     force_close: &CancellationToken,
+    grants: Option<&Arc<crate::grant::Grants>>,
     previous: Option<&Snapshot>,
 ) -> Result<Snapshot, ServeError> {
     let (tls_config, client_verifier) = tls::server_config(
@@ -73,7 +74,10 @@ pub(super) fn build_snapshot(
                 cfg.ssh.idle(),
                 force_close.clone(),
                 previous.and_then(|p| p.ssh.as_deref()),
-                cfg.tunnels.clone(),
+                crate::ssh::Platform {
+                    tunnels: cfg.tunnels.clone(),
+                    grants: grants.cloned(),
+                },
             )?)),
         },
     };
@@ -142,6 +146,8 @@ pub struct Reloader {
     pub(super) cert_digest: Arc<tokio::sync::Mutex<Vec<Option<u64>>>>,
     /// Session-ticket keys, kept across reloads so that tickets issued before still resume.
     pub(super) ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    /// `[grants]`, opened at start (its settings apply at a restart).
+    pub(super) grants: Option<Arc<crate::grant::Grants>>,
 }
 
 /// The content of `cfg`'s certificate files, to notice changes.
@@ -180,6 +186,7 @@ impl Reloader {
             &self.ticketer,
             &self.state_dir,
             &self.shared.force_close,
+            self.grants.as_ref(),
             Some(&old),
         ) {
             Ok(s) => s,
@@ -325,6 +332,7 @@ impl Reloader {
                 &self.ticketer,
                 &self.state_dir,
                 &self.shared.force_close,
+                self.grants.as_ref(),
                 Some(&old),
             )?),
             None => None,
@@ -357,6 +365,9 @@ fn restart_only_changes(started: &Config, now: &Config) -> Vec<&'static str> {
     }
     if started.state_dir != now.state_dir {
         v.push("state_dir");
+    }
+    if started.grants != now.grants {
+        v.push("grants");
     }
     v
 }

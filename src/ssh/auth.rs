@@ -1,5 +1,5 @@
 //! Who may log in, decided without sockets: a key or certificate, the user it logs in as, the
-//! client's address and the time in; a [`Grant`] or a [`Denial`] with its reason out.
+//! client's address and the time in; a [`Login`] or a [`Denial`] with its reason out.
 //!
 //! The handler (`handler.rs`) calls these from russh's callbacks and does the rest: logging,
 //! penalties, the session's expiry timer.
@@ -17,7 +17,7 @@ use crate::net::Cidr;
 
 /// What an authenticated client may do, from its key line or certificate.
 #[derive(Debug, Clone)]
-pub(crate) struct Grant {
+pub(crate) struct Login {
     pub(crate) user: String,
     /// How it authenticated, for logs: key fingerprint and origin, or certificate id.
     pub(crate) label: String,
@@ -30,6 +30,11 @@ pub(crate) struct Grant {
     pub(crate) permit_open: Option<Vec<KeyPermitOpen>>,
     pub(crate) permit_listen: Option<Vec<PermitListen>>,
     pub(crate) expires: Option<SystemTime>,
+    /// The access grant this login came with (a certificate from sluice's own CA).
+    pub(crate) access: Option<String>,
+    /// Whether the key's own namespace (`NAME-<short id>`) is open to it: not for grants,
+    /// which publish exactly their port and name.
+    pub(crate) own_namespace: bool,
 }
 
 /// A refused attempt: what was offered (for the log) and why it was refused.
@@ -75,6 +80,8 @@ pub(crate) enum Reason {
     SourceAddress(String),
     /// A critical option sluice does not know (refused, as OpenSSH does).
     UnsupportedCritical(String),
+    /// A certificate from sluice's own CA whose grant does not let it in.
+    Grant(String),
 }
 
 impl fmt::Display for Reason {
@@ -121,6 +128,7 @@ impl fmt::Display for Reason {
             Reason::UnsupportedCritical(name) => {
                 write!(f, "unsupported critical option {}", super::clean(name))
             }
+            Reason::Grant(why) => write!(f, "access grant refused: {why}"),
         }
     }
 }
@@ -169,7 +177,7 @@ pub(crate) fn authorize_key(
     key: &PublicKey,
     peer: IpAddr,
     now: SystemTime,
-) -> Result<Grant, Denial> {
+) -> Result<Login, Denial> {
     let what = key_label(key);
     let mut reason = Reason::KeyNotAuthorized;
     for line in keys.lines_for(key) {
@@ -182,7 +190,7 @@ pub(crate) fn authorize_key(
             reason = Reason::KeyExpired;
             continue;
         }
-        return Ok(Grant {
+        return Ok(Login {
             user: user.to_string(),
             label: format!("{what} ({})", line.origin),
             key: fingerprint(key),
@@ -191,6 +199,8 @@ pub(crate) fn authorize_key(
             permit_open: o.permit_open.clone(),
             permit_listen: o.permit_listen.clone(),
             expires: o.expiry,
+            access: None,
+            own_namespace: true,
         });
     }
     Err(Denial { what, reason })
@@ -204,7 +214,7 @@ pub(crate) fn authorize_cert(
     cert: &Certificate,
     peer: IpAddr,
     now: SystemTime,
-) -> Result<Grant, Denial> {
+) -> Result<Login, Denial> {
     let ca_fp = cert.signature_key().fingerprint(HashAlg::Sha256);
     let what = format!(
         "certificate ID {} serial {} CA {ca_fp}",
@@ -228,7 +238,7 @@ pub(crate) fn authorize_cert(
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
-                return Ok(Grant {
+                return Ok(Login {
                     user: user.to_string(),
                     label: format!("{what} ({})", ca.origin),
                     key: cert.public_key().fingerprint(HashAlg::Sha256).to_string(),
@@ -237,12 +247,47 @@ pub(crate) fn authorize_cert(
                     permit_open: o.permit_open.clone(),
                     permit_listen: o.permit_listen.clone(),
                     expires,
+                    access: None,
+                    own_namespace: true,
                 });
             }
             Err(r) => reason = r,
         }
     }
     Err(deny(reason))
+}
+
+/// A certificate from sluice's own CA whose grant `check` accepted: exactly the grant's port
+/// and name, the `-W/-L` targets it lists (none by default), until it expires.
+pub(crate) fn grant_login(user: &str, cert: &Certificate, a: &crate::grant::Allowance) -> Login {
+    let mut listen: Vec<PermitListen> = PermitListen::parse(&a.port.to_string())
+        .into_iter()
+        .collect();
+    if let Some(n) = &a.name {
+        listen.extend(PermitListen::parse(&format!("{n}:*")));
+    }
+    Login {
+        user: user.to_string(),
+        label: format!(
+            "certificate ID {} serial {} (sluice grant, device {})",
+            super::clean(cert.key_id()),
+            cert.serial(),
+            super::clean(&a.device)
+        ),
+        key: cert.public_key().fingerprint(HashAlg::Sha256).to_string(),
+        identity: a.identity(),
+        port_forwarding: true,
+        permit_open: Some(
+            a.permit_open
+                .iter()
+                .filter_map(|t| KeyPermitOpen::parse(t))
+                .collect(),
+        ),
+        permit_listen: Some(listen),
+        expires: Some(a.expires),
+        access: Some(a.grant.clone()),
+        own_namespace: false,
+    }
 }
 
 /// One `cert-authority` line against the certificate; `Ok(port forwarding allowed)`.

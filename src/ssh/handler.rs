@@ -15,7 +15,7 @@ use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::auth::{self, Denial, Grant};
+use super::auth::{self, Denial, Login};
 use super::forward;
 use super::limits::{ChannelCount, ChannelSlot};
 use super::permit;
@@ -78,8 +78,8 @@ pub(crate) struct Conn {
     authenticated: Arc<AtomicBool>,
     state: Arc<ConnState>,
     /// Accepted by an auth method, in force once russh reports success.
-    pending: Option<Grant>,
-    grant: Option<Grant>,
+    pending: Option<Login>,
+    grant: Option<Login>,
     failures: u32,
     channels: Arc<ChannelCount>,
     /// Session channels hold a slot until the client closes them.
@@ -96,6 +96,8 @@ pub(crate) struct Conn {
     id: u64,
     /// Tunnel names and ports this session publishes.
     names: HashSet<(String, u16)>,
+    /// The access grant this session is attached to (revoking it ends the session).
+    attached: Option<crate::grant::Attached>,
 }
 
 /// Connection ids for tunnel registrations.
@@ -127,6 +129,7 @@ impl Conn {
             kill,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             names: HashSet::new(),
+            attached: None,
         }
     }
 
@@ -180,7 +183,7 @@ impl Conn {
         Auth::reject()
     }
 
-    fn accept(&mut self, grant: Grant, kind: &str) -> Auth {
+    fn accept(&mut self, grant: Login, kind: &str) -> Auth {
         info!(
             target: "sluice::ssh::auth",
             "Accepted {kind} for {} from {} port {} ssh2: {}",
@@ -196,7 +199,7 @@ impl Conn {
     /// `-R NAME:PORT:...`: registers the name for this session; nothing is bound.
     async fn publish_name(
         &mut self,
-        grant: &Grant,
+        grant: &Login,
         name: String,
         via: tunnel::Via,
         port: u32,
@@ -355,6 +358,12 @@ impl russh::server::Handler for Conn {
         let keys = self.server.keys.current();
         match auth::offer(&keys, offer.public_key, offer.algorithm) {
             Ok(()) => Ok(Auth::Accept),
+            // A grant's certificate is offered as its bare key too: let it sign.
+            Err(d)
+                if d.reason == auth::Reason::KeyNotAuthorized && self.server.grants.is_some() =>
+            {
+                Ok(Auth::Accept)
+            }
             Err(d) => Ok(self.fail(user, d).await),
         }
     }
@@ -382,6 +391,37 @@ impl russh::server::Handler for Conn {
         user: &str,
         cert: &Certificate,
     ) -> Result<Auth, Self::Error> {
+        if let Some(grants) = self.server.grants.as_ref().filter(|g| g.signed_by_us(cert)) {
+            return match grants.check(cert, user, self.peer.ip(), SystemTime::now()) {
+                Ok(a) => Ok(self.accept(auth::grant_login(user, cert, &a), "certificate")),
+                Err(r) => {
+                    crate::metrics::count(&crate::metrics::get().grant_events, "refused");
+                    // Logged now: the session's last failure (logged at its end, as sshd
+                    // does) is usually the client's next try with the bare key.
+                    warn!(
+                        target: "sluice::grant",
+                        grant = super::clean(cert.key_id()),
+                        user = super::clean(user),
+                        peer = %self.peer,
+                        "access grant refused: {r}"
+                    );
+                    let what = format!(
+                        "certificate ID {} serial {} (sluice grant)",
+                        super::clean(cert.key_id()),
+                        cert.serial()
+                    );
+                    Ok(self
+                        .fail(
+                            user,
+                            Denial {
+                                what,
+                                reason: auth::Reason::Grant(r.to_string()),
+                            },
+                        )
+                        .await)
+                }
+            };
+        }
         let keys = self.server.keys.current();
         match auth::authorize_cert(&keys, user, cert, self.peer.ip(), SystemTime::now()) {
             Ok(grant) => Ok(self.accept(grant, "certificate")),
@@ -415,6 +455,13 @@ impl russh::server::Handler for Conn {
                 warn!(target: "sluice::ssh::auth", %peer, user, "key or certificate expired: closing the session");
                 super::say_goodbye(&handle, &kill, "your key or certificate has expired");
             }));
+        }
+        if let (Some(id), Some(grants)) = (&grant.access, &self.server.grants) {
+            // A revoke ends this session at once.
+            let (handle, kill) = (session.handle(), self.kill.clone());
+            let end: crate::grant::EndSession =
+                Arc::new(move |why: &str| super::say_goodbye(&handle, &kill, why));
+            self.attached = Some(grants.attach(id, self.id, end));
         }
         self.grant = Some(grant);
         Ok(())

@@ -84,7 +84,18 @@ pub struct SshServer {
     pub(crate) tunnels: Option<crate::config::TunnelSettings>,
     /// Tunnel names and who serves them, shared the same way across a reload.
     pub(crate) registry: Arc<crate::tunnel::Registry>,
+    /// `[grants]`: certificates from sluice's own CA, checked against the grant store.
+    pub(crate) grants: Option<Arc<crate::grant::Grants>>,
     host_fingerprint: String,
+}
+
+/// What the SSH server serves besides forwards: tunnels by name and access grants.
+#[derive(Default)]
+pub struct Platform {
+    /// `[tunnels]`.
+    pub tunnels: Option<crate::config::TunnelSettings>,
+    /// `[grants]`: certificates from sluice's own CA, checked against the grant store.
+    pub grants: Option<Arc<crate::grant::Grants>>,
 }
 
 impl SshServer {
@@ -96,8 +107,9 @@ impl SshServer {
         channel_idle: crate::relay::Idle,
         stop: CancellationToken,
         previous: Option<&SshServer>,
-        tunnels: Option<crate::config::TunnelSettings>,
+        platform: Platform,
     ) -> Result<SshServer, SshError> {
+        let Platform { tunnels, grants } = platform;
         let key_path = host_key_path(settings, state_dir);
         let host_key = load_or_create_host_key(&key_path)?;
         let host_fingerprint = host_key
@@ -137,6 +149,7 @@ impl SshServer {
             sockets: previous.map_or_else(Default::default, |p| p.sockets.clone()),
             tunnels,
             registry,
+            grants,
             host_fingerprint,
         })
     }

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::ops::RangeInclusive;
 
-use super::auth::Grant;
+use super::auth::Login;
 use super::sockets;
 use crate::config::SshSettings;
 use crate::net::{HostMatch, PermitListen};
@@ -36,6 +36,8 @@ pub(crate) enum Refusal {
     SocketNeedsPermitListen,
     /// The key's `permitlisten` lists no matching `/name-glob`.
     SocketNotInPermitListen,
+    /// An access grant allows its port, its name and the targets it lists, nothing else.
+    NotInGrant(String),
     /// A tunnel name the key's `permitlisten` does not grant, outside its own namespace.
     NameNotPermitted {
         /// The key's short id: it may always publish `NAME-<own>`.
@@ -70,6 +72,10 @@ impl fmt::Display for Refusal {
             Refusal::SocketNotInPermitListen => {
                 f.write_str("not in the key's permitlisten (socket entries are \"/name-glob\")")
             }
+            Refusal::NotInGrant(id) => write!(
+                f,
+                "not allowed by access grant {id} (only its port, its name and the targets it lists)"
+            ),
             Refusal::NameNotPermitted { own } => write!(
                 f,
                 "the name is not in the key's permitlisten (\"NAME-GLOB:PORT\"); this key may publish NAME-{own}"
@@ -97,7 +103,7 @@ fn nonzero_port(port: u32) -> Result<u16, Refusal> {
 
 /// `-W/-L/-J HOST:PORT`.
 pub(crate) fn connect(
-    grant: &Grant,
+    grant: &Login,
     settings: &SshSettings,
     host: &str,
     port: u32,
@@ -120,7 +126,7 @@ pub(crate) fn connect(
         .as_ref()
         .is_some_and(|list| !list.iter().any(|p| p.matches(host, port)))
     {
-        return Err(Refusal::NotInKeyPermitOpen);
+        return Err(not_in_key(grant, Refusal::NotInKeyPermitOpen));
     }
     let rules = &settings.permit_open;
     let allowed_by_name = rules.iter().any(|p| p.allows_name(host, port));
@@ -139,7 +145,7 @@ pub(crate) fn connect(
 /// `-R [ADDRESS:]PORT`: the port to bind (0: any in `listen_ports`). `held` counts the
 /// connection's open listeners.
 pub(crate) fn listen(
-    grant: &Grant,
+    grant: &Login,
     settings: &SshSettings,
     address: &str,
     port: u32,
@@ -154,7 +160,7 @@ pub(crate) fn listen(
         .as_ref()
         .is_some_and(|l| !l.iter().any(|p| p.matches(address, requested)))
     {
-        return Err(Refusal::NotInKeyPermitListen);
+        return Err(not_in_key(grant, Refusal::NotInKeyPermitListen));
     }
     let range = &settings.listen_ports;
     if requested != 0 && !range.contains(&requested) {
@@ -168,7 +174,7 @@ pub(crate) fn listen(
 
 /// `-R /NAME:...`: the socket's file name.
 pub(crate) fn listen_socket(
-    grant: &Grant,
+    grant: &Login,
     settings: &SshSettings,
     socket_path: &str,
     held: usize,
@@ -197,7 +203,7 @@ pub(crate) fn listen_socket(
 /// own `permitlisten` decides when it has one, else `tunnels.permit_listen` (`config`); the
 /// key's own namespace (`NAME-<short id>`) is always its own.
 pub(crate) fn publish(
-    grant: &Grant,
+    grant: &Login,
     settings: &SshSettings,
     config: &[PermitListen],
     name: &str,
@@ -219,10 +225,18 @@ pub(crate) fn publish(
         .iter()
         .any(|p| p.matches_name(name, port));
     let own = tunnel::name::short_id(&grant.identity);
-    if granted || tunnel::name::in_own_namespace(name, &own) {
+    if granted || (grant.own_namespace && tunnel::name::in_own_namespace(name, &own)) {
         Ok(port)
     } else {
-        Err(Refusal::NameNotPermitted { own })
+        Err(not_in_key(grant, Refusal::NameNotPermitted { own }))
+    }
+}
+
+/// A refusal by the key's own lists; a grant's lists are the grant's, so it says that.
+fn not_in_key(grant: &Login, r: Refusal) -> Refusal {
+    match &grant.access {
+        Some(id) => Refusal::NotInGrant(id.clone()),
+        None => r,
     }
 }
 
@@ -233,14 +247,14 @@ mod tests {
     use crate::ssh::tz::SystemTz;
 
     /// The grant a key line with `options` gives.
-    fn grant(options: &str) -> Grant {
+    fn grant(options: &str) -> Login {
         let key = russh::keys::PrivateKey::from(
             russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[1; 32]),
         );
         let key = key.public_key().to_openssh().unwrap();
         let line = format!("{options} {key}").trim_start().to_string();
         let (_, o) = parse_line(&line, &SystemTz).unwrap();
-        Grant {
+        Login {
             user: "u".into(),
             label: "test".into(),
             key: "SHA256:test".into(),
@@ -249,6 +263,8 @@ mod tests {
             permit_open: o.permit_open,
             permit_listen: o.permit_listen,
             expires: None,
+            access: None,
+            own_namespace: true,
         }
     }
 

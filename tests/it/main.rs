@@ -29,6 +29,9 @@ mod tunnels;
 /// channel, data after EOF, the process-wide window budget; driven by a russh client.
 mod ssh_limits;
 
+/// Access grants: `sluice grant`, the control API, OpenSSH as the device with its certificate.
+mod grants;
+
 /// `sluice connect`, the ProxyCommand helper, against the daemon and with OpenSSH.
 mod connect;
 

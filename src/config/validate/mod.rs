@@ -369,6 +369,65 @@ impl Validator<'_> {
                 permit_listen,
             });
         }
+        if let Some(spanned) = &raw.grants {
+            if cfg.ssh.upstream.is_some() {
+                return self.err(
+                    spanned.span(),
+                    "grants are enforced by the embedded SSH server, but [routes.ssh] sends SSH to an upstream: remove its upstream or the [grants] table",
+                );
+            }
+            let g = spanned.get_ref();
+            let d = GrantSettings::default();
+            let max_ttl = match &g.max_ttl {
+                Some(t) => self.duration(t, Duration::from_secs(60), 366 * 24 * 60 * MINUTE)?,
+                None => d.max_ttl,
+            };
+            let default_ttl = match &g.default_ttl {
+                Some(t) => {
+                    let v = self.duration(t, Duration::from_secs(60), 366 * 24 * 60 * MINUTE)?;
+                    if v > max_ttl {
+                        return self.err(t.span(), "longer than max_ttl");
+                    }
+                    v
+                }
+                None => d.default_ttl.min(max_ttl),
+            };
+            let ca_key = match &g.ca_key {
+                Some(p) => Some(self.path(p)?.path),
+                None => None,
+            };
+            let control_socket = match &g.control_socket {
+                Some(p) => Some(self.path(p)?.path),
+                None => None,
+            };
+            let server = match &g.server {
+                Some(s) => {
+                    let text = s.get_ref().trim();
+                    let host = match text.rsplit_once(':') {
+                        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                            if p.parse::<u16>().map_or(true, |p| p == 0) {
+                                return self
+                                    .err(s.span(), format!("`{text}`: the port is not 1-65535"));
+                            }
+                            h
+                        }
+                        _ => text,
+                    };
+                    if host.is_empty() || host.contains(char::is_whitespace) {
+                        return self.err(s.span(), format!("`{text}` is not HOST[:PORT]"));
+                    }
+                    Some(text.to_string())
+                }
+                None => None,
+            };
+            cfg.grants = Some(GrantSettings {
+                max_ttl,
+                default_ttl,
+                ca_key,
+                control_socket,
+                server,
+            });
+        }
         if let Some(dns) = &raw.dns {
             let dns = dns.get_ref();
             for s in &dns.servers {

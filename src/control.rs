@@ -1,0 +1,357 @@
+//! The control API: HTTP+JSON over a unix socket (0600, in the state directory by default),
+//! for the operator's own tools and the `sluice grant` commands. Versioned paths:
+//!
+//! - `GET /v1/ca`: the grants CA's public line and fingerprint
+//! - `GET /v1/grants[?all=true]`, `POST /v1/grants`, `GET|DELETE /v1/grants/ID`
+//! - `GET /v1/openapi.json`: this API, described (docs/openapi.json)
+//!
+//! Errors are `{"error": {"code", "message", "field"?}}` with a 4xx naming the field at fault.
+//! Whoever can open the socket may use the API: the file's mode is the access control.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::grant::{Grants, IssueError, IssueRequest, RevokeError};
+
+/// A request body larger than this is refused (413).
+const MAX_BODY: usize = 64 * 1024;
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 32;
+/// A request head must arrive within this; a whole exchange within `EXCHANGE`.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const EXCHANGE: Duration = Duration::from_secs(30);
+
+/// The API's description, served at `/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+
+/// Binds the control socket at `path` (0600). A socket file left by a sluice that is gone is
+/// replaced; one a running process answers on is not.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::state::ensure_dir(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process answers on it (a sluice already running?)",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serves the API on `listener` until `stop`; the socket file is removed then.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    grants: Arc<Grants>,
+    stop: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    info!(socket = %path.display(), "control API listening");
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "control API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            debug!("control API: too many connections; refused one");
+            continue;
+        };
+        let grants = grants.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let grants = grants.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(req, grants).await) }
+            });
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_BODY);
+            let conn = b.serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(EXCHANGE, conn).await;
+            drop(permit);
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec_pretty(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(
+    status: StatusCode,
+    code: &str,
+    field: Option<&str>,
+    message: String,
+) -> Response<Full<Bytes>> {
+    json(
+        status,
+        &ErrorBody {
+            error: ErrorDetail {
+                code,
+                message,
+                field,
+            },
+        },
+    )
+}
+
+/// The field a serde_json error names (`missing field \`device\``, `unknown field \`x\``).
+fn named_field(e: &serde_json::Error) -> Option<String> {
+    let text = e.to_string();
+    let start = text.find('`')? + 1;
+    let len = text[start..].find('`')?;
+    Some(text[start..start + len].to_string())
+}
+
+async fn handle(req: Request<Incoming>, grants: Arc<Grants>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().trim_end_matches('/').to_string();
+    let all = parts
+        .uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "all=true" || kv == "all=1"));
+    let method = parts.method.clone();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let resp = match (&method, segments.as_slice()) {
+        (&Method::GET, ["v1", "openapi.json"]) => {
+            let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        (&Method::GET, ["v1", "ca"]) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "public_key": grants.ca().public_line(),
+                "fingerprint": grants.ca().fingerprint(),
+            }),
+        ),
+        (&Method::GET, ["v1", "grants"]) => match grants.list(all) {
+            Ok(list) => json(StatusCode::OK, &serde_json::json!({ "grants": list })),
+            Err(e) => internal(&e.to_string()),
+        },
+        (&Method::POST, ["v1", "grants"]) => {
+            let bytes = match Limited::new(body, MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        None,
+                        format!("the request body is over {MAX_BODY} bytes"),
+                    )
+                }
+            };
+            let mut de = serde_json::Deserializer::from_slice(&bytes);
+            let req: IssueRequest = match serde_path_to_error::deserialize(&mut de) {
+                Ok(r) => r,
+                Err(e) => {
+                    // The path names a field whose value is wrong (`ttl`); a missing or
+                    // unknown field is named in the message only.
+                    let path = e.path().to_string();
+                    let e = e.into_inner();
+                    let field = if path == "." {
+                        named_field(&e)
+                    } else {
+                        Some(path)
+                    };
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        field.as_deref(),
+                        format!("the body is not a grant request: {e}"),
+                    );
+                }
+            };
+            // Signing and the store's transaction are short but blocking.
+            match issue(grants.clone(), req).await {
+                Ok(issued) => json(StatusCode::CREATED, &issued),
+                Err(IssueError::Field { field, message }) => {
+                    error(StatusCode::BAD_REQUEST, "bad_request", Some(field), message)
+                }
+                Err(IssueError::Conflict { field, message }) => {
+                    error(StatusCode::CONFLICT, "conflict", Some(field), message)
+                }
+                Err(e @ IssueError::NoFreePort(_)) => {
+                    let mut r = error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no_free_port",
+                        Some("port"),
+                        e.to_string(),
+                    );
+                    r.headers_mut().insert(
+                        http::header::RETRY_AFTER,
+                        http::HeaderValue::from_static("60"),
+                    );
+                    r
+                }
+                Err(e) => internal(&e.to_string()),
+            }
+        }
+        (&Method::GET, ["v1", "grants", id]) => match grants.get(id) {
+            Ok(Some(g)) => json(StatusCode::OK, &g),
+            Ok(None) => not_found(id),
+            Err(e) => internal(&e.to_string()),
+        },
+        (&Method::DELETE, ["v1", "grants", id]) => match grants.revoke(id) {
+            Ok((g, n)) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "grant": g, "sessions_ended": n }),
+            ),
+            Err(RevokeError::NotFound(_)) => not_found(id),
+            Err(e @ RevokeError::NotLive(_)) => {
+                error(StatusCode::CONFLICT, "conflict", None, e.to_string())
+            }
+            Err(e) => internal(&e.to_string()),
+        },
+        (_, ["v1", "grants"] | ["v1", "grants", _] | ["v1", "ca"] | ["v1", "openapi.json"]) => {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                None,
+                format!("{method} is not allowed on {}", crate::text::clean(&path)),
+            )
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+            format!("no such path {}", crate::text::clean(&path)),
+        ),
+    };
+    debug!(target: "sluice::control", method = %method, path = crate::text::clean(&path), status = resp.status().as_u16(), "control API request");
+    resp
+}
+
+async fn issue(grants: Arc<Grants>, req: IssueRequest) -> Result<crate::grant::Issued, IssueError> {
+    tokio::task::spawn_blocking(move || grants.issue(&req))
+        .await
+        .unwrap_or_else(|e| Err(IssueError::Sign(format!("the issuing task failed: {e}"))))
+}
+
+fn not_found(id: &str) -> Response<Full<Bytes>> {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        None,
+        format!("no grant {}", crate::text::clean(id)),
+    )
+}
+
+fn internal(e: &str) -> Response<Full<Bytes>> {
+    warn!(target: "sluice::control", error = e, "control API: request failed");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        None,
+        e.to_string(),
+    )
+}
+
+/// Why the CLI's request did not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached.
+    #[error("{}: {source}\n  is sluice running with a [grants] table, and may this user open its control socket?", path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The exchange failed midway.
+    #[error("control API: {0}")]
+    Http(String),
+}
+
+/// One request to the control socket at `path`: (status, body).
+pub async fn request(
+    path: &Path,
+    method: Method,
+    uri: &str,
+    body: Option<Vec<u8>>,
+) -> Result<(StatusCode, Vec<u8>), ClientError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ClientError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(http::header::HOST, "sluice");
+    if body.is_some() {
+        req = req.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let status = resp.status();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .to_bytes();
+    Ok((status, bytes.to_vec()))
+}

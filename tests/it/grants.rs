@@ -1,0 +1,697 @@
+//! Access grants (issue 13): `sluice grant issue|list|revoke` on a running sluice, OpenSSH as
+//! the device publishing its real sshd with the grant's certificate through `sluice connect`,
+//! and the cloud reaching that sshd by port and by name.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::cli::Child2;
+use crate::ssh::{keygen, login_user, port_range, Key};
+use crate::support::{bin, need, TestCert};
+
+const DEVICE: &str = "00:1b:44:11:3a:b7";
+const NAME: &str = "00-1b-44-11-3a-b7";
+
+/// sluice as a child process with `[grants]` and `[tunnels]`, its log kept for searching.
+struct Server {
+    d: Option<Child2>,
+    dir: PathBuf,
+    cert: TestCert,
+    seen: Vec<String>,
+    first_port: u16,
+    ports: String,
+    admin: Key,
+}
+
+impl Server {
+    /// The cloud's `admin` key may `-W/-J` to the device's name and to the grant ports.
+    fn start(dir: &Path, admin: Key, ports: u16, grants_extra: &str) -> Server {
+        need("ssh", "openssh-client");
+        let cert = TestCert::new(&["localhost", "127.0.0.1", "*.t.localhost"]);
+        let (first_port, ports) = port_range(ports);
+        std::fs::write(dir.join("authorized_keys"), format!("{}\n", admin.public)).unwrap();
+        let mut s = Server {
+            d: None,
+            dir: dir.to_path_buf(),
+            cert,
+            seen: Vec::new(),
+            first_port,
+            ports,
+            admin,
+        };
+        s.config(grants_extra);
+        s.spawn();
+        s
+    }
+
+    fn config(&self, grants_extra: &str) {
+        let text = format!(
+            "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\npermit_open = [\"{NAME}:22\", \"127.0.0.1:*\"]\n\
+             listen_ports = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[tunnels]\ndomain = \"t.localhost\"\n[grants]\nmax_ttl = \"1h\"\n{grants_extra}",
+            self.cert.cert.display(),
+            self.cert.key.display(),
+            self.dir.join("authorized_keys").display(),
+            self.ports,
+        );
+        std::fs::write(self.dir.join("sluice.toml"), text).unwrap();
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(self.dir.join("sluice.toml"))
+            .arg("--state-dir")
+            .arg(self.dir.join("state"));
+        self.d = Some(crate::cli::spawn_cmd(cmd));
+        self.seen.clear();
+    }
+
+    fn port(&self) -> u16 {
+        self.d.as_ref().unwrap().addr.port()
+    }
+
+    /// Stops sluice (SIGTERM) and waits for it.
+    fn stop(&mut self) {
+        let mut d = self.d.take().unwrap();
+        crate::cli::sigterm(&d.child);
+        crate::cli::wait_exit(&mut d.child, Duration::from_secs(10));
+    }
+
+    /// `sluice grant ARGS` against this server: (exit code, stdout, stderr).
+    async fn grant(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin())
+            .arg("grant")
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.join("sluice.toml"))
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Issues a grant; the JSON sluice printed.
+    async fn issue(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["issue"];
+        all.extend_from_slice(args);
+        let (code, out, err) = self.grant(&all).await;
+        assert_eq!(code, 0, "sluice grant issue {args:?}: {err}");
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// `sluice_grants` by state from /metrics: (live, revoked, expired, replaced).
+    async fn grant_gauges(&mut self) -> [u64; 4] {
+        let line = self.line_with(&["admin endpoint"]);
+        let addr = line
+            .split("admin=")
+            .nth(1)
+            .unwrap()
+            .split([' ', '"'])
+            .next()
+            .unwrap()
+            .to_string();
+        let out = Command::new("curl")
+            .args(["-sf", &format!("http://{addr}/metrics")])
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        ["live", "revoked", "expired", "replaced"].map(|state| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("sluice_grants{{state=\"{state}\"}}")))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no sluice_grants for {state} in /metrics:\n{text}"))
+        })
+    }
+
+    /// The control socket.
+    fn socket(&self) -> PathBuf {
+        self.dir.join("state/control.sock")
+    }
+
+    /// Waits up to 20 s for a log line holding every needle (searching from the start).
+    fn line_with(&mut self, needles: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(l) = self
+                .seen
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.d.as_ref().unwrap().log.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!(
+                    "no log line with {needles:?} within 20 s; the log:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The device's `ssh` with the grant's key and certificate through `sluice connect`,
+    /// logging in as `user`, plus `args`.
+    fn device_ssh(&self, key: &Path, user: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ssh");
+        c.args([
+            "-F",
+            "none",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "ConnectTimeout=10", "-o", "ExitOnForwardFailure=yes"])
+        .arg("-o")
+        .arg(format!(
+            "ProxyCommand={} connect --ca {} localhost:{}",
+            bin().display(),
+            self.cert.cert.display(),
+            self.port()
+        ))
+        .arg("-i")
+        .arg(key)
+        .arg("-o")
+        .arg(format!("CertificateFile={}-cert.pub", key.display()))
+        .args(["-l", user])
+        .args(args)
+        .arg("localhost")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+        c
+    }
+
+    /// The device's `ssh` with `args`, run to its end (20 s), expected to fail.
+    async fn run_refused(&self, key: &Path, args: &[&str]) -> std::process::Output {
+        let out = tokio::time::timeout(
+            Duration::from_secs(20),
+            self.device_ssh(key, DEVICE, args).output(),
+        )
+        .await
+        .expect("ssh hung")
+        .unwrap();
+        assert!(!out.status.success(), "{args:?} was let through");
+        out
+    }
+
+    /// An ssh_config for the cloud: `Host sluice` through TLS, the admin key for every host.
+    fn cloud_config(&self) -> PathBuf {
+        crate::ssh::jump_config(&self.dir, self.port(), &self.admin.private)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(d) = self.d.as_mut() {
+            let _ = d.child.kill();
+            let _ = d.child.wait();
+        }
+    }
+}
+
+/// Writes the grant's private key (0600) and certificate as `DIR/device_key{,-cert.pub}`.
+fn save_credentials(dir: &Path, issued: &serde_json::Value) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let key = dir.join("device_key");
+    let private = issued["private_key"].as_str().expect("no private_key");
+    std::fs::write(&key, private).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cert = issued["certificate"].as_str().expect("no certificate");
+    std::fs::write(dir.join("device_key-cert.pub"), format!("{cert}\n")).unwrap();
+    key
+}
+
+/// `ssh` to the device's sshd through `via` (`["-p", PORT, "user@127.0.0.1"]` or
+/// `["-J", "sluice", "user@NAME"]`), running `echo`, until it answers (30 s).
+async fn until_device_answers(cfg: &Path, via: &[&str], what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(cfg)
+            .args(via)
+            .arg("echo device-$((6*7))")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "device-42");
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the device's sshd never answered {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits up to `limit` for `child` to exit; its stderr.
+async fn exits_within(child: &mut tokio::process::Child, limit: Duration, what: &str) -> String {
+    match tokio::time::timeout(limit, child.wait()).await {
+        Ok(_) => {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = e.read_to_string(&mut err).await;
+            }
+            err
+        }
+        Err(_) => panic!("{what}: the device's ssh still runs after {limit:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_device_publishes_with_its_grant_and_the_cloud_reaches_it_until_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = keygen(dir.path(), "admin");
+    let sshd = crate::ssh::start_sshd(&admin).await;
+    let mut s = Server::start(dir.path(), admin, 4, "");
+    let user = login_user();
+
+    let issued = s.issue(&["--device", DEVICE, "--ttl", "10m"]).await;
+    let g = &issued["grant"];
+    let id = g["id"].as_str().unwrap().to_string();
+    let port = g["port"].as_u64().unwrap() as u16;
+    assert!(id.starts_with("g-"), "{issued}");
+    assert_eq!(port, s.first_port, "the lowest free port");
+    assert_eq!(g["name"], NAME);
+    assert_eq!(g["state"], "live");
+    assert!(issued["ssh_command"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("-R {port}:localhost:22")));
+    let key = save_credentials(dir.path(), &issued);
+    // The certificate is what the grant says (ssh-keygen reads it).
+    let shown = std::process::Command::new("ssh-keygen")
+        .arg("-Lf")
+        .arg(dir.path().join("device_key-cert.pub"))
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains(&format!("Key ID: \"{id}\"")), "{shown}");
+    assert!(shown.contains(DEVICE), "{shown}");
+    assert!(shown.contains("permit-port-forwarding"), "{shown}");
+    assert!(!shown.contains("permit-pty"), "{shown}");
+    // The private key never reaches the log.
+    let private = issued["private_key"].as_str().unwrap();
+    let body = private.lines().nth(1).unwrap();
+
+    // The device publishes its sshd on the grant's port and its name.
+    let mut device = s
+        .device_ssh(
+            &key,
+            DEVICE,
+            &[
+                "-N",
+                "-R",
+                &format!("{port}:127.0.0.1:{}", sshd.port),
+                "-R",
+                &format!("{NAME}:22:127.0.0.1:{}", sshd.port),
+            ],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.line_with(&["grant first used", &id]);
+    let cfg = s.cloud_config();
+    until_device_answers(
+        &cfg,
+        &["-p", &port.to_string(), &format!("{user}@127.0.0.1")],
+        "on the grant's port",
+    )
+    .await;
+    until_device_answers(
+        &cfg,
+        &["-J", "sluice", &format!("{user}@{NAME}")],
+        "by name",
+    )
+    .await;
+    // A file copied to the device by name.
+    let data = crate::support::pattern(13, 1 << 20);
+    std::fs::write(dir.path().join("payload"), &data).unwrap();
+    let out = Command::new("scp")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-O", "-q", "-J", "sluice"])
+        .arg(dir.path().join("payload"))
+        .arg(format!(
+            "{user}@{NAME}:{}",
+            dir.path().join("copied").display()
+        ))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(dir.path().join("copied")).unwrap(), data);
+
+    // Listed as live and used.
+    let (code, out, _) = s.grant(&["list", "--json"]).await;
+    assert_eq!(code, 0);
+    let list = &serde_json::from_str::<serde_json::Value>(&out).unwrap()["grants"];
+    assert_eq!(list[0]["id"], id.as_str(), "{list}");
+    assert_eq!(list[0]["state"], "live");
+    assert!(list[0]["first_used"].is_string(), "{list}");
+
+    // Anything else the grant does not name is refused, the reason logged.
+    let other = s.first_port + 1;
+    let out = s
+        .run_refused(
+            &key,
+            &["-N", "-R", &format!("{other}:127.0.0.1:{}", sshd.port)],
+        )
+        .await;
+    assert!(!out.status.success());
+    s.line_with(&[
+        "denied tcpip-forward",
+        &other.to_string(),
+        "not allowed by access grant",
+    ]);
+    let out = s
+        .run_refused(
+            &key,
+            &[
+                "-N",
+                "-R",
+                &format!("someone-else:22:127.0.0.1:{}", sshd.port),
+            ],
+        )
+        .await;
+    assert!(!out.status.success());
+    s.line_with(&["denied", "someone-else", "not allowed by access grant"]);
+    let out = s
+        .run_refused(&key, &["-W", &format!("127.0.0.1:{}", sshd.port)])
+        .await;
+    assert!(!out.status.success());
+    s.line_with(&[
+        "denied",
+        &format!("127.0.0.1:{}", sshd.port),
+        "not allowed by access grant",
+    ]);
+    // The device's certificate as another login is refused.
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        s.device_ssh(&key, "someone", &["-N"]).output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success());
+    s.line_with(&["access grant refused", "login someone is not the device"]);
+
+    // Revoke: the live session ends at once; the certificate is refused from then on.
+    let (code, out, err) = s.grant(&["revoke", &id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    let said = exits_within(&mut device, Duration::from_secs(3), "after the revoke").await;
+    assert!(
+        said.contains("revoked"),
+        "the device was not told why: {said}"
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        s.device_ssh(
+            &key,
+            DEVICE,
+            &["-N", "-R", &format!("{port}:127.0.0.1:{}", sshd.port)],
+        )
+        .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success());
+    s.line_with(&["access grant refused", &format!("grant {id} is revoked")]);
+    let (_, out, _) = s.grant(&["list", "--all", "--json"]).await;
+    let list = &serde_json::from_str::<serde_json::Value>(&out).unwrap()["grants"];
+    assert_eq!(list[0]["state"], "revoked", "{list}");
+    assert!(
+        !s.seen.iter().any(|l| l.contains(body)),
+        "the private key was logged"
+    );
+    s.stop();
+}
+
+#[tokio::test]
+async fn a_grant_ends_its_session_at_expiry_and_frees_its_port_and_a_restart_keeps_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = keygen(dir.path(), "admin");
+    let sshd = crate::ssh::start_sshd(&admin).await;
+    let mut s = Server::start(dir.path(), admin, 2, "");
+    // The device brings its own key: no private key comes back.
+    let own = keygen(dir.path(), "own");
+    let issued = s
+        .issue(&[
+            "--device",
+            "gw-1",
+            "--ttl",
+            "4s",
+            "--public-key",
+            &format!("{}.pub", own.private.display()),
+        ])
+        .await;
+    assert!(issued["private_key"].is_null(), "{issued}");
+    let id = issued["grant"]["id"].as_str().unwrap().to_string();
+    let port = issued["grant"]["port"].as_u64().unwrap() as u16;
+    std::fs::write(
+        format!("{}-cert.pub", own.private.display()),
+        format!("{}\n", issued["certificate"].as_str().unwrap()),
+    )
+    .unwrap();
+    let mut device = s
+        .device_ssh(
+            &own.private,
+            "gw-1",
+            &["-N", "-R", &format!("{port}:127.0.0.1:{}", sshd.port)],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.line_with(&["grant first used", &id]);
+    // A second device takes the other port; a third finds none (503 through the CLI).
+    let second = s.issue(&["--device", "gw-2", "--ttl", "10m"]).await;
+    let second_id = second["grant"]["id"].as_str().unwrap().to_string();
+    let (code, _, err) = s.grant(&["issue", "--device", "gw-3"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("503") && err.contains("no free port"), "{err}");
+    // At expiry the session ends and the port comes free.
+    let said = exits_within(&mut device, Duration::from_secs(20), "at expiry").await;
+    assert!(
+        said.contains("expired"),
+        "the device was not told why: {said}"
+    );
+    s.line_with(&["grant expired", &id]);
+    let third = s.issue(&["--device", "gw-3", "--ttl", "10m"]).await;
+    assert_eq!(
+        third["grant"]["port"].as_u64().unwrap() as u16,
+        port,
+        "{third}"
+    );
+
+    // A restart keeps the grants, the allotments and the revocations.
+    let (code, _, err) = s.grant(&["revoke", &second_id]).await;
+    assert_eq!(code, 0, "{err}");
+    s.stop();
+    s.spawn();
+    let (_, out, _) = s.grant(&["list", "--all", "--json"]).await;
+    let list = &serde_json::from_str::<serde_json::Value>(&out).unwrap()["grants"];
+    let state = |id: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["id"] == id)
+            .map(|g| g["state"].as_str().unwrap().to_string())
+    };
+    assert_eq!(state(&id).as_deref(), Some("expired"), "{list}");
+    assert_eq!(state(&second_id).as_deref(), Some("revoked"), "{list}");
+    let third_id = third["grant"]["id"].as_str().unwrap();
+    assert_eq!(state(third_id).as_deref(), Some("live"), "{list}");
+    // The live one still holds its port: gw-4 gets the revoked one's.
+    let fourth = s.issue(&["--device", "gw-4", "--ttl", "10m"]).await;
+    // gw-1 expired, gw-2 revoked, gw-3 and gw-4 live.
+    assert_eq!(s.grant_gauges().await, [2, 1, 1, 0]);
+    assert_eq!(fourth["grant"]["port"], second["grant"]["port"], "{fourth}");
+    let (code, _, err) = s.grant(&["issue", "--device", "gw-3"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("409") && err.contains("has live grant"),
+        "{err}"
+    );
+    // The revoked certificate is still refused after the restart.
+    let key = save_credentials(dir.path(), &second);
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        s.device_ssh(&key, "gw-2", &["-N"]).output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success());
+    s.line_with(&[
+        "access grant refused",
+        &format!("grant {second_id} is revoked"),
+    ]);
+    s.stop();
+}
+
+/// `curl` against the control socket: (status, JSON body).
+async fn api(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value, String) {
+    need("curl", "curl");
+    let mut c = Command::new("curl");
+    c.args([
+        "-s",
+        "-i",
+        "--max-time",
+        "10",
+        "-X",
+        method,
+        "--unix-socket",
+    ])
+    .arg(socket)
+    .arg(format!("http://sluice{path}"));
+    if let Some(b) = body {
+        c.args(["-H", "content-type: application/json", "--data-binary", b]);
+    }
+    let out = c.output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status from curl: {text}"));
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (status, json, head.to_string())
+}
+
+#[tokio::test]
+async fn the_control_api_names_the_field_of_a_bad_request_and_never_shares_a_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = keygen(dir.path(), "admin");
+    let s = Server::start(dir.path(), admin, 120, "");
+    let sock = s.socket();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the control socket is the owner's only");
+
+    let cases: &[(&str, u16, &str)] = &[
+        (r#"{"device":"a b"}"#, 400, "device"),
+        (r#"{"device":"d1","ttl":"0s"}"#, 400, "ttl"),
+        (r#"{"device":"d1","ttl":"2h"}"#, 400, "ttl"),
+        (r#"{"device":"d1","ttl":"soon"}"#, 400, "ttl"),
+        (r#"{"device":"d1","port":1}"#, 400, "port"),
+        (
+            r#"{"device":"d1","public_key":"ssh-ed25519 AAAAnope"}"#,
+            400,
+            "public_key",
+        ),
+        (r#"{"device":"d1","name":"Not_A-Label!"}"#, 400, "name"),
+        (
+            r#"{"device":"d1","source_address":"here"}"#,
+            400,
+            "source_address",
+        ),
+        (
+            r#"{"device":"d1","permit_open":["nohost"]}"#,
+            400,
+            "permit_open",
+        ),
+        (r#"{"device":"d1","colour":"blue"}"#, 400, "colour"),
+        (r#"{"ttl":"1m"}"#, 400, "device"),
+        (r#"not json"#, 400, ""),
+    ];
+    for (body, status, field) in cases {
+        let (got, json, _) = api(&sock, "POST", "/v1/grants", Some(body)).await;
+        assert_eq!(got, *status, "{body}: {json}");
+        let err = &json["error"];
+        assert!(
+            err["code"].is_string() && err["message"].is_string(),
+            "{body}: {json}"
+        );
+        if !field.is_empty() {
+            assert!(
+                err["field"] == *field || err["message"].as_str().unwrap().contains(field),
+                "{body}: the field is not named: {json}"
+            );
+        }
+    }
+    let (got, _, _) = api(&sock, "GET", "/v1/grants/g-00000000000000000000", None).await;
+    assert_eq!(got, 404);
+    let (got, _, _) = api(&sock, "PUT", "/v1/grants", Some("{}")).await;
+    assert_eq!(got, 405);
+    let (got, json, _) = api(&sock, "GET", "/v1/openapi.json", None).await;
+    assert_eq!(got, 200);
+    assert!(json["paths"]["/v1/grants"].is_object(), "{json}");
+    let (got, json, _) = api(&sock, "GET", "/v1/ca", None).await;
+    assert_eq!(got, 200);
+    assert!(
+        json["public_key"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("ssh-ed25519 "),
+        "{json}"
+    );
+
+    // 120 issues at once for 120 ports: all granted, no port twice; the 121st gets a 503.
+    let issues: Vec<_> = (0..120)
+        .map(|i| {
+            let sock = sock.clone();
+            tokio::spawn(async move {
+                let body = format!(r#"{{"device":"dev-{i}","ttl":"10m"}}"#);
+                api(&sock, "POST", "/v1/grants", Some(&body)).await
+            })
+        })
+        .collect();
+    let mut ports = std::collections::HashSet::new();
+    for t in issues {
+        let (status, json, _) = t.await.unwrap();
+        assert_eq!(status, 201, "{json}");
+        assert!(
+            ports.insert(json["grant"]["port"].as_u64().unwrap()),
+            "a port given twice: {json}"
+        );
+    }
+    assert_eq!(ports.len(), 120);
+    let (got, json, head) = api(
+        &sock,
+        "POST",
+        "/v1/grants",
+        Some(r#"{"device":"one-more"}"#),
+    )
+    .await;
+    assert_eq!(got, 503, "{json}");
+    assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+    let (got, json, _) = api(&sock, "POST", "/v1/grants", Some(r#"{"device":"dev-1"}"#)).await;
+    assert_eq!(got, 409, "{json}");
+    assert_eq!(json["error"]["field"], "device", "{json}");
+}
