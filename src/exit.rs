@@ -65,7 +65,11 @@ impl Exit for crate::server::ServeError {
             ServeError::Tls(e) => e.exit_code(),
             ServeError::Ssh(e) => e.exit_code(),
             ServeError::Bind { .. } | ServeError::Runtime(_) | ServeError::Signals(_) => EX_OSERR,
-            ServeError::Activation(_) | ServeError::Config(_) | ServeError::Grants(_) => EX_CONFIG,
+            ServeError::Activation(_)
+            | ServeError::Config(_)
+            | ServeError::Grants(_)
+            | ServeError::ControlTokens(_) => EX_CONFIG,
+            ServeError::ControlTls(_) => EX_SOFTWARE,
             ServeError::ControlSocket { .. } => EX_OSERR,
         }
     }

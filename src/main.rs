@@ -122,7 +122,7 @@ struct IssueArgs {
 /// Where the control socket is.
 #[derive(Args)]
 struct ControlArgs {
-    /// The control socket; default: [grants] control_socket from --config, else control.sock
+    /// The control socket; default: [control] socket from --config, else control.sock
     /// in the state directory.
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -589,8 +589,8 @@ impl ControlArgs {
                 .as_deref()
                 .or(cfg.as_ref().and_then(|c| c.state_dir.as_deref())),
         );
-        let settings = cfg.and_then(|c| c.grants).unwrap_or_default();
-        Ok(sluice::grant::Grants::control_socket(&settings, &state_dir))
+        let settings = cfg.map(|c| c.control).unwrap_or_default();
+        Ok(sluice::control::socket_path(&settings, &state_dir))
     }
 }
 

@@ -119,6 +119,8 @@ pub struct Metrics {
     /// Access grants: `issued`, `used` (first authentication), `revoked`, `expired`,
     /// `replaced`, `refused` (a grant certificate turned away).
     pub grant_events: Family<ResultLabels, Counter>,
+    /// Control API requests refused before routing (`unauthorized`: no valid bearer token).
+    pub control_refused: Family<ResultLabels, Counter>,
     /// Access grants kept in the store, by state.
     pub grants: Family<StateLabels, Gauge>,
     /// Visitors to a tunnel by name (`-W/-J/-L`): `opened`, `denied`, `no_tunnel`,
@@ -175,6 +177,7 @@ impl Metrics {
             tunnel_publish: Family::default(),
             grant_events: Family::default(),
             grants: Family::default(),
+            control_refused: Family::default(),
             tunnel_visits: Family::default(),
             tunnel_requests: Family::default(),
             reloads: Family::default(),
@@ -251,6 +254,11 @@ impl Metrics {
             "grants",
             "Access grants kept in the store, by state (live, revoked, expired, replaced)",
             m.grants.clone(),
+        );
+        registry.register(
+            "control_refused",
+            "Control API requests refused before routing, by reason",
+            m.control_refused.clone(),
         );
         registry.register(
             "tunnel_visits",

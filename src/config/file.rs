@@ -36,6 +36,16 @@ pub(super) struct File {
     pub dns: Option<Spanned<Dns>>,
     pub tunnels: Option<Spanned<Tunnels>>,
     pub grants: Option<Spanned<Grants>>,
+    pub control: Option<Spanned<Control>>,
+}
+
+/// `[control]`: where the control API listens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Control {
+    pub socket: Option<Spanned<PathBuf>>,
+    pub listen: Option<Spanned<String>>,
+    pub tokens: Option<Spanned<PathBuf>>,
 }
 
 /// `[grants]`: short-lived access grants for devices.
@@ -45,7 +55,6 @@ pub(super) struct Grants {
     pub max_ttl: Option<Spanned<Dur>>,
     pub default_ttl: Option<Spanned<Dur>>,
     pub ca_key: Option<Spanned<PathBuf>>,
-    pub control_socket: Option<Spanned<PathBuf>>,
     pub server: Option<Spanned<String>>,
 }
 

@@ -81,6 +81,7 @@ impl Config {
             dns: crate::resolve::DnsSettings::default(),
             tunnels: None,
             grants: None,
+            control: ControlSettings::default(),
             admin: None,
         }
     }

@@ -62,6 +62,19 @@ pub struct Config {
     pub tunnels: Option<TunnelSettings>,
     /// `[grants]`: access grants for devices (sluice's own user CA, the control API).
     pub grants: Option<GrantSettings>,
+    /// `[control]`: where the control API listens (with `[grants]`).
+    pub control: ControlSettings,
+}
+
+/// `[control]`: the control API's unix socket, and optionally TCP with TLS and bearer tokens.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ControlSettings {
+    /// The unix socket; `None`: `control.sock` in the state directory.
+    pub socket: Option<PathBuf>,
+    /// TCP with TLS (the `[tls]` certificates), for callers on other machines.
+    pub listen: Option<SocketAddr>,
+    /// The bearer tokens file (`NAME TOKEN` lines); required with `listen`.
+    pub tokens: Option<PathBuf>,
 }
 
 /// `[grants]`: short-lived certificates that let one device publish one port and one name.
@@ -73,8 +86,6 @@ pub struct GrantSettings {
     pub default_ttl: Duration,
     /// The CA key that signs grant certificates; `None`: `ssh_user_ca` in the state directory.
     pub ca_key: Option<PathBuf>,
-    /// The control API's unix socket; `None`: `control.sock` in the state directory.
-    pub control_socket: Option<PathBuf>,
     /// `HOST[:PORT]` devices dial, for the ssh command a grant comes with; `None`: the first
     /// listen address.
     pub server: Option<String>,
@@ -86,7 +97,6 @@ impl Default for GrantSettings {
             max_ttl: Duration::from_secs(24 * 3600),
             default_ttl: Duration::from_secs(3600),
             ca_key: None,
-            control_socket: None,
             server: None,
         }
     }

@@ -11,7 +11,7 @@ pub mod ca;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,9 +25,6 @@ use tracing::{info, warn};
 use crate::config::{GrantSettings, SshSettings, TunnelSettings};
 use crate::store::{Allot, GrantRow, Store, StoreError};
 pub use ca::UserCa;
-
-/// The control socket's file name in the state directory.
-pub const CONTROL_SOCKET: &str = "control.sock";
 
 /// Grants could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -325,14 +322,6 @@ impl Grants {
     /// The CA that signs grant certificates.
     pub fn ca(&self) -> &UserCa {
         &self.ca
-    }
-
-    /// The control socket's path.
-    pub fn control_socket(settings: &GrantSettings, state_dir: &Path) -> PathBuf {
-        settings
-            .control_socket
-            .clone()
-            .unwrap_or_else(|| state_dir.join(CONTROL_SOCKET))
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(u64, EndSession)>>> {

@@ -47,4 +47,10 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    /// `[control] tokens` could not be used.
+    #[error("[control] tokens: {0}")]
+    ControlTokens(#[from] crate::control::tokens::TokensError),
+    /// The control API's TLS config could not be built.
+    #[error("[control] listen: {0}")]
+    ControlTls(rustls::Error),
 }

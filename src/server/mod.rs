@@ -46,12 +46,21 @@ pub use reload::Reloader;
 use reload::{build_snapshot, cert_digest};
 use shared::Shared;
 
+/// The control API's TCP listener and what it needs.
+struct ControlTcp {
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    tokens: Arc<crate::control::tokens::Tokens>,
+}
+
 /// A bound, ready server.
 pub struct Server {
     listeners: Vec<TcpListener>,
     admin: Option<TcpListener>,
     /// The control API's socket, with `[grants]`.
     control: Option<(tokio::net::UnixListener, PathBuf)>,
+    /// The control API on TCP (`[control] listen`): listener, TLS, tokens.
+    control_tcp: Option<ControlTcp>,
     readiness: Readiness,
     liveness: Liveness,
     shared: Arc<Shared>,
@@ -115,8 +124,8 @@ impl Server {
             None => None,
         };
         let control = match &cfg.grants {
-            Some(g) => {
-                let path = crate::grant::Grants::control_socket(g, &state_dir);
+            Some(_) => {
+                let path = crate::control::socket_path(&cfg.control, &state_dir);
                 let l =
                     crate::control::bind(&path).map_err(|source| ServeError::ControlSocket {
                         path: path.clone(),
@@ -125,6 +134,17 @@ impl Server {
                 Some((l, path))
             }
             None => None,
+        };
+        let control_tcp = match (&cfg.control.listen, &cfg.control.tokens) {
+            (Some(addr), Some(tokens)) if cfg.grants.is_some() => Some(ControlTcp {
+                tokens: Arc::new(crate::control::tokens::Tokens::load(tokens)?),
+                tls: crate::control::tls_config(certs.clone()).map_err(ServeError::ControlTls)?,
+                listener: bind(*addr).map_err(|source| ServeError::Bind {
+                    addr: *addr,
+                    source,
+                })?,
+            }),
+            _ => None,
         };
         crate::resolve::configure(&cfg.dns);
         let shared = Arc::new(Shared {
@@ -153,6 +173,7 @@ impl Server {
             listeners,
             admin,
             control,
+            control_tcp,
             readiness: Readiness::ready(),
             liveness: Liveness::default(),
             shared,
@@ -254,6 +275,15 @@ impl Server {
                 stop_control.clone(),
             ));
             tokio::spawn(grants.clone().sweep(stop_control.clone()));
+        }
+        if let (Some(c), Some(grants)) = (self.control_tcp, &self.reloader.grants) {
+            tokio::spawn(crate::control::serve_tls(
+                c.listener,
+                c.tls,
+                c.tokens,
+                grants.clone(),
+                stop_control.clone(),
+            ));
         }
         let _stop_control = stop_control.drop_guard();
         self.reloader.watch_certs(stop_accepting.clone());

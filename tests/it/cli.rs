@@ -42,6 +42,14 @@ fn bad_configs_exit_78_with_file_line_column_and_key() {
             ":2:8: tls.cert: ",
         ),
         ("listen = [\n", ":"),
+        (
+            "[routes.ssh]\n[grants]\n[control]\nlisten = \"127.0.0.1:0\"\n",
+            ":4:10: control.listen: the control API on TCP needs bearer tokens",
+        ),
+        (
+            "[control]\nsocket = \"c.sock\"\n",
+            ":1:1: control: the control API serves [grants]",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let path = write(dir.path(), &format!("bad{i}.toml"), text);

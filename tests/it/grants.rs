@@ -695,3 +695,109 @@ async fn the_control_api_names_the_field_of_a_bad_request_and_never_shares_a_por
     assert_eq!(got, 409, "{json}");
     assert_eq!(json["error"]["field"], "device", "{json}");
 }
+
+#[tokio::test]
+async fn the_control_api_on_tcp_needs_tls_and_a_bearer_token_and_takes_a_rotated_one() {
+    use std::os::unix::fs::PermissionsExt;
+    need("curl", "curl");
+    let dir = tempfile::tempdir().unwrap();
+    let admin = keygen(dir.path(), "admin");
+    let tokens = dir.path().join("control.tokens");
+    let (first, second) = ("f".repeat(64), "s".repeat(48));
+    std::fs::write(&tokens, format!("# who may call\nci {first}\n")).unwrap();
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut s = Server::start(
+        dir.path(),
+        admin,
+        4,
+        &format!(
+            "[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"{}\"\n",
+            tokens.display()
+        ),
+    );
+    let line = s.line_with(&["control API listening on TCP"]);
+    let port: u16 = line
+        .split("listen=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let cacert = s.cert.cert.clone();
+    let call = |token: Option<String>, method: &'static str, body: Option<&'static str>| {
+        let cacert = cacert.clone();
+        async move {
+            let mut c = Command::new("curl");
+            c.args(["-s", "-i", "--max-time", "10", "-X", method, "--cacert"])
+                .arg(&cacert)
+                .arg(format!("https://localhost:{port}/v1/grants"));
+            if let Some(t) = token {
+                c.args(["-H", &format!("authorization: Bearer {t}")]);
+            }
+            if let Some(b) = body {
+                c.args(["-H", "content-type: application/json", "--data-binary", b]);
+            }
+            let out = c.output().await.unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let status = |r: &str| r.split_whitespace().nth(1).unwrap_or("").to_string();
+    let r = call(None, "GET", None).await;
+    assert_eq!(status(&r), "401", "{r}");
+    assert!(
+        r.to_ascii_lowercase().contains("www-authenticate: bearer"),
+        "{r}"
+    );
+    let r = call(Some(second.clone()), "GET", None).await;
+    assert_eq!(status(&r), "401", "{r}");
+    let r = call(Some(first.clone()), "GET", None).await;
+    assert_eq!(status(&r), "200", "{r}");
+    let r = call(
+        Some(first.clone()),
+        "POST",
+        Some(r#"{"device":"tcp-1","ttl":"5m"}"#),
+    )
+    .await;
+    assert_eq!(status(&r), "201", "{r}");
+    s.line_with(&["control API request", "POST", "token ci from 127.0.0.1"]);
+    // Plain HTTP on the TLS port gets nothing.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg(format!("http://127.0.0.1:{port}/v1/grants"))
+        .output()
+        .await
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
+
+    // Rotated: the new token works at once, the old one no longer.
+    std::fs::write(&tokens, format!("ci {second}\n")).unwrap();
+    let r = call(Some(second.clone()), "GET", None).await;
+    assert_eq!(status(&r), "200", "{r}");
+    let r = call(Some(first.clone()), "GET", None).await;
+    assert_eq!(status(&r), "401", "{r}");
+    s.line_with(&["control API: tokens re-read"]);
+    s.line_with(&["refused a request without a valid bearer token"]);
+    assert!(
+        !s.seen
+            .iter()
+            .any(|l| l.contains(&first) || l.contains(&second)),
+        "a token was logged"
+    );
+    // The socket still answers without a token.
+    let (got, _, _) = api(&s.socket(), "GET", "/v1/grants", None).await;
+    assert_eq!(got, 200);
+    s.stop();
+}

@@ -396,10 +396,6 @@ impl Validator<'_> {
                 Some(p) => Some(self.path(p)?.path),
                 None => None,
             };
-            let control_socket = match &g.control_socket {
-                Some(p) => Some(self.path(p)?.path),
-                None => None,
-            };
             let server = match &g.server {
                 Some(s) => {
                     let text = s.get_ref().trim();
@@ -424,7 +420,6 @@ impl Validator<'_> {
                 max_ttl,
                 default_ttl,
                 ca_key,
-                control_socket,
                 server,
             });
         }
@@ -484,6 +479,52 @@ impl Validator<'_> {
                     }
                 }
             }
+        }
+        if let Some(control) = &raw.control {
+            if raw.grants.is_none() {
+                return self.err(
+                    control.span(),
+                    "the control API serves [grants]: add a [grants] table, or remove [control]",
+                );
+            }
+            let c = control.get_ref();
+            let socket = match &c.socket {
+                Some(p) => Some(self.path(p)?.path),
+                None => None,
+            };
+            let listen = match &c.listen {
+                Some(l) => Some(l.get_ref().parse().or_else(|_| {
+                    self.err(
+                        l.span(),
+                        format!(
+                            "`{}` is not an IP address and port, e.g. \"0.0.0.0:9443\"",
+                            l.get_ref()
+                        ),
+                    )
+                })?),
+                None => None,
+            };
+            let tokens = match &c.tokens {
+                Some(p) => Some(self.path(p)?.path),
+                None => None,
+            };
+            match (&c.listen, &c.tokens) {
+                (Some(l), None) => {
+                    return self.err(
+                        l.span(),
+                        "the control API on TCP needs bearer tokens: add tokens = \"FILE\" (lines of NAME TOKEN)",
+                    )
+                }
+                (None, Some(t)) => {
+                    return self.err(t.span(), "tokens are for the TCP listener: add listen")
+                }
+                _ => {}
+            }
+            cfg.control = ControlSettings {
+                socket,
+                listen,
+                tokens,
+            };
         }
         if let Some(admin) = &raw.admin {
             cfg.admin = Some(match &admin.get_ref().listen {

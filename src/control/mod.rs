@@ -6,7 +6,11 @@
 //! - `GET /v1/openapi.json`: this API, described (docs/openapi.json)
 //!
 //! Errors are `{"error": {"code", "message", "field"?}}` with a 4xx naming the field at fault.
-//! Whoever can open the socket may use the API: the file's mode is the access control.
+//! Whoever can open the socket may use the API: the file's mode is the access control. On TCP
+//! (`[control] listen`), TLS with the `[tls]` certificates and a bearer token from
+//! `[control] tokens` on every request ([`tokens`]).
+
+pub mod tokens;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -19,12 +23,38 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::grant::{Grants, IssueError, IssueRequest, RevokeError};
+use tokens::Tokens;
+
+/// The control socket's file name in the state directory.
+pub const SOCKET: &str = "control.sock";
+
+/// The control socket's path: `[control] socket`, else `control.sock` in `state_dir`.
+pub fn socket_path(settings: &crate::config::ControlSettings, state_dir: &Path) -> PathBuf {
+    settings
+        .socket
+        .clone()
+        .unwrap_or_else(|| state_dir.join(SOCKET))
+}
+
+/// A TLS handshake on the TCP listener must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who may call: whoever opened the socket, or a caller on TCP with a token.
+#[derive(Clone)]
+enum Caller {
+    Socket,
+    Tcp {
+        tokens: Arc<Tokens>,
+        peer: std::net::SocketAddr,
+    },
+}
 
 /// A request body larger than this is refused (413).
 const MAX_BODY: usize = 64 * 1024;
@@ -35,7 +65,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const EXCHANGE: Duration = Duration::from_secs(30);
 
 /// The API's description, served at `/v1/openapi.json`.
-pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 /// Binds the control socket at `path` (0600). A socket file left by a sluice that is gone is
 /// replaced; one a running process answers on is not.
@@ -85,20 +115,124 @@ pub async fn serve(
         };
         let grants = grants.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let grants = grants.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(req, grants).await) }
-            });
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_BODY);
-            let conn = b.serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(EXCHANGE, conn).await;
+            serve_conn(stream, grants, Caller::Socket).await;
             drop(permit);
         });
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// The rustls config of the TCP listener: the `[tls]` certificates (reloads included), HTTP/1.1.
+pub fn tls_config(
+    certs: Arc<crate::tls::CertStore>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let mut c = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
+/// Serves the API on TCP with TLS, each request with a bearer token from `tokens`, until `stop`.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    tokens: Arc<Tokens>,
+    grants: Arc<Grants>,
+    stop: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    if let Ok(a) = listener.local_addr() {
+        info!(listen = %a, "control API listening on TCP (TLS, bearer tokens)");
+    }
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "control API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            debug!(%peer, "control API: too many connections; refused one");
+            continue;
+        };
+        let (grants, acceptor, tokens) = (grants.clone(), acceptor.clone(), tokens.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_conn(tls, grants, Caller::Tcp { tokens, peer }).await,
+                Ok(Err(e)) => debug!(%peer, error = %e, "control API: TLS handshake failed"),
+                Err(_) => debug!(%peer, "control API: TLS handshake timed out"),
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// One connection: HTTP/1.1 with bounded heads, bodies and time.
+async fn serve_conn<S>(stream: S, grants: Arc<Grants>, caller: Caller)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let (grants, caller) = (grants.clone(), caller.clone());
+        async move { Ok::<_, std::convert::Infallible>(authorized(req, grants, caller).await) }
+    });
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_BODY);
+    let conn = b.serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(EXCHANGE, conn).await;
+}
+
+/// Checks the caller's token (on TCP), then answers; changes are logged with who asked.
+async fn authorized(
+    req: Request<Incoming>,
+    grants: Arc<Grants>,
+    caller: Caller,
+) -> Response<Full<Bytes>> {
+    let who = match &caller {
+        Caller::Socket => "the control socket".to_string(),
+        Caller::Tcp { tokens, peer } => {
+            let presented = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            match presented.and_then(|t| tokens.check(t)) {
+                Some(name) => format!("token {name} from {peer}"),
+                None => {
+                    warn!(target: "sluice::control", %peer, presented = presented.is_some(), "control API: refused a request without a valid bearer token");
+                    crate::metrics::count(&crate::metrics::get().control_refused, "unauthorized");
+                    let mut r = error(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        None,
+                        "a valid bearer token is required (Authorization: Bearer TOKEN)".into(),
+                    );
+                    r.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        http::HeaderValue::from_static("Bearer realm=\"sluice\""),
+                    );
+                    return r;
+                }
+            }
+        }
+    };
+    let (method, path) = (req.method().clone(), crate::text::clean(req.uri().path()));
+    let resp = handle(req, grants).await;
+    if method != Method::GET {
+        info!(target: "sluice::control", method = %method, path, status = resp.status().as_u16(), by = who, "control API request");
+    }
+    resp
 }
 
 #[derive(Serialize)]
