@@ -135,6 +135,7 @@ impl Store {
                  CREATE UNIQUE INDEX IF NOT EXISTS grants_live_port ON grants (port) WHERE ended IS NULL;
                  CREATE UNIQUE INDEX IF NOT EXISTS grants_live_device ON grants (device) WHERE ended IS NULL;
                  CREATE INDEX IF NOT EXISTS grants_expires ON grants (expires) WHERE ended IS NULL;
+                 CREATE INDEX IF NOT EXISTS grants_key ON grants (key);
                  PRAGMA user_version = 2;",
             )
             .map_err(open_err)?;
@@ -151,7 +152,8 @@ impl Store {
     /// Claims `name` for `owner` unless someone owns it, in one transaction.
     pub(crate) fn claim_name(&self, name: &str, owner: &str) -> Result<Claim, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        // IMMEDIATE: a read that becomes a write could fail as busy against another writer.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let existing: Option<String> = tx
             .query_row(
                 "SELECT owner FROM tunnel_names WHERE name = ?1",
@@ -207,6 +209,7 @@ impl Store {
                 "UPDATE grants SET ended = ?2, end_reason = 'replaced' WHERE id = ?1",
                 params![old.id, now as i64],
             )?;
+            release_name(&tx, &old)?;
             ended.push(GrantRow {
                 ended: Some(now),
                 end_reason: Some("replaced".into()),
@@ -261,7 +264,7 @@ impl Store {
                 row.port,
                 row.name,
                 row.key,
-                row.permit_open.join(","),
+                serde_json::to_string(&row.permit_open).unwrap_or_else(|_| "[]".into()),
                 row.source_address,
                 row.created as i64,
                 row.expires as i64
@@ -304,21 +307,54 @@ impl Store {
         reason: &str,
         now: u64,
     ) -> Result<Option<GrantRow>, StoreError> {
-        let conn = self.conn();
-        let n = conn.execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Expired but not yet swept is not live: the sweep ends it as expired.
+        sweep_in(&tx, now)?;
+        let n = tx.execute(
             "UPDATE grants SET ended = ?2, end_reason = ?3 WHERE id = ?1 AND ended IS NULL",
             params![id, now as i64, reason],
         )?;
         if n == 0 {
+            tx.commit()?;
             return Ok(None);
         }
-        Ok(conn
+        let r = tx
             .query_row(
                 &format!("SELECT {COLUMNS} FROM grants WHERE id = ?1"),
                 params![id],
                 row,
             )
-            .optional()?)
+            .optional()?;
+        if let Some(r) = &r {
+            release_name(&tx, r)?;
+        }
+        tx.commit()?;
+        Ok(r)
+    }
+
+    /// Ports held by live grants.
+    pub(crate) fn allotted_ports(
+        &self,
+        now: u64,
+    ) -> Result<std::collections::HashSet<u16>, StoreError> {
+        let conn = self.conn();
+        let mut q = conn.prepare("SELECT port FROM grants WHERE ended IS NULL AND expires > ?1")?;
+        let rows = q.query_map(params![now as i64], |r| r.get::<_, u16>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Whether a grant (live or ended) was issued for the key with this fingerprint.
+    pub(crate) fn key_has_grant(&self, key: &str) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM grants WHERE key = ?1 LIMIT 1",
+                params![key],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
     }
 
     /// Records the first use of a grant; true if this was it.
@@ -443,11 +479,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRow> {
         port: r.get(2)?,
         name: r.get(3)?,
         key: r.get(4)?,
-        permit_open: open
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect(),
+        // A JSON list (entries may hold any character the API let through).
+        permit_open: serde_json::from_str(&open).unwrap_or_default(),
         source_address: r.get(6)?,
         created: secs(r.get(7)?).unwrap_or(0),
         expires: secs(r.get(8)?).unwrap_or(0),
@@ -455,6 +488,22 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRow> {
         ended: secs(r.get(10)?),
         end_reason: r.get(11)?,
     })
+}
+
+/// The owner of a device's tunnel name: the device, whichever grant it holds.
+pub(crate) fn device_owner(device: &str) -> String {
+    format!("device {device}")
+}
+
+/// Frees an ended grant's name (if its device still owns it), as the grant promised.
+fn release_name(tx: &rusqlite::Transaction<'_>, g: &GrantRow) -> Result<(), StoreError> {
+    if let Some(n) = &g.name {
+        tx.execute(
+            "DELETE FROM tunnel_names WHERE name = ?1 AND owner = ?2",
+            params![n, device_owner(&g.device)],
+        )?;
+    }
+    Ok(())
 }
 
 fn sweep_in(tx: &rusqlite::Transaction<'_>, now: u64) -> Result<Vec<GrantRow>, StoreError> {
@@ -469,6 +518,9 @@ fn sweep_in(tx: &rusqlite::Transaction<'_>, now: u64) -> Result<Vec<GrantRow>, S
         "UPDATE grants SET ended = expires, end_reason = 'expired' WHERE ended IS NULL AND expires <= ?1",
         params![now as i64],
     )?;
+    for g in &expired {
+        release_name(tx, g)?;
+    }
     Ok(expired
         .into_iter()
         .map(|g| GrantRow {

@@ -73,7 +73,14 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         crate::state::ensure_dir(dir)?;
     }
-    if path.exists() {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way (not removed)",
+            ));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
@@ -82,7 +89,12 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    let l = UnixListener::bind(path)?;
+    // Made 0600 from the start (umask 077 around the bind), not chmod'ed after: nobody else
+    // can connect in between. The umask is the process's, and this runs once, at start.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let l = UnixListener::bind(path);
+    rustix::process::umask(old);
+    let l = l?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
@@ -280,6 +292,10 @@ fn error(
 /// The field a serde_json error names (`missing field \`device\``, `unknown field \`x\``).
 fn named_field(e: &serde_json::Error) -> Option<String> {
     let text = e.to_string();
+    // Only these name a field; a syntax error's backticks quote the expected token.
+    if !(text.starts_with("missing field") || text.starts_with("unknown field")) {
+        return None;
+    }
     let start = text.find('`')? + 1;
     let len = text[start..].find('`')?;
     Some(text[start..start + len].to_string())
@@ -317,12 +333,20 @@ async fn handle(req: Request<Incoming>, grants: Arc<Grants>) -> Response<Full<By
         (&Method::POST, ["v1", "grants"]) => {
             let bytes = match Limited::new(body, MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
-                Err(_) => {
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                     return error(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "too_large",
                         None,
                         format!("the request body is over {MAX_BODY} bytes"),
+                    )
+                }
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        None,
+                        format!("reading the request body: {e}"),
                     )
                 }
             };
@@ -389,12 +413,20 @@ async fn handle(req: Request<Incoming>, grants: Arc<Grants>) -> Response<Full<By
             Err(e) => internal(&e.to_string()),
         },
         (_, ["v1", "grants"] | ["v1", "grants", _] | ["v1", "ca"] | ["v1", "openapi.json"]) => {
-            error(
+            let allow = match segments.as_slice() {
+                ["v1", "grants"] => "GET, POST",
+                ["v1", "grants", _] => "GET, DELETE",
+                _ => "GET",
+            };
+            let mut r = error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 None,
                 format!("{method} is not allowed on {}", crate::text::clean(&path)),
-            )
+            );
+            r.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+            r
         }
         _ => error(
             StatusCode::NOT_FOUND,

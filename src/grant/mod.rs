@@ -248,7 +248,7 @@ fn stamp(secs: u64) -> String {
 
 /// The owner of a device's tunnel name in the store.
 fn owner(device: &str) -> String {
-    format!("device {device}")
+    crate::store::device_owner(device)
 }
 
 /// A device id: 1-64 of `[A-Za-z0-9:._-]`.
@@ -399,17 +399,19 @@ impl Grants {
                 ))
             }
             (None, None) => None,
-            (Some(_), Some(n)) => {
+            (Some(d), Some(n)) => {
                 let n = n.to_ascii_lowercase();
-                if !crate::tunnel::name::is_label(&n) {
+                // What a client's bind address would be read as: `localhost` is not a name.
+                if crate::tunnel::name::from_host(&n, d).as_deref() != Some(n.as_str()) {
                     return Err(field(
                         "name",
-                        "must be a DNS label: 1-63 of a-z 0-9 -, no hyphen at either end".into(),
+                        "must be a DNS label (1-63 of a-z 0-9 -, no hyphen at either end) other than localhost".into(),
                     ));
                 }
                 Some(n)
             }
-            (Some(_), None) => default_name(&req.device),
+            (Some(d), None) => default_name(&req.device)
+                .filter(|n| crate::tunnel::name::from_host(n, d).as_deref() == Some(n.as_str())),
         };
         if let Some(sa) = &req.source_address {
             let ok = !sa.trim().is_empty()
@@ -424,10 +426,8 @@ impl Grants {
             }
         }
         for t in &req.permit_open {
-            let ok = t.rsplit_once(':').is_some_and(|(h, p)| {
-                !h.is_empty() && (p == "*" || p.parse::<u16>().is_ok_and(|p| p > 0))
-            });
-            if !ok {
+            // Exactly what the session will read it as (a key line's permitopen).
+            if t.contains(',') || crate::ssh::policy::KeyPermitOpen::parse(t).is_none() {
                 return Err(field(
                     "permit_open",
                     format!("`{}` is not host:port", crate::text::clean(t)),
@@ -435,8 +435,19 @@ impl Grants {
             }
         }
         if let Some(l) = &req.local {
-            if l.is_empty() || l.contains(|c: char| c.is_whitespace() || c == '\'') {
-                return Err(field("local", "must be host:port".into()));
+            // It goes into a shell command line: a host name or address and a port only.
+            let ok = l.rsplit_once(':').is_some_and(|(h, p)| {
+                !h.is_empty()
+                    && h.len() <= 253
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-_[]:".contains(&b))
+                    && p.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                return Err(field(
+                    "local",
+                    "must be HOST:PORT (a host name or address, a port 1-65535)".into(),
+                ));
             }
         }
         let (public, private) = match &req.public_key {
@@ -475,6 +486,22 @@ impl Grants {
             ended: None,
             end_reason: None,
         };
+        // Signed before anything is stored: a grant is never left without its certificate.
+        let cert = self
+            .ca
+            .sign(&ca::CertSpec {
+                key: &public,
+                key_id: &row.id,
+                principal: &row.device,
+                // A device whose clock is a little behind is still let in.
+                valid_after: now - Duration::from_secs(300),
+                valid_before: UNIX_EPOCH + Duration::from_secs(row.expires),
+                source_address: row.source_address.as_deref(),
+            })
+            .map_err(IssueError::Sign)?;
+        let certificate = cert
+            .to_openssh()
+            .map_err(|e| IssueError::Sign(e.to_string()))?;
         let (row, ended) = match self.store.issue_grant(
             &row,
             req.port,
@@ -512,21 +539,6 @@ impl Grants {
         self.ended(&ended, "replaced by a new grant");
         self.wake.notify_one();
         self.count_states();
-        let cert = self
-            .ca
-            .sign(&ca::CertSpec {
-                key: &public,
-                key_id: &row.id,
-                principal: &row.device,
-                // A device whose clock is a little behind is still let in.
-                valid_after: now - Duration::from_secs(300),
-                valid_before: UNIX_EPOCH + Duration::from_secs(row.expires),
-                source_address: row.source_address.as_deref(),
-            })
-            .map_err(IssueError::Sign)?;
-        let certificate = cert
-            .to_openssh()
-            .map_err(|e| IssueError::Sign(e.to_string()))?;
         info!(target: "sluice::grant", grant = row.id, device = crate::text::clean(&row.device), port = row.port, name = row.name.as_deref().unwrap_or("-"), key = row.key, expires = %stamp(row.expires), "grant issued");
         crate::metrics::count(&crate::metrics::get().grant_events, "issued");
         let local = req.local.as_deref().unwrap_or("localhost:22");
@@ -709,7 +721,7 @@ impl Grants {
                 return Err(Refusal::Mismatch(format!("client address not in {sa}")));
             }
         }
-        if let Ok(true) = self.store.mark_used(&row.id, t) {
+        if row.first_used.is_none() && matches!(self.store.mark_used(&row.id, t), Ok(true)) {
             info!(target: "sluice::grant", grant = row.id, device = crate::text::clean(&row.device), %peer, "grant first used");
             crate::metrics::count(&crate::metrics::get().grant_events, "used");
         }
@@ -728,11 +740,37 @@ impl Grants {
         self.lock_live()
             .entry(grant.to_string())
             .or_default()
-            .push((session, end));
+            .push((session, end.clone()));
+        // A revoke between this session's check and now found nothing to end: the grant is
+        // read again after attaching (a revoke writes the store before ending sessions).
+        let now = unix(SystemTime::now());
+        let live = matches!(self.store.grant(grant), Ok(Some(r)) if r.end_reason.is_none() && r.expires > now);
+        if !live {
+            end("sluice: your access grant has ended");
+        }
         Attached {
             grants: self.clone(),
             grant: grant.to_string(),
             session,
+        }
+    }
+
+    /// Whether an offered key may go on to sign: only a key a grant was issued for (russh
+    /// offers a certificate as its bare key). Ended grants too, so that a revoked or expired
+    /// certificate is refused with its reason logged rather than as an unknown key.
+    pub(crate) fn key_has_grant(&self, key: &PublicKey) -> bool {
+        let fp = key.fingerprint(HashAlg::Sha256).to_string();
+        matches!(self.store.key_has_grant(&fp), Ok(true))
+    }
+
+    /// Ports that live grants hold, which no other key may listen on.
+    pub(crate) fn allotted_ports(&self) -> std::collections::HashSet<u16> {
+        match self.store.allotted_ports(unix(SystemTime::now())) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(target: "sluice::grant", error = %e, "grants: reading allotted ports failed");
+                std::collections::HashSet::new()
+            }
         }
     }
 

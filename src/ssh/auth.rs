@@ -30,11 +30,23 @@ pub(crate) struct Login {
     pub(crate) permit_open: Option<Vec<KeyPermitOpen>>,
     pub(crate) permit_listen: Option<Vec<PermitListen>>,
     pub(crate) expires: Option<SystemTime>,
-    /// The access grant this login came with (a certificate from sluice's own CA).
-    pub(crate) access: Option<String>,
+    /// The access grant this login came with (a certificate from sluice's own CA): then
+    /// exactly its port and name may be published, whatever the lists above say.
+    pub(crate) access: Option<Access>,
     /// Whether the key's own namespace (`NAME-<short id>`) is open to it: not for grants,
     /// which publish exactly their port and name.
     pub(crate) own_namespace: bool,
+}
+
+/// What an access grant lets its session publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Access {
+    /// The grant id.
+    pub(crate) grant: String,
+    /// The one `-R` port.
+    pub(crate) port: u16,
+    /// The one tunnel name (any port), with `[tunnels]`.
+    pub(crate) name: Option<String>,
 }
 
 /// A refused attempt: what was offered (for the log) and why it was refused.
@@ -260,12 +272,6 @@ pub(crate) fn authorize_cert(
 /// A certificate from sluice's own CA whose grant `check` accepted: exactly the grant's port
 /// and name, the `-W/-L` targets it lists (none by default), until it expires.
 pub(crate) fn grant_login(user: &str, cert: &Certificate, a: &crate::grant::Allowance) -> Login {
-    let mut listen: Vec<PermitListen> = PermitListen::parse(&a.port.to_string())
-        .into_iter()
-        .collect();
-    if let Some(n) = &a.name {
-        listen.extend(PermitListen::parse(&format!("{n}:*")));
-    }
     Login {
         user: user.to_string(),
         label: format!(
@@ -283,9 +289,14 @@ pub(crate) fn grant_login(user: &str, cert: &Certificate, a: &crate::grant::Allo
                 .filter_map(|t| KeyPermitOpen::parse(t))
                 .collect(),
         ),
-        permit_listen: Some(listen),
+        // Nothing by the key lists (unix sockets included): `access` says what may be published.
+        permit_listen: Some(Vec::new()),
         expires: Some(a.expires),
-        access: Some(a.grant.clone()),
+        access: Some(Access {
+            grant: a.grant.clone(),
+            port: a.port,
+            name: a.name.clone(),
+        }),
         own_namespace: false,
     }
 }

@@ -160,11 +160,12 @@ pub(crate) async fn to_tunnel(
     to.traffic.add(1, bytes.up, bytes.down);
 }
 
-/// Binds `address:port` for `-R`; port 0 takes a free port from `range`.
+/// Binds `address:port` for `-R`; port 0 takes a free port from `range`, never a `reserved` one.
 pub(crate) fn bind_tcp(
     address: IpAddr,
     port: u16,
     range: RangeInclusive<u16>,
+    reserved: &std::collections::HashSet<u16>,
 ) -> std::io::Result<TcpListener> {
     let bind = |p: u16| -> std::io::Result<TcpListener> {
         let l = std::net::TcpListener::bind((address, p))?;
@@ -182,6 +183,9 @@ pub(crate) fn bind_tcp(
     let offset = u32::from_le_bytes(r) % span;
     for i in 0..span {
         let p = start + ((offset + i) % span) as u16;
+        if reserved.contains(&p) {
+            continue;
+        }
         match bind(p) {
             Ok(l) => return Ok(l),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,

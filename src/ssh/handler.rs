@@ -358,9 +358,15 @@ impl russh::server::Handler for Conn {
         let keys = self.server.keys.current();
         match auth::offer(&keys, offer.public_key, offer.algorithm) {
             Ok(()) => Ok(Auth::Accept),
-            // A grant's certificate is offered as its bare key too: let it sign.
+            // russh offers a certificate as its bare key: a key a grant was issued for may
+            // sign (its certificate is then checked in full); any other key is refused here.
             Err(d)
-                if d.reason == auth::Reason::KeyNotAuthorized && self.server.grants.is_some() =>
+                if d.reason == auth::Reason::KeyNotAuthorized
+                    && self
+                        .server
+                        .grants
+                        .as_ref()
+                        .is_some_and(|g| g.key_has_grant(offer.public_key)) =>
             {
                 Ok(Auth::Accept)
             }
@@ -456,7 +462,9 @@ impl russh::server::Handler for Conn {
                 super::say_goodbye(&handle, &kill, "your key or certificate has expired");
             }));
         }
-        if let (Some(id), Some(grants)) = (&grant.access, &self.server.grants) {
+        if let (Some(id), Some(grants)) =
+            (grant.access.as_ref().map(|a| &a.grant), &self.server.grants)
+        {
             // A revoke ends this session at once.
             let (handle, kill) = (session.handle(), self.kill.clone());
             let end: crate::grant::EndSession =
@@ -661,11 +669,23 @@ impl russh::server::Handler for Conn {
             Err(r) => return deny(&r.to_string()),
         };
         let range = self.server.settings.listen_ports.clone();
-        let listener =
-            match forward::bind_tcp(self.server.settings.listen_address, requested, range) {
-                Ok(l) => l,
-                Err(e) => return deny(&format!("cannot listen: {e}")),
-            };
+        // Ports allotted to access grants are their devices' only, online or not.
+        let reserved = match (&grant.access, &self.server.grants) {
+            (None, Some(g)) => g.allotted_ports(),
+            _ => Default::default(),
+        };
+        if reserved.contains(&requested) {
+            return deny("the port is allotted to an access grant");
+        }
+        let listener = match forward::bind_tcp(
+            self.server.settings.listen_address,
+            requested,
+            range,
+            &reserved,
+        ) {
+            Ok(l) => l,
+            Err(e) => return deny(&format!("cannot listen: {e}")),
+        };
         let bound = listener.local_addr().map(|a| a.port()).unwrap_or(requested);
         *port = u32::from(bound);
         info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, listen = %format!("{}:{bound}", self.server.settings.listen_address), "reverse forward opened");

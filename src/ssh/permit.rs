@@ -155,7 +155,12 @@ pub(crate) fn listen(
     if !grant.port_forwarding {
         return Err(Refusal::NoForwarding);
     }
-    if grant
+    // A grant's one port, asked for by number (never 0, whatever the bind address).
+    if let Some(a) = &grant.access {
+        if requested != a.port {
+            return Err(Refusal::NotInGrant(a.grant.clone()));
+        }
+    } else if grant
         .permit_listen
         .as_ref()
         .is_some_and(|l| !l.iter().any(|p| p.matches(address, requested)))
@@ -194,7 +199,7 @@ pub(crate) fn listen_socket(
         .as_ref()
         .ok_or(Refusal::SocketNeedsPermitListen)?;
     if !allowed.iter().any(|p| p.matches_socket(&name)) {
-        return Err(Refusal::SocketNotInPermitListen);
+        return Err(not_in_key(grant, Refusal::SocketNotInPermitListen));
     }
     Ok(name)
 }
@@ -218,6 +223,12 @@ pub(crate) fn publish(
     if held >= settings.max_forwards as usize {
         return Err(Refusal::TooManyForwards);
     }
+    if let Some(a) = &grant.access {
+        return match &a.name {
+            Some(n) if n == name => Ok(port),
+            _ => Err(Refusal::NotInGrant(a.grant.clone())),
+        };
+    }
     let granted = grant
         .permit_listen
         .as_deref()
@@ -235,7 +246,7 @@ pub(crate) fn publish(
 /// A refusal by the key's own lists; a grant's lists are the grant's, so it says that.
 fn not_in_key(grant: &Login, r: Refusal) -> Refusal {
     match &grant.access {
-        Some(id) => Refusal::NotInGrant(id.clone()),
+        Some(a) => Refusal::NotInGrant(a.grant.clone()),
         None => r,
     }
 }
@@ -420,5 +431,34 @@ mod tests {
             "a key's own permitlisten is the whole list for it"
         );
         assert_eq!(publish(&g, &s, &config, "preview-1", 80, 0), Ok(80));
+    }
+
+    #[test]
+    fn a_grant_publishes_its_port_and_its_name_and_nothing_else() {
+        let s = settings(&[]);
+        let mut g = grant("");
+        g.access = Some(crate::ssh::auth::Access {
+            grant: "g-1".into(),
+            port: 20003,
+            name: Some("gw-1".into()),
+        });
+        g.permit_listen = Some(Vec::new());
+        g.own_namespace = false;
+        let no = Err(Refusal::NotInGrant("g-1".into()));
+        assert_eq!(listen(&g, &s, "localhost", 20003, 0), Ok(20003));
+        assert_eq!(listen(&g, &s, "gw-1", 20003, 0), Ok(20003));
+        // Not 0 (any free port), not another port, whatever the bind address says.
+        assert_eq!(listen(&g, &s, "localhost", 0, 0), no);
+        assert_eq!(listen(&g, &s, "gw-1", 0, 0), no);
+        assert_eq!(listen(&g, &s, "localhost", 20004, 0), no);
+        assert_eq!(publish(&g, &s, &[], "gw-1", 22, 0), Ok(22));
+        assert_eq!(publish(&g, &s, &[], "gw-1", 80, 0), Ok(80));
+        assert_eq!(publish(&g, &s, &[], "gw-2", 22, 0), no);
+        let own = tunnel::name::short_id(&g.identity);
+        assert_eq!(publish(&g, &s, &[], &format!("x-{own}"), 22, 0), no);
+        assert_eq!(
+            listen_socket(&g, &s, "/gw-1", 0),
+            Err(Refusal::NotInGrant("g-1".into()))
+        );
     }
 }

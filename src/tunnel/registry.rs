@@ -235,6 +235,17 @@ impl<T: Clone> Registry<T> {
     ) -> Result<(), Refused> {
         let mut names = self.lock();
         match names.get(name) {
+            // Remembered as another's, and not live: the store may have freed it since (an
+            // access grant's name is released when the grant ends). The store decides.
+            Some(n) if n.owner != owner && n.live.is_empty() && self.store.is_some() => {
+                match self.store.as_ref().map(|s| s.claim_name(name, owner)) {
+                    Some(Ok(Claim::New | Claim::Ours)) => {
+                        names.remove(name);
+                    }
+                    Some(Err(e)) => return Err(Refused::Store(e.to_string())),
+                    Some(Ok(Claim::Other(_))) | None => return Err(Refused::Owned),
+                }
+            }
             Some(n) if n.owner != owner => return Err(Refused::Owned),
             Some(n) => {
                 if let Some(l) = n.live.get(&port).filter(|l| l.session != session) {

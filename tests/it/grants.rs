@@ -303,6 +303,32 @@ async fn a_device_publishes_with_its_grant_and_the_cloud_reaches_it_until_revoke
         .unwrap()
         .contains(&format!("-R {port}:localhost:22")));
     let key = save_credentials(dir.path(), &issued);
+    // The port is the device's only, while it is offline too: other keys are refused it.
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        crate::ssh::ssh_via(
+            s.port(),
+            &s.admin.private,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("{port}:127.0.0.1:9"),
+                "tunnel@localhost",
+            ],
+        )
+        .output(),
+    )
+    .await
+    .expect("ssh -R hung")
+    .unwrap();
+    assert!(!out.status.success(), "another key took the grant's port");
+    s.line_with(&[
+        "denied tcpip-forward",
+        &port.to_string(),
+        "allotted to an access grant",
+    ]);
     // The certificate is what the grant says (ssh-keygen reads it).
     let shown = std::process::Command::new("ssh-keygen")
         .arg("-Lf")
@@ -454,6 +480,18 @@ async fn a_device_publishes_with_its_grant_and_the_cloud_reaches_it_until_revoke
         !s.seen.iter().any(|l| l.contains(body)),
         "the private key was logged"
     );
+    // The revoked grant's name and port are free for another device.
+    let other = s
+        .issue(&[
+            "--device",
+            "gw-next",
+            "--name",
+            NAME,
+            "--port",
+            &port.to_string(),
+        ])
+        .await;
+    assert_eq!(other["grant"]["name"], NAME, "{other}");
     s.stop();
 }
 
@@ -620,6 +658,14 @@ async fn the_control_api_names_the_field_of_a_bad_request_and_never_shares_a_por
             r#"{"device":"d1","source_address":"here"}"#,
             400,
             "source_address",
+        ),
+        (r#"{"device":"d1","name":"localhost"}"#, 400, "name"),
+        (r#"{"device":"d1","local":"x:22;reboot"}"#, 400, "local"),
+        (r#"{"device":"d1","local":"$(id):22"}"#, 400, "local"),
+        (
+            r#"{"device":"d1","permit_open":["a:b:22"]}"#,
+            400,
+            "permit_open",
         ),
         (
             r#"{"device":"d1","permit_open":["nohost"]}"#,
