@@ -304,10 +304,30 @@ fn named_field(e: &serde_json::Error) -> Option<String> {
 async fn handle(req: Request<Incoming>, grants: Arc<Grants>) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().trim_end_matches('/').to_string();
-    let all = parts
+    let mut all = false;
+    for kv in parts
         .uri
         .query()
-        .is_some_and(|q| q.split('&').any(|kv| kv == "all=true" || kv == "all=1"));
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+    {
+        all = match kv {
+            "all=true" | "all=1" => true,
+            "all=false" | "all=0" => false,
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    Some("all"),
+                    format!(
+                        "unknown query parameter `{}` (all=true or all=false)",
+                        crate::text::clean(kv)
+                    ),
+                )
+            }
+        };
+    }
     let method = parts.method.clone();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let resp = match (&method, segments.as_slice()) {

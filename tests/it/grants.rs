@@ -847,3 +847,72 @@ async fn the_control_api_on_tcp_needs_tls_and_a_bearer_token_and_takes_a_rotated
     assert_eq!(got, 200);
     s.stop();
 }
+
+#[tokio::test]
+async fn the_control_api_holds_to_its_openapi_document_under_schemathesis() {
+    use std::os::unix::fs::PermissionsExt;
+    need("schemathesis", "schemathesis (pip install schemathesis)");
+    let dir = tempfile::tempdir().unwrap();
+    let admin = keygen(dir.path(), "admin");
+    let tokens = dir.path().join("control.tokens");
+    let token = "t".repeat(40);
+    std::fs::write(&tokens, format!("schemathesis {token}\n")).unwrap();
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut s = Server::start(
+        dir.path(),
+        admin,
+        8,
+        &format!(
+            "[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"{}\"\n",
+            tokens.display()
+        ),
+    );
+    let line = s.line_with(&["control API listening on TCP"]);
+    let addr = line
+        .split("listen=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let port = addr.rsplit(':').next().unwrap();
+    let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
+    // Every check but two that cannot hold by design: a schema-valid request may still be
+    // refused by the configuration (a TTL over max_ttl, a port outside listen_ports, a key
+    // that does not parse), and a revoked grant stays readable (its state says revoked).
+    let out = tokio::time::timeout(
+        Duration::from_secs(240),
+        Command::new("schemathesis")
+            .arg("run")
+            .arg(&schema)
+            .args(["--url", &format!("https://localhost:{port}")])
+            .arg("--tls-verify")
+            .arg(&s.cert.cert)
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .args([
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance,use_after_free",
+            ])
+            .args(["--max-examples", "60", "--seed", "13", "--workers", "1"])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("schemathesis took over 240 s")
+    .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found failures:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("passed"), "{report}");
+    // It exercised the API for real: grants were issued.
+    let (got, json, _) = api(&s.socket(), "GET", "/v1/grants?all=true", None).await;
+    assert_eq!(got, 200);
+    assert!(!json["grants"].as_array().unwrap().is_empty(), "{json}");
+    s.stop();
+}
