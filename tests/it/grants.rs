@@ -876,7 +876,7 @@ async fn the_control_api_holds_to_its_openapi_document_under_schemathesis() {
         .next()
         .unwrap();
     let port = addr.rsplit(':').next().unwrap();
-    let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
     // Every check but two that cannot hold by design: a schema-valid request may still be
     // refused by the configuration (a TTL over max_ttl, a port outside listen_ports, a key
     // that does not parse), and a revoked grant stays readable (its state says revoked).
