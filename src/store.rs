@@ -309,10 +309,9 @@ impl Store {
     ) -> Result<Option<GrantRow>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // Expired but not yet swept is not live: the sweep ends it as expired.
-        sweep_in(&tx, now)?;
+        // Expired but not yet swept is not live: the sweeper ends it, as expired.
         let n = tx.execute(
-            "UPDATE grants SET ended = ?2, end_reason = ?3 WHERE id = ?1 AND ended IS NULL",
+            "UPDATE grants SET ended = ?2, end_reason = ?3 WHERE id = ?1 AND ended IS NULL AND expires > ?2",
             params![id, now as i64, reason],
         )?;
         if n == 0 {

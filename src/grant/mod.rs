@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{GrantSettings, SshSettings, TunnelSettings};
-use crate::store::{Allot, GrantRow, Store, StoreError};
+use crate::store::{Allot, GrantCounts, GrantRow, Store, StoreError};
 pub use ca::UserCa;
 
 /// Grants could not be set up.
@@ -217,6 +217,21 @@ pub struct Grants {
     live: Mutex<HashMap<String, Vec<(u64, EndSession)>>>,
     /// Wakes the sweeper when a grant that may expire sooner is issued.
     wake: tokio::sync::Notify,
+    /// Grants by state, for `sluice_grants`.
+    counts: Mutex<GrantCounts>,
+}
+
+fn publish_counts(c: &GrantCounts) {
+    let g = &crate::metrics::get().grants;
+    for (state, n) in [
+        ("live", c.live),
+        ("revoked", c.revoked),
+        ("expired", c.expired),
+        ("replaced", c.replaced),
+    ] {
+        g.get_or_create(&crate::metrics::StateLabels { state })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
 }
 
 /// Detaches a session from its grant when dropped.
@@ -299,6 +314,14 @@ impl Grants {
             .unwrap_or_else(|| state_dir.join(ca::CA_FILE));
         let ca = UserCa::load_or_create(&ca_path)?;
         let store = Store::open(state_dir)?;
+        // Grants that expired while sluice was down end now, so that the counts start true.
+        let now = unix(SystemTime::now());
+        for r in store.sweep(now)? {
+            info!(target: "sluice::grant", grant = r.id, device = crate::text::clean(&r.device), port = r.port, "grant expired");
+            crate::metrics::count(&crate::metrics::get().grant_events, "expired");
+        }
+        let counts = store.grant_counts(now)?;
+        publish_counts(&counts);
         let server = settings.server.clone().unwrap_or_else(|| {
             if listen.ip().is_loopback() {
                 format!("localhost:{}", listen.port())
@@ -316,6 +339,7 @@ impl Grants {
             ca,
             live: Mutex::default(),
             wake: tokio::sync::Notify::new(),
+            counts: Mutex::new(counts),
         })
     }
 
@@ -538,7 +562,7 @@ impl Grants {
         };
         self.ended(&ended, "replaced by a new grant");
         self.wake.notify_one();
-        self.count_states();
+        self.count(|c| c.live += 1);
         info!(target: "sluice::grant", grant = row.id, device = crate::text::clean(&row.device), port = row.port, name = row.name.as_deref().unwrap_or("-"), key = row.key, expires = %stamp(row.expires), "grant issued");
         crate::metrics::count(&crate::metrics::get().grant_events, "issued");
         let local = req.local.as_deref().unwrap_or("localhost:22");
@@ -609,7 +633,10 @@ impl Grants {
                 info!(target: "sluice::grant", grant = r.id, device = crate::text::clean(&r.device), port = r.port, "grant revoked");
                 crate::metrics::count(&crate::metrics::get().grant_events, "revoked");
                 let n = self.end_sessions(&r.id, "sluice: your access grant was revoked");
-                self.count_states();
+                self.count(|c| {
+                    c.live = c.live.saturating_sub(1);
+                    c.revoked += 1;
+                });
                 Ok((self.view(&r, now), n))
             }
             None => match self.store.grant(id)? {
@@ -619,23 +646,12 @@ impl Grants {
         }
     }
 
-    /// Sets `sluice_grants` from the store (after every change, and at start).
-    fn count_states(&self) {
-        match self.store.grant_counts(unix(SystemTime::now())) {
-            Ok(c) => {
-                let g = &crate::metrics::get().grants;
-                for (state, n) in [
-                    ("live", c.live),
-                    ("revoked", c.revoked),
-                    ("expired", c.expired),
-                    ("replaced", c.replaced),
-                ] {
-                    g.get_or_create(&crate::metrics::StateLabels { state })
-                        .set(i64::try_from(n).unwrap_or(i64::MAX));
-                }
-            }
-            Err(e) => warn!(target: "sluice::grant", error = %e, "grants: counting grants failed"),
-        }
+    /// Applies a change to the grant counts and publishes them as `sluice_grants` (counted
+    /// once from the store at start, then kept: no scan of the store per change).
+    fn count(&self, change: impl FnOnce(&mut GrantCounts)) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut c);
+        publish_counts(&c);
     }
 
     /// Ends the live sessions of `grant`; how many.
@@ -651,6 +667,14 @@ impl Grants {
     fn ended(&self, rows: &[GrantRow], why: &str) {
         for r in rows {
             let reason = r.end_reason.as_deref().unwrap_or("ended");
+            self.count(|c| {
+                c.live = c.live.saturating_sub(1);
+                if reason == "expired" {
+                    c.expired += 1;
+                } else {
+                    c.replaced += 1;
+                }
+            });
             info!(target: "sluice::grant", grant = r.id, device = crate::text::clean(&r.device), port = r.port, "grant {reason}");
             crate::metrics::count(
                 &crate::metrics::get().grant_events,
@@ -780,11 +804,7 @@ impl Grants {
         loop {
             let now = unix(SystemTime::now());
             match self.store.sweep(now) {
-                Ok(rows) => {
-                    self.ended(&rows, "expired");
-                    // Every pass: a grant's state turns from live to expired with time.
-                    self.count_states();
-                }
+                Ok(rows) => self.ended(&rows, "expired"),
                 Err(e) => {
                     warn!(target: "sluice::grant", error = %e, "grants: sweeping expired grants failed");
                 }
