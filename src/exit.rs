@@ -65,11 +65,16 @@ impl Exit for crate::server::ServeError {
             ServeError::Tls(e) => e.exit_code(),
             ServeError::Ssh(e) => e.exit_code(),
             ServeError::Bind { .. } | ServeError::Runtime(_) | ServeError::Signals(_) => EX_OSERR,
+            ServeError::Grants(crate::grant::GrantError::Store(
+                crate::store::StoreError::Redis { .. },
+            )) => EX_UNAVAILABLE,
             ServeError::Activation(_)
             | ServeError::Config(_)
             | ServeError::Grants(_)
             | ServeError::ControlTokens(_) => EX_CONFIG,
             ServeError::ControlTls(_) => EX_SOFTWARE,
+            ServeError::Store(crate::store::StoreError::Redis { .. }) => EX_UNAVAILABLE,
+            ServeError::Store(_) => EX_CANTCREAT,
             ServeError::ControlSocket { .. } => EX_OSERR,
         }
     }

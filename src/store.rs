@@ -5,7 +5,10 @@
 //! SQLite through rusqlite (bundled, so no system library is needed): transactions and unique
 //! keys make a claim atomic, the file survives a crash mid-write (WAL), and an operator can
 //! read it with the `sqlite3` shell. One connection behind a mutex: writes are rare (a new
-//! name), reads are served from memory by the callers.
+//! name), reads are served from memory by the callers. Or Redis (`[store] redis`, the `redis` module),
+//! the same operations as Lua scripts, for replicas that share one state.
+
+mod redis;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -51,6 +54,14 @@ pub enum StoreError {
     /// A query failed (disk full, I/O error).
     #[error("store: {0}")]
     Query(#[from] rusqlite::Error),
+    /// Redis could not be reached or refused a command.
+    #[error("store: Redis at {url}: {message}")]
+    Redis {
+        /// The server, without its password.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// The outcome of claiming a name.
@@ -64,14 +75,136 @@ pub(crate) enum Claim {
     Other(String),
 }
 
-/// The open store.
-pub(crate) struct Store {
-    conn: Mutex<Connection>,
+/// The open store: SQLite in the state directory, or Redis.
+pub struct Store {
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(Sqlite),
+    /// Boxed: its scripts and client are most of the size, and there is one store.
+    Redis(Box<redis::RedisStore>),
+}
+
+/// Calls the same method on whichever backend is open.
+macro_rules! dispatch {
+    ($self:ident . $m:ident ( $($a:expr),* )) => {
+        match &$self.backend {
+            Backend::Sqlite(s) => s.$m($($a),*),
+            Backend::Redis(r) => r.$m($($a),*),
+        }
+    };
 }
 
 impl Store {
+    /// Opens `dir/sluice.db` (SQLite).
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Ok(Store {
+            backend: Backend::Sqlite(Sqlite::open(dir)?),
+        })
+    }
+
+    /// Opens the store `[store]` names: Redis, else `dir/sluice.db`.
+    pub fn open_with(
+        settings: &crate::config::StoreSettings,
+        dir: &Path,
+    ) -> Result<Store, StoreError> {
+        match &settings.redis {
+            Some(url) => Ok(Store {
+                backend: Backend::Redis(Box::new(redis::RedisStore::open(
+                    url,
+                    &settings.prefix,
+                    settings.timeout,
+                )?)),
+            }),
+            None => Store::open(dir),
+        }
+    }
+
+    /// Claims `name` for `owner` unless someone owns it, atomically.
+    pub(crate) fn claim_name(&self, name: &str, owner: &str) -> Result<Claim, StoreError> {
+        dispatch!(self.claim_name(name, owner))
+    }
+
+    /// Issues a grant atomically (see [`Sqlite::issue_grant`]).
+    pub(crate) fn issue_grant(
+        &self,
+        new: &GrantRow,
+        want: Option<u16>,
+        ports: std::ops::RangeInclusive<u16>,
+        owner: &str,
+        replace: bool,
+    ) -> Result<Allot, StoreError> {
+        dispatch!(self.issue_grant(new, want, ports, owner, replace))
+    }
+
+    /// One grant, live or ended.
+    pub(crate) fn grant(&self, id: &str) -> Result<Option<GrantRow>, StoreError> {
+        dispatch!(self.grant(id))
+    }
+
+    /// Live grants, or every grant kept (`all`), oldest first.
+    pub(crate) fn grants(&self, all: bool) -> Result<Vec<GrantRow>, StoreError> {
+        dispatch!(self.grants(all))
+    }
+
+    /// Ends a live, unexpired grant; the row as ended, or `None` if it was not live.
+    pub(crate) fn end_grant(
+        &self,
+        id: &str,
+        reason: &str,
+        now: u64,
+    ) -> Result<Option<GrantRow>, StoreError> {
+        dispatch!(self.end_grant(id, reason, now))
+    }
+
+    /// Ports held by live grants.
+    pub(crate) fn allotted_ports(
+        &self,
+        now: u64,
+    ) -> Result<std::collections::HashSet<u16>, StoreError> {
+        dispatch!(self.allotted_ports(now))
+    }
+
+    /// Whether a grant (live or ended) was issued for the key with this fingerprint.
+    pub(crate) fn key_has_grant(&self, key: &str) -> Result<bool, StoreError> {
+        dispatch!(self.key_has_grant(key))
+    }
+
+    /// Records the first use of a grant; true if this was it.
+    pub(crate) fn mark_used(&self, id: &str, now: u64) -> Result<bool, StoreError> {
+        dispatch!(self.mark_used(id, now))
+    }
+
+    /// Ends every live grant that has expired by `now`; those it ended.
+    pub(crate) fn sweep(&self, now: u64) -> Result<Vec<GrantRow>, StoreError> {
+        dispatch!(self.sweep(now))
+    }
+
+    /// When the next live grant expires.
+    pub(crate) fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
+        dispatch!(self.next_expiry())
+    }
+
+    /// How many grants are in each state at `now`.
+    pub(crate) fn grant_counts(&self, now: u64) -> Result<GrantCounts, StoreError> {
+        dispatch!(self.grant_counts(now))
+    }
+
+    /// Every name with its owner.
+    pub(crate) fn names(&self) -> Result<Vec<(String, String)>, StoreError> {
+        dispatch!(self.names())
+    }
+}
+
+/// The store in SQLite.
+struct Sqlite {
+    conn: Mutex<Connection>,
+}
+
+impl Sqlite {
     /// Opens (or creates, 0600) `dir/sluice.db`.
-    pub(crate) fn open(dir: &Path) -> Result<Store, StoreError> {
+    fn open(dir: &Path) -> Result<Sqlite, StoreError> {
         let path = dir.join(FILE);
         let open_err = |source| StoreError::Open {
             path: path.clone(),
@@ -140,7 +273,7 @@ impl Store {
             )
             .map_err(open_err)?;
         }
-        Ok(Store {
+        Ok(Sqlite {
             conn: Mutex::new(conn),
         })
     }

@@ -37,6 +37,16 @@ pub(super) struct File {
     pub tunnels: Option<Spanned<Tunnels>>,
     pub grants: Option<Spanned<Grants>>,
     pub control: Option<Spanned<Control>>,
+    pub store: Option<Spanned<StoreTable>>,
+}
+
+/// `[store]`: where names and grants are kept.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StoreTable {
+    pub redis: Option<Spanned<String>>,
+    pub prefix: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<Dur>>,
 }
 
 /// `[control]`: where the control API listens.

@@ -82,6 +82,7 @@ impl Config {
             tunnels: None,
             grants: None,
             control: ControlSettings::default(),
+            store: StoreSettings::default(),
             admin: None,
         }
     }

@@ -64,6 +64,30 @@ pub struct Config {
     pub grants: Option<GrantSettings>,
     /// `[control]`: where the control API listens (with `[grants]`).
     pub control: ControlSettings,
+    /// `[store]`: SQLite in the state directory, or Redis.
+    pub store: StoreSettings,
+}
+
+/// `[store]`: where tunnel names and grants are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreSettings {
+    /// `redis://[user:password@]host[:port][/db]` or `redis+unix:///path`; `None`:
+    /// `sluice.db` in the state directory.
+    pub redis: Option<String>,
+    /// The prefix of every key sluice writes in Redis.
+    pub prefix: String,
+    /// How long one Redis call may take (connect, read, write).
+    pub timeout: Duration,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            redis: None,
+            prefix: "sluice:".into(),
+            timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 /// `[control]`: the control API's unix socket, and optionally TCP with TLS and bearer tokens.

@@ -208,10 +208,10 @@ pub(crate) type EndSession = Arc<dyn Fn(&str) + Send + Sync>;
 /// The grants of this server.
 pub struct Grants {
     settings: GrantSettings,
-    ports: std::ops::RangeInclusive<u16>,
-    domain: Option<String>,
+    /// `[ssh] listen_ports` and `[tunnels] domain`, as the last reload left them.
+    reloadable: Mutex<Reloadable>,
     server: String,
-    store: Store,
+    store: Arc<Store>,
     ca: UserCa,
     /// Live sessions by grant id (session id, how to end it).
     live: Mutex<HashMap<String, Vec<(u64, EndSession)>>>,
@@ -232,6 +232,13 @@ fn publish_counts(c: &GrantCounts) {
         g.get_or_create(&crate::metrics::StateLabels { state })
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
+}
+
+/// The settings of other tables that a reload may change.
+#[derive(Debug, Clone)]
+struct Reloadable {
+    ports: std::ops::RangeInclusive<u16>,
+    domain: Option<String>,
 }
 
 /// Detaches a session from its grant when dropped.
@@ -305,6 +312,7 @@ impl Grants {
         settings: &GrantSettings,
         ssh: &SshSettings,
         tunnels: Option<&TunnelSettings>,
+        store: Arc<Store>,
         state_dir: &Path,
         listen: SocketAddr,
     ) -> Result<Grants, GrantError> {
@@ -313,7 +321,6 @@ impl Grants {
             .clone()
             .unwrap_or_else(|| state_dir.join(ca::CA_FILE));
         let ca = UserCa::load_or_create(&ca_path)?;
-        let store = Store::open(state_dir)?;
         // Grants that expired while sluice was down end now, so that the counts start true.
         let now = unix(SystemTime::now());
         for r in store.sweep(now)? {
@@ -332,8 +339,10 @@ impl Grants {
         info!(ca = ca.fingerprint(), ca_key = %ca_path.display(), "grants: certificates from this CA authenticate devices");
         Ok(Grants {
             settings: settings.clone(),
-            ports: ssh.listen_ports.clone(),
-            domain: tunnels.map(|t| t.domain.clone()),
+            reloadable: Mutex::new(Reloadable {
+                ports: ssh.listen_ports.clone(),
+                domain: tunnels.map(|t| t.domain.clone()),
+            }),
             server,
             store,
             ca,
@@ -341,6 +350,22 @@ impl Grants {
             wake: tokio::sync::Notify::new(),
             counts: Mutex::new(counts),
         })
+    }
+
+    /// Takes a reload's `[ssh] listen_ports` and `[tunnels] domain` (grants already issued
+    /// keep their ports and names).
+    pub fn reconfigure(&self, ssh: &SshSettings, tunnels: Option<&TunnelSettings>) {
+        *self.reloadable.lock().unwrap_or_else(|p| p.into_inner()) = Reloadable {
+            ports: ssh.listen_ports.clone(),
+            domain: tunnels.map(|t| t.domain.clone()),
+        };
+    }
+
+    fn settings_now(&self) -> Reloadable {
+        self.reloadable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The CA that signs grant certificates.
@@ -365,7 +390,7 @@ impl Grants {
             state,
             port: r.port,
             name: r.name.clone(),
-            host: match (&r.name, &self.domain) {
+            host: match (&r.name, &self.settings_now().domain) {
                 (Some(n), Some(d)) => Some(format!("{n}.{d}")),
                 _ => None,
             },
@@ -382,6 +407,7 @@ impl Grants {
     /// Issues a grant: validates the request, allots a port and claims the name atomically,
     /// signs the certificate.
     pub fn issue(&self, req: &IssueRequest) -> Result<Issued, IssueError> {
+        let Reloadable { ports, domain } = self.settings_now();
         let field = |field, message: String| IssueError::Field { field, message };
         if !valid_device(&req.device) {
             return Err(field(
@@ -404,18 +430,18 @@ impl Grants {
             ));
         }
         if let Some(p) = req.port {
-            if !self.ports.contains(&p) {
+            if !ports.contains(&p) {
                 return Err(field(
                     "port",
                     format!(
                         "{p} is outside [ssh] listen_ports {}-{}",
-                        self.ports.start(),
-                        self.ports.end()
+                        ports.start(),
+                        ports.end()
                     ),
                 ));
             }
         }
-        let name = match (&self.domain, &req.name) {
+        let name = match (&domain, &req.name) {
             (None, Some(_)) => {
                 return Err(field(
                     "name",
@@ -529,7 +555,7 @@ impl Grants {
         let (row, ended) = match self.store.issue_grant(
             &row,
             req.port,
-            self.ports.clone(),
+            ports.clone(),
             &owner(&req.device),
             req.replace,
         )? {
@@ -555,8 +581,8 @@ impl Grants {
             Allot::NoFreePort => {
                 return Err(IssueError::NoFreePort(format!(
                     "{}-{}",
-                    self.ports.start(),
-                    self.ports.end()
+                    ports.start(),
+                    ports.end()
                 )))
             }
         };

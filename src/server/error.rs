@@ -47,6 +47,9 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    /// The store (`sluice.db`, or Redis) could not be opened.
+    #[error(transparent)]
+    Store(crate::store::StoreError),
     /// `[control] tokens` could not be used.
     #[error("[control] tokens: {0}")]
     ControlTokens(#[from] crate::control::tokens::TokensError),

@@ -76,26 +76,36 @@ impl Server {
         let certs = Arc::new(CertStore::new(tls::load_certs(&cfg, &state_dir)?));
         let force_close = CancellationToken::new();
         let ticketer = tls::ticketer()?;
-        let grants = match &cfg.grants {
-            Some(g) => Some(Arc::new(
+        // One store for the tunnel names and the grants (SQLite here, or Redis).
+        let store = match cfg.grants.is_some() || cfg.tunnels.is_some() {
+            true => Some(Arc::new(
+                crate::store::Store::open_with(&cfg.store, &state_dir)
+                    .map_err(ServeError::Store)?,
+            )),
+            false => None,
+        };
+        let grants = match (&cfg.grants, &store) {
+            (Some(g), Some(store)) => Some(Arc::new(
                 crate::grant::Grants::open(
                     g,
                     &cfg.embedded_ssh,
                     cfg.tunnels.as_ref(),
+                    store.clone(),
                     &state_dir,
                     cfg.listen[0],
                 )
                 .map_err(ServeError::Grants)?,
             )),
-            None => None,
+            _ => None,
         };
+        let persistent = reload::Persistent { grants, store };
         let snapshot = build_snapshot(
             cfg.clone(),
             &certs,
             &ticketer,
             &state_dir,
             &force_close,
-            grants.as_ref(),
+            &persistent,
             None,
         )?;
         let inherited = crate::systemd::inherited_listeners()?;
@@ -167,7 +177,7 @@ impl Server {
             started: Arc::new(cfg),
             lock: Arc::new(tokio::sync::Mutex::new(())),
             ticketer,
-            grants,
+            persistent,
         };
         Ok(Server {
             listeners,
@@ -267,7 +277,7 @@ impl Server {
             ));
         }
         let stop_control = CancellationToken::new();
-        if let (Some((l, path)), Some(grants)) = (self.control, &self.reloader.grants) {
+        if let (Some((l, path)), Some(grants)) = (self.control, &self.reloader.persistent.grants) {
             tokio::spawn(crate::control::serve(
                 l,
                 path,
@@ -276,7 +286,7 @@ impl Server {
             ));
             tokio::spawn(grants.clone().sweep(stop_control.clone()));
         }
-        if let (Some(c), Some(grants)) = (self.control_tcp, &self.reloader.grants) {
+        if let (Some(c), Some(grants)) = (self.control_tcp, &self.reloader.persistent.grants) {
             tokio::spawn(crate::control::serve_tls(
                 c.listener,
                 c.tls,

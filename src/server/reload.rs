@@ -37,6 +37,13 @@ async fn dir_changed(w: Option<&tokio::io::unix::AsyncFd<crate::sys::DirWatch>>)
     }
 }
 
+/// What outlives a reload: the grants and the store they and the tunnel names share.
+#[derive(Clone, Default)]
+pub(crate) struct Persistent {
+    pub(crate) grants: Option<Arc<crate::grant::Grants>>,
+    pub(crate) store: Option<Arc<crate::store::Store>>,
+}
+
 /// Builds what new connections are served with. The embedded SSH server is kept from
 /// `previous` when its settings did not change (its -R ports and failure counts carry over).
 pub(super) fn build_snapshot(
@@ -45,7 +52,7 @@ pub(super) fn build_snapshot(
     ticketer: &Arc<dyn rustls::server::ProducesTickets>,
     state_dir: &std::path::Path,
     force_close: &CancellationToken,
-    grants: Option<&Arc<crate::grant::Grants>>,
+    persistent: &Persistent,
     previous: Option<&Snapshot>,
 ) -> Result<Snapshot, ServeError> {
     let (tls_config, client_verifier) = tls::server_config(
@@ -76,7 +83,8 @@ pub(super) fn build_snapshot(
                 previous.and_then(|p| p.ssh.as_deref()),
                 crate::ssh::Platform {
                     tunnels: cfg.tunnels.clone(),
-                    grants: grants.cloned(),
+                    grants: persistent.grants.clone(),
+                    store: persistent.store.clone(),
                 },
             )?)),
         },
@@ -115,6 +123,10 @@ pub(super) fn build_snapshot(
             .collect();
         Arc::new(c)
     });
+    // Last: a reload that fails above leaves the grants as they were.
+    if let Some(g) = &persistent.grants {
+        g.reconfigure(&cfg.embedded_ssh, cfg.tunnels.as_ref());
+    }
     Ok(Snapshot {
         tls_tunnel,
         gateway,
@@ -146,8 +158,8 @@ pub struct Reloader {
     pub(super) cert_digest: Arc<tokio::sync::Mutex<Vec<Option<u64>>>>,
     /// Session-ticket keys, kept across reloads so that tickets issued before still resume.
     pub(super) ticketer: Arc<dyn rustls::server::ProducesTickets>,
-    /// `[grants]`, opened at start (its settings apply at a restart).
-    pub(super) grants: Option<Arc<crate::grant::Grants>>,
+    /// The grants and the store, opened at start (their settings apply at a restart).
+    pub(super) persistent: Persistent,
 }
 
 /// The content of `cfg`'s certificate files, to notice changes.
@@ -186,7 +198,7 @@ impl Reloader {
             &self.ticketer,
             &self.state_dir,
             &self.shared.force_close,
-            self.grants.as_ref(),
+            &self.persistent,
             Some(&old),
         ) {
             Ok(s) => s,
@@ -332,7 +344,7 @@ impl Reloader {
                 &self.ticketer,
                 &self.state_dir,
                 &self.shared.force_close,
-                self.grants.as_ref(),
+                &self.persistent,
                 Some(&old),
             )?),
             None => None,
@@ -368,6 +380,12 @@ fn restart_only_changes(started: &Config, now: &Config) -> Vec<&'static str> {
     }
     if started.grants != now.grants {
         v.push("grants");
+    }
+    if started.store != now.store {
+        v.push("store");
+    }
+    if started.control != now.control {
+        v.push("control");
     }
     v
 }

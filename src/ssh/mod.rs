@@ -96,6 +96,9 @@ pub struct Platform {
     pub tunnels: Option<crate::config::TunnelSettings>,
     /// `[grants]`: certificates from sluice's own CA, checked against the grant store.
     pub grants: Option<Arc<crate::grant::Grants>>,
+    /// The store tunnel names are kept in (shared with the grants); `None`: `sluice.db` in
+    /// the state directory.
+    pub store: Option<Arc<crate::store::Store>>,
 }
 
 impl SshServer {
@@ -109,7 +112,11 @@ impl SshServer {
         previous: Option<&SshServer>,
         platform: Platform,
     ) -> Result<SshServer, SshError> {
-        let Platform { tunnels, grants } = platform;
+        let Platform {
+            tunnels,
+            grants,
+            store,
+        } = platform;
         let key_path = host_key_path(settings, state_dir);
         let host_key = load_or_create_host_key(&key_path)?;
         let host_fingerprint = host_key
@@ -130,8 +137,11 @@ impl SshServer {
         let registry = match previous {
             Some(p) if p.tunnels.is_some() || tunnels.is_none() => p.registry.clone(),
             _ if tunnels.is_some() => {
-                let store = crate::store::Store::open(state_dir)?;
-                Arc::new(crate::tunnel::Registry::open(Arc::new(store))?)
+                let store = match store {
+                    Some(s) => s,
+                    None => Arc::new(crate::store::Store::open(state_dir)?),
+                };
+                Arc::new(crate::tunnel::Registry::open(store)?)
             }
             _ => Arc::new(crate::tunnel::Registry::default()),
         };

@@ -13,6 +13,72 @@ use crate::ssh::{keygen, login_user, port_range, Key};
 use crate::support::{bin, need, TestCert};
 
 const DEVICE: &str = "00:1b:44:11:3a:b7";
+
+/// Where the grants are kept: the embedded store, or a real redis-server the test starts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backend {
+    Sqlite,
+    Redis,
+}
+
+/// A redis-server on a free loopback port, no persistence; killed on drop.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        need("redis-server", "redis-server");
+        let port = crate::support::reserve_ports(1);
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not listen within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, port }
+    }
+
+    /// The `[store]` table that points sluice at it.
+    fn table(&self) -> String {
+        format!("[store]\nredis = \"redis://127.0.0.1:{}/0\"\n", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `[store]` table for `backend` (and the server to keep alive with it).
+fn store_for(backend: Backend) -> (Option<Redis>, String) {
+    match backend {
+        Backend::Sqlite => (None, String::new()),
+        Backend::Redis => {
+            let r = Redis::start();
+            let t = r.table();
+            (Some(r), t)
+        }
+    }
+}
 const NAME: &str = "00-1b-44-11-3a-b7";
 
 /// sluice as a child process with `[grants]` and `[tunnels]`, its log kept for searching.
@@ -29,9 +95,14 @@ struct Server {
 impl Server {
     /// The cloud's `admin` key may `-W/-J` to the device's name and to the grant ports.
     fn start(dir: &Path, admin: Key, ports: u16, grants_extra: &str) -> Server {
+        Server::start_on(dir, admin, port_range(ports), grants_extra)
+    }
+
+    /// As `start`, with `listen_ports` given: (first port, "FIRST-LAST").
+    fn start_on(dir: &Path, admin: Key, range: (u16, String), grants_extra: &str) -> Server {
         need("ssh", "openssh-client");
         let cert = TestCert::new(&["localhost", "127.0.0.1", "*.t.localhost"]);
-        let (first_port, ports) = port_range(ports);
+        let (first_port, ports) = range;
         std::fs::write(dir.join("authorized_keys"), format!("{}\n", admin.public)).unwrap();
         let mut s = Server {
             d: None,
@@ -284,10 +355,20 @@ async fn exits_within(child: &mut tokio::process::Child, limit: Duration, what: 
 
 #[tokio::test]
 async fn a_device_publishes_with_its_grant_and_the_cloud_reaches_it_until_revoked() {
+    device_flow(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn with_redis_a_device_publishes_with_its_grant_until_revoked() {
+    device_flow(Backend::Redis).await;
+}
+
+async fn device_flow(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let admin = keygen(dir.path(), "admin");
     let sshd = crate::ssh::start_sshd(&admin).await;
-    let mut s = Server::start(dir.path(), admin, 4, "");
+    let (_redis, store) = store_for(backend);
+    let mut s = Server::start(dir.path(), admin, 4, &store);
     let user = login_user();
 
     let issued = s.issue(&["--device", DEVICE, "--ttl", "10m"]).await;
@@ -497,10 +578,20 @@ async fn a_device_publishes_with_its_grant_and_the_cloud_reaches_it_until_revoke
 
 #[tokio::test]
 async fn a_grant_ends_its_session_at_expiry_and_frees_its_port_and_a_restart_keeps_grants() {
+    expiry_and_restart(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn with_redis_a_grant_ends_at_expiry_and_a_restart_keeps_grants() {
+    expiry_and_restart(Backend::Redis).await;
+}
+
+async fn expiry_and_restart(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let admin = keygen(dir.path(), "admin");
     let sshd = crate::ssh::start_sshd(&admin).await;
-    let mut s = Server::start(dir.path(), admin, 2, "");
+    let (_redis, store) = store_for(backend);
+    let mut s = Server::start(dir.path(), admin, 2, &store);
     // The device brings its own key: no private key comes back.
     let own = keygen(dir.path(), "own");
     let issued = s
@@ -634,9 +725,19 @@ async fn api(
 
 #[tokio::test]
 async fn the_control_api_names_the_field_of_a_bad_request_and_never_shares_a_port() {
+    api_errors_and_concurrency(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn with_redis_120_concurrent_issues_never_share_a_port() {
+    api_errors_and_concurrency(Backend::Redis).await;
+}
+
+async fn api_errors_and_concurrency(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let admin = keygen(dir.path(), "admin");
-    let s = Server::start(dir.path(), admin, 120, "");
+    let (redis, store) = store_for(backend);
+    let s = Server::start(dir.path(), admin, 120, &store);
     let sock = s.socket();
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
@@ -728,6 +829,17 @@ async fn the_control_api_names_the_field_of_a_bad_request_and_never_shares_a_por
         );
     }
     assert_eq!(ports.len(), 120);
+    if let Some(r) = &redis {
+        // They are Redis's: 120 live ports there, and no SQLite file beside sluice.
+        need("redis-cli", "redis-tools");
+        let out = Command::new("redis-cli")
+            .args(["-p", &r.port.to_string(), "HLEN", "sluice:port"])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "120");
+        assert!(!dir.path().join("state/sluice.db").exists());
+    }
     let (got, json, head) = api(
         &sock,
         "POST",
@@ -899,6 +1011,8 @@ async fn the_control_api_holds_to_its_openapi_document_under_schemathesis() {
             ])
             .args(["--max-examples", "60", "--seed", "13", "--workers", "1"])
             .env("NO_COLOR", "1")
+            // Its cache and reports go in the test's directory, not the source tree.
+            .current_dir(dir.path())
             .stdin(Stdio::null())
             .output(),
     )
@@ -917,4 +1031,91 @@ async fn the_control_api_holds_to_its_openapi_document_under_schemathesis() {
     assert_eq!(got, 200);
     assert!(!json["grants"].as_array().unwrap().is_empty(), "{json}");
     s.stop();
+}
+
+#[tokio::test]
+async fn two_sluices_sharing_one_redis_never_give_one_port_twice() {
+    let redis = Redis::start();
+    let range = port_range(100);
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start_on(
+        a_dir.path(),
+        keygen(a_dir.path(), "admin"),
+        range.clone(),
+        &redis.table(),
+    );
+    let b = Server::start_on(
+        b_dir.path(),
+        keygen(b_dir.path(), "admin"),
+        range,
+        &redis.table(),
+    );
+    // 60 devices asked for at each at once: 120 requests for 100 ports.
+    let issues: Vec<_> = (0..120)
+        .map(|i| {
+            let sock = if i % 2 == 0 { a.socket() } else { b.socket() };
+            tokio::spawn(async move {
+                let body = format!(r#"{{"device":"dev-{}","ttl":"10m"}}"#, i / 2);
+                api(&sock, "POST", "/v1/grants", Some(&body)).await
+            })
+        })
+        .collect();
+    let (mut ports, mut conflicts, mut full) = (std::collections::HashSet::new(), 0, 0);
+    for t in issues {
+        let (status, json, _) = t.await.unwrap();
+        match status {
+            201 => assert!(
+                ports.insert(json["grant"]["port"].as_u64().unwrap()),
+                "a port given twice: {json}"
+            ),
+            // The same device asked for at both: one of them wins.
+            409 => {
+                assert_eq!(json["error"]["field"], "device", "{json}");
+                conflicts += 1;
+            }
+            503 => full += 1,
+            _ => panic!("{status}: {json}"),
+        }
+    }
+    assert_eq!(ports.len() + conflicts + full, 120);
+    assert_eq!(
+        ports.len(),
+        60,
+        "one grant per device: {conflicts} conflicts, {full} full"
+    );
+    // Each sees the other's grants.
+    let (_, la, _) = api(&a.socket(), "GET", "/v1/grants", None).await;
+    let (_, lb, _) = api(&b.socket(), "GET", "/v1/grants", None).await;
+    assert_eq!(la["grants"].as_array().unwrap().len(), 60);
+    assert_eq!(la, lb);
+}
+
+#[test]
+fn an_unreachable_redis_stops_sluice_at_start_with_exit_69_and_no_password_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on (reserved for this test, never bound).
+    let port = crate::support::reserve_ports(1);
+    let cfg = dir.path().join("sluice.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\n[routes.ssh]\n[grants]\n[store]\nredis = \"redis://default:hunter22@127.0.0.1:{port}/0\"\ntimeout = \"1s\"\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains(&format!("Redis at redis://default:***@127.0.0.1:{port}/0")),
+        "{err}"
+    );
+    assert!(!err.contains("hunter22"), "the password was shown: {err}");
 }

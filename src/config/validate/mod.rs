@@ -480,6 +480,48 @@ impl Validator<'_> {
                 }
             }
         }
+        if let Some(st) = &raw.store {
+            let t = st.get_ref();
+            let d = StoreSettings::default();
+            let redis = match &t.redis {
+                Some(u) => {
+                    let text = u.get_ref().trim();
+                    if text.starts_with("rediss://") {
+                        return self.err(
+                            u.span(),
+                            "rediss:// (TLS to Redis) is not supported yet: use redis:// on a private network or a unix socket (redis+unix:///path)",
+                        );
+                    }
+                    if !(text.starts_with("redis://") || text.starts_with("redis+unix://")) {
+                        return self.err(
+                            u.span(),
+                            "must be redis://[user:password@]host[:port][/db] or redis+unix:///path",
+                        );
+                    }
+                    Some(text.to_string())
+                }
+                None => None,
+            };
+            let prefix = match &t.prefix {
+                Some(p) => {
+                    let v = p.get_ref();
+                    if v.is_empty() || v.len() > 64 || v.contains(char::is_whitespace) {
+                        return self.err(p.span(), "must be 1-64 characters, no spaces");
+                    }
+                    v.clone()
+                }
+                None => d.prefix,
+            };
+            let timeout = match &t.timeout {
+                Some(v) => self.duration(v, Duration::from_millis(10), MINUTE)?,
+                None => d.timeout,
+            };
+            cfg.store = StoreSettings {
+                redis,
+                prefix,
+                timeout,
+            };
+        }
         if let Some(control) = &raw.control {
             if raw.grants.is_none() {
                 return self.err(
