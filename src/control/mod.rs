@@ -58,7 +58,7 @@ enum Caller {
 
 /// A request body larger than this is refused (413).
 const MAX_BODY: usize = 64 * 1024;
-/// Connections served at once.
+/// Connections served at once (more wait to be accepted).
 const MAX_CONNECTIONS: usize = 32;
 /// A request head must arrive within this; a whole exchange within `EXCHANGE`.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -110,6 +110,14 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     info!(socket = %path.display(), "control API listening");
     loop {
+        // At most MAX_CONNECTIONS at once; more wait in the listen backlog, not dropped.
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = stop.cancelled() => break,
+        };
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -120,10 +128,6 @@ pub async fn serve(
                 }
             },
             () = stop.cancelled() => break,
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            debug!("control API: too many connections; refused one");
-            continue;
         };
         let grants = grants.clone();
         tokio::spawn(async move {
@@ -160,6 +164,13 @@ pub async fn serve_tls(
         info!(listen = %a, "control API listening on TCP (TLS, bearer tokens)");
     }
     loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = stop.cancelled() => break,
+        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -170,10 +181,6 @@ pub async fn serve_tls(
                 }
             },
             () = stop.cancelled() => break,
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            debug!(%peer, "control API: too many connections; refused one");
-            continue;
         };
         let (grants, acceptor, tokens) = (grants.clone(), acceptor.clone(), tokens.clone());
         tokio::spawn(async move {

@@ -654,7 +654,16 @@ impl Grants {
     /// Revokes a live grant and ends its sessions now; the view and how many sessions ended.
     pub fn revoke(&self, id: &str) -> Result<(GrantView, usize), RevokeError> {
         let now = unix(SystemTime::now());
-        match self.store.end_grant(id, "revoked", now)? {
+        let ended = match self.store.end_grant(id, "revoked", now) {
+            Ok(e) => e,
+            Err(e) => {
+                // Whether or not the store took it, the operator asked: this process's
+                // sessions of the grant end now (failing closed), and the error is reported.
+                self.end_sessions(id, "sluice: your access grant was revoked");
+                return Err(e.into());
+            }
+        };
+        match ended {
             Some(r) => {
                 info!(target: "sluice::grant", grant = r.id, device = crate::text::clean(&r.device), port = r.port, "grant revoked");
                 crate::metrics::count(&crate::metrics::get().grant_events, "revoked");
@@ -813,13 +822,14 @@ impl Grants {
         matches!(self.store.key_has_grant(&fp), Ok(true))
     }
 
-    /// Ports that live grants hold, which no other key may listen on.
-    pub(crate) fn allotted_ports(&self) -> std::collections::HashSet<u16> {
+    /// Ports that live grants hold, which no other key may listen on; `None` if the store
+    /// cannot say (then no other key gets a port: failing closed).
+    pub(crate) fn allotted_ports(&self) -> Option<std::collections::HashSet<u16>> {
         match self.store.allotted_ports(unix(SystemTime::now())) {
-            Ok(p) => p,
+            Ok(p) => Some(p),
             Err(e) => {
                 warn!(target: "sluice::grant", error = %e, "grants: reading allotted ports failed");
-                std::collections::HashSet::new()
+                None
             }
         }
     }
@@ -829,7 +839,17 @@ impl Grants {
     pub async fn sweep(self: Arc<Self>, stop: CancellationToken) {
         loop {
             let now = unix(SystemTime::now());
-            match self.store.sweep(now) {
+            // On a blocking thread: the store may be Redis across a network.
+            let store = self.store.clone();
+            let swept = tokio::task::spawn_blocking(move || store.sweep(now))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(StoreError::Redis {
+                        url: String::new(),
+                        message: format!("the sweep task failed: {e}"),
+                    })
+                });
+            match swept {
                 Ok(rows) => self.ended(&rows, "expired"),
                 Err(e) => {
                     warn!(target: "sluice::grant", error = %e, "grants: sweeping expired grants failed");

@@ -77,7 +77,9 @@ impl Server {
         let force_close = CancellationToken::new();
         let ticketer = tls::ticketer()?;
         // One store for the tunnel names and the grants (SQLite here, or Redis).
-        let store = match cfg.grants.is_some() || cfg.tunnels.is_some() {
+        // With Redis, opened whatever tables there are: [tunnels] added at a reload uses it.
+        let store = match cfg.grants.is_some() || cfg.tunnels.is_some() || cfg.store.redis.is_some()
+        {
             true => Some(Arc::new(
                 crate::store::Store::open_with(&cfg.store, &state_dir)
                     .map_err(ServeError::Store)?,

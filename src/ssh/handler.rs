@@ -671,7 +671,10 @@ impl russh::server::Handler for Conn {
         let range = self.server.settings.listen_ports.clone();
         // Ports allotted to access grants are their devices' only, online or not.
         let reserved = match (&grant.access, &self.server.grants) {
-            (None, Some(g)) => g.allotted_ports(),
+            (None, Some(g)) => match g.allotted_ports() {
+                Some(r) => r,
+                None => return deny("the grant store cannot say which ports are allotted"),
+            },
             _ => Default::default(),
         };
         if reserved.contains(&requested) {

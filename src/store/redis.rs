@@ -8,8 +8,10 @@
 //! `keys` (fingerprints of keys a grant was issued for), `counts` (ended grants by reason).
 //!
 //! One synchronous connection behind a mutex, with connect, read and write timeouts: a call
-//! blocks its caller for at most the timeout, and a broken connection is made again on the
-//! next call.
+//! blocks its thread (callers queue behind the mutex), a broken connection is made again on
+//! the next call, and for a second after a failed connect calls fail at once rather than each
+//! waiting out the timeout. Redis must not evict these keys (`maxmemory-policy noeviction`);
+//! Redis Cluster is not supported (the scripts name their keys in ARGV).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -32,7 +34,7 @@ local function finish(gid, at, reason)
     redis.call('HDEL', p .. 'names', g[3])
   end
   redis.call('HINCRBY', p .. 'counts', reason, 1)
-  table.insert(ended, gid)
+  table.insert(ended, cjson.encode(redis.call('HGETALL', k)))
 end
 local function sweep(now)
   for _, gid in ipairs(redis.call('ZRANGEBYSCORE', p .. 'live', '-inf', now)) do
@@ -43,30 +45,37 @@ end
 
 /// ARGV: prefix, now, id, device, want (0: any), low, high, owner, replace (1/0), name ('':
 /// none), key, expires, then the new grant's field/value pairs.
-/// Returns {'ok', port, ended ids...} or {'device'|'port'|'name', who} or {'full'}.
+/// Returns {'ok', port, ended...}, {'device'|'port'|'name', who, ended...} or {'full', '',
+/// ended...}: what the sweep (and a replace) ended, each grant's hash as JSON, is kept even
+/// when the issue is refused, so it is reported either way.
 const ISSUE: &str = r#"
 local now = tonumber(ARGV[2])
 local id, device, want = ARGV[3], ARGV[4], tonumber(ARGV[5])
 local lo, hi, owner, replace = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], ARGV[9] == '1'
 local name, key, expires = ARGV[10], ARGV[11], tonumber(ARGV[12])
 sweep(now)
+local function refuse(why, who)
+  local out = {why, who}
+  for _, e in ipairs(ended) do table.insert(out, e) end
+  return out
+end
 local old = redis.call('HGET', p .. 'device', device)
-if old and not replace then return {'device', old} end
+if old and not replace then return refuse('device', old) end
 if name ~= '' then
   local o = redis.call('HGET', p .. 'names', name)
-  if o and o ~= owner then return {'name', o} end
+  if o and o ~= owner then return refuse('name', o) end
 end
 local port = nil
 if want > 0 then
   local h = redis.call('HGET', p .. 'port', tostring(want))
-  if h and h ~= old then return {'port', h} end
+  if h and h ~= old then return refuse('port', h) end
   port = want
 else
   for q = lo, hi do
     local h = redis.call('HGET', p .. 'port', tostring(q))
     if (not h) or h == old then port = q break end
   end
-  if not port then return {'full'} end
+  if not port then return refuse('full', '') end
 end
 if old then finish(old, now, 'replaced') end
 if name ~= '' then redis.call('HSET', p .. 'names', name, owner) end
@@ -78,25 +87,47 @@ redis.call('ZADD', p .. 'all', now, id)
 redis.call('HSET', p .. 'port', tostring(port), id)
 redis.call('HSET', p .. 'device', device, id)
 redis.call('SADD', p .. 'keys', key)
-local out = {'ok', port}
+local out = {'ok', tostring(port)}
 for _, e in ipairs(ended) do table.insert(out, e) end
 return out
 "#;
 
-/// ARGV: prefix, now. Returns the ids it ended.
+/// ARGV: prefix, now. Returns the grants it ended (JSON).
 const SWEEP: &str = r#"
 sweep(tonumber(ARGV[2]))
 return ended
 "#;
 
-/// ARGV: prefix, now, id, reason. Returns 1 if it ended a live, unexpired grant.
+/// ARGV: prefix, now, id, reason. Returns the grant as ended (JSON), if it was live and
+/// unexpired; else nothing.
 const END: &str = r#"
 local now, id, reason = tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local k = p .. 'grant:' .. id
 local g = redis.call('HMGET', k, 'ended', 'expires')
-if g[1] or not g[2] or tonumber(g[2]) <= now then return 0 end
+if g[1] or not g[2] or tonumber(g[2]) <= now then return {} end
 finish(id, now, reason)
-return 1
+return ended
+"#;
+
+/// ARGV: prefix, name, owner. {'new'}, {'ours'} or {'other', owner}, in one step.
+const CLAIM: &str = r#"
+local o = redis.call('HGET', p .. 'names', ARGV[2])
+if not o then
+  redis.call('HSET', p .. 'names', ARGV[2], ARGV[3])
+  return {'new'}
+end
+if o == ARGV[3] then return {'ours'} end
+return {'other', o}
+"#;
+
+/// ARGV: prefix, now. Live grants' ports (expired ones not swept yet left out).
+const ALLOTTED: &str = r#"
+local out = {}
+for _, gid in ipairs(redis.call('ZRANGEBYSCORE', p .. 'live', '(' .. ARGV[2], '+inf')) do
+  local port = redis.call('HGET', p .. 'grant:' .. gid, 'port')
+  if port then table.insert(out, port) end
+end
+return out
 "#;
 
 /// ARGV: prefix, id, now. 1 if this was the grant's first use.
@@ -116,16 +147,38 @@ pub(crate) struct RedisStore {
     sweep: redis::Script,
     end: redis::Script,
     mark_used: redis::Script,
+    claim: redis::Script,
+    allotted: redis::Script,
     /// For errors: the URL without its password.
     shown: String,
+    /// Grants a refused issue's sweep ended: reported by the next `sweep`.
+    unreported: Mutex<Vec<GrantRow>>,
+    /// After a failed connect, calls fail at once until then instead of each waiting out the
+    /// timeout in turn.
+    down_until: Mutex<Option<tokio::time::Instant>>,
 }
+
+/// How long calls fail fast after a failed connect.
+const BACKOFF: Duration = Duration::from_secs(1);
 
 fn script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{FINISH}\n{body}"))
 }
 
-/// `redis://user:secret@host/` as `redis://user:***@host/`.
+/// `redis://user:secret@host/` as `redis://user:***@host/`, and `?pass=secret` as
+/// `?pass=***` (unix sockets).
 fn without_password(url: &str) -> String {
+    let url = match url.find("pass=") {
+        Some(i) => {
+            let end = url[i..].find('&').map_or(url.len(), |e| i + e);
+            format!("{}pass=***{}", &url[..i], &url[end..])
+        }
+        None => url.to_string(),
+    };
+    without_userinfo_password(&url)
+}
+
+fn without_userinfo_password(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &url[s + 3..at];
@@ -159,7 +212,11 @@ impl RedisStore {
             sweep: script(SWEEP),
             end: script(END),
             mark_used: script(MARK_USED),
+            claim: script(CLAIM),
+            allotted: script(ALLOTTED),
             shown,
+            unreported: Mutex::new(Vec::new()),
+            down_until: Mutex::new(None),
         };
         s.with(|c| redis::cmd("PING").query::<String>(c))?;
         Ok(s)
@@ -180,10 +237,24 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
-            let c = self
-                .client
-                .get_connection_with_timeout(self.timeout)
-                .map_err(|e| self.err(&e))?;
+            let now = tokio::time::Instant::now();
+            {
+                let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+                if down.is_some_and(|t| now < t) {
+                    return Err(StoreError::Redis {
+                        url: self.shown.clone(),
+                        message: "unreachable a moment ago; not retried yet".into(),
+                    });
+                }
+            }
+            let c = match self.client.get_connection_with_timeout(self.timeout) {
+                Ok(c) => c,
+                Err(e) => {
+                    *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(tokio::time::Instant::now() + BACKOFF);
+                    return Err(self.err(&e));
+                }
+            };
             c.set_read_timeout(Some(self.timeout))
                 .and_then(|()| c.set_write_timeout(Some(self.timeout)))
                 .map_err(|e| self.err(&e))?;
@@ -209,23 +280,12 @@ impl RedisStore {
     }
 
     pub(crate) fn claim_name(&self, name: &str, owner: &str) -> Result<Claim, StoreError> {
-        let names = self.key("names");
-        self.with(|c| {
-            let set: bool = redis::cmd("HSETNX")
-                .arg(&names)
-                .arg(name)
-                .arg(owner)
-                .query(c)?;
-            if set {
-                return Ok(Claim::New);
-            }
-            let o: Option<String> = redis::cmd("HGET").arg(&names).arg(name).query(c)?;
-            Ok(match o {
-                Some(o) if o == owner => Claim::Ours,
-                Some(o) => Claim::Other(o),
-                // Freed between the two calls: ask again next time.
-                None => Claim::Other(String::new()),
-            })
+        let out: Vec<String> =
+            self.with(|c| self.claim.arg(&self.prefix).arg(name).arg(owner).invoke(c))?;
+        Ok(match out.first().map(String::as_str) {
+            Some("new") => Claim::New,
+            Some("ours") => Claim::Ours,
+            _ => Claim::Other(out.get(1).cloned().unwrap_or_default()),
         })
     }
 
@@ -260,37 +320,28 @@ impl RedisStore {
         for (k, v) in fields(new) {
             inv.arg(k).arg(v);
         }
-        let out: Vec<redis::Value> = self.with(|c| inv.invoke(c))?;
-        let text = |i: usize| -> Option<String> {
-            out.get(i)
-                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+        let out: Vec<String> = self.with(|c| inv.invoke(c))?;
+        let text = |i: usize| out.get(i).cloned().unwrap_or_default();
+        let ended = rows_of(out.iter().skip(2));
+        let refused = |a: Allot| {
+            self.unreported
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(ended.iter().cloned());
+            Ok(a)
         };
-        match text(0).as_deref() {
-            Some("ok") => {
-                let port: u16 = out
-                    .get(1)
-                    .and_then(|v| redis::from_redis_value::<u16>(v.clone()).ok())
-                    .unwrap_or(0);
-                let mut ended = Vec::new();
-                for i in 2..out.len() {
-                    if let Some(id) = text(i) {
-                        if let Some(r) = self.grant(&id)? {
-                            ended.push(r);
-                        }
-                    }
-                }
-                Ok(Allot::Granted {
-                    row: Box::new(GrantRow {
-                        port,
-                        ..new.clone()
-                    }),
-                    ended,
-                })
-            }
-            Some("device") => Ok(Allot::DeviceHasGrant(text(1).unwrap_or_default())),
-            Some("port") => Ok(Allot::PortTaken(text(1).unwrap_or_default())),
-            Some("name") => Ok(Allot::NameOwned(text(1).unwrap_or_default())),
-            Some("full") => Ok(Allot::NoFreePort),
+        match out.first().map(String::as_str) {
+            Some("ok") => Ok(Allot::Granted {
+                row: Box::new(GrantRow {
+                    port: text(1).parse().unwrap_or(0),
+                    ..new.clone()
+                }),
+                ended,
+            }),
+            Some("device") => refused(Allot::DeviceHasGrant(text(1))),
+            Some("port") => refused(Allot::PortTaken(text(1))),
+            Some("name") => refused(Allot::NameOwned(text(1))),
+            Some("full") => refused(Allot::NoFreePort),
             other => Err(StoreError::Redis {
                 url: self.shown.clone(),
                 message: format!("unexpected answer from the issue script: {other:?}"),
@@ -333,7 +384,7 @@ impl RedisStore {
         reason: &str,
         now: u64,
     ) -> Result<Option<GrantRow>, StoreError> {
-        let n: i64 = self.with(|c| {
+        let out: Vec<String> = self.with(|c| {
             self.end
                 .arg(&self.prefix)
                 .arg(now)
@@ -341,19 +392,15 @@ impl RedisStore {
                 .arg(reason)
                 .invoke(c)
         })?;
-        if n == 0 {
-            return Ok(None);
-        }
-        self.grant(id)
+        Ok(rows_of(out.iter()).into_iter().next())
     }
 
     pub(crate) fn allotted_ports(
         &self,
         now: u64,
     ) -> Result<std::collections::HashSet<u16>, StoreError> {
-        let _ = now;
-        let k = self.key("port");
-        let ports: Vec<String> = self.with(|c| redis::cmd("HKEYS").arg(&k).query(c))?;
+        let ports: Vec<String> =
+            self.with(|c| self.allotted.arg(&self.prefix).arg(now).invoke(c))?;
         Ok(ports.iter().filter_map(|p| p.parse().ok()).collect())
     }
 
@@ -368,8 +415,11 @@ impl RedisStore {
     }
 
     pub(crate) fn sweep(&self, now: u64) -> Result<Vec<GrantRow>, StoreError> {
-        let ids: Vec<String> = self.with(|c| self.sweep.arg(&self.prefix).arg(now).invoke(c))?;
-        self.rows(&ids)
+        let out: Vec<String> = self.with(|c| self.sweep.arg(&self.prefix).arg(now).invoke(c))?;
+        let mut rows =
+            std::mem::take(&mut *self.unreported.lock().unwrap_or_else(|p| p.into_inner()));
+        rows.extend(rows_of(out.iter()));
+        Ok(rows)
     }
 
     pub(crate) fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
@@ -409,6 +459,20 @@ impl RedisStore {
             replaced: n("replaced"),
         })
     }
+}
+
+/// Grants the scripts return: each one's hash as the JSON of HGETALL's flat list.
+fn rows_of<'a>(items: impl Iterator<Item = &'a String>) -> Vec<GrantRow> {
+    items
+        .filter_map(|j| serde_json::from_str::<Vec<String>>(j).ok())
+        .filter_map(|flat| {
+            let m: HashMap<String, String> = flat
+                .chunks(2)
+                .filter_map(|kv| Some((kv.first()?.clone(), kv.get(1)?.clone())))
+                .collect();
+            parse(&m)
+        })
+        .collect()
 }
 
 /// A grant's fields as stored in its hash (absent: none).
@@ -467,5 +531,9 @@ mod tests {
         );
         assert_eq!(without_password("redis://10.0.0.5/"), "redis://10.0.0.5/");
         assert_eq!(without_password("redis://user@h/"), "redis://user@h/");
+        assert_eq!(
+            without_password("redis+unix:///run/redis.sock?db=1&pass=s3cret&x=1"),
+            "redis+unix:///run/redis.sock?db=1&pass=***&x=1"
+        );
     }
 }

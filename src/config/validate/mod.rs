@@ -513,7 +513,8 @@ impl Validator<'_> {
                 None => d.prefix,
             };
             let timeout = match &t.timeout {
-                Some(v) => self.duration(v, Duration::from_millis(10), MINUTE)?,
+                // Short: a call blocks the thread that makes it.
+                Some(v) => self.duration(v, Duration::from_millis(10), Duration::from_secs(5))?,
                 None => d.timeout,
             };
             cfg.store = StoreSettings {
