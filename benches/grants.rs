@@ -57,7 +57,7 @@ fn issue(c: &mut Criterion) {
                 device: format!("dev-{i}"),
                 ..IssueRequest::default()
             };
-            let issued = grants.issue(&req).unwrap();
+            let issued = grants.issue(&req, "bench").unwrap();
             grants.revoke(&issued.grant.id).unwrap();
         });
     });
@@ -71,7 +71,7 @@ fn issue(c: &mut Criterion) {
                 public_key: Some(own.into()),
                 ..IssueRequest::default()
             };
-            let issued = grants.issue(&req).unwrap();
+            let issued = grants.issue(&req, "bench").unwrap();
             grants.revoke(&issued.grant.id).unwrap();
         });
     });
@@ -108,7 +108,7 @@ fn issue(c: &mut Criterion) {
             public_key: Some(own.into()),
             ..IssueRequest::default()
         };
-        grants.issue(&req).unwrap();
+        grants.issue(&req, "bench").unwrap();
     }
     let after = size(&db);
     println!(

@@ -74,7 +74,7 @@ impl Exit for crate::server::ServeError {
             | ServeError::ControlTokens(_) => EX_CONFIG,
             ServeError::ControlTls(_) => EX_SOFTWARE,
             ServeError::Store(crate::store::StoreError::Redis { .. }) => EX_UNAVAILABLE,
-            ServeError::Store(_) => EX_CANTCREAT,
+            ServeError::Store(_) | ServeError::Audit { .. } => EX_CANTCREAT,
             ServeError::ControlSocket { .. } => EX_OSERR,
         }
     }

@@ -32,6 +32,7 @@
 //! integration tests, the fuzz targets, the benchmarks); the rest are `pub(crate)`.
 
 pub mod admin;
+pub mod audit;
 pub mod builtin;
 pub mod client;
 pub mod config;

@@ -59,6 +59,24 @@ enum Command {
     /// Issue, list and revoke access grants on a running sluice (its control socket).
     #[command(subcommand)]
     Grant(GrantCommand),
+    /// The audit trail: check its chain.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the trail's hash chain (every file of [audit] dir, oldest first, or FILES in the
+    /// order given); names the first line that breaks it. Exit 0 if it holds, 1 if not.
+    Verify {
+        /// The files, oldest first; default: the trail's directory.
+        files: Vec<PathBuf>,
+        /// Start from the first line's own place (when the oldest files were deleted).
+        #[arg(long)]
+        from_first: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -286,6 +304,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Healthcheck(args) => healthcheck(args),
         Command::Tunnels(args) => tunnels(args),
         Command::Grant(cmd) => grant(cmd),
+        Command::Audit(cmd) => audit(cmd),
         command => {
             init_logging(cli.log_format);
             match command {
@@ -297,7 +316,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Command::Connect(_)
                 | Command::Healthcheck(_)
                 | Command::Tunnels(_)
-                | Command::Grant(_) => Ok(()),
+                | Command::Grant(_)
+                | Command::Audit(_) => Ok(()),
             }
         }
     }
@@ -636,6 +656,56 @@ fn control(
         code,
         format!("sluice grant: {} {message}", status.as_u16()),
     ))
+}
+
+fn audit(cmd: AuditCommand) -> Result<(), Failure> {
+    let AuditCommand::Verify {
+        files,
+        from_first,
+        state,
+    } = cmd;
+    let files = if files.is_empty() {
+        let cfg = match &state.config {
+            Some(p) => {
+                Some(Config::load(p).map_err(|e| Failure::of("sluice audit: config error", &e))?)
+            }
+            None => None,
+        };
+        let state_dir = sluice::state::resolve(
+            state
+                .state_dir
+                .as_deref()
+                .or(cfg.as_ref().and_then(|c| c.state_dir.as_deref())),
+        );
+        let settings = cfg
+            .and_then(|c| c.audit)
+            .unwrap_or(sluice::config::AuditSettings {
+                dir: None,
+                max_bytes: 0,
+            });
+        let dir = sluice::audit::dir(&settings, &state_dir);
+        sluice::audit::files_in(&dir).map_err(|e| {
+            Failure::new(
+                sluice::exit::EX_NOINPUT,
+                format!("sluice audit verify: {}: {e}", dir.display()),
+            )
+        })?
+    } else {
+        files
+    };
+    if files.is_empty() {
+        return Err(Failure::new(
+            sluice::exit::EX_NOINPUT,
+            "sluice audit verify: no audit files",
+        ));
+    }
+    match sluice::audit::verify(&files, from_first) {
+        Ok(n) => {
+            println!("ok: {n} lines in {} files, the chain holds", files.len());
+            Ok(())
+        }
+        Err(e) => Err(Failure::new(1, format!("sluice audit verify: {e}"))),
+    }
 }
 
 fn grant(cmd: GrantCommand) -> Result<(), Failure> {

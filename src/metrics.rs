@@ -119,6 +119,8 @@ pub struct Metrics {
     /// Access grants: `issued`, `used` (first authentication), `revoked`, `expired`,
     /// `replaced`, `refused` (a grant certificate turned away).
     pub grant_events: Family<ResultLabels, Counter>,
+    /// Audit events not written: `queue_full`, `write`, `writer_gone`.
+    pub audit_failures: Family<ResultLabels, Counter>,
     /// Control API requests refused before routing (`unauthorized`: no valid bearer token).
     pub control_refused: Family<ResultLabels, Counter>,
     /// Access grants kept in the store, by state.
@@ -178,6 +180,7 @@ impl Metrics {
             grant_events: Family::default(),
             grants: Family::default(),
             control_refused: Family::default(),
+            audit_failures: Family::default(),
             tunnel_visits: Family::default(),
             tunnel_requests: Family::default(),
             reloads: Family::default(),
@@ -254,6 +257,11 @@ impl Metrics {
             "grants",
             "Access grants kept in the store, by state (live, revoked, expired, replaced)",
             m.grants.clone(),
+        );
+        registry.register(
+            "audit_failures",
+            "Audit events not written, by reason (queue_full, write, writer_gone)",
+            m.audit_failures.clone(),
         );
         registry.register(
             "control_refused",

@@ -38,6 +38,15 @@ pub(super) struct File {
     pub grants: Option<Spanned<Grants>>,
     pub control: Option<Spanned<Control>>,
     pub store: Option<Spanned<StoreTable>>,
+    pub audit: Option<Spanned<AuditTable>>,
+}
+
+/// `[audit]`: the tamper-evident trail of security events.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuditTable {
+    pub dir: Option<Spanned<PathBuf>>,
+    pub max_bytes: Option<Spanned<u64>>,
 }
 
 /// `[store]`: where names and grants are kept.

@@ -83,6 +83,7 @@ impl Config {
             grants: None,
             control: ControlSettings::default(),
             store: StoreSettings::default(),
+            audit: None,
             admin: None,
         }
     }

@@ -66,6 +66,17 @@ pub struct Config {
     pub control: ControlSettings,
     /// `[store]`: SQLite in the state directory, or Redis.
     pub store: StoreSettings,
+    /// `[audit]`: the audit trail; `None`: none.
+    pub audit: Option<AuditSettings>,
+}
+
+/// `[audit]`: where the trail is written and when a file is rotated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditSettings {
+    /// The directory; `None`: `audit` in the state directory.
+    pub dir: Option<PathBuf>,
+    /// A file is rotated once it reaches this size.
+    pub max_bytes: u64,
 }
 
 /// `[store]`: where tunnel names and grants are kept.

@@ -247,7 +247,7 @@ async fn authorized(
         }
     };
     let (method, path) = (req.method().clone(), crate::text::clean(req.uri().path()));
-    let resp = handle(req, grants).await;
+    let resp = handle(req, grants, &who).await;
     if method != Method::GET {
         info!(target: "sluice::control", method = %method, path, status = resp.status().as_u16(), by = who, "control API request");
     }
@@ -308,7 +308,7 @@ fn named_field(e: &serde_json::Error) -> Option<String> {
     Some(text[start..start + len].to_string())
 }
 
-async fn handle(req: Request<Incoming>, grants: Arc<Grants>) -> Response<Full<Bytes>> {
+async fn handle(req: Request<Incoming>, grants: Arc<Grants>, who: &str) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().trim_end_matches('/').to_string();
     let mut all = false;
@@ -399,7 +399,7 @@ async fn handle(req: Request<Incoming>, grants: Arc<Grants>) -> Response<Full<By
                 }
             };
             // Signing and the store's transaction are short but blocking.
-            match issue(grants.clone(), req).await {
+            match issue(grants.clone(), req, who.to_string()).await {
                 Ok(issued) => json(StatusCode::CREATED, &issued),
                 Err(IssueError::Field { field, message }) => {
                     error(StatusCode::BAD_REQUEST, "bad_request", Some(field), message)
@@ -466,8 +466,12 @@ async fn handle(req: Request<Incoming>, grants: Arc<Grants>) -> Response<Full<By
     resp
 }
 
-async fn issue(grants: Arc<Grants>, req: IssueRequest) -> Result<crate::grant::Issued, IssueError> {
-    tokio::task::spawn_blocking(move || grants.issue(&req))
+async fn issue(
+    grants: Arc<Grants>,
+    req: IssueRequest,
+    by: String,
+) -> Result<crate::grant::Issued, IssueError> {
+    tokio::task::spawn_blocking(move || grants.issue(&req, &by))
         .await
         .unwrap_or_else(|e| Err(IssueError::Sign(format!("the issuing task failed: {e}"))))
 }

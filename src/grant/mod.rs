@@ -406,7 +406,8 @@ impl Grants {
 
     /// Issues a grant: validates the request, allots a port and claims the name atomically,
     /// signs the certificate.
-    pub fn issue(&self, req: &IssueRequest) -> Result<Issued, IssueError> {
+    /// `by` says who asked (the control socket, a token's name), for the log and the trail.
+    pub fn issue(&self, req: &IssueRequest, by: &str) -> Result<Issued, IssueError> {
         let Reloadable { ports, domain } = self.settings_now();
         let field = |field, message: String| IssueError::Field { field, message };
         if !valid_device(&req.device) {
@@ -589,7 +590,16 @@ impl Grants {
         self.ended(&ended, "replaced by a new grant");
         self.wake.notify_one();
         self.count(|c| c.live += 1);
-        info!(target: "sluice::grant", grant = row.id, device = crate::text::clean(&row.device), port = row.port, name = row.name.as_deref().unwrap_or("-"), key = row.key, expires = %stamp(row.expires), "grant issued");
+        info!(target: "sluice::grant", grant = row.id, device = crate::text::clean(&row.device), port = row.port, name = row.name.as_deref().unwrap_or("-"), key = row.key, expires = %stamp(row.expires), by, "grant issued");
+        crate::audit::record(crate::audit::Event::GrantIssued {
+            grant: row.id.clone(),
+            device: row.device.clone(),
+            port: row.port,
+            name: row.name.clone(),
+            key: row.key.clone(),
+            expires: stamp(row.expires),
+            by: by.to_string(),
+        });
         crate::metrics::count(&crate::metrics::get().grant_events, "issued");
         let local = req.local.as_deref().unwrap_or("localhost:22");
         let (ssh_command, ssh_config) = self.commands(&row, local);
@@ -668,6 +678,12 @@ impl Grants {
                 info!(target: "sluice::grant", grant = r.id, device = crate::text::clean(&r.device), port = r.port, "grant revoked");
                 crate::metrics::count(&crate::metrics::get().grant_events, "revoked");
                 let n = self.end_sessions(&r.id, "sluice: your access grant was revoked");
+                crate::audit::record(crate::audit::Event::GrantEnded {
+                    grant: r.id.clone(),
+                    device: r.device.clone(),
+                    how: "revoked".into(),
+                    sessions_ended: n,
+                });
                 self.count(|c| {
                     c.live = c.live.saturating_sub(1);
                     c.revoked += 1;
@@ -724,7 +740,13 @@ impl Grants {
             } else {
                 why
             };
-            self.end_sessions(&r.id, why);
+            let n = self.end_sessions(&r.id, why);
+            crate::audit::record(crate::audit::Event::GrantEnded {
+                grant: r.id.clone(),
+                device: r.device.clone(),
+                how: reason.to_string(),
+                sessions_ended: n,
+            });
         }
     }
 
@@ -782,6 +804,11 @@ impl Grants {
         }
         if row.first_used.is_none() && matches!(self.store.mark_used(&row.id, t), Ok(true)) {
             info!(target: "sluice::grant", grant = row.id, device = crate::text::clean(&row.device), %peer, "grant first used");
+            crate::audit::record(crate::audit::Event::GrantUsed {
+                grant: row.id.clone(),
+                device: row.device.clone(),
+                peer: peer.to_string(),
+            });
             crate::metrics::count(&crate::metrics::get().grant_events, "used");
         }
         Ok(Allowance {

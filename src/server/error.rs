@@ -50,6 +50,15 @@ pub enum ServeError {
     /// The store (`sluice.db`, or Redis) could not be opened.
     #[error(transparent)]
     Store(crate::store::StoreError),
+    /// The audit trail could not be opened.
+    #[error("[audit]: {}: {source}", dir.display())]
+    Audit {
+        /// Its directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// `[control] tokens` could not be used.
     #[error("[control] tokens: {0}")]
     ControlTokens(#[from] crate::control::tokens::TokensError),

@@ -76,6 +76,11 @@ impl Server {
         let certs = Arc::new(CertStore::new(tls::load_certs(&cfg, &state_dir)?));
         let force_close = CancellationToken::new();
         let ticketer = tls::ticketer()?;
+        if let Some(a) = &cfg.audit {
+            let dir = crate::audit::dir(a, &state_dir);
+            crate::audit::start(&dir, a.max_bytes)
+                .map_err(|source| ServeError::Audit { dir, source })?;
+        }
         // One store for the tunnel names and the grants (SQLite here, or Redis).
         // With Redis, opened whatever tables there are: [tunnels] added at a reload uses it.
         let store = match cfg.grants.is_some() || cfg.tunnels.is_some() || cfg.store.redis.is_some()

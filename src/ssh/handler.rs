@@ -143,6 +143,12 @@ impl Conn {
         // keeps any other text to one line.
         let reason = super::clean_text(&denial.reason.to_string());
         debug!(target: "sluice::ssh::auth", peer = %self.peer, user, what, reason, "publickey attempt rejected");
+        crate::audit::record(crate::audit::Event::SshAuthRefused {
+            user: user.clone(),
+            peer: self.peer.to_string(),
+            what: what.clone(),
+            reason: reason.clone(),
+        });
         *self
             .state
             .last_failure
@@ -192,6 +198,14 @@ impl Conn {
             self.peer.port(),
             super::clean_text(&grant.label)
         );
+        crate::audit::record(crate::audit::Event::SshAuthAccepted {
+            user: grant.user.clone(),
+            peer: self.peer.to_string(),
+            method: kind.to_string(),
+            key: grant.key.clone(),
+            label: grant.label.clone(),
+            grant: grant.access.as_ref().map(|a| a.grant.clone()),
+        });
         self.pending = Some(grant);
         Auth::Accept
     }

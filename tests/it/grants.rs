@@ -122,7 +122,7 @@ impl Server {
         let text = format!(
             "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\
              [routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\npermit_open = [\"{NAME}:22\", \"127.0.0.1:*\"]\n\
-             listen_ports = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[tunnels]\ndomain = \"t.localhost\"\n[grants]\nmax_ttl = \"1h\"\n{grants_extra}",
+             listen_ports = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[audit]\n[tunnels]\ndomain = \"t.localhost\"\n[grants]\nmax_ttl = \"1h\"\n{grants_extra}",
             self.cert.cert.display(),
             self.cert.key.display(),
             self.dir.join("authorized_keys").display(),
@@ -561,6 +561,61 @@ async fn device_flow(backend: Backend) {
         !s.seen.iter().any(|l| l.contains(body)),
         "the private key was logged"
     );
+    // The audit trail has it all, chained: `sluice audit verify` holds, then names an edit.
+    let trail = dir.path().join("state/audit/audit.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let t = std::fs::read_to_string(&trail).unwrap_or_default();
+        if t.contains("\"event\":\"grant_ended\"") {
+            break t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no grant_ended in the trail:\n{t}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for needle in [
+        "\"event\":\"grant_issued\"",
+        "\"by\":\"the control socket\"",
+        "\"event\":\"grant_used\"",
+        "\"event\":\"ssh_auth_accepted\"",
+        &format!("\"grant\":\"{id}\""),
+        "\"event\":\"ssh_auth_refused\"",
+        "\"how\":\"revoked\",\"sessions_ended\":1",
+    ] {
+        assert!(text.contains(needle), "no {needle} in the trail:\n{text}");
+    }
+    assert!(!text.contains(body), "the private key is in the trail");
+    let verify = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(["audit", "verify"])
+            .args(args)
+            .arg("--config")
+            .arg(dir.path().join("sluice.toml"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .output()
+            .unwrap()
+    };
+    let out = verify(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: "));
+    let copy = dir.path().join("edited.log");
+    let lines: Vec<&str> = text.lines().collect();
+    let mut edited = lines.clone();
+    let changed = edited[1].replace("127.0.0.1", "10.9.9.9");
+    edited[1] = &changed;
+    std::fs::write(&copy, edited.join("\n") + "\n").unwrap();
+    let out = verify(&[copy.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("edited.log:3: prev does not match"), "{err}");
+
     // The revoked grant's name and port are free for another device.
     let other = s
         .issue(&[

@@ -480,6 +480,21 @@ impl Validator<'_> {
                 }
             }
         }
+        if let Some(a) = &raw.audit {
+            let t = a.get_ref();
+            let dir = match &t.dir {
+                Some(p) => Some(self.path(p)?.path),
+                None => None,
+            };
+            let max_bytes = match &t.max_bytes {
+                Some(m) if *m.get_ref() < 4096 => {
+                    return self.err(m.span(), "at least 4096 (bytes)")
+                }
+                Some(m) => *m.get_ref(),
+                None => 64 << 20,
+            };
+            cfg.audit = Some(AuditSettings { dir, max_bytes });
+        }
         if let Some(st) = &raw.store {
             let t = st.get_ref();
             let d = StoreSettings::default();

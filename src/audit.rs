@@ -1,0 +1,507 @@
+//! The audit trail: one JSON line per security event, tamper evident. Each line carries a
+//! sequence number and the SHA-256 of the line before it (`prev`), across files: the first
+//! line of a rotated-in file chains to the last line of the one before. `sluice audit verify`
+//! checks the chain and names the first line that breaks it.
+//!
+//! Writing never blocks the daemon: events go through a bounded queue to a writer thread; a
+//! full queue or a failed write is logged and counted (`sluice_audit_failures_total`), never
+//! waited on.
+//!
+//! One process, one trail (like the metrics): a global, set once at start.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+/// The current file's name in the audit directory; rotated files are `audit-SEQ.log`.
+pub const CURRENT: &str = "audit.log";
+/// Events queued for the writer at most; more are dropped (and counted).
+const QUEUE: usize = 4096;
+/// `prev` of the very first line.
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A security event. Fields are what an auditor needs, never a secret.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// An access grant was issued.
+    GrantIssued {
+        /// The grant id.
+        grant: String,
+        /// The device id.
+        device: String,
+        /// The allotted port.
+        port: u16,
+        /// The tunnel name.
+        name: Option<String>,
+        /// The device key's fingerprint.
+        key: String,
+        /// When it expires (RFC 3339).
+        expires: String,
+        /// Who asked: the control socket, or a token's name and address.
+        by: String,
+    },
+    /// A grant's certificate authenticated for the first time.
+    GrantUsed {
+        /// The grant id.
+        grant: String,
+        /// The device id.
+        device: String,
+        /// The client's address.
+        peer: String,
+    },
+    /// A grant ended: `revoked`, `expired` or `replaced`.
+    GrantEnded {
+        /// The grant id.
+        grant: String,
+        /// The device id.
+        device: String,
+        /// How.
+        how: String,
+        /// Live sessions it ended here.
+        sessions_ended: usize,
+    },
+    /// An SSH authentication succeeded.
+    SshAuthAccepted {
+        /// The login name.
+        user: String,
+        /// The client's address.
+        peer: String,
+        /// `publickey` or `certificate`.
+        method: String,
+        /// The key's fingerprint.
+        key: String,
+        /// The key line or certificate, as logged.
+        label: String,
+        /// The access grant, if it was one's certificate.
+        grant: Option<String>,
+    },
+    /// An SSH authentication was refused.
+    SshAuthRefused {
+        /// The login name.
+        user: String,
+        /// The client's address.
+        peer: String,
+        /// What was offered.
+        what: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+/// One line as written: the chain fields, then the event.
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    time: String,
+    prev: &'a str,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+/// The chain's state: the next sequence number and the hash of the last line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// The next line's sequence number.
+    pub next_seq: u64,
+    /// SHA-256 (hex) of the last line written.
+    pub prev: String,
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain {
+            next_seq: 1,
+            prev: GENESIS.into(),
+        }
+    }
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b);
+    d.as_ref().iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Chain {
+    /// The line for `event` at `time` (without its newline), and the chain after it.
+    pub fn line(&mut self, event: &Event, time: SystemTime) -> String {
+        let text = serde_json::to_string(&Line {
+            seq: self.next_seq,
+            time: humantime::format_rfc3339_millis(time).to_string(),
+            prev: &self.prev,
+            event,
+        })
+        .unwrap_or_default();
+        self.prev = sha256_hex(text.as_bytes());
+        self.next_seq += 1;
+        text
+    }
+
+    /// The chain after `line` (as read back), checking that it follows this chain.
+    pub fn follow(&mut self, line: &str) -> Result<(), Break> {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            seq: u64,
+            prev: String,
+        }
+        let head: Head = serde_json::from_str(line).map_err(|e| Break::Malformed(e.to_string()))?;
+        if head.seq != self.next_seq {
+            return Err(Break::Sequence {
+                expected: self.next_seq,
+                found: head.seq,
+            });
+        }
+        if head.prev != self.prev {
+            return Err(Break::Hash);
+        }
+        self.prev = sha256_hex(line.as_bytes());
+        self.next_seq += 1;
+        Ok(())
+    }
+}
+
+/// Why a line does not follow the one before.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Break {
+    /// Not a JSON line with `seq` and `prev`.
+    #[error("not an audit line: {0}")]
+    Malformed(String),
+    /// A line is missing, repeated or out of order.
+    #[error("sequence {found} where {expected} was due (a line deleted, repeated or moved)")]
+    Sequence {
+        /// What the chain expected.
+        expected: u64,
+        /// What the line says.
+        found: u64,
+    },
+    /// The line before it was changed (or this one's `prev` was).
+    #[error("prev does not match the line before (it, or this line, was edited)")]
+    Hash,
+}
+
+/// Where the chain broke.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// A file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line does not follow.
+    #[error("{}:{line}: {why}", path.display())]
+    Broken {
+        /// The file.
+        path: PathBuf,
+        /// 1-based.
+        line: usize,
+        /// How.
+        why: Break,
+    },
+}
+
+/// Reads `files` in order as one chain from its start (or from the first line's own `seq` and
+/// `prev` when `from_first`: a trail whose oldest files were deleted). The lines checked.
+pub fn verify(files: &[PathBuf], from_first: bool) -> Result<u64, VerifyError> {
+    let mut chain: Option<Chain> = (!from_first).then(Chain::default);
+    let mut n = 0;
+    for path in files {
+        let f = File::open(path).map_err(|source| VerifyError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        for (i, line) in BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(|source| VerifyError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let broken = |why| VerifyError::Broken {
+                path: path.clone(),
+                line: i + 1,
+                why,
+            };
+            let c = match &mut chain {
+                Some(c) => c,
+                None => {
+                    // Trust the first line's own place in the chain.
+                    #[derive(serde::Deserialize)]
+                    struct Head {
+                        seq: u64,
+                        prev: String,
+                    }
+                    let h: Head = serde_json::from_str(&line)
+                        .map_err(|e| broken(Break::Malformed(e.to_string())))?;
+                    chain.insert(Chain {
+                        next_seq: h.seq,
+                        prev: h.prev,
+                    })
+                }
+            };
+            c.follow(&line).map_err(broken)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// The trail's files in `dir`, oldest first: rotated ones by their first sequence number,
+/// then the current one.
+pub fn files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut rotated: Vec<(u64, PathBuf)> = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(seq) = name
+            .strip_prefix("audit-")
+            .and_then(|r| r.strip_suffix(".log"))
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            rotated.push((seq, p));
+        }
+    }
+    rotated.sort();
+    let mut out: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+    let current = dir.join(CURRENT);
+    if current.exists() {
+        out.push(current);
+    }
+    Ok(out)
+}
+
+/// The chain as the trail in `dir` leaves it (its last line), to continue it.
+fn resume(dir: &Path) -> Chain {
+    let mut chain = Chain::default();
+    let Ok(files) = files_in(dir) else {
+        return chain;
+    };
+    // The last line of the newest file that has one.
+    for path in files.iter().rev() {
+        let Ok(f) = File::open(path) else { continue };
+        let last = BufReader::new(f).lines().map_while(Result::ok).last();
+        if let Some(line) = last {
+            #[derive(serde::Deserialize)]
+            struct Head {
+                seq: u64,
+            }
+            if let Ok(h) = serde_json::from_str::<Head>(&line) {
+                chain = Chain {
+                    next_seq: h.seq + 1,
+                    prev: sha256_hex(line.as_bytes()),
+                };
+            }
+            break;
+        }
+    }
+    chain
+}
+
+/// The writer's end: the file, its size, the chain.
+struct Writer {
+    dir: PathBuf,
+    max_bytes: u64,
+    file: File,
+    size: u64,
+    chain: Chain,
+    /// The sequence number of the current file's first line (its name when rotated).
+    first_seq: u64,
+}
+
+impl Writer {
+    fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Writer> {
+        crate::state::ensure_dir(dir)?;
+        let chain = resume(dir);
+        let path = dir.join(CURRENT);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let size = file.metadata()?.len();
+        let first_seq = first_seq_of(&path).unwrap_or(chain.next_seq);
+        Ok(Writer {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            file,
+            size,
+            chain,
+            first_seq,
+        })
+    }
+
+    fn write(&mut self, event: &Event) -> std::io::Result<()> {
+        if self.size >= self.max_bytes {
+            self.rotate()?;
+        }
+        let mut line = self.chain.line(event, SystemTime::now());
+        line.push('\n');
+        self.file.write_all(line.as_bytes())?;
+        self.size += line.len() as u64;
+        Ok(())
+    }
+
+    /// Renames the current file `audit-FIRSTSEQ.log` and starts a new one; the chain goes on.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.file.flush()?;
+        let to = self.dir.join(format!("audit-{:020}.log", self.first_seq));
+        std::fs::rename(self.dir.join(CURRENT), to)?;
+        let path = self.dir.join(CURRENT);
+        self.file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        self.size = 0;
+        self.first_seq = self.chain.next_seq;
+        Ok(())
+    }
+}
+
+fn first_seq_of(path: &Path) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        seq: u64,
+    }
+    let f = File::open(path).ok()?;
+    let first = BufReader::new(f).lines().next()?.ok()?;
+    serde_json::from_str::<Head>(&first).ok().map(|h| h.seq)
+}
+
+static TRAIL: OnceLock<SyncSender<Event>> = OnceLock::new();
+
+/// The trail's directory: `[audit] dir`, else `audit` in the state directory.
+pub fn dir(settings: &crate::config::AuditSettings, state_dir: &Path) -> PathBuf {
+    settings
+        .dir
+        .clone()
+        .unwrap_or_else(|| state_dir.join("audit"))
+}
+
+/// Starts the trail in `dir` (rotating at `max_bytes`); events recorded before this, or
+/// without it, go nowhere.
+pub fn start(dir: &Path, max_bytes: u64) -> std::io::Result<()> {
+    let mut w = Writer::open(dir, max_bytes)?;
+    let (tx, rx) = sync_channel::<Event>(QUEUE);
+    std::thread::Builder::new()
+        .name("sluice-audit".into())
+        .spawn(move || {
+            while let Ok(e) = rx.recv() {
+                if let Err(err) = w.write(&e) {
+                    failed("write", &err.to_string());
+                }
+            }
+        })?;
+    let _ = TRAIL.set(tx);
+    tracing::info!(dir = %dir.display(), "audit trail: {}", dir.join(CURRENT).display());
+    Ok(())
+}
+
+fn failed(what: &'static str, why: &str) {
+    crate::metrics::count(&crate::metrics::get().audit_failures, what);
+    tracing::warn!(target: "sluice::audit", what, error = why, "audit trail: an event was not written");
+}
+
+/// Records `event` (never waits: a full queue drops it, logged and counted).
+pub fn record(event: Event) {
+    if let Some(tx) = TRAIL.get() {
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => failed("queue_full", "the writer is behind"),
+            Err(TrySendError::Disconnected(_)) => failed("writer_gone", "the writer stopped"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(i: usize) -> Event {
+        Event::GrantUsed {
+            grant: format!("g-{i}"),
+            device: "d".into(),
+            peer: "127.0.0.1".into(),
+        }
+    }
+
+    #[test]
+    fn the_chain_names_an_edit_a_deletion_and_a_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.log");
+        let mut c = Chain::default();
+        let lines: Vec<String> = (0..5).map(|i| c.line(&ev(i), SystemTime::now())).collect();
+        let write = |ls: &[String]| std::fs::write(&f, ls.join("\n") + "\n").unwrap();
+        write(&lines);
+        assert_eq!(verify(std::slice::from_ref(&f), false).unwrap(), 5);
+        // An edit: the next line's prev no longer matches.
+        let mut edited = lines.clone();
+        edited[2] = edited[2].replace("g-2", "g-X");
+        write(&edited);
+        let e = verify(std::slice::from_ref(&f), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with(":4: prev does not match the line before (it, or this line, was edited)"),
+            "{e}"
+        );
+        // A deleted line.
+        let mut deleted = lines.clone();
+        deleted.remove(1);
+        write(&deleted);
+        let e = verify(std::slice::from_ref(&f), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":2: sequence 3 where 2 was due"), "{e}");
+        // Two lines swapped.
+        let mut swapped = lines;
+        swapped.swap(3, 4);
+        write(&swapped);
+        let e = verify(std::slice::from_ref(&f), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":4: sequence 5 where 4 was due"), "{e}");
+        assert!(matches!(
+            Chain::default().follow("not json"),
+            Err(Break::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn rotation_and_a_restart_keep_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(dir.path(), 600).unwrap();
+        for i in 0..20 {
+            w.write(&ev(i)).unwrap();
+        }
+        drop(w);
+        // A restart continues where the trail ends.
+        let mut w = Writer::open(dir.path(), 600).unwrap();
+        for i in 20..25 {
+            w.write(&ev(i)).unwrap();
+        }
+        drop(w);
+        let files = files_in(dir.path()).unwrap();
+        assert!(files.len() > 2, "{files:?}");
+        assert_eq!(verify(&files, false).unwrap(), 25);
+        // The oldest file deleted (retention): from the first line on, the rest still holds.
+        std::fs::remove_file(&files[0]).unwrap();
+        let rest = files_in(dir.path()).unwrap();
+        assert!(verify(&rest, false).is_err());
+        assert!(verify(&rest, true).unwrap() < 25);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(CURRENT))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
