@@ -66,6 +66,62 @@ pub enum Event {
         /// Live sessions it ended here.
         sessions_ended: usize,
     },
+    /// A connection ended after it was routed (junk that never reached a route is not here).
+    ConnectionClosed {
+        /// The connection id (as in the log).
+        id: u64,
+        /// The client's address.
+        peer: String,
+        /// The SNI it sent.
+        sni: Option<String>,
+        /// The ALPN agreed.
+        alpn: Option<String>,
+        /// `http`, `ssh`, ...
+        route: String,
+        /// Where it went.
+        backend: Option<String>,
+        /// Bytes from the client.
+        bytes_up: u64,
+        /// Bytes to the client.
+        bytes_down: u64,
+        /// How long it lasted.
+        duration_ms: u64,
+        /// How it ended.
+        end: String,
+    },
+    /// A tunnel name was published (`-R NAME:PORT`).
+    TunnelPublished {
+        /// The name.
+        name: String,
+        /// The port visitors use.
+        port: u16,
+        /// The identity that owns it.
+        owner: String,
+        /// The publisher's address.
+        peer: String,
+    },
+    /// A tunnel was withdrawn by its publisher, or taken from a stale session (`evicted`).
+    TunnelEnded {
+        /// The name.
+        name: String,
+        /// The port.
+        port: u16,
+        /// `withdrawn` or `evicted`.
+        how: String,
+        /// The address of the session that asked.
+        peer: String,
+    },
+    /// A `-R` listener was opened on the server.
+    ReverseForwardOpened {
+        /// The login name.
+        user: String,
+        /// The key's fingerprint.
+        key: String,
+        /// The address or socket listened on.
+        listen: String,
+        /// The client's address.
+        peer: String,
+    },
     /// An SSH authentication succeeded.
     SshAuthAccepted {
         /// The login name.

@@ -51,6 +51,20 @@ impl ConnLog {
                 side: outcome.side().as_str(),
             })
             .inc();
+        if let Some(route) = self.route {
+            crate::audit::record(crate::audit::Event::ConnectionClosed {
+                id: self.id,
+                peer: self.peer.to_string(),
+                sni: self.sni.clone(),
+                alpn: self.alpn.clone(),
+                route: route.to_string(),
+                backend: self.target.clone(),
+                bytes_up: self.bytes.up,
+                bytes_down: self.bytes.down,
+                duration_ms: self.start.elapsed().as_millis() as u64,
+                end: outcome.kind().as_str().to_string(),
+            });
+        }
         // Only throttled lines say how many similar ones were dropped before them.
         let suppressed = if self.noisy {
             match shared.failures.allow() {

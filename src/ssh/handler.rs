@@ -256,6 +256,12 @@ impl Conn {
                 if !alive && registry.unpublish(&name, port, old.session) {
                     crate::metrics::count(&crate::metrics::get().tunnel_publish, "evicted");
                     warn!(target: "sluice::ssh", peer = %self.peer, tunnel = name, port, stale_session = old.session, "tunnel: the session holding it did not answer a keepalive within {}: evicted", humantime::format_duration(STALE_PING));
+                    crate::audit::record(crate::audit::Event::TunnelEnded {
+                        name: name.clone(),
+                        port,
+                        how: "evicted".into(),
+                        peer: self.peer.to_string(),
+                    });
                     let handle = old.handle.clone();
                     tokio::spawn(async move {
                         let bye = handle.disconnect(
@@ -276,6 +282,12 @@ impl Conn {
         }
         crate::metrics::count(&crate::metrics::get().tunnel_publish, "published");
         info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, tunnel = name, port, "tunnel published");
+        crate::audit::record(crate::audit::Event::TunnelPublished {
+            name: name.clone(),
+            port,
+            owner: grant.identity.clone(),
+            peer: self.peer.to_string(),
+        });
         self.names.insert((name, port));
         true
     }
@@ -288,6 +300,12 @@ impl Conn {
         }
         self.server.registry.unpublish(&key.0, port, self.id);
         info!(target: "sluice::ssh", peer = %self.peer, tunnel = key.0, port, "tunnel withdrawn");
+        crate::audit::record(crate::audit::Event::TunnelEnded {
+            name: key.0.clone(),
+            port,
+            how: "withdrawn".into(),
+            peer: self.peer.to_string(),
+        });
         true
     }
 
@@ -706,6 +724,12 @@ impl russh::server::Handler for Conn {
         let bound = listener.local_addr().map(|a| a.port()).unwrap_or(requested);
         *port = u32::from(bound);
         info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, listen = %format!("{}:{bound}", self.server.settings.listen_address), "reverse forward opened");
+        crate::audit::record(crate::audit::Event::ReverseForwardOpened {
+            user: grant.user.clone(),
+            key: grant.key.clone(),
+            listen: format!("{}:{bound}", self.server.settings.listen_address),
+            peer: self.peer.to_string(),
+        });
         let task = tokio::spawn(forward::reverse_tcp(
             self.server.clone(),
             listener,
@@ -778,6 +802,12 @@ impl russh::server::Handler for Conn {
             Err(e) => return deny(&format!("cannot listen: {e}")),
         };
         info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, socket = %claim.path().display(), "reverse forward opened");
+        crate::audit::record(crate::audit::Event::ReverseForwardOpened {
+            user: grant.user.clone(),
+            key: grant.key.clone(),
+            listen: claim.path().display().to_string(),
+            peer: self.peer.to_string(),
+        });
         let task = tokio::spawn(forward::reverse_unix(
             self.server.clone(),
             listener,
