@@ -160,6 +160,17 @@ struct Line<'a> {
     event: &'a Event,
 }
 
+/// What the chain needs of a line read back.
+#[derive(serde::Deserialize)]
+struct Head {
+    seq: u64,
+    prev: String,
+}
+
+fn head(line: &str) -> Result<Head, Break> {
+    serde_json::from_str(line).map_err(|e| Break::Malformed(e.to_string()))
+}
+
 /// The chain's state: the next sequence number and the hash of the last line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
@@ -200,12 +211,7 @@ impl Chain {
 
     /// The chain after `line` (as read back), checking that it follows this chain.
     pub fn follow(&mut self, line: &str) -> Result<(), Break> {
-        #[derive(serde::Deserialize)]
-        struct Head {
-            seq: u64,
-            prev: String,
-        }
-        let head: Head = serde_json::from_str(line).map_err(|e| Break::Malformed(e.to_string()))?;
+        let head = head(line)?;
         if head.seq != self.next_seq {
             return Err(Break::Sequence {
                 expected: self.next_seq,
@@ -288,13 +294,7 @@ pub fn verify(files: &[PathBuf], from_first: bool) -> Result<u64, VerifyError> {
                 Some(c) => c,
                 None => {
                     // Trust the first line's own place in the chain.
-                    #[derive(serde::Deserialize)]
-                    struct Head {
-                        seq: u64,
-                        prev: String,
-                    }
-                    let h: Head = serde_json::from_str(&line)
-                        .map_err(|e| broken(Break::Malformed(e.to_string())))?;
+                    let h = head(&line).map_err(broken)?;
                     chain.insert(Chain {
                         next_seq: h.seq,
                         prev: h.prev,
@@ -343,11 +343,7 @@ fn resume(dir: &Path) -> Chain {
         let Ok(f) = File::open(path) else { continue };
         let last = BufReader::new(f).lines().map_while(Result::ok).last();
         if let Some(line) = last {
-            #[derive(serde::Deserialize)]
-            struct Head {
-                seq: u64,
-            }
-            if let Ok(h) = serde_json::from_str::<Head>(&line) {
+            if let Ok(h) = head(&line) {
                 chain = Chain {
                     next_seq: h.seq + 1,
                     prev: sha256_hex(line.as_bytes()),
@@ -423,13 +419,9 @@ impl Writer {
 }
 
 fn first_seq_of(path: &Path) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Head {
-        seq: u64,
-    }
     let f = File::open(path).ok()?;
     let first = BufReader::new(f).lines().next()?.ok()?;
-    serde_json::from_str::<Head>(&first).ok().map(|h| h.seq)
+    head(&first).ok().map(|h| h.seq)
 }
 
 static TRAIL: OnceLock<SyncSender<Event>> = OnceLock::new();
@@ -466,10 +458,11 @@ fn failed(what: &'static str, why: &str) {
     tracing::warn!(target: "sluice::audit", what, error = why, "audit trail: an event was not written");
 }
 
-/// Records `event` (never waits: a full queue drops it, logged and counted).
-pub fn record(event: Event) {
+/// Records the event `make` builds (never waits: a full queue drops it, logged and counted).
+/// Without a trail, `make` is not called: the connection path builds nothing for it.
+pub fn record(make: impl FnOnce() -> Event) {
     if let Some(tx) = TRAIL.get() {
-        match tx.try_send(event) {
+        match tx.try_send(make()) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => failed("queue_full", "the writer is behind"),
             Err(TrySendError::Disconnected(_)) => failed("writer_gone", "the writer stopped"),

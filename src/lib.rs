@@ -51,6 +51,7 @@ pub(crate) mod resolve;
 pub(crate) mod route;
 pub mod server;
 pub mod ssh;
+pub mod sshkey;
 pub mod state;
 pub mod store;
 pub(crate) mod sys;

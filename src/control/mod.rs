@@ -109,26 +109,7 @@ pub async fn serve(
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     info!(socket = %path.display(), "control API listening");
-    loop {
-        // At most MAX_CONNECTIONS at once; more wait in the listen backlog, not dropped.
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = stop.cancelled() => break,
-        };
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "control API: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => break,
-        };
+    while let Some((permit, (stream, _))) = next(&limit, &stop, || listener.accept()).await {
         let grants = grants.clone();
         tokio::spawn(async move {
             serve_conn(stream, grants, Caller::Socket).await;
@@ -136,6 +117,35 @@ pub async fn serve(
         });
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// The next connection of either listener, with its slot: at most `MAX_CONNECTIONS` at once,
+/// more wait in the listen backlog (not dropped); `None` once `stop` fires.
+async fn next<T, F, Fut>(
+    limit: &Arc<Semaphore>,
+    stop: &CancellationToken,
+    mut accept: F,
+) -> Option<(tokio::sync::OwnedSemaphorePermit, T)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = io::Result<T>>,
+{
+    let permit = tokio::select! {
+        p = limit.clone().acquire_owned() => p.ok()?,
+        () = stop.cancelled() => return None,
+    };
+    loop {
+        tokio::select! {
+            r = accept() => match r {
+                Ok(c) => return Some((permit, c)),
+                Err(e) => {
+                    warn!(error = %e, "control API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = stop.cancelled() => return None,
+        }
+    }
 }
 
 /// The rustls config of the TCP listener: the `[tls]` certificates (reloads included), HTTP/1.1.
@@ -163,25 +173,7 @@ pub async fn serve_tls(
     if let Ok(a) = listener.local_addr() {
         info!(listen = %a, "control API listening on TCP (TLS, bearer tokens)");
     }
-    loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = stop.cancelled() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "control API: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => break,
-        };
+    while let Some((permit, (stream, peer))) = next(&limit, &stop, || listener.accept()).await {
         let (grants, acceptor, tokens) = (grants.clone(), acceptor.clone(), tokens.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {

@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use russh::keys::ssh_key::certificate::{Builder, CertType};
-use russh::keys::ssh_key::private::Ed25519Keypair;
-use russh::keys::ssh_key::LineEnding;
 use russh::keys::{Certificate, HashAlg, PrivateKey, PublicKey};
 
 /// The CA key's file name in the state directory.
@@ -61,28 +59,7 @@ impl UserCa {
                 key
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut seed = [0u8; 32];
-                aws_lc_rs::rand::fill(&mut seed)
-                    .map_err(|_| err("no randomness for a new key".into()))?;
-                let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
-                key.set_comment("sluice user CA");
-                let pem = key
-                    .to_openssh(LineEnding::LF)
-                    .map_err(|e| err(e.to_string()))?;
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    crate::state::ensure_dir(dir)
-                        .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
-                }
-                crate::state::write_private(path, pem.as_bytes())
-                    .map_err(|e| err(e.to_string()))?;
-                let public = key
-                    .public_key()
-                    .to_openssh()
-                    .map_err(|e| err(e.to_string()))?;
-                let _ = crate::state::write_public(
-                    &path.with_extension("pub"),
-                    format!("{public}\n").as_bytes(),
-                );
+                let key = crate::sshkey::create_key_files(path, "sluice user CA").map_err(err)?;
                 tracing::info!(path = %path.display(), "made a new ssh user CA for grants");
                 key
             }
@@ -168,7 +145,9 @@ mod tests {
         assert_eq!(ca.public_line(), again.public_line(), "the CA is kept");
         assert!(ca.public_line().starts_with("ssh-ed25519 "));
 
-        let device = PrivateKey::from(Ed25519Keypair::from_seed(&[3; 32]));
+        let device = PrivateKey::from(russh::keys::ssh_key::private::Ed25519Keypair::from_seed(
+            &[3; 32],
+        ));
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let cert = ca
             .sign(&CertSpec {

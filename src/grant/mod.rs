@@ -15,9 +15,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::ssh_key::LineEnding;
-use russh::keys::{Certificate, HashAlg, PrivateKey, PublicKey};
+use russh::keys::{Certificate, HashAlg, PublicKey};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -509,11 +508,8 @@ impl Grants {
                 (k, None)
             }
             None => {
-                let mut seed = [0u8; 32];
-                aws_lc_rs::rand::fill(&mut seed)
-                    .map_err(|_| IssueError::Sign("no randomness".into()))?;
-                let mut k = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
-                k.set_comment(format!("sluice grant for {}", req.device));
+                let k = crate::sshkey::new_ed25519(&format!("sluice grant for {}", req.device))
+                    .map_err(IssueError::Sign)?;
                 let pem = k
                     .to_openssh(LineEnding::LF)
                     .map_err(|e| IssueError::Sign(e.to_string()))?;
@@ -591,7 +587,7 @@ impl Grants {
         self.wake.notify_one();
         self.count(|c| c.live += 1);
         info!(target: "sluice::grant", grant = row.id, device = crate::text::clean(&row.device), port = row.port, name = row.name.as_deref().unwrap_or("-"), key = row.key, expires = %stamp(row.expires), by, "grant issued");
-        crate::audit::record(crate::audit::Event::GrantIssued {
+        crate::audit::record(|| crate::audit::Event::GrantIssued {
             grant: row.id.clone(),
             device: row.device.clone(),
             port: row.port,
@@ -678,7 +674,7 @@ impl Grants {
                 info!(target: "sluice::grant", grant = r.id, device = crate::text::clean(&r.device), port = r.port, "grant revoked");
                 crate::metrics::count(&crate::metrics::get().grant_events, "revoked");
                 let n = self.end_sessions(&r.id, "sluice: your access grant was revoked");
-                crate::audit::record(crate::audit::Event::GrantEnded {
+                crate::audit::record(|| crate::audit::Event::GrantEnded {
                     grant: r.id.clone(),
                     device: r.device.clone(),
                     how: "revoked".into(),
@@ -741,7 +737,7 @@ impl Grants {
                 why
             };
             let n = self.end_sessions(&r.id, why);
-            crate::audit::record(crate::audit::Event::GrantEnded {
+            crate::audit::record(|| crate::audit::Event::GrantEnded {
                 grant: r.id.clone(),
                 device: r.device.clone(),
                 how: reason.to_string(),
@@ -804,7 +800,7 @@ impl Grants {
         }
         if row.first_used.is_none() && matches!(self.store.mark_used(&row.id, t), Ok(true)) {
             info!(target: "sluice::grant", grant = row.id, device = crate::text::clean(&row.device), %peer, "grant first used");
-            crate::audit::record(crate::audit::Event::GrantUsed {
+            crate::audit::record(|| crate::audit::Event::GrantUsed {
                 grant: row.id.clone(),
                 device: row.device.clone(),
                 peer: peer.to_string(),

@@ -52,7 +52,7 @@ impl ConnLog {
             })
             .inc();
         if let Some(route) = self.route {
-            crate::audit::record(crate::audit::Event::ConnectionClosed {
+            crate::audit::record(|| crate::audit::Event::ConnectionClosed {
                 id: self.id,
                 peer: self.peer.to_string(),
                 sni: self.sni.clone(),

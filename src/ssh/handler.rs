@@ -143,7 +143,7 @@ impl Conn {
         // keeps any other text to one line.
         let reason = super::clean_text(&denial.reason.to_string());
         debug!(target: "sluice::ssh::auth", peer = %self.peer, user, what, reason, "publickey attempt rejected");
-        crate::audit::record(crate::audit::Event::SshAuthRefused {
+        crate::audit::record(|| crate::audit::Event::SshAuthRefused {
             user: user.clone(),
             peer: self.peer.to_string(),
             what: what.clone(),
@@ -198,7 +198,7 @@ impl Conn {
             self.peer.port(),
             super::clean_text(&grant.label)
         );
-        crate::audit::record(crate::audit::Event::SshAuthAccepted {
+        crate::audit::record(|| crate::audit::Event::SshAuthAccepted {
             user: grant.user.clone(),
             peer: self.peer.to_string(),
             method: kind.to_string(),
@@ -256,7 +256,7 @@ impl Conn {
                 if !alive && registry.unpublish(&name, port, old.session) {
                     crate::metrics::count(&crate::metrics::get().tunnel_publish, "evicted");
                     warn!(target: "sluice::ssh", peer = %self.peer, tunnel = name, port, stale_session = old.session, "tunnel: the session holding it did not answer a keepalive within {}: evicted", humantime::format_duration(STALE_PING));
-                    crate::audit::record(crate::audit::Event::TunnelEnded {
+                    crate::audit::record(|| crate::audit::Event::TunnelEnded {
                         name: name.clone(),
                         port,
                         how: "evicted".into(),
@@ -282,7 +282,7 @@ impl Conn {
         }
         crate::metrics::count(&crate::metrics::get().tunnel_publish, "published");
         info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, tunnel = name, port, "tunnel published");
-        crate::audit::record(crate::audit::Event::TunnelPublished {
+        crate::audit::record(|| crate::audit::Event::TunnelPublished {
             name: name.clone(),
             port,
             owner: grant.identity.clone(),
@@ -300,7 +300,7 @@ impl Conn {
         }
         self.server.registry.unpublish(&key.0, port, self.id);
         info!(target: "sluice::ssh", peer = %self.peer, tunnel = key.0, port, "tunnel withdrawn");
-        crate::audit::record(crate::audit::Event::TunnelEnded {
+        crate::audit::record(|| crate::audit::Event::TunnelEnded {
             name: key.0.clone(),
             port,
             how: "withdrawn".into(),
@@ -724,7 +724,7 @@ impl russh::server::Handler for Conn {
         let bound = listener.local_addr().map(|a| a.port()).unwrap_or(requested);
         *port = u32::from(bound);
         info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, listen = %format!("{}:{bound}", self.server.settings.listen_address), "reverse forward opened");
-        crate::audit::record(crate::audit::Event::ReverseForwardOpened {
+        crate::audit::record(|| crate::audit::Event::ReverseForwardOpened {
             user: grant.user.clone(),
             key: grant.key.clone(),
             listen: format!("{}:{bound}", self.server.settings.listen_address),
@@ -802,7 +802,7 @@ impl russh::server::Handler for Conn {
             Err(e) => return deny(&format!("cannot listen: {e}")),
         };
         info!(target: "sluice::ssh", peer = %self.peer, user = grant.user, key = grant.key, socket = %claim.path().display(), "reverse forward opened");
-        crate::audit::record(crate::audit::Event::ReverseForwardOpened {
+        crate::audit::record(|| crate::audit::Event::ReverseForwardOpened {
             user: grant.user.clone(),
             key: grant.key.clone(),
             listen: claim.path().display().to_string(),

@@ -4,8 +4,6 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use russh::keys::ssh_key::private::Ed25519Keypair;
-use russh::keys::ssh_key::LineEnding;
 use russh::keys::PrivateKey;
 use tracing::{info, warn};
 
@@ -54,27 +52,7 @@ pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, HostKeyError> 
             Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut seed = [0u8; 32];
-            aws_lc_rs::rand::fill(&mut seed)
-                .map_err(|_| err("no randomness for a new key".into()))?;
-            let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
-            key.set_comment("sluice host key");
-            let pem = key
-                .to_openssh(LineEnding::LF)
-                .map_err(|e| err(e.to_string()))?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                crate::state::ensure_dir(dir)
-                    .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
-            }
-            crate::state::write_private(path, pem.as_bytes()).map_err(|e| err(e.to_string()))?;
-            let public = key
-                .public_key()
-                .to_openssh()
-                .map_err(|e| err(e.to_string()))?;
-            let _ = crate::state::write_public(
-                &path.with_extension("pub"),
-                format!("{public}\n").as_bytes(),
-            );
+            let key = crate::sshkey::create_key_files(path, "sluice host key").map_err(err)?;
             info!(path = %path.display(), "made a new ssh host key");
             Ok(key)
         }
