@@ -148,6 +148,89 @@ pub enum Event {
         /// Why it was refused.
         reason: String,
     },
+    /// A channel opened: `-W/-L/-J` (`direct`), to a tunnel by name (`tunnel`), or a
+    /// connection to a `-R` port or socket carried to the client (`reverse`, `reverse_socket`).
+    ForwardOpened {
+        /// The session (as in `GET /v1/sessions`).
+        session: u64,
+        /// The channel, within the session.
+        channel: u64,
+        /// What it carries.
+        kind: String,
+        /// `host:port`, `NAME:PORT`, or the listener and the visitor's address.
+        target: String,
+        /// The login name.
+        user: String,
+        /// The key's fingerprint.
+        key: String,
+        /// The client's address.
+        peer: String,
+    },
+    /// A channel closed.
+    ForwardClosed {
+        /// The session.
+        session: u64,
+        /// The channel.
+        channel: u64,
+        /// What it carried.
+        kind: String,
+        /// Where.
+        target: String,
+        /// Bytes from the session's client.
+        bytes_up: u64,
+        /// Bytes to it.
+        bytes_down: u64,
+        /// How long it was open.
+        duration_ms: u64,
+    },
+    /// An operator (or a lock) ended a live session.
+    SessionKilled {
+        /// The session.
+        session: u64,
+        /// Its login name.
+        user: String,
+        /// Its key's fingerprint.
+        key: String,
+        /// Its client's address.
+        peer: String,
+        /// Who ended it: the control socket, a token's name, or `lock ID`.
+        by: String,
+        /// The message its client got.
+        why: String,
+    },
+    /// A lock was added.
+    LockAdded {
+        /// The lock id.
+        lock: String,
+        /// `key`, `grant`, `device` or `source`.
+        kind: String,
+        /// What it matches.
+        value: String,
+        /// Why.
+        reason: String,
+        /// When it expires (RFC 3339), if it does.
+        expires: Option<String>,
+        /// Who added it.
+        by: String,
+    },
+    /// A lock ended: `lifted` by an operator, or `expired`.
+    LockLifted {
+        /// The lock id.
+        lock: String,
+        /// How.
+        how: String,
+        /// Who lifted it (`sluice` when it expired).
+        by: String,
+    },
+    /// The configuration, certificates or keys were reloaded (or a reload failed).
+    Reloaded {
+        /// `config`, `certificates`, or `authorized_keys`.
+        what: String,
+        /// Whether it took effect.
+        ok: bool,
+        /// What changed, or why nothing did.
+        detail: String,
+    },
 }
 
 /// One line as written: the chain fields, then the event.

@@ -153,6 +153,9 @@ impl Counts {
 pub(crate) struct Counted<S> {
     inner: S,
     counts: Counts,
+    /// Also counted in the relayed-bytes metrics (the outer connection), or not (a channel
+    /// inside one, already counted there).
+    metric: bool,
 }
 
 impl<S> Counted<S> {
@@ -163,9 +166,19 @@ impl<S> Counted<S> {
             Counted {
                 inner,
                 counts: counts.clone(),
+                metric: true,
             },
             counts,
         )
+    }
+
+    /// Wraps `inner`, adding to `counts` and not to the metrics.
+    pub(crate) fn quiet(inner: S, counts: Counts) -> Self {
+        Counted {
+            inner,
+            counts,
+            metric: false,
+        }
     }
 }
 
@@ -182,7 +195,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
             .0
              .0
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        crate::metrics::get().relayed(true, n);
+        if self.metric {
+            crate::metrics::get().relayed(true, n);
+        }
         r
     }
 }
@@ -199,7 +214,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
                 .0
                  .1
                 .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            crate::metrics::get().relayed(false, n as u64);
+            if self.metric {
+                crate::metrics::get().relayed(false, n as u64);
+            }
         }
         r
     }

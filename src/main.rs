@@ -59,9 +59,82 @@ enum Command {
     /// Issue, list and revoke access grants on a running sluice (its control socket).
     #[command(subcommand)]
     Grant(GrantCommand),
-    /// The audit trail: check its chain.
+    /// The audit trail: check its chain, search it.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// List the live SSH sessions of a running sluice (its control socket), or end one.
+    Sessions(SessionsArgs),
+    /// Lock out a key, a grant, a device or a source network: its live sessions end and new
+    /// ones are refused until the lock is lifted or expires. `lock list`, `lock lift ID`.
+    Lock(LockArgs),
+}
+
+#[derive(Args)]
+struct SessionsArgs {
+    #[command(subcommand)]
+    kill: Option<SessionsCommand>,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Print the API's JSON as it came.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// End a live session; its client gets "closed by an administrator".
+    Kill {
+        /// The session id (from `sluice sessions`).
+        id: u64,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct LockArgs {
+    #[command(subcommand)]
+    cmd: Option<LockCommand>,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// A key fingerprint (SHA256:..., as `ssh-keygen -lf` prints it).
+    #[arg(long, group = "target")]
+    key: Option<String>,
+    /// An access grant id (g-...).
+    #[arg(long, group = "target")]
+    grant: Option<String>,
+    /// A grant device id.
+    #[arg(long, group = "target")]
+    device: Option<String>,
+    /// An address or CIDR.
+    #[arg(long, group = "target")]
+    source: Option<String>,
+    /// How long the lock lasts (`30m`, `2h`); default until lifted.
+    #[arg(long)]
+    ttl: Option<String>,
+    /// Why (in the trail and the disconnect message).
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum LockCommand {
+    /// List the locks in force.
+    List {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Print the API's JSON as it came.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift a lock.
+    Lift {
+        /// The lock id (l-...).
+        id: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -305,6 +378,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tunnels(args) => tunnels(args),
         Command::Grant(cmd) => grant(cmd),
         Command::Audit(cmd) => audit(cmd),
+        Command::Sessions(a) => sessions(a),
+        Command::Lock(a) => lock(a),
         command => {
             init_logging(cli.log_format);
             match command {
@@ -317,7 +392,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 | Command::Healthcheck(_)
                 | Command::Tunnels(_)
                 | Command::Grant(_)
-                | Command::Audit(_) => Ok(()),
+                | Command::Audit(_)
+                | Command::Sessions(_)
+                | Command::Lock(_) => Ok(()),
             }
         }
     }
@@ -624,7 +701,7 @@ fn control(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Failure::new(1, format!("sluice grant: {e}")))?;
+        .map_err(|e| Failure::new(1, format!("sluice: {e}")))?;
     let (status, bytes) = rt
         .block_on(async {
             tokio::time::timeout(
@@ -633,8 +710,8 @@ fn control(
             )
             .await
         })
-        .map_err(|_| Failure::new(1, "sluice grant: the control API did not answer within 30s"))?
-        .map_err(|e| Failure::new(sluice::exit::EX_UNAVAILABLE, format!("sluice grant: {e}")))?;
+        .map_err(|_| Failure::new(1, "sluice: the control API did not answer within 30s"))?
+        .map_err(|e| Failure::new(sluice::exit::EX_UNAVAILABLE, format!("sluice: {e}")))?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
         serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
     });
@@ -654,7 +731,7 @@ fn control(
     };
     Err(Failure::new(
         code,
-        format!("sluice grant: {} {message}", status.as_u16()),
+        format!("sluice: {} {message}", status.as_u16()),
     ))
 }
 
@@ -808,6 +885,169 @@ fn grant(cmd: GrantCommand) -> Result<(), Failure> {
             )?;
             println!(
                 "revoked {id}; live sessions ended: {}",
+                v["sessions_ended"].as_u64().unwrap_or(0)
+            );
+            Ok(())
+        }
+    }
+}
+
+fn sessions(a: SessionsArgs) -> Result<(), Failure> {
+    if let Some(SessionsCommand::Kill { id, control: c }) = a.kill {
+        let v = control(
+            &c.socket()?,
+            http::Method::DELETE,
+            &format!("/v1/sessions/{id}"),
+            None,
+        )?;
+        let s = &v["session"];
+        println!(
+            "ended session {id} (user {}, key {}, from {})",
+            s["user"].as_str().unwrap_or("-"),
+            s["key"].as_str().unwrap_or("-"),
+            s["source"].as_str().unwrap_or("-")
+        );
+        return Ok(());
+    }
+    let v = control(&a.control.socket()?, http::Method::GET, "/v1/sessions", None)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    let snap: sluice::sessions::Snapshot = serde_json::from_value(v)
+        .map_err(|e| Failure::new(1, format!("sluice sessions: not a session list: {e}")))?;
+    if snap.sessions.is_empty() {
+        println!("no live SSH sessions");
+    } else {
+        println!(
+            "{:>6} {:<16} {:<50} {:<22} {:<21} {:>12} {:>12}",
+            "ID", "USER", "KEY", "SOURCE", "SINCE", "BYTES UP", "BYTES DOWN"
+        );
+    }
+    for s in &snap.sessions {
+        let i = &s.identity;
+        println!(
+            "{:>6} {:<16} {:<50} {:<22} {:<21} {:>12} {:>12}",
+            s.id, i.user, i.key, s.source, s.since, s.bytes_up, s.bytes_down
+        );
+        if let Some(c) = &i.certificate {
+            println!("       certificate {} serial {} CA {}", c.key_id, c.serial, c.ca);
+        }
+        if let (Some(g), Some(d)) = (&i.grant, &i.device) {
+            println!("       grant {g} device {d}");
+        }
+        for l in &s.listeners {
+            println!("       listens {l}");
+        }
+        for t in &s.tunnels {
+            println!(
+                "       tunnel {}:{} visits {} bytes to publisher {} to visitors {}",
+                t.name, t.port, t.visits, t.bytes_to_publisher, t.bytes_to_visitors
+            );
+        }
+        for c in &s.channels {
+            println!(
+                "       channel {} {:?} {} since {} up {} down {}",
+                c.id, c.kind, c.target, c.since, c.bytes_up, c.bytes_down
+            );
+        }
+    }
+    let other: Vec<String> = snap
+        .connections
+        .iter()
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    if !other.is_empty() {
+        println!("open connections by route: {}", other.join(", "));
+    }
+    Ok(())
+}
+
+fn lock(a: LockArgs) -> Result<(), Failure> {
+    let print = |l: &sluice::lock::LockView| {
+        println!(
+            "{:<20} {:<7} {:<50} {:<21} {:<21} {:<30} {}",
+            l.id,
+            l.kind,
+            l.value,
+            l.created,
+            l.expires.as_deref().unwrap_or("until lifted"),
+            l.by,
+            l.reason
+        );
+    };
+    match a.cmd {
+        Some(LockCommand::List { control: c, json }) => {
+            let v = control(&c.socket()?, http::Method::GET, "/v1/locks", None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return Ok(());
+            }
+            let list: Vec<sluice::lock::LockView> = serde_json::from_value(v["locks"].clone())
+                .map_err(|e| Failure::new(1, format!("sluice lock list: not a lock list: {e}")))?;
+            if list.is_empty() {
+                println!("no locks");
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<7} {:<50} {:<21} {:<21} {:<30} REASON",
+                "LOCK", "KIND", "VALUE", "CREATED", "EXPIRES", "BY"
+            );
+            list.iter().for_each(print);
+            Ok(())
+        }
+        Some(LockCommand::Lift { id, control: c }) => {
+            if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return Err(Failure::new(
+                    EX_USAGE,
+                    format!("sluice lock lift: `{id}` is not a lock id (l-...)"),
+                ));
+            }
+            control(
+                &c.socket()?,
+                http::Method::DELETE,
+                &format!("/v1/locks/{id}"),
+                None,
+            )?;
+            println!("lifted {id}");
+            Ok(())
+        }
+        None => {
+            let mut body = serde_json::json!({});
+            for (k, v) in [
+                ("key", a.key),
+                ("grant", a.grant),
+                ("device", a.device),
+                ("source", a.source),
+                ("ttl", a.ttl),
+                ("reason", a.reason),
+            ] {
+                if let Some(v) = v {
+                    body[k] = v.into();
+                }
+            }
+            if ["key", "grant", "device", "source"]
+                .iter()
+                .all(|k| body.get(k).is_none())
+            {
+                return Err(Failure::new(
+                    EX_USAGE,
+                    "sluice lock: say what to lock: --key FP, --grant ID, --device ID or --source CIDR",
+                ));
+            }
+            let v = control(
+                &a.control.socket()?,
+                http::Method::POST,
+                "/v1/locks",
+                Some(body.to_string().into_bytes()),
+            )?;
+            let l: sluice::lock::LockView = serde_json::from_value(v["lock"].clone())
+                .map_err(|e| Failure::new(1, format!("sluice lock: not a lock: {e}")))?;
+            println!(
+                "locked {} {} as {}; live sessions ended: {}",
+                l.kind,
+                l.value,
+                l.id,
                 v["sessions_ended"].as_u64().unwrap_or(0)
             );
             Ok(())

@@ -20,7 +20,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 pub(crate) const FILE: &str = "sluice.db";
 
 /// The schema this build writes; older files are migrated forward, newer ones refused.
-const SCHEMA: i64 = 2;
+const SCHEMA: i64 = 3;
 
 /// Why the store could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +195,35 @@ impl Store {
     pub(crate) fn names(&self) -> Result<Vec<(String, String)>, StoreError> {
         dispatch!(self.names())
     }
+
+    /// Stores a new lock.
+    pub(crate) fn add_lock(&self, lock: &LockRow) -> Result<(), StoreError> {
+        dispatch!(self.add_lock(lock))
+    }
+
+    /// Removes a lock; the row, or `None` if there was none with this id.
+    pub(crate) fn lift_lock(&self, id: &str) -> Result<Option<LockRow>, StoreError> {
+        dispatch!(self.lift_lock(id))
+    }
+
+    /// Every lock stored (expired ones until they are lifted), oldest first.
+    pub(crate) fn locks(&self) -> Result<Vec<LockRow>, StoreError> {
+        dispatch!(self.locks())
+    }
+}
+
+/// A lock as stored (times in Unix seconds): what it matches, why, until when.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct LockRow {
+    pub(crate) id: String,
+    /// `key`, `grant`, `device` or `source`.
+    pub(crate) kind: String,
+    pub(crate) value: String,
+    pub(crate) reason: String,
+    pub(crate) created: u64,
+    pub(crate) expires: Option<u64>,
+    /// Who added it.
+    pub(crate) by: String,
 }
 
 /// The store in SQLite.
@@ -270,6 +299,21 @@ impl Sqlite {
                  CREATE INDEX IF NOT EXISTS grants_expires ON grants (expires) WHERE ended IS NULL;
                  CREATE INDEX IF NOT EXISTS grants_key ON grants (key);
                  PRAGMA user_version = 2;",
+            )
+            .map_err(open_err)?;
+        }
+        if found < 3 {
+            conn.execute_batch(
+                "CREATE TABLE IF NOT EXISTS locks (
+                     id TEXT PRIMARY KEY,
+                     kind TEXT NOT NULL,
+                     value TEXT NOT NULL,
+                     reason TEXT NOT NULL DEFAULT '',
+                     created INTEGER NOT NULL,
+                     expires INTEGER,
+                     by TEXT NOT NULL DEFAULT ''
+                 );
+                 PRAGMA user_version = 3;",
             )
             .map_err(open_err)?;
         }
@@ -550,6 +594,53 @@ impl Sqlite {
         let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+
+    pub(crate) fn add_lock(&self, l: &LockRow) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO locks (id, kind, value, reason, created, expires, by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![l.id, l.kind, l.value, l.reason, l.created as i64, l.expires.map(|e| e as i64), l.by],
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn lift_lock(&self, id: &str) -> Result<Option<LockRow>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row = tx
+            .query_row(
+                &format!("SELECT {LOCK_COLUMNS} FROM locks WHERE id = ?1"),
+                params![id],
+                lock_row,
+            )
+            .optional()?;
+        tx.execute("DELETE FROM locks WHERE id = ?1", params![id])?;
+        tx.commit()?;
+        Ok(row)
+    }
+
+    pub(crate) fn locks(&self) -> Result<Vec<LockRow>, StoreError> {
+        let conn = self.conn();
+        let mut q = conn.prepare(&format!(
+            "SELECT {LOCK_COLUMNS} FROM locks ORDER BY created, id"
+        ))?;
+        let rows = q.query_map([], lock_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+const LOCK_COLUMNS: &str = "id, kind, value, reason, created, expires, by";
+
+fn lock_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LockRow> {
+    let secs = |v: Option<i64>| v.map(|v| v.max(0) as u64);
+    Ok(LockRow {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        value: r.get(2)?,
+        reason: r.get(3)?,
+        created: secs(r.get(4)?).unwrap_or(0),
+        expires: secs(r.get(5)?),
+        by: r.get(6)?,
+    })
 }
 
 /// A grant as stored (times in Unix seconds).

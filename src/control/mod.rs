@@ -3,6 +3,8 @@
 //!
 //! - `GET /v1/ca`: the grants CA's public line and fingerprint
 //! - `GET /v1/grants[?all=true]`, `POST /v1/grants`, `GET|DELETE /v1/grants/ID`
+//! - `GET /v1/sessions`, `GET|DELETE /v1/sessions/ID`: live SSH sessions (`sessions`)
+//! - `GET /v1/locks`, `POST /v1/locks`, `DELETE /v1/locks/ID` (`lock`)
 //! - `GET /v1/openapi.json`: this API, described (docs/openapi.json)
 //!
 //! Errors are `{"error": {"code", "message", "field"?}}` with a 4xx naming the field at fault.
@@ -30,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::grant::{Grants, IssueError, IssueRequest, RevokeError};
+use crate::lock::{LockError, LockRequest, Locks};
 use tokens::Tokens;
 
 /// The control socket's file name in the state directory.
@@ -104,15 +107,15 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
-    grants: Arc<Grants>,
+    api: Arc<Api>,
     stop: CancellationToken,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     info!(socket = %path.display(), "control API listening");
     while let Some((permit, (stream, _))) = next(&limit, &stop, || listener.accept()).await {
-        let grants = grants.clone();
+        let api = api.clone();
         tokio::spawn(async move {
-            serve_conn(stream, grants, Caller::Socket).await;
+            serve_conn(stream, api, Caller::Socket).await;
             drop(permit);
         });
     }
@@ -165,7 +168,7 @@ pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     tokens: Arc<Tokens>,
-    grants: Arc<Grants>,
+    api: Arc<Api>,
     stop: CancellationToken,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -174,10 +177,10 @@ pub async fn serve_tls(
         info!(listen = %a, "control API listening on TCP (TLS, bearer tokens)");
     }
     while let Some((permit, (stream, peer))) = next(&limit, &stop, || listener.accept()).await {
-        let (grants, acceptor, tokens) = (grants.clone(), acceptor.clone(), tokens.clone());
+        let (api, acceptor, tokens) = (api.clone(), acceptor.clone(), tokens.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => serve_conn(tls, grants, Caller::Tcp { tokens, peer }).await,
+                Ok(Ok(tls)) => serve_conn(tls, api, Caller::Tcp { tokens, peer }).await,
                 Ok(Err(e)) => debug!(%peer, error = %e, "control API: TLS handshake failed"),
                 Err(_) => debug!(%peer, "control API: TLS handshake timed out"),
             }
@@ -187,13 +190,13 @@ pub async fn serve_tls(
 }
 
 /// One connection: HTTP/1.1 with bounded heads, bodies and time.
-async fn serve_conn<S>(stream: S, grants: Arc<Grants>, caller: Caller)
+async fn serve_conn<S>(stream: S, api: Arc<Api>, caller: Caller)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
-        let (grants, caller) = (grants.clone(), caller.clone());
-        async move { Ok::<_, std::convert::Infallible>(authorized(req, grants, caller).await) }
+        let (api, caller) = (api.clone(), caller.clone());
+        async move { Ok::<_, std::convert::Infallible>(authorized(req, api, caller).await) }
     });
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
@@ -204,11 +207,7 @@ where
 }
 
 /// Checks the caller's token (on TCP), then answers; changes are logged with who asked.
-async fn authorized(
-    req: Request<Incoming>,
-    grants: Arc<Grants>,
-    caller: Caller,
-) -> Response<Full<Bytes>> {
+async fn authorized(req: Request<Incoming>, api: Arc<Api>, caller: Caller) -> Response<Full<Bytes>> {
     let who = match &caller {
         Caller::Socket => "the control socket".to_string(),
         Caller::Tcp { tokens, peer } => {
@@ -239,7 +238,7 @@ async fn authorized(
         }
     };
     let (method, path) = (req.method().clone(), crate::text::clean(req.uri().path()));
-    let resp = handle(req, grants, &who).await;
+    let resp = handle(req, &api, &who).await;
     if method != Method::GET {
         info!(target: "sluice::control", method = %method, path, status = resp.status().as_u16(), by = who, "control API request");
     }
@@ -300,7 +299,94 @@ fn named_field(e: &serde_json::Error) -> Option<String> {
     Some(text[start..start + len].to_string())
 }
 
-async fn handle(req: Request<Incoming>, grants: Arc<Grants>, who: &str) -> Response<Full<Bytes>> {
+/// Reads a JSON body of at most [`MAX_BODY`] as `T`; a 4xx naming the field otherwise.
+async fn body_json<T: serde::de::DeserializeOwned>(
+    body: Incoming,
+    what: &str,
+) -> Result<T, Response<Full<Bytes>>> {
+    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                None,
+                format!("the request body is over {MAX_BODY} bytes"),
+            ))
+        }
+        Err(e) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                None,
+                format!("reading the request body: {e}"),
+            ))
+        }
+    };
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // The path names a field whose value is wrong (`ttl`); a missing or unknown field is
+        // named in the message only.
+        let path = e.path().to_string();
+        let e = e.into_inner();
+        let field = if path == "." {
+            named_field(&e)
+        } else {
+            Some(path)
+        };
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            field.as_deref(),
+            format!("the body is not {what}: {e}"),
+        )
+    })
+}
+
+/// What the API serves: grants (with `[grants]`), live sessions, locks.
+#[derive(Clone)]
+pub struct Api {
+    /// `[grants]`, if on.
+    pub grants: Option<Arc<Grants>>,
+    /// Locks (with a store).
+    pub locks: Option<Arc<Locks>>,
+    /// The live tunnels, for the sessions that hold them.
+    pub tunnels: crate::admin::TunnelList,
+}
+
+impl Api {
+    /// Every live session with the tunnels it holds, and connection counts per route.
+    pub fn sessions(&self) -> crate::sessions::Snapshot {
+        let mut snap = crate::sessions::table().snapshot();
+        let tunnels = (self.tunnels)();
+        for s in &mut snap.sessions {
+            s.tunnels = tunnels.iter().filter(|t| t.session == s.id).cloned().collect();
+        }
+        snap
+    }
+}
+
+fn off(what: &str, table: &str) -> Response<Full<Bytes>> {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_enabled",
+        None,
+        format!("{what} are not enabled on this server (add a {table} table)"),
+    )
+}
+
+fn session_id(id: &str) -> Result<u64, Response<Full<Bytes>>> {
+    id.parse().map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            Some("id"),
+            format!("session ids are numbers, not {}", crate::text::clean(id)),
+        )
+    })
+}
+
+async fn handle(req: Request<Incoming>, api: &Api, who: &str) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().trim_end_matches('/').to_string();
     let mut all = false;
@@ -329,6 +415,7 @@ async fn handle(req: Request<Incoming>, grants: Arc<Grants>, who: &str) -> Respo
     }
     let method = parts.method.clone();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let grants = api.grants.as_ref();
     let resp = match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "openapi.json"]) => {
             let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
@@ -338,57 +425,85 @@ async fn handle(req: Request<Incoming>, grants: Arc<Grants>, who: &str) -> Respo
             );
             r
         }
-        (&Method::GET, ["v1", "ca"]) => json(
-            StatusCode::OK,
-            &serde_json::json!({
-                "public_key": grants.ca().public_line(),
-                "fingerprint": grants.ca().fingerprint(),
-            }),
-        ),
-        (&Method::GET, ["v1", "grants"]) => match grants.list(all) {
-            Ok(list) => json(StatusCode::OK, &serde_json::json!({ "grants": list })),
-            Err(e) => internal(&e.to_string()),
+        (&Method::GET, ["v1", "sessions"]) => json(StatusCode::OK, &api.sessions()),
+        (&Method::GET, ["v1", "sessions", id]) => match session_id(id) {
+            Ok(n) => match api.sessions().sessions.into_iter().find(|s| s.id == n) {
+                Some(s) => json(StatusCode::OK, &s),
+                None => no_session(n),
+            },
+            Err(r) => r,
+        },
+        (&Method::DELETE, ["v1", "sessions", id]) => match session_id(id) {
+            Ok(n) => match crate::sessions::table().kill(n, who) {
+                Ok(s) => json(StatusCode::OK, &serde_json::json!({ "session": s })),
+                Err(crate::sessions::KillError::NotFound(n)) => no_session(n),
+            },
+            Err(r) => r,
+        },
+        (_, ["v1", "locks", ..]) if api.locks.is_none() => off("locks", "[store]"),
+        (&Method::GET, ["v1", "locks"]) => match &api.locks {
+            Some(l) => json(StatusCode::OK, &serde_json::json!({ "locks": l.list() })),
+            None => off("locks", "[store]"),
+        },
+        (&Method::POST, ["v1", "locks"]) => {
+            let req: LockRequest = match body_json(body, "a lock request").await {
+                Ok(r) => r,
+                Err(r) => return r,
+            };
+            let Some(locks) = api.locks.clone() else {
+                return off("locks", "[store]");
+            };
+            let by = who.to_string();
+            let added = tokio::task::spawn_blocking(move || locks.add(&req, &by)).await;
+            match added {
+                Ok(Ok((l, n))) => json(
+                    StatusCode::CREATED,
+                    &serde_json::json!({ "lock": l, "sessions_ended": n }),
+                ),
+                Ok(Err(LockError::Field { field, message })) => {
+                    error(StatusCode::BAD_REQUEST, "bad_request", Some(field), message)
+                }
+                Ok(Err(e)) => internal(&e.to_string()),
+                Err(e) => internal(&format!("the lock task failed: {e}")),
+            }
+        }
+        (&Method::DELETE, ["v1", "locks", id]) => {
+            let Some(locks) = api.locks.clone() else {
+                return off("locks", "[store]");
+            };
+            let (id, by) = (id.to_string(), who.to_string());
+            match tokio::task::spawn_blocking(move || locks.lift(&id, &by)).await {
+                Ok(Ok(l)) => json(StatusCode::OK, &serde_json::json!({ "lock": l })),
+                Ok(Err(e @ LockError::NotFound(_))) => {
+                    error(StatusCode::NOT_FOUND, "not_found", None, e.to_string())
+                }
+                Ok(Err(e)) => internal(&e.to_string()),
+                Err(e) => internal(&format!("the lock task failed: {e}")),
+            }
+        }
+        (_, ["v1", "grants", ..] | ["v1", "ca"]) if grants.is_none() => off("grants", "[grants]"),
+        (&Method::GET, ["v1", "ca"]) => match grants {
+            Some(g) => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "public_key": g.ca().public_line(),
+                    "fingerprint": g.ca().fingerprint(),
+                }),
+            ),
+            None => off("grants", "[grants]"),
+        },
+        (&Method::GET, ["v1", "grants"]) => match grants.map(|g| g.list(all)) {
+            Some(Ok(list)) => json(StatusCode::OK, &serde_json::json!({ "grants": list })),
+            Some(Err(e)) => internal(&e.to_string()),
+            None => off("grants", "[grants]"),
         },
         (&Method::POST, ["v1", "grants"]) => {
-            let bytes = match Limited::new(body, MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    return error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "too_large",
-                        None,
-                        format!("the request body is over {MAX_BODY} bytes"),
-                    )
-                }
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        None,
-                        format!("reading the request body: {e}"),
-                    )
-                }
-            };
-            let mut de = serde_json::Deserializer::from_slice(&bytes);
-            let req: IssueRequest = match serde_path_to_error::deserialize(&mut de) {
+            let req: IssueRequest = match body_json(body, "a grant request").await {
                 Ok(r) => r,
-                Err(e) => {
-                    // The path names a field whose value is wrong (`ttl`); a missing or
-                    // unknown field is named in the message only.
-                    let path = e.path().to_string();
-                    let e = e.into_inner();
-                    let field = if path == "." {
-                        named_field(&e)
-                    } else {
-                        Some(path)
-                    };
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        field.as_deref(),
-                        format!("the body is not a grant request: {e}"),
-                    );
-                }
+                Err(r) => return r,
+            };
+            let Some(grants) = grants else {
+                return off("grants", "[grants]");
             };
             // Signing and the store's transaction are short but blocking.
             match issue(grants.clone(), req, who.to_string()).await {
@@ -415,26 +530,35 @@ async fn handle(req: Request<Incoming>, grants: Arc<Grants>, who: &str) -> Respo
                 Err(e) => internal(&e.to_string()),
             }
         }
-        (&Method::GET, ["v1", "grants", id]) => match grants.get(id) {
-            Ok(Some(g)) => json(StatusCode::OK, &g),
-            Ok(None) => not_found(id),
-            Err(e) => internal(&e.to_string()),
+        (&Method::GET, ["v1", "grants", id]) => match grants.map(|g| g.get(id)) {
+            Some(Ok(Some(g))) => json(StatusCode::OK, &g),
+            Some(Ok(None)) => not_found(id),
+            Some(Err(e)) => internal(&e.to_string()),
+            None => off("grants", "[grants]"),
         },
-        (&Method::DELETE, ["v1", "grants", id]) => match grants.revoke(id) {
-            Ok((g, n)) => json(
+        (&Method::DELETE, ["v1", "grants", id]) => match grants.map(|g| g.revoke(id)) {
+            Some(Ok((g, n))) => json(
                 StatusCode::OK,
                 &serde_json::json!({ "grant": g, "sessions_ended": n }),
             ),
-            Err(RevokeError::NotFound(_)) => not_found(id),
-            Err(e @ RevokeError::NotLive(_)) => {
+            Some(Err(RevokeError::NotFound(_))) => not_found(id),
+            Some(Err(e @ RevokeError::NotLive(_))) => {
                 error(StatusCode::CONFLICT, "conflict", None, e.to_string())
             }
-            Err(e) => internal(&e.to_string()),
+            Some(Err(e)) => internal(&e.to_string()),
+            None => off("grants", "[grants]"),
         },
-        (_, ["v1", "grants"] | ["v1", "grants", _] | ["v1", "ca"] | ["v1", "openapi.json"]) => {
+        (
+            _,
+            ["v1", "grants" | "sessions" | "locks"]
+            | ["v1", "grants" | "sessions" | "locks", _]
+            | ["v1", "ca"]
+            | ["v1", "openapi.json"],
+        ) => {
             let allow = match segments.as_slice() {
-                ["v1", "grants"] => "GET, POST",
-                ["v1", "grants", _] => "GET, DELETE",
+                ["v1", "grants" | "locks"] => "GET, POST",
+                ["v1", "grants" | "sessions", _] => "GET, DELETE",
+                ["v1", "locks", _] => "DELETE",
                 _ => "GET",
             };
             let mut r = error(
@@ -456,6 +580,15 @@ async fn handle(req: Request<Incoming>, grants: Arc<Grants>, who: &str) -> Respo
     };
     debug!(target: "sluice::control", method = %method, path = crate::text::clean(&path), status = resp.status().as_u16(), "control API request");
     resp
+}
+
+fn no_session(id: u64) -> Response<Full<Bytes>> {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        None,
+        format!("no live session {id}"),
+    )
 }
 
 async fn issue(
@@ -491,7 +624,7 @@ fn internal(e: &str) -> Response<Full<Bytes>> {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket could not be reached.
-    #[error("{}: {source}\n  is sluice running with a [grants] table, and may this user open its control socket?", path.display())]
+    #[error("{}: {source}\n  is sluice running (sluice serve), and may this user open its control socket?", path.display())]
     Connect {
         /// The socket.
         path: PathBuf,

@@ -436,6 +436,7 @@ async fn passthrough(cx: &Ctx, p: Box<Passthrough>, log: &mut ConnLog) {
         ..
     } = *p;
     log.route = Some("tunnel");
+    let _live = crate::sessions::table().route("tunnel");
     log.target = Some(format!("{name}:{TLS_PORT} (passthrough)"));
     let Some(_admitted) = gateway.admit(&name) else {
         log.outcome = Some(Outcome::Refused(

@@ -91,6 +91,7 @@ pub(super) async fn dispatch<S>(
         }
         Decision::Tunnel(name) => {
             log.route = Some("tunnel");
+            let _live = crate::sessions::table().route("tunnel");
             let Some(gateway) = &cx.snap.gateway else {
                 log.outcome = Some(Outcome::Refused(Side::Internal, "no tunnel gateway"));
                 close(client).await;
@@ -126,6 +127,8 @@ pub(super) async fn dispatch<S>(
         }
     };
     log.route = Some(kind.as_str());
+    // Counted in `GET /v1/sessions` while it lasts.
+    let _live = crate::sessions::table().route(kind.as_str());
     let route: &Route = cfg.route(kind);
     let Some(up) = &route.upstream else {
         match kind {

@@ -57,7 +57,7 @@ struct ControlTcp {
 pub struct Server {
     listeners: Vec<TcpListener>,
     admin: Option<TcpListener>,
-    /// The control API's socket, with `[grants]`.
+    /// The control API's socket.
     control: Option<(tokio::net::UnixListener, PathBuf)>,
     /// The control API on TCP (`[control] listen`): listener, TLS, tokens.
     control_tcp: Option<ControlTcp>,
@@ -81,16 +81,13 @@ impl Server {
             crate::audit::start(&dir, a.max_bytes)
                 .map_err(|source| ServeError::Audit { dir, source })?;
         }
-        // One store for the tunnel names and the grants (SQLite here, or Redis).
-        // With Redis, opened whatever tables there are: [tunnels] added at a reload uses it.
-        let store = match cfg.grants.is_some() || cfg.tunnels.is_some() || cfg.store.redis.is_some()
-        {
-            true => Some(Arc::new(
-                crate::store::Store::open_with(&cfg.store, &state_dir)
-                    .map_err(ServeError::Store)?,
-            )),
-            false => None,
-        };
+        // One store for the tunnel names, the grants and the locks (SQLite here, or Redis),
+        // opened whatever tables there are: [tunnels] added at a reload uses it.
+        let store = Arc::new(
+            crate::store::Store::open_with(&cfg.store, &state_dir).map_err(ServeError::Store)?,
+        );
+        let locks = Arc::new(crate::lock::Locks::open(store.clone()).map_err(ServeError::Store)?);
+        let store = Some(store);
         let grants = match (&cfg.grants, &store) {
             (Some(g), Some(store)) => Some(Arc::new(
                 crate::grant::Grants::open(
@@ -105,7 +102,11 @@ impl Server {
             )),
             _ => None,
         };
-        let persistent = reload::Persistent { grants, store };
+        let persistent = reload::Persistent {
+            grants,
+            store,
+            locks: Some(locks),
+        };
         let snapshot = build_snapshot(
             cfg.clone(),
             &certs,
@@ -140,20 +141,16 @@ impl Server {
             }
             None => None,
         };
-        let control = match &cfg.grants {
-            Some(_) => {
-                let path = crate::control::socket_path(&cfg.control, &state_dir);
-                let l =
-                    crate::control::bind(&path).map_err(|source| ServeError::ControlSocket {
-                        path: path.clone(),
-                        source,
-                    })?;
-                Some((l, path))
-            }
-            None => None,
+        let control = {
+            let path = crate::control::socket_path(&cfg.control, &state_dir);
+            let l = crate::control::bind(&path).map_err(|source| ServeError::ControlSocket {
+                path: path.clone(),
+                source,
+            })?;
+            Some((l, path))
         };
         let control_tcp = match (&cfg.control.listen, &cfg.control.tokens) {
-            (Some(addr), Some(tokens)) if cfg.grants.is_some() => Some(ControlTcp {
+            (Some(addr), Some(tokens)) => Some(ControlTcp {
                 tokens: Arc::new(crate::control::tokens::Tokens::load(tokens)?),
                 tls: crate::control::tls_config(certs.clone()).map_err(ServeError::ControlTls)?,
                 listener: bind(*addr).map_err(|source| ServeError::Bind {
@@ -266,15 +263,20 @@ impl Server {
             &limit,
             &self.liveness,
         );
+        let shared = self.shared.clone();
+        let tunnels: crate::admin::TunnelList = Arc::new(move || {
+            let snap = shared.snapshot.load();
+            match (&snap.cfg.tunnels, &snap.ssh) {
+                (Some(_), Some(ssh)) => ssh.registry.list(),
+                _ => Vec::new(),
+            }
+        });
+        let api = Arc::new(crate::control::Api {
+            grants: self.reloader.persistent.grants.clone(),
+            locks: self.reloader.persistent.locks.clone(),
+            tunnels: tunnels.clone(),
+        });
         if let Some(admin) = self.admin {
-            let shared = self.shared.clone();
-            let tunnels: crate::admin::TunnelList = Arc::new(move || {
-                let snap = shared.snapshot.load();
-                match (&snap.cfg.tunnels, &snap.ssh) {
-                    (Some(_), Some(ssh)) => ssh.registry.list(),
-                    _ => Vec::new(),
-                }
-            });
             tokio::spawn(crate::admin::serve(
                 admin,
                 self.readiness.clone(),
@@ -284,21 +286,26 @@ impl Server {
             ));
         }
         let stop_control = CancellationToken::new();
-        if let (Some((l, path)), Some(grants)) = (self.control, &self.reloader.persistent.grants) {
+        if let Some((l, path)) = self.control {
             tokio::spawn(crate::control::serve(
                 l,
                 path,
-                grants.clone(),
+                api.clone(),
                 stop_control.clone(),
             ));
+        }
+        if let Some(grants) = &self.reloader.persistent.grants {
             tokio::spawn(grants.clone().sweep(stop_control.clone()));
         }
-        if let (Some(c), Some(grants)) = (self.control_tcp, &self.reloader.persistent.grants) {
+        if let Some(locks) = &self.reloader.persistent.locks {
+            tokio::spawn(locks.clone().watch(stop_control.clone()));
+        }
+        if let Some(c) = self.control_tcp {
             tokio::spawn(crate::control::serve_tls(
                 c.listener,
                 c.tls,
                 c.tokens,
-                grants.clone(),
+                api.clone(),
                 stop_control.clone(),
             ));
         }

@@ -42,6 +42,7 @@ async fn dir_changed(w: Option<&tokio::io::unix::AsyncFd<crate::sys::DirWatch>>)
 pub(crate) struct Persistent {
     pub(crate) grants: Option<Arc<crate::grant::Grants>>,
     pub(crate) store: Option<Arc<crate::store::Store>>,
+    pub(crate) locks: Option<Arc<crate::lock::Locks>>,
 }
 
 /// Builds what new connections are served with. The embedded SSH server is kept from
@@ -85,6 +86,7 @@ pub(super) fn build_snapshot(
                     tunnels: cfg.tunnels.clone(),
                     grants: persistent.grants.clone(),
                     store: persistent.store.clone(),
+                    locks: persistent.locks.clone(),
                 },
             )?)),
         },

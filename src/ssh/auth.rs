@@ -36,6 +36,31 @@ pub(crate) struct Login {
     /// Whether the key's own namespace (`NAME-<short id>`) is open to it: not for grants,
     /// which publish exactly their port and name.
     pub(crate) own_namespace: bool,
+    /// The certificate it authenticated with, if any.
+    pub(crate) certificate: Option<crate::sessions::CertId>,
+    /// The grant's device, with `access`.
+    pub(crate) device: Option<String>,
+}
+
+impl Login {
+    /// Who this is, for the live sessions, locks and the trail.
+    pub(crate) fn identity(&self) -> crate::sessions::Identity {
+        crate::sessions::Identity {
+            user: self.user.clone(),
+            key: self.key.clone(),
+            certificate: self.certificate.clone(),
+            grant: self.access.as_ref().map(|a| a.grant.clone()),
+            device: self.device.clone(),
+        }
+    }
+}
+
+fn cert_id(cert: &Certificate) -> crate::sessions::CertId {
+    crate::sessions::CertId {
+        key_id: cert.key_id().to_string(),
+        serial: cert.serial(),
+        ca: cert.signature_key().fingerprint(HashAlg::Sha256).to_string(),
+    }
 }
 
 /// What an access grant lets its session publish.
@@ -94,6 +119,8 @@ pub(crate) enum Reason {
     UnsupportedCritical(String),
     /// A certificate from sluice's own CA whose grant does not let it in.
     Grant(String),
+    /// A lock matches the key, grant, device or source (its id and reason).
+    Locked(String, String),
 }
 
 impl fmt::Display for Reason {
@@ -102,6 +129,8 @@ impl fmt::Display for Reason {
         match self {
             Reason::RsaSha1 => f.write_str("ssh-rsa (SHA-1) signatures are not accepted"),
             Reason::KeyNotAuthorized => f.write_str("key not authorized"),
+            Reason::Locked(id, reason) if reason.is_empty() => write!(f, "locked ({id})"),
+            Reason::Locked(id, reason) => write!(f, "locked ({id}): {reason}"),
             Reason::FromNotAllowed => f.write_str("client address not allowed by from="),
             Reason::KeyExpired => f.write_str("key expired (expiry-time)"),
             Reason::CaSha1 => f.write_str("the CA signed with ssh-rsa (SHA-1)"),
@@ -213,6 +242,8 @@ pub(crate) fn authorize_key(
             expires: o.expiry,
             access: None,
             own_namespace: true,
+            certificate: None,
+            device: None,
         });
     }
     Err(Denial { what, reason })
@@ -261,6 +292,8 @@ pub(crate) fn authorize_cert(
                     expires,
                     access: None,
                     own_namespace: true,
+                    certificate: Some(cert_id(cert)),
+                    device: None,
                 });
             }
             Err(r) => reason = r,
@@ -298,6 +331,8 @@ pub(crate) fn grant_login(user: &str, cert: &Certificate, a: &crate::grant::Allo
             name: a.name.clone(),
         }),
         own_namespace: false,
+        certificate: Some(cert_id(cert)),
+        device: Some(a.device.clone()),
     }
 }
 

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::limits::{ChannelCount, ChannelSlot};
 use super::SshServer;
+use crate::sessions::{ChannelGuard, ChannelKind, Session};
 
 /// Name lookups in flight at once, across all sessions.
 static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
@@ -22,22 +23,29 @@ static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
 /// How long the client gets to accept a forwarded channel before the connection is dropped.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Relays a channel and a socket until both ends close.
 /// Relays a channel and a socket to the end; the bytes from the channel's side (`up`) and
-/// from the socket's (`down`).
+/// from the socket's (`down`). `record` (the session's record of this channel) counts them
+/// as they go and writes the channel's close to the trail when it is dropped.
 async fn splice<S>(
     server: &SshServer,
     channel: Channel<Msg>,
     mut socket: S,
     _slot: ChannelSlot,
+    record: Option<ChannelGuard>,
 ) -> crate::relay::Bytes
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut stream = channel.into_stream();
+    let counts = record.as_ref().map(ChannelGuard::counts).unwrap_or_default();
+    let mut stream = crate::io::Counted::quiet(channel.into_stream(), counts);
     crate::relay::relay(&mut stream, &mut socket, server.channel_idle, &server.stop)
         .await
         .0
+}
+
+/// The live session's record of a new channel, if the session is in the table.
+fn record(live: Option<&Arc<Session>>, kind: ChannelKind, target: String) -> Option<ChannelGuard> {
+    live.map(|s| s.channel(kind, target))
 }
 
 /// `-W`/`-L`/`-J`: resolve, check addresses against `permit_open`, connect, then accept the
@@ -53,6 +61,7 @@ pub(crate) async fn direct(
     peer: SocketAddr,
     user: String,
     slot: ChannelSlot,
+    live: Option<Arc<Session>>,
 ) {
     let _forward = crate::metrics::GaugeGuard::new(&crate::metrics::get().ssh_forwards_active);
     let target = format!("{host}:{port}");
@@ -116,7 +125,9 @@ pub(crate) async fn direct(
     let _ = tcp.set_nodelay(true);
     reply.accept().await;
     info!(target: "sluice::ssh", %peer, user, target, "direct-tcpip opened");
-    splice(&server, channel, tcp, slot).await;
+    let to = tcp.peer_addr().map_or(target.clone(), |a| format!("{target} ({a})"));
+    let rec = record(live.as_ref(), ChannelKind::Direct, to);
+    splice(&server, channel, tcp, slot, rec).await;
 }
 
 /// A tunnel a visitor asked for, and the session that serves it.
@@ -135,6 +146,7 @@ pub(crate) async fn to_tunnel(
     visit: Visit,
     peer: SocketAddr,
     slot: ChannelSlot,
+    live: Option<Arc<Session>>,
 ) {
     let Visit { to, name, port } = visit;
     let _forward = crate::metrics::GaugeGuard::new(&crate::metrics::get().ssh_forwards_active);
@@ -156,7 +168,8 @@ pub(crate) async fn to_tunnel(
     reply.accept().await;
     crate::metrics::count(&crate::metrics::get().tunnel_visits, "opened");
     info!(target: "sluice::ssh", %peer, tunnel = name, port, "direct-tcpip to a tunnel opened");
-    let bytes = splice(&server, channel, publisher.into_stream(), slot).await;
+    let rec = record(live.as_ref(), ChannelKind::Tunnel, format!("{name}:{port}"));
+    let bytes = splice(&server, channel, publisher.into_stream(), slot, rec).await;
     to.traffic.add(1, bytes.up, bytes.down);
 }
 
@@ -206,6 +219,7 @@ pub(crate) async fn reverse_tcp(
     address: String,
     port: u32,
     channels: Arc<ChannelCount>,
+    live: Option<Arc<Session>>,
 ) {
     // Held while the -R listener lives (the task is aborted when the forward ends).
     let _forward = crate::metrics::GaugeGuard::new(&crate::metrics::get().ssh_forwards_active);
@@ -221,7 +235,9 @@ pub(crate) async fn reverse_tcp(
         };
         let _ = tcp.set_nodelay(true);
         let (server, handle, address) = (server.clone(), handle.clone(), address.clone());
+        let live = live.clone();
         tokio::spawn(async move {
+            let what = format!("{address}:{port} from {from}");
             let open = handle.channel_open_forwarded_tcpip(
                 address,
                 port,
@@ -230,7 +246,8 @@ pub(crate) async fn reverse_tcp(
             );
             match tokio::time::timeout(OPEN_TIMEOUT, open).await {
                 Ok(Ok(channel)) => {
-                    splice(&server, channel, tcp, slot).await;
+                    let rec = record(live.as_ref(), ChannelKind::Reverse, what);
+                    splice(&server, channel, tcp, slot, rec).await;
                 }
                 Ok(Err(e)) => {
                     warn!(target: "sluice::ssh", port, error = %e, "reverse forward: the client refused the channel");
@@ -250,6 +267,7 @@ pub(crate) async fn reverse_unix(
     handle: Handle,
     socket_path: String,
     channels: Arc<ChannelCount>,
+    live: Option<Arc<Session>>,
 ) {
     let _forward = crate::metrics::GaugeGuard::new(&crate::metrics::get().ssh_forwards_active);
     loop {
@@ -261,7 +279,9 @@ pub(crate) async fn reverse_unix(
             continue;
         };
         let (server, handle, socket_path) = (server.clone(), handle.clone(), socket_path.clone());
+        let live = live.clone();
         tokio::spawn(async move {
+            let what = socket_path.clone();
             match tokio::time::timeout(
                 OPEN_TIMEOUT,
                 handle.channel_open_forwarded_streamlocal(socket_path),
@@ -269,7 +289,8 @@ pub(crate) async fn reverse_unix(
             .await
             {
                 Ok(Ok(channel)) => {
-                    splice(&server, channel, stream, slot).await;
+                    let rec = record(live.as_ref(), ChannelKind::ReverseSocket, what);
+                    splice(&server, channel, stream, slot, rec).await;
                 }
                 _ => {
                     warn!(target: "sluice::ssh", "reverse forward (unix): the client did not take the channel");

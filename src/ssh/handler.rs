@@ -98,6 +98,8 @@ pub(crate) struct Conn {
     names: HashSet<(String, u16)>,
     /// The access grant this session is attached to (revoking it ends the session).
     attached: Option<crate::grant::Attached>,
+    /// This session in the live table (`GET /v1/sessions`), once authenticated.
+    live: Option<crate::sessions::SessionGuard>,
 }
 
 /// Connection ids for tunnel registrations.
@@ -130,6 +132,7 @@ impl Conn {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             names: HashSet::new(),
             attached: None,
+            live: None,
         }
     }
 
@@ -189,7 +192,21 @@ impl Conn {
         Auth::reject()
     }
 
-    fn accept(&mut self, grant: Login, kind: &str) -> Auth {
+    /// An authentication method accepted `grant`; a lock may still refuse it.
+    async fn accept(&mut self, grant: Login, kind: &str) -> Auth {
+        let lock = self
+            .server
+            .locks
+            .as_ref()
+            .and_then(|l| l.matching(&grant.identity(), self.peer));
+        if let Some(l) = lock {
+            let user = grant.user.clone();
+            let denial = Denial {
+                what: grant.label,
+                reason: auth::Reason::Locked(l.id, l.reason),
+            };
+            return self.fail(&user, denial).await;
+        }
         info!(
             target: "sluice::ssh::auth",
             "Accepted {kind} for {} from {} port {} ssh2: {}",
@@ -309,6 +326,11 @@ impl Conn {
         true
     }
 
+    /// This session's record in the live table.
+    fn live_session(&self) -> Option<Arc<crate::sessions::Session>> {
+        self.live.as_ref().map(|g| g.session().clone())
+    }
+
     /// Listeners, sockets and names this session holds (bounded by `ssh.max_forwards`).
     fn held(&self) -> usize {
         self.forwards.len() + self.sockets.len() + self.names.len()
@@ -419,7 +441,7 @@ impl russh::server::Handler for Conn {
             self.peer.ip(),
             SystemTime::now(),
         ) {
-            Ok(grant) => Ok(self.accept(grant, "publickey")),
+            Ok(grant) => Ok(self.accept(grant, "publickey").await),
             Err(d) => Ok(self.fail(user, d).await),
         }
     }
@@ -431,7 +453,9 @@ impl russh::server::Handler for Conn {
     ) -> Result<Auth, Self::Error> {
         if let Some(grants) = self.server.grants.as_ref().filter(|g| g.signed_by_us(cert)) {
             return match grants.check(cert, user, self.peer.ip(), SystemTime::now()) {
-                Ok(a) => Ok(self.accept(auth::grant_login(user, cert, &a), "certificate")),
+                Ok(a) => Ok(self
+                    .accept(auth::grant_login(user, cert, &a), "certificate")
+                    .await),
                 Err(r) => {
                     crate::metrics::count(&crate::metrics::get().grant_events, "refused");
                     // Logged now: the session's last failure (logged at its end, as sshd
@@ -462,7 +486,7 @@ impl russh::server::Handler for Conn {
         }
         let keys = self.server.keys.current();
         match auth::authorize_cert(&keys, user, cert, self.peer.ip(), SystemTime::now()) {
-            Ok(grant) => Ok(self.accept(grant, "certificate")),
+            Ok(grant) => Ok(self.accept(grant, "certificate").await),
             Err(d) => Ok(self.fail(user, d).await),
         }
     }
@@ -502,6 +526,22 @@ impl russh::server::Handler for Conn {
             let end: crate::grant::EndSession =
                 Arc::new(move |why: &str| super::say_goodbye(&handle, &kill, why));
             self.attached = Some(grants.attach(id, self.id, end));
+        }
+        let (handle, kill) = (session.handle(), self.kill.clone());
+        self.live = Some(crate::sessions::table().enter(
+            self.id,
+            grant.identity(),
+            self.peer,
+            Box::new(move |why: &str| super::say_goodbye(&handle, &kill, why)),
+        ));
+        // A lock added between the check at authentication and now.
+        if let Some(l) = self
+            .server
+            .locks
+            .as_ref()
+            .and_then(|l| l.matching(&grant.identity(), self.peer))
+        {
+            super::say_goodbye(&session.handle(), &self.kill, &format!("locked ({})", l.id));
         }
         self.grant = Some(grant);
         Ok(())
@@ -654,6 +694,7 @@ impl russh::server::Handler for Conn {
                 forward::Visit { to, name, port },
                 self.peer,
                 slot,
+                self.live_session(),
             ));
             return Ok(());
         }
@@ -668,6 +709,7 @@ impl russh::server::Handler for Conn {
             self.peer,
             grant.user,
             slot,
+            self.live_session(),
         ));
         Ok(())
     }
@@ -737,7 +779,11 @@ impl russh::server::Handler for Conn {
             address.to_string(),
             u32::from(bound),
             self.channels.clone(),
+            self.live_session(),
         ));
+        if let Some(s) = self.live_session() {
+            s.listen(format!("{}:{bound}", self.server.settings.listen_address));
+        }
         self.forwards
             .insert((address.to_string(), u32::from(bound)), task);
         Ok(true)
@@ -760,6 +806,9 @@ impl russh::server::Handler for Conn {
         match self.forwards.remove(&(address.to_string(), port)) {
             Some(task) => {
                 task.abort();
+                if let Some(s) = self.live_session() {
+                    s.unlisten(&format!("{}:{port}", self.server.settings.listen_address));
+                }
                 info!(target: "sluice::ssh", peer = %self.peer, port, "reverse forward cancelled");
                 Ok(true)
             }
@@ -814,7 +863,11 @@ impl russh::server::Handler for Conn {
             session.handle(),
             socket_path.to_string(),
             self.channels.clone(),
+            self.live_session(),
         ));
+        if let Some(s) = self.live_session() {
+            s.listen(claim.path().display().to_string());
+        }
         self.sockets.insert(socket_path.to_string(), (task, claim));
         Ok(true)
     }
@@ -832,6 +885,9 @@ impl russh::server::Handler for Conn {
         match self.sockets.remove(socket_path) {
             Some((task, claim)) => {
                 task.abort();
+                if let Some(s) = self.live_session() {
+                    s.unlisten(&claim.path().display().to_string());
+                }
                 drop(claim);
                 Ok(true)
             }

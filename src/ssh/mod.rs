@@ -86,6 +86,8 @@ pub struct SshServer {
     pub(crate) registry: Arc<crate::tunnel::Registry>,
     /// `[grants]`: certificates from sluice's own CA, checked against the grant store.
     pub(crate) grants: Option<Arc<crate::grant::Grants>>,
+    /// Locks: checked at authentication.
+    pub(crate) locks: Option<Arc<crate::lock::Locks>>,
     host_fingerprint: String,
 }
 
@@ -99,6 +101,8 @@ pub struct Platform {
     /// The store tunnel names are kept in (shared with the grants); `None`: `sluice.db` in
     /// the state directory.
     pub store: Option<Arc<crate::store::Store>>,
+    /// Locks, checked at authentication.
+    pub locks: Option<Arc<crate::lock::Locks>>,
 }
 
 impl SshServer {
@@ -116,6 +120,7 @@ impl SshServer {
             tunnels,
             grants,
             store,
+            locks,
         } = platform;
         let key_path = host_key_path(settings, state_dir);
         let host_key = load_or_create_host_key(&key_path)?;
@@ -160,6 +165,7 @@ impl SshServer {
             tunnels,
             registry,
             grants,
+            locks,
             host_fingerprint,
         })
     }

@@ -276,6 +276,8 @@ mod tests {
             expires: None,
             access: None,
             own_namespace: true,
+            certificate: None,
+            device: None,
         }
     }
 

@@ -5,7 +5,8 @@
 //! Keys, under the prefix (default `sluice:`): `grant:ID` (a hash of the grant's fields),
 //! `all` (sorted set of every grant id by creation), `live` (live grant ids by expiry),
 //! `port` and `device` (hashes to the live grant id), `names` (tunnel name to owner),
-//! `keys` (fingerprints of keys a grant was issued for), `counts` (ended grants by reason).
+//! `keys` (fingerprints of keys a grant was issued for), `counts` (ended grants by reason),
+//! `locks` (lock id to the lock as JSON).
 //!
 //! One synchronous connection behind a mutex, with connect, read and write timeouts: a call
 //! blocks its thread (callers queue behind the mutex), a broken connection is made again on
@@ -17,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{Allot, Claim, GrantCounts, GrantRow, StoreError};
+use super::{Allot, Claim, GrantCounts, GrantRow, LockRow, StoreError};
 
 /// Ends one grant (`finish`), shared by the scripts below.
 const FINISH: &str = r#"
@@ -287,6 +288,50 @@ impl RedisStore {
             Some("ours") => Claim::Ours,
             _ => Claim::Other(out.get(1).cloned().unwrap_or_default()),
         })
+    }
+
+    pub(crate) fn add_lock(&self, l: &LockRow) -> Result<(), StoreError> {
+        let json = serde_json::to_string(l).unwrap_or_default();
+        let locks = self.key("locks");
+        self.with(|c| {
+            redis::cmd("HSET")
+                .arg(&locks)
+                .arg(&l.id)
+                .arg(&json)
+                .query::<i64>(c)
+        })?;
+        Ok(())
+    }
+
+    pub(crate) fn lift_lock(&self, id: &str) -> Result<Option<LockRow>, StoreError> {
+        let locks = self.key("locks");
+        // HGET then HDEL in one transaction: two lifts never both report the lock.
+        let (json, deleted): (Option<String>, i64) = self.with(|c| {
+            redis::pipe()
+                .atomic()
+                .cmd("HGET")
+                .arg(&locks)
+                .arg(id)
+                .cmd("HDEL")
+                .arg(&locks)
+                .arg(id)
+                .query(c)
+        })?;
+        Ok(json
+            .filter(|_| deleted == 1)
+            .and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    pub(crate) fn locks(&self) -> Result<Vec<LockRow>, StoreError> {
+        let locks = self.key("locks");
+        let m: HashMap<String, String> =
+            self.with(|c| redis::cmd("HGETALL").arg(&locks).query(c))?;
+        let mut v: Vec<LockRow> = m
+            .values()
+            .filter_map(|j| serde_json::from_str(j).ok())
+            .collect();
+        v.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        Ok(v)
     }
 
     pub(crate) fn names(&self) -> Result<Vec<(String, String)>, StoreError> {

@@ -110,6 +110,9 @@ pub struct LiveTunnel {
     pub bytes_to_publisher: u64,
     /// Bytes from the publisher to visitors.
     pub bytes_to_visitors: u64,
+    /// The publishing session (as in `GET /v1/sessions`).
+    #[serde(default)]
+    pub session: u64,
 }
 
 /// How a tunnel was published.
@@ -337,6 +340,7 @@ impl<T: Clone> Registry<T> {
                         visits: t.visits.load(Relaxed),
                         bytes_to_publisher: t.to_publisher.load(Relaxed),
                         bytes_to_visitors: t.to_visitors.load(Relaxed),
+                        session: l.session,
                     }
                 })
             })
