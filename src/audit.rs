@@ -100,13 +100,14 @@ pub enum Event {
         /// The publisher's address.
         peer: String,
     },
-    /// A tunnel was withdrawn by its publisher, or taken from a stale session (`evicted`).
+    /// A tunnel was withdrawn by its publisher, taken from a stale session (`evicted`), or
+    /// ended with its session (`session_ended`).
     TunnelEnded {
         /// The name.
         name: String,
         /// The port.
         port: u16,
-        /// `withdrawn` or `evicted`.
+        /// `withdrawn`, `evicted` or `session_ended`.
         how: String,
         /// The address of the session that asked.
         peer: String,

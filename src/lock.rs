@@ -153,14 +153,15 @@ fn view(r: &LockRow) -> LockView {
 fn valid_fingerprint(s: &str) -> bool {
     s.strip_prefix("SHA256:").is_some_and(|b| {
         b.len() == 43
-            && b
-                .bytes()
+            && b.bytes()
                 .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
     })
 }
 
 /// Checks a request; the row to store (without id, time and author).
-pub fn validate(req: &LockRequest) -> Result<(String, String, Option<Duration>, String), LockError> {
+pub fn validate(
+    req: &LockRequest,
+) -> Result<(String, String, Option<Duration>, String), LockError> {
     let field = |field, message: &str| LockError::Field {
         field,
         message: message.into(),
@@ -192,7 +193,10 @@ pub fn validate(req: &LockRequest) -> Result<(String, String, Option<Duration>, 
     let value = value.trim().to_string();
     match kind {
         "key" if !valid_fingerprint(&value) => {
-            return Err(field("key", "must be a key fingerprint, SHA256:... (ssh-keygen -lf KEY)"))
+            return Err(field(
+                "key",
+                "must be a key fingerprint, SHA256:... (ssh-keygen -lf KEY)",
+            ))
         }
         "grant"
             if !(value.starts_with("g-")
@@ -362,8 +366,7 @@ impl Locks {
         let now = unix(SystemTime::now());
         let before: Vec<String> = self.lock().iter().map(|l| l.row.id.clone()).collect();
         for row in self.store.locks()? {
-            if row.expires.is_some_and(|e| e <= now) && self.store.lift_lock(&row.id)?.is_some()
-            {
+            if row.expires.is_some_and(|e| e <= now) && self.store.lift_lock(&row.id)?.is_some() {
                 info!(target: "sluice::lock", lock = row.id, "lock expired");
                 crate::audit::record(|| crate::audit::Event::LockLifted {
                     lock: row.id.clone(),
@@ -418,21 +421,59 @@ mod tests {
             device: Some("d1".into()),
             ..req()
         };
-        assert!(matches!(validate(&two), Err(LockError::Field { field: "device", .. })));
+        assert!(matches!(
+            validate(&two),
+            Err(LockError::Field {
+                field: "device",
+                ..
+            })
+        ));
         let bad = |r: LockRequest, f: &str| match validate(&r) {
             Err(LockError::Field { field, .. }) => assert_eq!(field, f),
             other => panic!("{other:?}"),
         };
-        bad(LockRequest { key: Some("SHA256:short".into()), ..req() }, "key");
-        bad(LockRequest { grant: Some("x-12".into()), ..req() }, "grant");
-        bad(LockRequest { device: Some("a b".into()), ..req() }, "device");
-        bad(LockRequest { source: Some("10.0.0.0/33".into()), ..req() }, "source");
         bad(
-            LockRequest { source: Some("10.0.0.1".into()), ttl: Some(Duration::ZERO), ..req() },
+            LockRequest {
+                key: Some("SHA256:short".into()),
+                ..req()
+            },
+            "key",
+        );
+        bad(
+            LockRequest {
+                grant: Some("x-12".into()),
+                ..req()
+            },
+            "grant",
+        );
+        bad(
+            LockRequest {
+                device: Some("a b".into()),
+                ..req()
+            },
+            "device",
+        );
+        bad(
+            LockRequest {
+                source: Some("10.0.0.0/33".into()),
+                ..req()
+            },
+            "source",
+        );
+        bad(
+            LockRequest {
+                source: Some("10.0.0.1".into()),
+                ttl: Some(Duration::ZERO),
+                ..req()
+            },
             "ttl",
         );
         bad(
-            LockRequest { key: Some(FP.into()), reason: Some("x".repeat(201)), ..req() },
+            LockRequest {
+                key: Some(FP.into()),
+                reason: Some("x".repeat(201)),
+                ..req()
+            },
             "reason",
         );
         let ok = validate(&LockRequest {
@@ -477,7 +518,13 @@ mod tests {
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert!(locks.matching(&who, peer).is_none());
         let (l, _) = locks
-            .add(&LockRequest { key: Some(FP.into()), ..req() }, "test")
+            .add(
+                &LockRequest {
+                    key: Some(FP.into()),
+                    ..req()
+                },
+                "test",
+            )
             .unwrap();
         assert_eq!(locks.matching(&who, peer).unwrap().id, l.id);
         // A second server on the same store sees it.
@@ -485,7 +532,10 @@ mod tests {
         assert_eq!(again.list(), vec![l.clone()]);
         locks.lift(&l.id, "test").unwrap();
         assert!(locks.matching(&who, peer).is_none());
-        assert!(matches!(locks.lift(&l.id, "test"), Err(LockError::NotFound(_))));
+        assert!(matches!(
+            locks.lift(&l.id, "test"),
+            Err(LockError::NotFound(_))
+        ));
         // Expired: no longer matches, and the sweep removes it from the store.
         let mut row = store.locks().unwrap();
         assert!(row.is_empty());

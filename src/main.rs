@@ -909,7 +909,12 @@ fn sessions(a: SessionsArgs) -> Result<(), Failure> {
         );
         return Ok(());
     }
-    let v = control(&a.control.socket()?, http::Method::GET, "/v1/sessions", None)?;
+    let v = control(
+        &a.control.socket()?,
+        http::Method::GET,
+        "/v1/sessions",
+        None,
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
@@ -931,7 +936,10 @@ fn sessions(a: SessionsArgs) -> Result<(), Failure> {
             s.id, i.user, i.key, s.source, s.since, s.bytes_up, s.bytes_down
         );
         if let Some(c) = &i.certificate {
-            println!("       certificate {} serial {} CA {}", c.key_id, c.serial, c.ca);
+            println!(
+                "       certificate {} serial {} CA {}",
+                c.key_id, c.serial, c.ca
+            );
         }
         if let (Some(g), Some(d)) = (&i.grant, &i.device) {
             println!("       grant {g} device {d}");

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
+
+use tokio::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -446,7 +448,10 @@ mod tests {
         assert_eq!(ended.load(Relaxed), 1);
         drop(g);
         assert!(t.get(9_000_001).is_none());
-        assert_eq!(t.kill(9_000_001, "test"), Err(KillError::NotFound(9_000_001)));
+        assert_eq!(
+            t.kill(9_000_001, "test"),
+            Err(KillError::NotFound(9_000_001))
+        );
     }
 
     #[test]

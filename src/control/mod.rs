@@ -104,12 +104,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Serves the API on `listener` until `stop`; the socket file is removed then.
-pub async fn serve(
-    listener: UnixListener,
-    path: PathBuf,
-    api: Arc<Api>,
-    stop: CancellationToken,
-) {
+pub async fn serve(listener: UnixListener, path: PathBuf, api: Arc<Api>, stop: CancellationToken) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     info!(socket = %path.display(), "control API listening");
     while let Some((permit, (stream, _))) = next(&limit, &stop, || listener.accept()).await {
@@ -207,7 +202,11 @@ where
 }
 
 /// Checks the caller's token (on TCP), then answers; changes are logged with who asked.
-async fn authorized(req: Request<Incoming>, api: Arc<Api>, caller: Caller) -> Response<Full<Bytes>> {
+async fn authorized(
+    req: Request<Incoming>,
+    api: Arc<Api>,
+    caller: Caller,
+) -> Response<Full<Bytes>> {
     let who = match &caller {
         Caller::Socket => "the control socket".to_string(),
         Caller::Tcp { tokens, peer } => {
@@ -360,7 +359,11 @@ impl Api {
         let mut snap = crate::sessions::table().snapshot();
         let tunnels = (self.tunnels)();
         for s in &mut snap.sessions {
-            s.tunnels = tunnels.iter().filter(|t| t.session == s.id).cloned().collect();
+            s.tunnels = tunnels
+                .iter()
+                .filter(|t| t.session == s.id)
+                .cloned()
+                .collect();
         }
         snap
     }
@@ -375,15 +378,13 @@ fn off(what: &str, table: &str) -> Response<Full<Bytes>> {
     )
 }
 
-fn session_id(id: &str) -> Result<u64, Response<Full<Bytes>>> {
-    id.parse().map_err(|_| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            Some("id"),
-            format!("session ids are numbers, not {}", crate::text::clean(id)),
-        )
-    })
+fn bad_session_id(id: &str) -> Response<Full<Bytes>> {
+    error(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        Some("id"),
+        format!("session ids are numbers, not {}", crate::text::clean(id)),
+    )
 }
 
 async fn handle(req: Request<Incoming>, api: &Api, who: &str) -> Response<Full<Bytes>> {
@@ -426,19 +427,19 @@ async fn handle(req: Request<Incoming>, api: &Api, who: &str) -> Response<Full<B
             r
         }
         (&Method::GET, ["v1", "sessions"]) => json(StatusCode::OK, &api.sessions()),
-        (&Method::GET, ["v1", "sessions", id]) => match session_id(id) {
+        (&Method::GET, ["v1", "sessions", id]) => match id.parse::<u64>() {
             Ok(n) => match api.sessions().sessions.into_iter().find(|s| s.id == n) {
                 Some(s) => json(StatusCode::OK, &s),
                 None => no_session(n),
             },
-            Err(r) => r,
+            Err(_) => bad_session_id(id),
         },
-        (&Method::DELETE, ["v1", "sessions", id]) => match session_id(id) {
+        (&Method::DELETE, ["v1", "sessions", id]) => match id.parse::<u64>() {
             Ok(n) => match crate::sessions::table().kill(n, who) {
                 Ok(s) => json(StatusCode::OK, &serde_json::json!({ "session": s })),
                 Err(crate::sessions::KillError::NotFound(n)) => no_session(n),
             },
-            Err(r) => r,
+            Err(_) => bad_session_id(id),
         },
         (_, ["v1", "locks", ..]) if api.locks.is_none() => off("locks", "[store]"),
         (&Method::GET, ["v1", "locks"]) => match &api.locks {

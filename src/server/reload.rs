@@ -170,8 +170,21 @@ pub(super) fn cert_digest(cfg: &Config) -> Vec<Option<u64>> {
 }
 
 impl Reloader {
-    /// Reloads everything (SIGHUP). Returns what changed, or why nothing did.
+    /// Reloads everything (SIGHUP). Returns what changed, or why nothing did (both in the
+    /// audit trail).
     pub async fn reload(&self) -> Result<String, String> {
+        let r = self.reload_all().await;
+        crate::audit::record(|| crate::audit::Event::Reloaded {
+            what: "config".into(),
+            ok: r.is_ok(),
+            detail: match &r {
+                Ok(s) | Err(s) => s.clone(),
+            },
+        });
+        r
+    }
+
+    async fn reload_all(&self) -> Result<String, String> {
         let _one = self.lock.lock().await;
         let m = crate::metrics::get();
         let old = self.shared.snapshot.load_full();
@@ -296,6 +309,11 @@ impl Reloader {
                     match me.reload_certs().await {
                         Ok(fp) => {
                             info!(sha256 = %fp, "certificates reloaded: a file changed");
+                            crate::audit::record(|| crate::audit::Event::Reloaded {
+                                what: "certificates".into(),
+                                ok: true,
+                                detail: format!("a file changed; now sha256 {fp}"),
+                            });
                             failed = None;
                         }
                         Err(e) if failed.as_ref() == Some(&now) => {
@@ -304,6 +322,11 @@ impl Reloader {
                                 "certificates changed but do not load; the old ones stay in force: {e}"
                             );
                             crate::metrics::get().reload("certificates", false);
+                            crate::audit::record(|| crate::audit::Event::Reloaded {
+                                what: "certificates".into(),
+                                ok: false,
+                                detail: e.to_string(),
+                            });
                             *me.cert_digest.lock().await = now;
                             failed = None;
                         }

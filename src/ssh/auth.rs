@@ -59,7 +59,10 @@ fn cert_id(cert: &Certificate) -> crate::sessions::CertId {
     crate::sessions::CertId {
         key_id: cert.key_id().to_string(),
         serial: cert.serial(),
-        ca: cert.signature_key().fingerprint(HashAlg::Sha256).to_string(),
+        ca: cert
+            .signature_key()
+            .fingerprint(HashAlg::Sha256)
+            .to_string(),
     }
 }
 

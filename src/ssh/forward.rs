@@ -36,7 +36,10 @@ async fn splice<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let counts = record.as_ref().map(ChannelGuard::counts).unwrap_or_default();
+    let counts = record
+        .as_ref()
+        .map(ChannelGuard::counts)
+        .unwrap_or_default();
     let mut stream = crate::io::Counted::quiet(channel.into_stream(), counts);
     crate::relay::relay(&mut stream, &mut socket, server.channel_idle, &server.stop)
         .await
@@ -125,7 +128,9 @@ pub(crate) async fn direct(
     let _ = tcp.set_nodelay(true);
     reply.accept().await;
     info!(target: "sluice::ssh", %peer, user, target, "direct-tcpip opened");
-    let to = tcp.peer_addr().map_or(target.clone(), |a| format!("{target} ({a})"));
+    let to = tcp
+        .peer_addr()
+        .map_or(target.clone(), |a| format!("{target} ({a})"));
     let rec = record(live.as_ref(), ChannelKind::Direct, to);
     splice(&server, channel, tcp, slot, rec).await;
 }

@@ -201,6 +201,9 @@ impl Conn {
             .and_then(|l| l.matching(&grant.identity(), self.peer));
         if let Some(l) = lock {
             let user = grant.user.clone();
+            // Logged now: the line logged at the session's end names its last failure, often
+            // the client's next try with another key.
+            warn!(target: "sluice::lock", lock = l.id, user = super::clean(&user), peer = %self.peer, key = grant.key, "authentication refused: locked");
             let denial = Denial {
                 what: grant.label,
                 reason: auth::Reason::Locked(l.id, l.reason),
@@ -376,6 +379,14 @@ impl Drop for Conn {
         }
         if !self.names.is_empty() {
             self.server.registry.end_session(self.id);
+            for (name, port) in &self.names {
+                crate::audit::record(|| crate::audit::Event::TunnelEnded {
+                    name: name.clone(),
+                    port: *port,
+                    how: "session_ended".into(),
+                    peer: self.peer.to_string(),
+                });
+            }
         }
     }
 }

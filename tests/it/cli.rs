@@ -229,6 +229,13 @@ pub(crate) fn spawn_cmd(mut cmd: Command) -> Child2 {
     }
 }
 
+pub(crate) fn sighup(c: &Child) {
+    Command::new("kill")
+        .args(["-HUP", &c.id().to_string()])
+        .status()
+        .unwrap();
+}
+
 pub(crate) fn sigterm(c: &Child) {
     Command::new("kill")
         .args(["-TERM", &c.id().to_string()])

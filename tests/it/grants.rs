@@ -12,17 +12,17 @@ use crate::cli::Child2;
 use crate::ssh::{keygen, login_user, port_range, Key};
 use crate::support::{bin, need, TestCert};
 
-const DEVICE: &str = "00:1b:44:11:3a:b7";
+pub(crate) const DEVICE: &str = "00:1b:44:11:3a:b7";
 
 /// Where the grants are kept: the embedded store, or a real redis-server the test starts.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Backend {
+pub(crate) enum Backend {
     Sqlite,
     Redis,
 }
 
 /// A redis-server on a free loopback port, no persistence; killed on drop.
-struct Redis {
+pub(crate) struct Redis {
     child: std::process::Child,
     port: u16,
 }
@@ -69,7 +69,7 @@ impl Drop for Redis {
 }
 
 /// The `[store]` table for `backend` (and the server to keep alive with it).
-fn store_for(backend: Backend) -> (Option<Redis>, String) {
+pub(crate) fn store_for(backend: Backend) -> (Option<Redis>, String) {
     match backend {
         Backend::Sqlite => (None, String::new()),
         Backend::Redis => {
@@ -79,31 +79,52 @@ fn store_for(backend: Backend) -> (Option<Redis>, String) {
         }
     }
 }
-const NAME: &str = "00-1b-44-11-3a-b7";
+pub(crate) const NAME: &str = "00-1b-44-11-3a-b7";
 
 /// sluice as a child process with `[grants]` and `[tunnels]`, its log kept for searching.
-struct Server {
-    d: Option<Child2>,
-    dir: PathBuf,
-    cert: TestCert,
-    seen: Vec<String>,
-    first_port: u16,
+pub(crate) struct Server {
+    pub(crate) d: Option<Child2>,
+    pub(crate) dir: PathBuf,
+    pub(crate) cert: TestCert,
+    pub(crate) seen: Vec<String>,
+    pub(crate) first_port: u16,
     ports: String,
-    admin: Key,
+    pub(crate) admin: Key,
 }
 
 impl Server {
     /// The cloud's `admin` key may `-W/-J` to the device's name and to the grant ports.
-    fn start(dir: &Path, admin: Key, ports: u16, grants_extra: &str) -> Server {
+    pub(crate) fn start(dir: &Path, admin: Key, ports: u16, grants_extra: &str) -> Server {
         Server::start_on(dir, admin, port_range(ports), grants_extra)
     }
 
     /// As `start`, with `listen_ports` given: (first port, "FIRST-LAST").
-    fn start_on(dir: &Path, admin: Key, range: (u16, String), grants_extra: &str) -> Server {
+    pub(crate) fn start_on(
+        dir: &Path,
+        admin: Key,
+        range: (u16, String),
+        grants_extra: &str,
+    ) -> Server {
+        Server::start_keys(dir, admin, &[], range, grants_extra)
+    }
+
+    /// As `start_on`, with more authorized keys (OpenSSH public lines) than `admin`'s.
+    pub(crate) fn start_keys(
+        dir: &Path,
+        admin: Key,
+        more: &[&str],
+        range: (u16, String),
+        grants_extra: &str,
+    ) -> Server {
         need("ssh", "openssh-client");
         let cert = TestCert::new(&["localhost", "127.0.0.1", "*.t.localhost"]);
         let (first_port, ports) = range;
-        std::fs::write(dir.join("authorized_keys"), format!("{}\n", admin.public)).unwrap();
+        let mut keys = format!("{}\n", admin.public);
+        for k in more {
+            keys.push_str(k);
+            keys.push('\n');
+        }
+        std::fs::write(dir.join("authorized_keys"), keys).unwrap();
         let mut s = Server {
             d: None,
             dir: dir.to_path_buf(),
@@ -118,7 +139,7 @@ impl Server {
         s
     }
 
-    fn config(&self, grants_extra: &str) {
+    pub(crate) fn config(&self, grants_extra: &str) {
         let text = format!(
             "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\
              [routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\npermit_open = [\"{NAME}:22\", \"127.0.0.1:*\"]\n\
@@ -131,7 +152,7 @@ impl Server {
         std::fs::write(self.dir.join("sluice.toml"), text).unwrap();
     }
 
-    fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         let mut cmd = std::process::Command::new(bin());
         cmd.arg("serve")
             .arg("--config")
@@ -142,19 +163,19 @@ impl Server {
         self.seen.clear();
     }
 
-    fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.d.as_ref().unwrap().addr.port()
     }
 
     /// Stops sluice (SIGTERM) and waits for it.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let mut d = self.d.take().unwrap();
         crate::cli::sigterm(&d.child);
         crate::cli::wait_exit(&mut d.child, Duration::from_secs(10));
     }
 
     /// `sluice grant ARGS` against this server: (exit code, stdout, stderr).
-    async fn grant(&self, args: &[&str]) -> (i32, String, String) {
+    pub(crate) async fn grant(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(bin())
             .arg("grant")
             .args(args)
@@ -173,7 +194,7 @@ impl Server {
     }
 
     /// Issues a grant; the JSON sluice printed.
-    async fn issue(&self, args: &[&str]) -> serde_json::Value {
+    pub(crate) async fn issue(&self, args: &[&str]) -> serde_json::Value {
         let mut all = vec!["issue"];
         all.extend_from_slice(args);
         let (code, out, err) = self.grant(&all).await;
@@ -182,7 +203,7 @@ impl Server {
     }
 
     /// `sluice_grants` by state from /metrics: (live, revoked, expired, replaced).
-    async fn grant_gauges(&mut self) -> [u64; 4] {
+    pub(crate) async fn grant_gauges(&mut self) -> [u64; 4] {
         let line = self.line_with(&["admin endpoint"]);
         let addr = line
             .split("admin=")
@@ -207,12 +228,12 @@ impl Server {
     }
 
     /// The control socket.
-    fn socket(&self) -> PathBuf {
+    pub(crate) fn socket(&self) -> PathBuf {
         self.dir.join("state/control.sock")
     }
 
     /// Waits up to 20 s for a log line holding every needle (searching from the start).
-    fn line_with(&mut self, needles: &[&str]) -> String {
+    pub(crate) fn line_with(&mut self, needles: &[&str]) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(l) = self
@@ -235,7 +256,7 @@ impl Server {
 
     /// The device's `ssh` with the grant's key and certificate through `sluice connect`,
     /// logging in as `user`, plus `args`.
-    fn device_ssh(&self, key: &Path, user: &str, args: &[&str]) -> Command {
+    pub(crate) fn device_ssh(&self, key: &Path, user: &str, args: &[&str]) -> Command {
         let mut c = Command::new("ssh");
         c.args([
             "-F",
@@ -272,7 +293,7 @@ impl Server {
     }
 
     /// The device's `ssh` with `args`, run to its end (20 s), expected to fail.
-    async fn run_refused(&self, key: &Path, args: &[&str]) -> std::process::Output {
+    pub(crate) async fn run_refused(&self, key: &Path, args: &[&str]) -> std::process::Output {
         let out = tokio::time::timeout(
             Duration::from_secs(20),
             self.device_ssh(key, DEVICE, args).output(),
@@ -285,7 +306,7 @@ impl Server {
     }
 
     /// An ssh_config for the cloud: `Host sluice` through TLS, the admin key for every host.
-    fn cloud_config(&self) -> PathBuf {
+    pub(crate) fn cloud_config(&self) -> PathBuf {
         crate::ssh::jump_config(&self.dir, self.port(), &self.admin.private)
     }
 }
@@ -300,7 +321,7 @@ impl Drop for Server {
 }
 
 /// Writes the grant's private key (0600) and certificate as `DIR/device_key{,-cert.pub}`.
-fn save_credentials(dir: &Path, issued: &serde_json::Value) -> PathBuf {
+pub(crate) fn save_credentials(dir: &Path, issued: &serde_json::Value) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let key = dir.join("device_key");
     let private = issued["private_key"].as_str().expect("no private_key");
@@ -339,7 +360,11 @@ async fn until_device_answers(cfg: &Path, via: &[&str], what: &str) {
 }
 
 /// Waits up to `limit` for `child` to exit; its stderr.
-async fn exits_within(child: &mut tokio::process::Child, limit: Duration, what: &str) -> String {
+pub(crate) async fn exits_within(
+    child: &mut tokio::process::Child,
+    limit: Duration,
+    what: &str,
+) -> String {
     match tokio::time::timeout(limit, child.wait()).await {
         Ok(_) => {
             let mut err = String::new();

@@ -32,6 +32,9 @@ mod ssh_limits;
 /// Access grants: `sluice grant`, the control API, OpenSSH as the device with its certificate.
 mod grants;
 
+/// Live sessions, kill and locks, with real OpenSSH clients.
+mod sessions;
+
 /// `sluice connect`, the ProxyCommand helper, against the daemon and with OpenSSH.
 mod connect;
 
