@@ -21,6 +21,8 @@ use crate::store::{LockRow, Store, StoreError};
 
 /// How often the locks are re-read from the store (locks added elsewhere, expiries).
 pub const REFRESH: Duration = Duration::from_secs(1);
+/// The longest lock with a TTL (without one, a lock lasts until lifted).
+const MAX_TTL: Duration = Duration::from_secs(3650 * 86400);
 /// The longest reason kept.
 const MAX_REASON: usize = 200;
 
@@ -54,16 +56,16 @@ impl Target {
 #[serde(deny_unknown_fields)]
 pub struct LockRequest {
     /// A key fingerprint, `SHA256:...`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub key: Option<String>,
     /// A grant id, `g-...`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub grant: Option<String>,
     /// A device id.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub device: Option<String>,
     /// An address or CIDR.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub source: Option<String>,
     /// How long it lasts; default until lifted.
     #[serde(default, with = "humantime_serde")]
@@ -71,6 +73,11 @@ pub struct LockRequest {
     /// Why, for the trail and the disconnect message.
     #[serde(default)]
     pub reason: Option<String>,
+}
+
+/// A target given as `null` is refused (it would be a second target that is not there).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
 }
 
 /// A lock as the API shows it.
@@ -219,6 +226,9 @@ pub fn validate(
     }
     if req.ttl.is_some_and(|t| t < Duration::from_secs(1)) {
         return Err(field("ttl", "must be at least 1s"));
+    }
+    if req.ttl.is_some_and(|t| t > MAX_TTL) {
+        return Err(field("ttl", "at most 3650d (leave it out: until lifted)"));
     }
     let reason = req.reason.clone().unwrap_or_default();
     if reason.chars().count() > MAX_REASON {
