@@ -29,6 +29,13 @@ const GENESIS: &str = "000000000000000000000000000000000000000000000000000000000
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
+    /// sluice started writing the trail (at every start: a restart is visible).
+    AuditStarted {
+        /// sluice's version.
+        version: String,
+        /// The process id.
+        pid: u32,
+    },
     /// An access grant was issued.
     GrantIssued {
         /// The grant id.
@@ -416,14 +423,112 @@ pub fn files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// What `sluice audit search` keeps.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Lines at or after this time.
+    pub since: Option<SystemTime>,
+    /// Lines before this time.
+    pub until: Option<SystemTime>,
+    /// A key fingerprint, CA, certificate id or tunnel owner: contained in `key`, `owner`,
+    /// `label`, `what` or `value`.
+    pub identity: Option<String>,
+    /// A device id: equal to `device`, `user` (a grant's login is its device) or a lock's
+    /// value, or owning the tunnel (`owner`).
+    pub device: Option<String>,
+    /// A grant id: equal to `grant` or a lock's value.
+    pub grant: Option<String>,
+    /// A session id.
+    pub session: Option<u64>,
+    /// Event names (`session_killed`, ...); empty: all.
+    pub events: Vec<String>,
+}
+
+impl Filter {
+    /// Whether the line (one JSON object) passes; a line that is not one never does.
+    pub fn matches(&self, line: &str) -> bool {
+        let Ok(serde_json::Value::Object(o)) = serde_json::from_str::<serde_json::Value>(line)
+        else {
+            return false;
+        };
+        let text = |k: &str| o.get(k).and_then(|v| v.as_str());
+        if self.since.is_some() || self.until.is_some() {
+            let Some(t) = text("time").and_then(|t| humantime::parse_rfc3339(t).ok()) else {
+                return false;
+            };
+            if self.since.is_some_and(|s| t < s) || self.until.is_some_and(|u| t >= u) {
+                return false;
+            }
+        }
+        if !self.events.is_empty()
+            && !text("event").is_some_and(|e| self.events.iter().any(|x| x == e))
+        {
+            return false;
+        }
+        let any =
+            |keys: &[&str], f: &dyn Fn(&str) -> bool| keys.iter().any(|k| text(k).is_some_and(f));
+        if let Some(id) = &self.identity {
+            if !any(&["key", "owner", "label", "what", "value"], &|v| {
+                v.contains(id.as_str())
+            }) {
+                return false;
+            }
+        }
+        if let Some(d) = &self.device {
+            let owner = crate::store::device_owner(d);
+            if !any(&["device", "user", "value"], &|v| v == d) && text("owner") != Some(&owner) {
+                return false;
+            }
+        }
+        if let Some(g) = &self.grant {
+            if !any(&["grant", "value"], &|v| v == g) {
+                return false;
+            }
+        }
+        if let Some(n) = self.session {
+            if o.get("session").and_then(|v| v.as_u64()) != Some(n) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Calls `out` with every line of `files` (in order) that `filter` keeps; how many.
+pub fn search(
+    files: &[PathBuf],
+    filter: &Filter,
+    mut out: impl FnMut(&str),
+) -> Result<u64, VerifyError> {
+    let mut n = 0;
+    for path in files {
+        let f = File::open(path).map_err(|source| VerifyError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        for line in BufReader::new(f).lines() {
+            let line = line.map_err(|source| VerifyError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            if filter.matches(&line) {
+                out(&line);
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
 /// The chain as the trail in `dir` leaves it (its last line), to continue it.
 fn resume(dir: &Path) -> Chain {
     let mut chain = Chain::default();
     let Ok(files) = files_in(dir) else {
         return chain;
     };
-    // The last line of the newest file that has one.
-    for path in files.iter().rev() {
+    // The last line of the newest file that has one (regular files only: a device such as
+    // /dev/full or a FIFO in its place would be read forever).
+    for path in files.iter().rev().filter(|p| is_regular(p)) {
         let Ok(f) = File::open(path) else { continue };
         let last = BufReader::new(f).lines().map_while(Result::ok).last();
         if let Some(line) = last {
@@ -443,44 +548,62 @@ fn resume(dir: &Path) -> Chain {
 struct Writer {
     dir: PathBuf,
     max_bytes: u64,
+    rotate_daily: bool,
     file: File,
     size: u64,
     chain: Chain,
     /// The sequence number of the current file's first line (its name when rotated).
     first_seq: u64,
+    /// The UTC day of the current file's first line.
+    day: u64,
 }
 
 impl Writer {
-    fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Writer> {
+    fn open(dir: &Path, max_bytes: u64, rotate_daily: bool) -> std::io::Result<Writer> {
         crate::state::ensure_dir(dir)?;
         let chain = resume(dir);
         let path = dir.join(CURRENT);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let file = open_current(&path)?;
         let size = file.metadata()?.len();
         let first_seq = first_seq_of(&path).unwrap_or(chain.next_seq);
+        let day = first_day_of(&path).unwrap_or_else(|| day_of(SystemTime::now()));
         Ok(Writer {
             dir: dir.to_path_buf(),
             max_bytes,
+            rotate_daily,
             file,
             size,
             chain,
             first_seq,
+            day,
         })
     }
 
-    fn write(&mut self, event: &Event) -> std::io::Result<()> {
-        if self.size >= self.max_bytes {
+    /// Writes `event` at `now`. The chain moves on only once the line is written: a failed
+    /// write leaves no gap for `verify` to report.
+    fn write(&mut self, event: &Event, now: SystemTime) -> std::io::Result<()> {
+        let new_day = self.rotate_daily && day_of(now) != self.day;
+        if self.size > 0 && (self.size >= self.max_bytes || new_day) {
             self.rotate()?;
         }
-        let mut line = self.chain.line(event, SystemTime::now());
+        if self.size == 0 {
+            self.day = day_of(now);
+        }
+        let mut chain = self.chain.clone();
+        let mut line = chain.line(event, now);
         line.push('\n');
         self.file.write_all(line.as_bytes())?;
+        self.chain = chain;
         self.size += line.len() as u64;
+        Ok(())
+    }
+
+    /// Opens the current file again (after a failed write), where the chain left it.
+    fn reopen(&mut self) -> std::io::Result<()> {
+        let path = self.dir.join(CURRENT);
+        self.file = open_current(&path)?;
+        self.size = self.file.metadata()?.len();
+        self.first_seq = first_seq_of(&path).unwrap_or(self.chain.next_seq);
         Ok(())
     }
 
@@ -489,20 +612,55 @@ impl Writer {
         self.file.flush()?;
         let to = self.dir.join(format!("audit-{:020}.log", self.first_seq));
         std::fs::rename(self.dir.join(CURRENT), to)?;
-        let path = self.dir.join(CURRENT);
-        self.file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        self.file = open_current(&self.dir.join(CURRENT))?;
         self.size = 0;
         self.first_seq = self.chain.next_seq;
         Ok(())
     }
 }
 
+fn is_regular(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file())
+}
+
+/// The day (since the epoch, UTC) of `t`.
+fn day_of(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86400)
+}
+
+/// The day of the first line of `path`, if it has one.
+fn first_day_of(path: &Path) -> Option<u64> {
+    if !is_regular(path) {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Time {
+        time: String,
+    }
+    let f = File::open(path).ok()?;
+    let first = BufReader::new(f).lines().next()?.ok()?;
+    let t: Time = serde_json::from_str(&first).ok()?;
+    humantime::parse_rfc3339(&t.time).ok().map(day_of)
+}
+
+/// Opens the current file for appending, private (a non-regular file is left as it is).
+fn open_current(path: &Path) -> std::io::Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    if is_regular(path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
+}
+
 fn first_seq_of(path: &Path) -> Option<u64> {
+    if !is_regular(path) {
+        return None;
+    }
     let f = File::open(path).ok()?;
     let first = BufReader::new(f).lines().next()?.ok()?;
     head(&first).ok().map(|h| h.seq)
@@ -518,23 +676,56 @@ pub fn dir(settings: &crate::config::AuditSettings, state_dir: &Path) -> PathBuf
         .unwrap_or_else(|| state_dir.join("audit"))
 }
 
-/// Starts the trail in `dir` (rotating at `max_bytes`); events recorded before this, or
-/// without it, go nowhere.
-pub fn start(dir: &Path, max_bytes: u64) -> std::io::Result<()> {
-    let mut w = Writer::open(dir, max_bytes)?;
+/// Whether the last write succeeded (or none failed yet).
+static WRITABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+/// `[audit] on_failure = "refuse"`: new sessions wait for a writable trail.
+static REFUSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Starts the trail `settings` describe in `dir`; events recorded before this, or without
+/// it, go nowhere.
+pub fn start(dir: &Path, settings: &crate::config::AuditSettings) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering::Release;
+    let mut w = Writer::open(dir, settings.max_bytes, settings.rotate_daily)?;
     let (tx, rx) = sync_channel::<Event>(QUEUE);
     std::thread::Builder::new()
         .name("sluice-audit".into())
         .spawn(move || {
             while let Ok(e) = rx.recv() {
-                if let Err(err) = w.write(&e) {
-                    failed("write", &err.to_string());
+                // Once more on a fresh open: the file may have been moved or replaced.
+                let r = w
+                    .write(&e, SystemTime::now())
+                    .or_else(|_| w.reopen().and_then(|()| w.write(&e, SystemTime::now())));
+                match r {
+                    Ok(()) => {
+                        if !WRITABLE.swap(true, Release) {
+                            tracing::info!(target: "sluice::audit", "audit trail: written again");
+                        }
+                    }
+                    Err(err) => {
+                        WRITABLE.store(false, Release);
+                        failed("write", &err.to_string());
+                    }
                 }
             }
         })?;
+    REFUSE.store(
+        settings.on_failure == crate::config::AuditFailure::Refuse,
+        Release,
+    );
     let _ = TRAIL.set(tx);
+    record(|| Event::AuditStarted {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+    });
     tracing::info!(dir = %dir.display(), "audit trail: {}", dir.join(CURRENT).display());
     Ok(())
+}
+
+/// Whether a new session must be refused: `on_failure = "refuse"` and the trail's last write
+/// (or queueing) failed. The refusal is itself an event, whose write tells when it works again.
+pub fn refusing() -> bool {
+    use std::sync::atomic::Ordering::Acquire;
+    REFUSE.load(Acquire) && !WRITABLE.load(Acquire)
 }
 
 fn failed(what: &'static str, why: &str) {
@@ -548,7 +739,10 @@ pub fn record(make: impl FnOnce() -> Event) {
     if let Some(tx) = TRAIL.get() {
         match tx.try_send(make()) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => failed("queue_full", "the writer is behind"),
+            Err(TrySendError::Full(_)) => {
+                WRITABLE.store(false, std::sync::atomic::Ordering::Release);
+                failed("queue_full", "the writer is behind");
+            }
             Err(TrySendError::Disconnected(_)) => failed("writer_gone", "the writer stopped"),
         }
     }
@@ -611,15 +805,16 @@ mod tests {
     #[test]
     fn rotation_and_a_restart_keep_one_chain() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = Writer::open(dir.path(), 600).unwrap();
+        let now = SystemTime::now();
+        let mut w = Writer::open(dir.path(), 600, true).unwrap();
         for i in 0..20 {
-            w.write(&ev(i)).unwrap();
+            w.write(&ev(i), now).unwrap();
         }
         drop(w);
         // A restart continues where the trail ends.
-        let mut w = Writer::open(dir.path(), 600).unwrap();
+        let mut w = Writer::open(dir.path(), 600, true).unwrap();
         for i in 20..25 {
-            w.write(&ev(i)).unwrap();
+            w.write(&ev(i), now).unwrap();
         }
         drop(w);
         let files = files_in(dir.path()).unwrap();
@@ -636,5 +831,129 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_new_day_starts_a_new_file_and_the_chain_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = std::time::Duration::from_secs(86400);
+        let t0 = std::time::UNIX_EPOCH + day * 20_000 + std::time::Duration::from_secs(3600);
+        let mut w = Writer::open(dir.path(), 1 << 20, true).unwrap();
+        w.write(&ev(0), t0).unwrap();
+        w.write(&ev(1), t0 + std::time::Duration::from_secs(60))
+            .unwrap();
+        // Restarted on the same day: the same file.
+        drop(w);
+        let mut w = Writer::open(dir.path(), 1 << 20, true).unwrap();
+        assert_eq!(w.day, 20_000);
+        w.write(&ev(2), t0 + std::time::Duration::from_secs(120))
+            .unwrap();
+        assert_eq!(files_in(dir.path()).unwrap().len(), 1);
+        w.write(&ev(3), t0 + day).unwrap();
+        w.write(&ev(4), t0 + day * 3).unwrap();
+        let files = files_in(dir.path()).unwrap();
+        assert_eq!(files.len(), 3, "{files:?}");
+        assert_eq!(verify(&files, false).unwrap(), 5);
+        // Size only: one file.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(dir.path(), 1 << 20, false).unwrap();
+        w.write(&ev(0), t0).unwrap();
+        w.write(&ev(1), t0 + day).unwrap();
+        assert_eq!(files_in(dir.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn search_filters_by_time_identity_device_grant_session_and_event() {
+        let mut c = Chain::default();
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let killed = c.line(
+            &Event::SessionKilled {
+                session: 7,
+                user: "dev-1".into(),
+                key: "SHA256:abc".into(),
+                peer: "127.0.0.1:1".into(),
+                by: "the control socket".into(),
+                why: "closed by an administrator".into(),
+            },
+            t,
+        );
+        let locked = c.line(
+            &Event::LockAdded {
+                lock: "l-1".into(),
+                kind: "grant".into(),
+                value: "g-9".into(),
+                reason: String::new(),
+                expires: None,
+                by: "x".into(),
+            },
+            t + std::time::Duration::from_secs(3600),
+        );
+        let f = |f: Filter| (f.matches(&killed), f.matches(&locked));
+        assert_eq!(f(Filter::default()), (true, true));
+        let later = t + std::time::Duration::from_secs(60);
+        assert_eq!(
+            f(Filter {
+                since: Some(later),
+                ..Filter::default()
+            }),
+            (false, true)
+        );
+        assert_eq!(
+            f(Filter {
+                until: Some(later),
+                ..Filter::default()
+            }),
+            (true, false)
+        );
+        assert_eq!(
+            f(Filter {
+                identity: Some("SHA256:ab".into()),
+                ..Filter::default()
+            }),
+            (true, false)
+        );
+        assert_eq!(
+            f(Filter {
+                device: Some("dev-1".into()),
+                ..Filter::default()
+            }),
+            (true, false)
+        );
+        assert_eq!(
+            f(Filter {
+                grant: Some("g-9".into()),
+                ..Filter::default()
+            }),
+            (false, true)
+        );
+        assert_eq!(
+            f(Filter {
+                session: Some(7),
+                ..Filter::default()
+            }),
+            (true, false)
+        );
+        assert_eq!(
+            f(Filter {
+                events: vec!["lock_added".into()],
+                ..Filter::default()
+            }),
+            (false, true)
+        );
+        assert!(!Filter::default().matches("not json"));
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_gap_in_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(dir.path(), 1 << 20, false).unwrap();
+        let now = SystemTime::now();
+        w.write(&ev(0), now).unwrap();
+        let good = std::mem::replace(&mut w.file, File::open("/dev/null").unwrap());
+        // Read-only: the write fails; the chain stays where it was.
+        assert!(w.write(&ev(1), now).is_err());
+        w.file = good;
+        w.write(&ev(2), now).unwrap();
+        assert_eq!(verify(&files_in(dir.path()).unwrap(), false).unwrap(), 2);
     }
 }

@@ -139,6 +139,35 @@ enum LockCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
+    /// Print the trail's lines (JSON, oldest first) that match every filter given; exit 1 if
+    /// none does.
+    Search {
+        /// The files, oldest first; default: the trail's directory.
+        files: Vec<PathBuf>,
+        /// Only events this recent (`1h`, `2d`) or since this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events before this long ago (`30m`) or this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// A key fingerprint (SHA256:...), CA, certificate id or tunnel owner.
+        #[arg(long)]
+        identity: Option<String>,
+        /// A grant device id.
+        #[arg(long)]
+        device: Option<String>,
+        /// A grant id.
+        #[arg(long)]
+        grant: Option<String>,
+        /// A session id (from `sluice sessions`).
+        #[arg(long)]
+        session: Option<u64>,
+        /// Only these events (repeatable): session_killed, forward_opened, ...
+        #[arg(long)]
+        event: Vec<String>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Check the trail's hash chain (every file of [audit] dir, oldest first, or FILES in the
     /// order given); names the first line that breaks it. Exit 0 if it holds, 1 if not.
     Verify {
@@ -735,17 +764,33 @@ fn control(
     ))
 }
 
-fn audit(cmd: AuditCommand) -> Result<(), Failure> {
-    let AuditCommand::Verify {
-        files,
-        from_first,
-        state,
-    } = cmd;
+/// A time given as a duration before now (`1h`) or an RFC 3339 time.
+fn when(flag: &str, v: &str) -> Result<std::time::SystemTime, Failure> {
+    if let Ok(d) = humantime::parse_duration(v) {
+        return Ok(std::time::SystemTime::now()
+            .checked_sub(d)
+            .unwrap_or(std::time::UNIX_EPOCH));
+    }
+    humantime::parse_rfc3339_weak(v).map_err(|_| {
+        Failure::new(
+            EX_USAGE,
+            format!("sluice audit search: {flag} {v}: a duration (1h, 2d) or a time (2026-12-01T10:00:00Z)"),
+        )
+    })
+}
+
+/// The trail's files: those given, else every file in the trail's directory.
+fn audit_files(
+    what: &str,
+    files: Vec<PathBuf>,
+    state: &StateArgs,
+) -> Result<Vec<PathBuf>, Failure> {
     let files = if files.is_empty() {
         let cfg = match &state.config {
-            Some(p) => {
-                Some(Config::load(p).map_err(|e| Failure::of("sluice audit: config error", &e))?)
-            }
+            Some(p) => Some(
+                Config::load(p)
+                    .map_err(|e| Failure::of(&format!("sluice audit {what}: config error"), &e))?,
+            ),
             None => None,
         };
         let state_dir = sluice::state::resolve(
@@ -756,15 +801,12 @@ fn audit(cmd: AuditCommand) -> Result<(), Failure> {
         );
         let settings = cfg
             .and_then(|c| c.audit)
-            .unwrap_or(sluice::config::AuditSettings {
-                dir: None,
-                max_bytes: 0,
-            });
+            .unwrap_or_else(|| sluice::config::AuditSettings::defaults(None));
         let dir = sluice::audit::dir(&settings, &state_dir);
         sluice::audit::files_in(&dir).map_err(|e| {
             Failure::new(
                 sluice::exit::EX_NOINPUT,
-                format!("sluice audit verify: {}: {e}", dir.display()),
+                format!("sluice audit {what}: {}: {e}", dir.display()),
             )
         })?
     } else {
@@ -773,15 +815,65 @@ fn audit(cmd: AuditCommand) -> Result<(), Failure> {
     if files.is_empty() {
         return Err(Failure::new(
             sluice::exit::EX_NOINPUT,
-            "sluice audit verify: no audit files",
+            format!("sluice audit {what}: no audit files"),
         ));
     }
-    match sluice::audit::verify(&files, from_first) {
-        Ok(n) => {
-            println!("ok: {n} lines in {} files, the chain holds", files.len());
+    Ok(files)
+}
+
+fn audit(cmd: AuditCommand) -> Result<(), Failure> {
+    match cmd {
+        AuditCommand::Verify {
+            files,
+            from_first,
+            state,
+        } => {
+            let files = audit_files("verify", files, &state)?;
+            match sluice::audit::verify(&files, from_first) {
+                Ok(n) => {
+                    println!("ok: {n} lines in {} files, the chain holds", files.len());
+                    Ok(())
+                }
+                Err(e) => Err(Failure::new(1, format!("sluice audit verify: {e}"))),
+            }
+        }
+        AuditCommand::Search {
+            files,
+            since,
+            until,
+            identity,
+            device,
+            grant,
+            session,
+            event,
+            state,
+        } => {
+            let filter = sluice::audit::Filter {
+                since: since.as_deref().map(|v| when("--since", v)).transpose()?,
+                until: until.as_deref().map(|v| when("--until", v)).transpose()?,
+                identity,
+                device,
+                grant,
+                session,
+                events: event,
+            };
+            let files = audit_files("search", files, &state)?;
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let n = sluice::audit::search(&files, &filter, |l| {
+                let _ = writeln!(out, "{l}");
+            })
+            .map_err(|e| {
+                Failure::new(
+                    sluice::exit::EX_NOINPUT,
+                    format!("sluice audit search: {e}"),
+                )
+            })?;
+            if n == 0 {
+                return Err(Failure::new(1, "sluice audit search: no matching events"));
+            }
             Ok(())
         }
-        Err(e) => Err(Failure::new(1, format!("sluice audit verify: {e}"))),
     }
 }
 

@@ -47,6 +47,8 @@ pub(super) struct File {
 pub(super) struct AuditTable {
     pub dir: Option<Spanned<PathBuf>>,
     pub max_bytes: Option<Spanned<u64>>,
+    pub rotate_daily: Option<Spanned<bool>>,
+    pub on_failure: Option<Spanned<String>>,
 }
 
 /// `[store]`: where names and grants are kept.

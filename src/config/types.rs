@@ -77,6 +77,32 @@ pub struct AuditSettings {
     pub dir: Option<PathBuf>,
     /// A file is rotated once it reaches this size.
     pub max_bytes: u64,
+    /// A file is also rotated when the UTC day changes.
+    pub rotate_daily: bool,
+    /// What happens to new SSH sessions while the trail cannot be written.
+    pub on_failure: AuditFailure,
+}
+
+/// `[audit] on_failure`: what a trail that cannot be written does to new sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuditFailure {
+    /// Serve on; the failure is logged and counted (`sluice_audit_failures_total`).
+    #[default]
+    Continue,
+    /// Refuse new SSH sessions until a write succeeds again (live ones go on).
+    Refuse,
+}
+
+impl AuditSettings {
+    /// `[audit]` with every default, in `dir` (or the state directory's `audit`).
+    pub fn defaults(dir: Option<PathBuf>) -> AuditSettings {
+        AuditSettings {
+            dir,
+            max_bytes: 64 << 20,
+            rotate_daily: true,
+            on_failure: AuditFailure::Continue,
+        }
+    }
 }
 
 /// `[store]`: where tunnel names and grants are kept.

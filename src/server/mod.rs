@@ -78,8 +78,7 @@ impl Server {
         let ticketer = tls::ticketer()?;
         if let Some(a) = &cfg.audit {
             let dir = crate::audit::dir(a, &state_dir);
-            crate::audit::start(&dir, a.max_bytes)
-                .map_err(|source| ServeError::Audit { dir, source })?;
+            crate::audit::start(&dir, a).map_err(|source| ServeError::Audit { dir, source })?;
         }
         // One store for the tunnel names, the grants and the locks (SQLite here, or Redis),
         // opened whatever tables there are: [tunnels] added at a reload uses it.

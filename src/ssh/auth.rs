@@ -124,6 +124,8 @@ pub(crate) enum Reason {
     Grant(String),
     /// A lock matches the key, grant, device or source (its id and reason).
     Locked(String, String),
+    /// The audit trail cannot be written and `[audit] on_failure` is `refuse`.
+    AuditUnavailable,
 }
 
 impl fmt::Display for Reason {
@@ -132,6 +134,7 @@ impl fmt::Display for Reason {
         match self {
             Reason::RsaSha1 => f.write_str("ssh-rsa (SHA-1) signatures are not accepted"),
             Reason::KeyNotAuthorized => f.write_str("key not authorized"),
+            Reason::AuditUnavailable => f.write_str("the audit trail cannot be written"),
             Reason::Locked(id, reason) if reason.is_empty() => write!(f, "locked ({id})"),
             Reason::Locked(id, reason) => write!(f, "locked ({id}): {reason}"),
             Reason::FromNotAllowed => f.write_str("client address not allowed by from="),

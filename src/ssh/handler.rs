@@ -141,13 +141,15 @@ impl Conn {
     /// penalised source the answer waits (see `penalty`); the connection's end still cuts it.
     async fn fail(&mut self, user: &str, denial: Denial) -> Auth {
         self.failures += 1;
+        // The trail is JSON (it escapes what it must): the login as sent, not as logged.
+        let raw_user = user.to_string();
         let (user, what) = (super::clean(user), super::clean_text(&denial.what));
         // Reasons quote certificate fields; those are escaped where they are quoted, this
         // keeps any other text to one line.
         let reason = super::clean_text(&denial.reason.to_string());
         debug!(target: "sluice::ssh::auth", peer = %self.peer, user, what, reason, "publickey attempt rejected");
         crate::audit::record(|| crate::audit::Event::SshAuthRefused {
-            user: user.clone(),
+            user: raw_user,
             peer: self.peer.to_string(),
             what: what.clone(),
             reason: reason.clone(),
@@ -194,6 +196,15 @@ impl Conn {
 
     /// An authentication method accepted `grant`; a lock may still refuse it.
     async fn accept(&mut self, grant: Login, kind: &str) -> Auth {
+        if crate::audit::refusing() {
+            warn!(target: "sluice::audit", peer = %self.peer, user = super::clean(&grant.user), "authentication refused: the audit trail cannot be written ([audit] on_failure = \"refuse\")");
+            let user = grant.user.clone();
+            let denial = Denial {
+                what: grant.label,
+                reason: auth::Reason::AuditUnavailable,
+            };
+            return self.fail(&user, denial).await;
+        }
         let lock = self
             .server
             .locks

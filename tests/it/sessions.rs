@@ -490,6 +490,53 @@ async fn sessions_are_listed_killed_and_locked_out_with_every_event_in_the_trail
     let (code, out, err) = sluice(&s, &["audit", "verify"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("ok: "), "{out}");
+    // Every line holds to the committed schema (which holds to src/audit.rs).
+    schema_holds(&trail);
+    // Search: by identity and event, by device and time.
+    let (code, out, err) = sluice(
+        &s,
+        &[
+            "audit",
+            "search",
+            "--identity",
+            &other_fp,
+            "--event",
+            "session_killed",
+            "--session",
+            &oid.to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains(&format!("\"session\":{oid}")), "{out}");
+    let (code, out, _) = sluice(
+        &s,
+        &["audit", "search", "--since", "1h", "--device", DEVICE],
+    )
+    .await;
+    assert_eq!(code, 0);
+    for e in [
+        "grant_used",
+        "lock_added",
+        "ssh_auth_refused",
+        "tunnel_published",
+    ] {
+        assert!(
+            out.contains(&format!("\"event\":\"{e}\"")),
+            "no {e} for the device:\n{out}"
+        );
+    }
+    assert!(
+        !out.contains(&other_fp),
+        "another key's events in the device's:\n{out}"
+    );
+    let (code, out, _) = sluice(&s, &["audit", "search", "--until", "1h"]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (1, ""),
+        "events from over an hour ago"
+    );
     // A deleted line and a swapped pair are named where they break the chain.
     let lines: Vec<&str> = text.lines().collect();
     let broken = |name: &str, lines: Vec<&str>| {
@@ -519,6 +566,141 @@ async fn sessions_are_listed_killed_and_locked_out_with_every_event_in_the_trail
     );
     let _ = d.kill().await;
     s.stop();
+}
+
+/// Every line of `trail` validates against docs/audit.schema.json (python3-jsonschema, which
+/// schemathesis brings), and the schema is the one scripts/audit-schema.py makes.
+fn schema_holds(trail: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let st = std::process::Command::new("python3")
+        .arg(root.join("scripts/audit-schema.py"))
+        .arg("--check")
+        .status()
+        .unwrap();
+    assert!(st.success(), "docs/audit.schema.json is stale");
+    let check = "import json, sys, jsonschema\n\
+        schema = json.load(open(sys.argv[1]))\n\
+        v = jsonschema.Draft202012Validator(schema)\n\
+        n = 0\n\
+        for i, line in enumerate(open(sys.argv[2]), 1):\n\
+        \x20   errs = list(v.iter_errors(json.loads(line)))\n\
+        \x20   if errs: sys.exit(f'line {i}: {errs[0].message}: {line}')\n\
+        \x20   n += 1\n\
+        print(n)\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", check])
+        .arg(root.join("docs/audit.schema.json"))
+        .arg(trail)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the trail does not hold to docs/audit.schema.json (needs python3 jsonschema: pip install jsonschema): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(n > 20, "only {n} lines checked");
+}
+
+/// sluice with `[audit] on_failure = ON_FAILURE` whose trail file is /dev/full: every write
+/// fails with ENOSPC.
+fn full_trail(
+    dir: &Path,
+    admin: &Key,
+    on_failure: &str,
+) -> (crate::cli::Child2, crate::support::TestCert) {
+    let audit = dir.join("state/audit");
+    std::fs::create_dir_all(&audit).unwrap();
+    std::os::unix::fs::symlink("/dev/full", audit.join("audit.log")).unwrap();
+    std::fs::write(dir.join("authorized_keys"), format!("{}\n", admin.public)).unwrap();
+    let cert = crate::support::TestCert::new(&["localhost"]);
+    let text = format!(
+        "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\npermit_open = [\"127.0.0.1:*\"]\n\
+         [audit]\non_failure = \"{on_failure}\"\n",
+        cert.cert.display(),
+        cert.key.display(),
+        dir.join("authorized_keys").display(),
+    );
+    (crate::cli::serve_config(dir, &text), cert)
+}
+
+/// `ssh -W` to the echo server through `d` with `key`: whether it echoed.
+async fn w_echoes(port: u16, key: &Key, echo: u16) -> bool {
+    let mut c = ssh_via(
+        port,
+        &key.private,
+        &["-W", &format!("127.0.0.1:{echo}"), "tunnel@localhost"],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .kill_on_drop(true)
+    .spawn()
+    .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    let _ = stdin.write_all(b"ping\n").await;
+    let mut got = [0u8; 5];
+    let read = c.stdout.as_mut().unwrap().read_exact(&mut got);
+    let ok = matches!(
+        tokio::time::timeout(Duration::from_secs(20), read).await,
+        Ok(Ok(_))
+    );
+    drop(stdin);
+    let _ = c.kill().await;
+    ok && &got == b"ping\n"
+}
+
+#[tokio::test]
+async fn a_trail_that_cannot_be_written_refuses_new_sessions_only_when_told_to() {
+    let echo = echo().await;
+    // refuse: new sessions are refused while the trail fails; a trail that works again (the
+    // file replaced) lets them in.
+    let dir = tempfile::tempdir().unwrap();
+    let admin = keygen(dir.path(), "admin");
+    // The first write (audit_started) fails before sluice says it listens.
+    let (mut d, _cert) = full_trail(dir.path(), &admin, "refuse");
+    assert!(
+        !w_echoes(d.addr.port(), &admin, echo).await,
+        "a session got in without a trail"
+    );
+    crate::cli::wait_for_line(
+        &d.log,
+        "the audit trail cannot be written",
+        Duration::from_secs(20),
+    );
+    let current = dir.path().join("state/audit/audit.log");
+    std::fs::remove_file(&current).unwrap();
+    std::fs::write(&current, b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !w_echoes(d.addr.port(), &admin, echo).await {
+        assert!(
+            Instant::now() < deadline,
+            "sessions still refused once the trail works"
+        );
+    }
+    crate::cli::wait_for_line(
+        &d.log,
+        "audit trail: written again",
+        Duration::from_secs(20),
+    );
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    // continue (the default): sessions go on, the failures logged.
+    let dir = tempfile::tempdir().unwrap();
+    let admin = keygen(dir.path(), "admin");
+    let (mut d, _cert) = full_trail(dir.path(), &admin, "continue");
+    assert!(
+        w_echoes(d.addr.port(), &admin, echo).await,
+        "on_failure = continue refused a session"
+    );
+    crate::cli::wait_for_line(
+        &d.log,
+        "audit trail: an event was not written",
+        Duration::from_secs(20),
+    );
+    let _ = d.child.kill();
+    let _ = d.child.wait();
 }
 
 #[tokio::test]

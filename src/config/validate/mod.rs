@@ -493,7 +493,22 @@ impl Validator<'_> {
                 Some(m) => *m.get_ref(),
                 None => 64 << 20,
             };
-            cfg.audit = Some(AuditSettings { dir, max_bytes });
+            let on_failure = match &t.on_failure {
+                None => AuditFailure::Continue,
+                Some(v) => match v.get_ref().as_str() {
+                    "continue" => AuditFailure::Continue,
+                    "refuse" => AuditFailure::Refuse,
+                    _ => {
+                        return self.err(v.span(), "on_failure must be \"continue\" or \"refuse\"")
+                    }
+                },
+            };
+            cfg.audit = Some(AuditSettings {
+                dir,
+                max_bytes,
+                rotate_daily: t.rotate_daily.as_ref().is_none_or(|d| *d.get_ref()),
+                on_failure,
+            });
         }
         if let Some(st) = &raw.store {
             let t = st.get_ref();
