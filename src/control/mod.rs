@@ -6,12 +6,14 @@
 //! - `GET /v1/sessions`, `GET|DELETE /v1/sessions/ID`: live SSH sessions (`sessions`)
 //! - `GET /v1/locks`, `POST /v1/locks`, `DELETE /v1/locks/ID` (`lock`)
 //! - `GET /v1/openapi.json`: this API, described (docs/openapi.json)
+//! - `/ui`: the admin page (`page`), on TCP only, with its own login
 //!
 //! Errors are `{"error": {"code", "message", "field"?}}` with a 4xx naming the field at fault.
 //! Whoever can open the socket may use the API: the file's mode is the access control. On TCP
 //! (`[control] listen`), TLS with the `[tls]` certificates and a bearer token from
 //! `[control] tokens` on every request ([`tokens`]).
 
+mod page;
 pub mod tokens;
 
 use std::io;
@@ -207,6 +209,19 @@ async fn authorized(
     api: Arc<Api>,
     caller: Caller,
 ) -> Response<Full<Bytes>> {
+    // The admin page has its own login (a cookie), on TCP only: a browser cannot reach the socket.
+    if req.uri().path() == "/ui" || req.uri().path().starts_with("/ui/") {
+        return match &caller {
+            Caller::Tcp { tokens, peer } => page::handle(req, &api, tokens, *peer).await,
+            Caller::Socket => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                None,
+                "the admin page is served on [control] listen (TCP with TLS), not on the socket"
+                    .into(),
+            ),
+        };
+    }
     let who = match &caller {
         Caller::Socket => "the control socket".to_string(),
         Caller::Tcp { tokens, peer } => {

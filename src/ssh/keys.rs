@@ -175,12 +175,23 @@ impl KeyStore {
                     Ok(()) => {
                         failed = None;
                         tracing::info!("authorized keys reloaded: a file changed");
+                        let (keys, cas) = store.counts();
+                        crate::audit::record(|| crate::audit::Event::Reloaded {
+                            what: "authorized_keys".into(),
+                            ok: true,
+                            detail: format!("a file changed: {keys} keys, {cas} cert authorities"),
+                        });
                     }
                     Err(e) => {
                         failed = Some(now);
                         tracing::warn!(
                             "authorized keys not reloaded, the old ones stay in force: {e}"
                         );
+                        crate::audit::record(|| crate::audit::Event::Reloaded {
+                            what: "authorized_keys".into(),
+                            ok: false,
+                            detail: e.to_string(),
+                        });
                     }
                 }
             }

@@ -737,3 +737,115 @@ async fn with_redis_a_lock_ends_the_session_refuses_it_and_survives_a_restart() 
     let _ = d.kill().await;
     s.stop();
 }
+
+#[tokio::test]
+async fn the_admin_page_in_a_real_browser_shows_a_live_ssh_r_and_ends_it() {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncBufReadExt;
+    crate::support::need("chromium", "chromium");
+    crate::support::need("chromedriver", "chromium-driver");
+    let dir = tempfile::tempdir().unwrap();
+    let admin = keygen(dir.path(), "admin");
+    let echo = echo().await;
+    let tokens = dir.path().join("control.tokens");
+    let token = "p".repeat(40);
+    std::fs::write(&tokens, format!("ops {token}\n")).unwrap();
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut s = Server::start(
+        dir.path(),
+        admin,
+        4,
+        &format!(
+            "[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"{}\"\n",
+            tokens.display()
+        ),
+    );
+    let line = s.line_with(&["control API listening on TCP"]);
+    let addr = line
+        .split("listen=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let port = addr.rsplit(':').next().unwrap();
+    // SLUICE_SCREENSHOT=docs/admin-page.png keeps the page as the browser showed it.
+    let shot = std::env::var("SLUICE_SCREENSHOT").unwrap_or_else(|_| "-".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/admin_page.py");
+    let mut b = Command::new("python3")
+        .arg(&script)
+        .arg(format!("https://localhost:{port}"))
+        .arg(&token)
+        .arg(&shot)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut to = b.stdin.take().unwrap();
+    let mut from = tokio::io::BufReader::new(b.stdout.take().unwrap()).lines();
+    let mut errors = b.stderr.take().unwrap();
+    let mut step = async |expect: &str| -> String {
+        match tokio::time::timeout(Duration::from_secs(60), from.next_line()).await {
+            Ok(Ok(Some(l))) if l.starts_with(expect) => l,
+            other => {
+                let mut e = String::new();
+                let _ = errors.read_to_string(&mut e).await;
+                panic!("the browser did not say {expect}: {other:?}\n{e} (needs python3 selenium: pip install selenium)")
+            }
+        }
+    };
+    step("LOGGED_IN").await;
+    // Logged in first: the session appears on a page already open (it refreshes itself).
+    let reverse = s.first_port + 2;
+    let mut r = ssh_via(
+        s.port(),
+        &s.admin.private,
+        &[
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("{reverse}:127.0.0.1:{echo}"),
+            "tunnel@localhost",
+        ],
+    )
+    .stderr(Stdio::piped())
+    .kill_on_drop(true)
+    .spawn()
+    .unwrap();
+    to.write_all(format!("WAIT listens 127.0.0.1:{reverse}\n").as_bytes())
+        .await
+        .unwrap();
+    let seen = step("SEEN").await;
+    // Bytes through the -R port: the row's counts move without a reload.
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", reverse))
+        .await
+        .unwrap();
+    c.write_all(b"through the tunnel\n").await.unwrap();
+    let mut back = [0u8; 19];
+    c.read_exact(&mut back).await.unwrap();
+    drop(c);
+    to.write_all(b"MOVED\n").await.unwrap();
+    step("COUNTED").await;
+    to.write_all(b"KILL\n").await.unwrap();
+    let killed = step("KILLED").await;
+    let id = seen.trim_start_matches("SEEN ").trim();
+    assert!(killed.contains(&format!("Ended session {id}")), "{killed}");
+    let said = exits_within(&mut r, Duration::from_secs(5), "after End session").await;
+    assert!(said.contains("closed by an administrator"), "{said}");
+    s.line_with(&["session ended", "admin page"]);
+    let _ = b.wait().await;
+    // Without the cookie: the login page, and a POST is refused.
+    let out = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .args(["-d", &format!("session={id}")])
+        .arg(format!("https://localhost:{port}/ui/kill"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    s.stop();
+}
