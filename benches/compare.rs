@@ -17,7 +17,8 @@
 //! COMPARE_LAT_N=500, COMPARE_IDLE=9000, COMPARE_IDLE_STUNNEL=2000, COMPARE_SLUICE_THREADS=1
 //! (sluice's `threads`; HAProxy runs with `nbthread 1`), COMPARE_TUN_CONNS=16, COMPARE_TUN_SECS=5,
 //! COMPARE_TUN_RATE=1000 (the paced load, requests per second), COMPARE_IDLE_TUNNELS=1000,
-//! COMPARE_SLUICE_WRAP (a command to run sluice under: benches/heaptrack-wrap.sh).
+//! COMPARE_SLUICE_WRAP (a command to run sluice under: benches/heaptrack-wrap.sh),
+//! COMPARE_AUDIT=1 (a second sluice with `[audit]` on, in the TLS scenarios: the trail's cost).
 // Test and benchmark code: a panic (unwrap) is the failure report, and wall-clock time is
 // what a benchmark or an end-to-end test against real processes measures.
 #![allow(clippy::unwrap_used, clippy::disallowed_types, missing_docs)]
@@ -396,6 +397,16 @@ fn tls_peers(b: &mut Bench) -> Vec<Peer> {
     );
     if let Some(peer) = spawn_sluice(b, b.dir.path(), "sluice.toml", &routes) {
         peers.push(peer);
+    }
+    // COMPARE_AUDIT=1: sluice again with the audit trail on, to measure what it costs.
+    if std::env::var_os("COMPARE_AUDIT").is_some() {
+        let dir = b.dir.path().join("audited");
+        std::fs::create_dir_all(&dir).unwrap();
+        let audited = format!("{routes}[audit]\n");
+        if let Some(mut peer) = spawn_sluice(b, &dir, "sluice.toml", &audited) {
+            peer.name = "sluice+aud";
+            peers.push(peer);
+        }
     }
     if have("haproxy") {
         let p = free_port();

@@ -3,8 +3,8 @@
 //! the admin page show; what `DELETE /v1/sessions/ID` and locks end.
 //!
 //! One process, one table (like the metrics and the trail): a global. A session registers when
-//! it authenticates and leaves when its handler is dropped ([`SessionGuard`]); a channel
-//! likewise ([`ChannelGuard`]), which writes its `forward_opened` and `forward_closed` audit
+//! it authenticates and leaves when its handler is dropped (`SessionGuard`); a channel
+//! likewise (`ChannelGuard`), which writes its `forward_opened` and `forward_closed` audit
 //! events, so a channel's timeline is in the trail whichever way it ends.
 
 use std::collections::BTreeMap;

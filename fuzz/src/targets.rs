@@ -4,7 +4,8 @@
 //!
 //! This file is compiled twice: as `sluice_fuzz::targets` for `cargo fuzz`, and as a module of
 //! sluice's integration tests (`tests/it/fuzz_replay.rs`), which replay the committed corpus
-//! on stable. So it uses only `sluice`, its dependencies (`tokio`, `russh`) and std.
+//! on stable. So it uses only `sluice`, its dependencies (`tokio`, `russh`, `serde_json`) and
+//! std.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -793,6 +794,42 @@ pub fn tunnel_inputs(data: &[u8]) {
     if let Ok(h) = access::Htpasswd::parse(text) {
         for u in h.users() {
             assert!(!u.is_empty() && !u.contains(':'));
+        }
+    }
+}
+
+/// What the control API and `sluice audit` read from outside: a lock request and a grant request
+/// (JSON bodies), and audit trail lines (`verify`, `search`). Never a panic; a lock request that
+/// validates names exactly one kind of target, with a value.
+pub fn control_inputs(data: &[u8]) {
+    if let Ok(r) = serde_json::from_slice::<sluice::lock::LockRequest>(data) {
+        if let Ok((kind, value, _, reason)) = sluice::lock::validate(&r) {
+            assert!(
+                matches!(kind.as_str(), "key" | "grant" | "device" | "source"),
+                "{kind}"
+            );
+            assert!(!value.is_empty());
+            assert!(!reason.contains('\n'), "{reason:?}");
+        }
+    }
+    let _ = serde_json::from_slice::<sluice::grant::IssueRequest>(data);
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let filter = sluice::audit::Filter {
+        since: Some(std::time::UNIX_EPOCH),
+        identity: Some("SHA256:".into()),
+        device: Some("d".into()),
+        grant: Some("g-1".into()),
+        session: Some(1),
+        events: vec!["session_killed".into()],
+        ..Default::default()
+    };
+    let mut chain = sluice::audit::Chain::default();
+    for line in text.lines() {
+        let _ = filter.matches(line);
+        if chain.follow(line).is_err() {
+            chain = sluice::audit::Chain::default();
         }
     }
 }

@@ -85,6 +85,7 @@ replay_tests!(
     proxy_url,
     connect_reply,
     tunnel_inputs,
+    control_inputs,
 );
 
 /// The regression inputs with the checks of still-open bugs on (`targets::check_open_bugs`):
