@@ -140,13 +140,19 @@ impl Server {
             }
             None => None,
         };
+        // The control socket is always served; it is required (a failure to bind stops the
+        // start) when the config asks for what needs it: grants, or a socket path of its own.
         let control = {
             let path = crate::control::socket_path(&cfg.control, &state_dir);
-            let l = crate::control::bind(&path).map_err(|source| ServeError::ControlSocket {
-                path: path.clone(),
-                source,
-            })?;
-            Some((l, path))
+            let required = cfg.grants.is_some() || cfg.control.socket.is_some();
+            match crate::control::bind(&path) {
+                Ok(l) => Some((l, path)),
+                Err(e) if !required && e.kind() == std::io::ErrorKind::AddrInUse => {
+                    warn!(socket = %path.display(), "control socket not served: another process answers on it (a second sluice on this state directory?); `sluice sessions` and `sluice lock` reach that one. Set [control] socket to serve this one's");
+                    None
+                }
+                Err(source) => return Err(ServeError::ControlSocket { path, source }),
+            }
         };
         let control_tcp = match (&cfg.control.listen, &cfg.control.tokens) {
             (Some(addr), Some(tokens)) => Some(ControlTcp {

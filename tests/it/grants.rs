@@ -636,13 +636,18 @@ async fn device_flow(backend: Backend) {
     let copy = dir.path().join("edited.log");
     let lines: Vec<&str> = text.lines().collect();
     let mut edited = lines.clone();
-    let changed = edited[1].replace("127.0.0.1", "10.9.9.9");
-    edited[1] = &changed;
+    // The first line with the client's address, edited: the line after it names the break.
+    let at = lines.iter().position(|l| l.contains("127.0.0.1")).unwrap();
+    let changed = edited[at].replace("127.0.0.1", "10.9.9.9");
+    edited[at] = &changed;
     std::fs::write(&copy, edited.join("\n") + "\n").unwrap();
     let out = verify(&[copy.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("edited.log:3: prev does not match"), "{err}");
+    assert!(
+        err.contains(&format!("edited.log:{}: prev does not match", at + 2)),
+        "{err}"
+    );
 
     // The revoked grant's name and port are free for another device.
     let other = s
