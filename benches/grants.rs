@@ -39,6 +39,7 @@ fn open(dir: &Path) -> Grants {
         std::sync::Arc::new(sluice::store::Store::open_with(&cfg.store, dir).unwrap()),
         dir,
         cfg.listen[0],
+        vec!["SHA256:bench".into()],
     )
     .unwrap()
 }

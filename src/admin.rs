@@ -37,6 +37,11 @@ impl Readiness {
         crate::metrics::get().draining.set(1);
     }
 
+    /// Ready or not (`sluice tunnel`: while connected).
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+
     /// Whether `/readyz` answers 200.
     pub fn is_ready(&self) -> bool {
         self.0.load(Ordering::SeqCst)

@@ -16,6 +16,8 @@ pub const EX_CANTCREAT: u8 = 73;
 pub const EX_IOERR: u8 = 74;
 /// The peer spoke TLS wrongly or could not be verified.
 pub const EX_PROTOCOL: u8 = 76;
+/// Permission denied: a key or host key refused.
+pub const EX_NOPERM: u8 = 77;
 /// The configuration is wrong: a file, a key, a certificate (systemd does not restart on it
 /// with `RestartPreventExitStatus=78`).
 pub const EX_CONFIG: u8 = 78;
@@ -89,6 +91,19 @@ impl Exit for crate::client::ConnectError {
             ConnectError::Io(_) => EX_IOERR,
             ConnectError::Tls(_) => EX_PROTOCOL,
             ConnectError::Config(_) => EX_CONFIG,
+        }
+    }
+}
+
+impl Exit for crate::client::tunnel::TunnelError {
+    fn exit_code(&self) -> u8 {
+        use crate::client::tunnel::TunnelError;
+        match self {
+            TunnelError::Config(_) => EX_CONFIG,
+            TunnelError::Bind { .. } => EX_OSERR,
+            TunnelError::HostKey(_) | TunnelError::Auth(_) => EX_NOPERM,
+            TunnelError::Tls(_) => EX_PROTOCOL,
+            TunnelError::Forward(_) | TunnelError::Unavailable(_) => EX_UNAVAILABLE,
         }
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sluice::client::{ConnectError, ConnectOptions, Proxy, Trust};
 use sluice::config::{Config, ConfigError};
-use sluice::exit::{Exit, EX_CONFIG, EX_USAGE};
+use sluice::exit::{Exit, EX_CONFIG, EX_OSERR, EX_USAGE};
 use tracing::error;
 
 #[derive(Parser)]
@@ -39,6 +39,9 @@ enum Command {
     /// Connect to a sluice (or any TLS) server and relay stdin/stdout: an OpenSSH ProxyCommand.
     /// The server is verified by default (system trust store, --ca or --pin).
     Connect(ConnectArgs),
+    /// Forwards (-L, -R, -D) over SSH without OpenSSH, through TLS to a sluice (or plain TCP
+    /// to any sshd), reconnecting by themselves; as a device with --grant or --config.
+    Tunnel(Box<TunnelArgs>),
     /// Print a ready ~/.ssh/config block that reaches HOST through `sluice connect`.
     SshConfig(SshConfigArgs),
     /// Validate a config file (certificates included) and print the routing table.
@@ -285,6 +288,16 @@ struct StateArgs {
 struct ConnectArgs {
     /// HOST[:PORT]; the port defaults to 443. `[::1]:8443` for IPv6 addresses.
     target: String,
+    /// Deadline for connecting and the TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// How `connect` and `tunnel` reach and verify a server over TLS.
+#[derive(Args, Clone)]
+struct TlsArgs {
     /// Server name to send (SNI) and to verify; default: HOST.
     #[arg(long, conflicts_with = "no_sni")]
     sni: Option<String>,
@@ -304,9 +317,6 @@ struct ConnectArgs {
     /// Do not verify the server at all (dangerous; says so on stderr).
     #[arg(long)]
     insecure: bool,
-    /// Deadline for connecting and the TLS handshake.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    connect_timeout: Duration,
     /// Go through this HTTP proxy with CONNECT: http://[user:pass@]host:port. Default:
     /// HTTPS_PROXY (or ALL_PROXY) unless NO_PROXY covers HOST.
     #[arg(long, conflicts_with = "no_proxy")]
@@ -320,6 +330,67 @@ struct ConnectArgs {
     /// Private key (PEM) for --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TunnelArgs {
+    /// [USER@]HOST[:PORT] of the server; the port defaults to 443 (22 with --no-tls).
+    #[arg(required_unless_present = "grant")]
+    target: Option<String>,
+    /// Local forward, as ssh -L: [ADDRESS:]PORT:HOST:HOSTPORT (the server connects to
+    /// HOST:HOSTPORT).
+    #[arg(short = 'L', value_name = "[ADDRESS:]PORT:HOST:HOSTPORT")]
+    local: Vec<String>,
+    /// Remote forward, as ssh -R: [ADDRESS|NAME:]PORT:HOST:HOSTPORT; a NAME publishes a
+    /// tunnel name on a sluice; PORT 0 lets the server choose (and keeps it across reconnects).
+    #[arg(short = 'R', value_name = "[ADDRESS|NAME:]PORT:HOST:HOSTPORT")]
+    remote: Vec<String>,
+    /// A SOCKS5 proxy (CONNECT, no authentication) here, out through the server, as ssh -D.
+    #[arg(short = 'D', value_name = "[ADDRESS:]PORT")]
+    dynamic: Vec<String>,
+    /// A private key file (its FILE-cert.pub is used too, if there); repeatable. Default:
+    /// SSH_KEY (a path or the key text), else ssh-agent and ~/.ssh/id_{ed25519,ecdsa,rsa}.
+    #[arg(short = 'i', value_name = "FILE")]
+    identity: Vec<PathBuf>,
+    /// The SSH user; `USER@` in the target wins. Default: the login name.
+    #[arg(short = 'l', long, env = "SSH_USER")]
+    user: Option<String>,
+    /// An access grant, as `sluice grant issue --json` printed it: the key (or give the
+    /// device's own with -i), the certificate, the user, the server, its host keys and the
+    /// forwards. -L/-R/-D and a target add to it or override the server.
+    #[arg(long, value_name = "FILE")]
+    grant: Option<PathBuf>,
+    /// SSH over plain TCP (to any sshd), without TLS.
+    #[arg(long)]
+    no_tls: bool,
+    /// Accept only a host key with this fingerprint (SHA256:...); repeatable. Default:
+    /// ~/.ssh/known_hosts.
+    #[arg(long, value_name = "SHA256:...")]
+    host_key: Vec<String>,
+    /// The known_hosts file to check (and, with --accept-new, to add to).
+    #[arg(long, value_name = "FILE")]
+    known_hosts: Option<PathBuf>,
+    /// Record the host key of a host seen for the first time (OpenSSH's
+    /// StrictHostKeyChecking=accept-new); a changed key is still refused.
+    #[arg(long)]
+    accept_new: bool,
+    /// A dead link is noticed within this.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    keepalive: Duration,
+    /// Deadline for one connection attempt (TCP, TLS, SSH, authentication, forwards).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// The first reconnect delay (it doubles, with jitter, up to --backoff-max).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    backoff: Duration,
+    /// The longest reconnect delay.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    backoff_max: Duration,
+    /// Serve /metrics, /livez and /readyz (ready while connected) here.
+    #[arg(long, value_name = "ADDR:PORT")]
+    admin: Option<SocketAddr>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args)]
@@ -409,6 +480,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Audit(cmd) => audit(cmd),
         Command::Sessions(a) => sessions(a),
         Command::Lock(a) => lock(a),
+        Command::Tunnel(a) => {
+            init_logging(cli.log_format);
+            tunnel(*a)
+        }
         command => {
             init_logging(cli.log_format);
             match command {
@@ -423,6 +498,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 | Command::Grant(_)
                 | Command::Audit(_)
                 | Command::Sessions(_)
+                | Command::Tunnel(_)
                 | Command::Lock(_) => Ok(()),
             }
         }
@@ -612,11 +688,14 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-impl TryFrom<ConnectArgs> for ConnectOptions {
-    type Error = ConnectError;
-
-    fn try_from(a: ConnectArgs) -> Result<ConnectOptions, ConnectError> {
-        let (host, port) = sluice::client::parse_target(&a.target)?;
+impl TlsArgs {
+    fn options(
+        self,
+        host: String,
+        port: u16,
+        connect_timeout: Duration,
+    ) -> Result<ConnectOptions, ConnectError> {
+        let a = self;
         let trust = match (a.ca, a.pin, a.insecure) {
             (Some(ca), _, _) => Trust::CaFile(ca),
             (None, Some(p), _) => Trust::Pin(
@@ -651,8 +730,234 @@ impl TryFrom<ConnectArgs> for ConnectOptions {
                 .map(String::into_bytes)
                 .collect(),
             trust,
-            connect_timeout: a.connect_timeout,
+            connect_timeout,
         })
+    }
+}
+
+impl TryFrom<ConnectArgs> for ConnectOptions {
+    type Error = ConnectError;
+
+    fn try_from(a: ConnectArgs) -> Result<ConnectOptions, ConnectError> {
+        let (host, port) = sluice::client::parse_target(&a.target)?;
+        a.tls.options(host, port, a.connect_timeout)
+    }
+}
+
+fn tunnel(a: TunnelArgs) -> Result<(), Failure> {
+    use sluice::client::tunnel::{self, Forward, HostKeys, KeySource, Transport};
+    let usage = |m: String| Failure::new(EX_USAGE, format!("sluice tunnel: {m}"));
+    let fail = |e: tunnel::TunnelError| Failure::of("sluice tunnel", &e).logged();
+    let bundle = match &a.grant {
+        None => None,
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                Failure::new(
+                    EX_CONFIG,
+                    format!("sluice tunnel: --grant {}: {e}", p.display()),
+                )
+            })?;
+            Some(
+                tunnel::Bundle::parse(&text, &p.display().to_string())
+                    .map_err(|e| Failure::of("sluice tunnel", &e))?,
+            )
+        }
+    };
+    let given = a
+        .target
+        .clone()
+        .or_else(|| bundle.as_ref().map(|b| b.server.clone()))
+        .ok_or_else(|| usage("no server: give [USER@]HOST[:PORT] or --grant".into()))?;
+    let (user_at, target) = match given.rsplit_once('@') {
+        Some((u, t)) => (Some(u.to_string()), t.to_string()),
+        None => (None, given.clone()),
+    };
+    let (host, port) = sluice::client::parse_target(&target).map_err(|e| usage(e.to_string()))?;
+    // `parse_target` defaults to 443; plain SSH means 22 unless a port was given.
+    let port = if a.no_tls && !target_has_port(&target) {
+        22
+    } else {
+        port
+    };
+    let user = user_at
+        .or(bundle.as_ref().map(|b| b.user.clone()))
+        .or(a.user.clone())
+        .or_else(|| std::env::var("USER").ok())
+        .ok_or_else(|| usage("no user: give USER@HOST, -l USER or SSH_USER".into()))?;
+    let mut forwards = bundle
+        .as_ref()
+        .map(|b| b.forwards.clone())
+        .unwrap_or_default();
+    for s in &a.local {
+        forwards.push(Forward::local(s).map_err(usage)?);
+    }
+    for s in &a.remote {
+        forwards.push(Forward::remote(s).map_err(usage)?);
+    }
+    for s in &a.dynamic {
+        forwards.push(Forward::dynamic(s).map_err(usage)?);
+    }
+    if forwards.is_empty() {
+        return Err(usage(
+            "nothing to do: give at least one -L, -R or -D".into(),
+        ));
+    }
+    let load = |s: &KeySource| tunnel::load_key(s).map_err(|e| Failure::of("sluice tunnel", &e));
+    let mut keys = Vec::new();
+    match bundle.as_ref().map(|b| &b.key) {
+        Some(tunnel::BundleKey::Both(k)) => keys.push(load(k)?),
+        Some(tunnel::BundleKey::CertificateOnly(cert)) => {
+            // The device's own key, from -i, with the bundle's certificate.
+            let [path] = a.identity.as_slice() else {
+                return Err(usage(
+                    "the grant holds no private key (the device brought its own): give it with -i FILE".into(),
+                ));
+            };
+            let key = load(&KeySource::File(path.clone()))?;
+            keys.push(
+                key.with_certificate(cert, "--grant")
+                    .map_err(|e| Failure::of("sluice tunnel", &e))?,
+            );
+        }
+        None => {}
+    }
+    let mut sources: Vec<KeySource> = Vec::new();
+    if bundle.is_none() {
+        sources.extend(a.identity.iter().cloned().map(KeySource::File));
+        if sources.is_empty() {
+            if let Some(v) = std::env::var("SSH_KEY").ok().filter(|v| !v.is_empty()) {
+                sources.push(KeySource::from_env_value(&v));
+            }
+        }
+    }
+    // Without an explicit key: the agent, then OpenSSH's default files.
+    let explicit = !sources.is_empty() || !keys.is_empty();
+    let agent = !explicit && std::env::var_os("SSH_AUTH_SOCK").is_some();
+    if !explicit {
+        sources.extend(tunnel::default_files().into_iter().map(KeySource::File));
+    }
+    for s in &sources {
+        keys.push(load(s)?);
+    }
+    let pinned = if a.host_key.is_empty() {
+        bundle
+            .as_ref()
+            .map(|b| b.host_keys.clone())
+            .unwrap_or_default()
+    } else {
+        a.host_key.clone()
+    };
+    let host_keys = if pinned.is_empty() {
+        let path = a
+            .known_hosts
+            .clone()
+            .or_else(tunnel::known_hosts_path)
+            .ok_or_else(|| {
+                usage("no HOME for ~/.ssh/known_hosts: give --known-hosts or --host-key".into())
+            })?;
+        HostKeys::KnownHosts {
+            path,
+            accept_new: a.accept_new,
+        }
+    } else {
+        HostKeys::Pinned(pinned)
+    };
+    let transport = if a.no_tls {
+        Transport::Tcp
+    } else {
+        let c = a
+            .tls
+            .clone()
+            .options(host.clone(), port, a.connect_timeout)
+            .map_err(|e| Failure::of("sluice tunnel", &e))?;
+        if matches!(c.trust, Trust::Insecure) {
+            eprintln!("sluice tunnel: WARNING: --insecure: the server's TLS certificate is not verified (the SSH host key still is)");
+        }
+        Transport::Tls(Box::new(c))
+    };
+    let opts = tunnel::Options {
+        host,
+        port,
+        transport,
+        user,
+        credentials: tunnel::Credentials { keys, agent },
+        host_keys,
+        forwards,
+        keepalive: a.keepalive,
+        backoff: tunnel::Backoff {
+            first: a.backoff,
+            max: a.backoff_max.max(a.backoff),
+        },
+        connect_timeout: a.connect_timeout,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(EX_OSERR, format!("sluice tunnel: cannot start: {e}")))?;
+    rt.block_on(async move {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (state_tx, state) =
+            tokio::sync::watch::channel(tunnel::State::Connecting { attempt: 0 });
+        let signals = stop.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!(target: "sluice::tunnel", "stopping: closing channels");
+            signals.cancel();
+        });
+        if let Some(addr) = a.admin {
+            let listener = sluice::admin::bind(addr).map_err(|e| {
+                Failure::new(EX_OSERR, format!("sluice tunnel: --admin {addr}: {e}"))
+            })?;
+            let readiness = sluice::admin::Readiness::ready();
+            tokio::spawn(follow_state(state.clone(), readiness.clone()));
+            let liveness = sluice::admin::Liveness::default();
+            tokio::spawn(liveness.register().run());
+            tokio::spawn(sluice::admin::serve(
+                listener,
+                readiness,
+                liveness,
+                stop.clone(),
+                std::sync::Arc::new(Vec::new),
+            ));
+        }
+        drop(state);
+        tunnel::run(opts, stop, state_tx).await.map_err(fail)
+    })
+}
+
+/// `/readyz` says ready while the tunnel is connected.
+async fn follow_state(
+    mut state: tokio::sync::watch::Receiver<sluice::client::tunnel::State>,
+    readiness: sluice::admin::Readiness,
+) {
+    loop {
+        let connected = matches!(
+            *state.borrow_and_update(),
+            sluice::client::tunnel::State::Connected
+        );
+        readiness.set(connected);
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Whether `HOST[:PORT]` names a port.
+fn target_has_port(t: &str) -> bool {
+    match t.strip_prefix('[') {
+        Some(rest) => rest.contains("]:"),
+        None => t.matches(':').count() == 1,
     }
 }
 

@@ -44,10 +44,23 @@ pub(crate) fn count(family: &Family<ResultLabels, Counter>, result: &'static str
     family.get_or_create(&ResultLabels { result }).inc();
 }
 
+/// `sluice tunnel` entered `state`: one gauge set, the others cleared, one change counted.
+pub(crate) fn tunnel_state(state: &'static str) {
+    let m = get();
+    for s in ["connecting", "connected", "waiting", "stopped"] {
+        m.tunnel_client_state
+            .get_or_create(&StateLabels { state: s })
+            .set(i64::from(s == state));
+    }
+    m.tunnel_client_changes
+        .get_or_create(&StateLabels { state })
+        .inc();
+}
+
 /// A grant's state.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
-    /// `live`, `revoked`, `expired` or `replaced`.
+    /// A grant's `live`, `revoked`, `expired` or `replaced`; a tunnel client's state.
     pub state: &'static str,
 }
 
@@ -134,6 +147,11 @@ pub struct Metrics {
     pub reloads: Family<ReloadLabels, Counter>,
     /// 1 while draining for shutdown (then `/readyz` answers 503).
     pub draining: Gauge,
+    /// `sluice tunnel`: 1 for the state the client is in (`connecting`, `connected`,
+    /// `waiting`, `stopped`), 0 for the others.
+    pub tunnel_client_state: Family<StateLabels, Gauge>,
+    /// `sluice tunnel`: state changes, by the state entered.
+    pub tunnel_client_changes: Family<StateLabels, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -185,6 +203,8 @@ impl Metrics {
             tunnel_requests: Family::default(),
             reloads: Family::default(),
             draining: Gauge::default(),
+            tunnel_client_state: Family::default(),
+            tunnel_client_changes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -282,6 +302,16 @@ impl Metrics {
             "reloads",
             "Reloads of the config, certificates and authorized keys, by result",
             m.reloads.clone(),
+        );
+        registry.register(
+            "tunnel_client_state",
+            "sluice tunnel: 1 for the state the client is in",
+            m.tunnel_client_state.clone(),
+        );
+        registry.register(
+            "tunnel_client_state_changes",
+            "sluice tunnel: state changes, by the state entered",
+            m.tunnel_client_changes.clone(),
         );
         registry.register(
             "draining",

@@ -10,6 +10,7 @@ mod dial;
 mod error;
 mod pin;
 mod proxy;
+pub mod tunnel;
 mod verify;
 
 use std::io;

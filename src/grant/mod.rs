@@ -113,6 +113,20 @@ pub struct Issued {
     pub ssh_command: String,
     /// The same as a `~/.ssh/config` block.
     pub ssh_config: String,
+    /// What `sluice tunnel --grant FILE` needs besides the key and certificate.
+    pub tunnel: TunnelBundle,
+}
+
+/// Where a device dials and what it publishes, for `sluice tunnel --grant`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TunnelBundle {
+    /// `HOST:PORT` of sluice's TLS port (`[grants] server`).
+    pub server: String,
+    /// The embedded SSH server's host key fingerprints (`SHA256:...`): the device checks
+    /// the server against these, no known_hosts needed.
+    pub host_keys: Vec<String>,
+    /// The `-R` forwards, in `ssh -R` syntax: the allotted port and the name, if any.
+    pub forwards: Vec<String>,
 }
 
 /// Why a grant was not issued.
@@ -210,6 +224,8 @@ pub struct Grants {
     /// `[ssh] listen_ports` and `[tunnels] domain`, as the last reload left them.
     reloadable: Mutex<Reloadable>,
     server: String,
+    /// The embedded SSH server's host key fingerprints, for grant bundles.
+    host_keys: Vec<String>,
     store: Arc<Store>,
     ca: UserCa,
     /// Live sessions by grant id (session id, how to end it).
@@ -304,9 +320,20 @@ fn new_id() -> Result<String, IssueError> {
     ))
 }
 
+/// A grant's `-R` forwards as `ssh_config`'s RemoteForward takes them (`LISTEN TARGET`): the
+/// allotted port, and the name (on the local service's port) if there is one.
+fn forwards(row: &GrantRow, local: &str) -> Vec<String> {
+    let local_port = local.rsplit_once(':').map_or("22", |(_, p)| p);
+    let mut forwards = vec![format!("{} {local}", row.port)];
+    if let Some(n) = &row.name {
+        forwards.push(format!("{n}:{local_port} {local}"));
+    }
+    forwards
+}
+
 impl Grants {
     /// Opens the store and the CA (making it on first use). `listen` is where devices dial
-    /// when `[grants] server` is not set.
+    /// when `[grants] server` is not set; `host_keys` (fingerprints) go in grant bundles.
     pub fn open(
         settings: &GrantSettings,
         ssh: &SshSettings,
@@ -314,6 +341,7 @@ impl Grants {
         store: Arc<Store>,
         state_dir: &Path,
         listen: SocketAddr,
+        host_keys: Vec<String>,
     ) -> Result<Grants, GrantError> {
         let ca_path = settings
             .ca_key
@@ -343,6 +371,7 @@ impl Grants {
                 domain: tunnels.map(|t| t.domain.clone()),
             }),
             server,
+            host_keys,
             store,
             ca,
             live: Mutex::default(),
@@ -605,6 +634,14 @@ impl Grants {
             certificate,
             ssh_command,
             ssh_config,
+            tunnel: TunnelBundle {
+                server: self.server.clone(),
+                host_keys: self.host_keys.clone(),
+                forwards: forwards(&row, local)
+                    .iter()
+                    .map(|f| f.replace(' ', ":"))
+                    .collect(),
+            },
         })
     }
 
@@ -618,11 +655,7 @@ impl Grants {
             .trim_start_matches('[')
             .trim_end_matches(']');
         let proxy = format!("sluice connect {}", self.server);
-        let local_port = local.rsplit_once(':').map_or("22", |(_, p)| p);
-        let mut forwards = vec![format!("{} {local}", row.port)];
-        if let Some(n) = &row.name {
-            forwards.push(format!("{n}:{local_port} {local}"));
-        }
+        let forwards = forwards(row, local);
         let mut cmd = format!(
             "ssh -i device_key -o CertificateFile=device_key-cert.pub -o ExitOnForwardFailure=yes -o ServerAliveInterval=30 -o ProxyCommand='{proxy}' -N"
         );

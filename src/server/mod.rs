@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,6 +96,7 @@ impl Server {
                     store.clone(),
                     &state_dir,
                     cfg.listen[0],
+                    grant_host_keys(&cfg, &state_dir)?,
                 )
                 .map_err(ServeError::Grants)?,
             )),
@@ -250,7 +251,7 @@ impl Server {
     }
 
     /// The state directory in use.
-    pub fn state_dir(&self) -> &std::path::Path {
+    pub fn state_dir(&self) -> &Path {
         &self.reloader.state_dir
     }
 
@@ -343,4 +344,15 @@ impl Server {
         stop_admin.cancel();
         info!("stopped");
     }
+}
+
+/// The embedded SSH server's host key fingerprint (made now if it is not there yet, as the
+/// SSH server would), for the grant bundles that let devices check it.
+fn grant_host_keys(cfg: &Config, state_dir: &Path) -> Result<Vec<String>, ServeError> {
+    let path = crate::ssh::host_key_path(&cfg.embedded_ssh, state_dir);
+    let key = crate::ssh::load_or_create_host_key(&path).map_err(crate::ssh::SshError::from)?;
+    Ok(vec![key
+        .public_key()
+        .fingerprint(russh::keys::HashAlg::Sha256)
+        .to_string()])
 }

@@ -35,6 +35,9 @@ mod grants;
 /// Live sessions, kill and locks, with real OpenSSH clients.
 mod sessions;
 
+/// `sluice tunnel`, the client without OpenSSH: forwards, keys, host keys, reconnects.
+mod tunnel_client;
+
 /// `sluice connect`, the ProxyCommand helper, against the daemon and with OpenSSH.
 mod connect;
 

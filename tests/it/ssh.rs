@@ -120,6 +120,11 @@ impl Fixture {
         }
     }
 
+    /// The embedded server's host key fingerprint (`SHA256:...`).
+    pub(crate) fn host_key_fingerprint(&self) -> String {
+        host_key_fingerprint(&self.host_key)
+    }
+
     /// `ssh` through sluice's TLS port with `key`, plus `args`.
     pub(crate) fn ssh(&self, key: &Path, args: &[&str]) -> Command {
         ssh_via(self.d.addr.port(), key, args)
@@ -289,6 +294,21 @@ impl Drop for Logged {
 }
 
 /// What `ssh-keygen -lf` prints for a key: `SHA256:...`.
+/// `SHA256:...` of the key in `path` (a private or public key file).
+pub(crate) fn host_key_fingerprint(path: &Path) -> String {
+    let out = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ssh-keygen -lf {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
+
 fn fingerprint_of(key: &Key) -> String {
     let out = std::process::Command::new("ssh-keygen")
         .arg("-lf")
@@ -1043,6 +1063,8 @@ async fn host_key_is_made_once_with_mode_0600_and_reused() {
 pub(crate) struct Sshd {
     pub(crate) child: SshdProcesses,
     pub(crate) port: u16,
+    /// Its host key's public line.
+    pub(crate) host_public: String,
     _dir: tempfile::TempDir,
 }
 
@@ -1108,6 +1130,7 @@ pub(crate) async fn start_sshd(client: &Key) -> Sshd {
     Sshd {
         child: SshdProcesses(accept),
         port,
+        host_public: host.public,
         _dir: dir,
     }
 }

@@ -1,0 +1,410 @@
+//! `sluice tunnel`, the client without OpenSSH: -L, -R (port and name) and -D against sluice's
+//! embedded server and against a real OpenSSH sshd; keys from files, SSH_KEY and a real
+//! ssh-agent; host keys from known_hosts or pinned; reconnecting after the server restarts.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::ssh::{keygen, port_range, start_sshd, Fixture};
+use crate::support::*;
+
+/// `sluice tunnel ARGS` with its log lines on a channel; killed on drop.
+struct Tunnel {
+    child: Child,
+    log: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Tunnel {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Tunnel {
+        let mut cmd = Command::new(bin());
+        cmd.arg("tunnel")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("SSH_KEY")
+            .env_remove("SSH_USER")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Tunnel {
+            child,
+            log,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next line containing every one of `needles`, within `limit`.
+    fn line_with(&mut self, needles: &[&str], limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = self.log.recv_timeout(left) else {
+                panic!(
+                    "no line with {needles:?} within {limit:?}; the log:\n{}",
+                    self.seen.join("\n")
+                );
+            };
+            self.seen.push(line.clone());
+            if needles.iter().all(|n| line.contains(n)) {
+                return line;
+            }
+        }
+    }
+
+    /// Waits for the process to exit (at most `limit`): its code and everything it logged.
+    fn exit(&mut self, limit: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                while let Ok(l) = self.log.recv_timeout(Duration::from_millis(500)) {
+                    self.seen.push(l);
+                }
+                return (st.code(), self.seen.join("\n"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sluice tunnel still runs: {}",
+                self.seen.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The value of `key=` in a log line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let at = line
+        .find(&format!("{key}="))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        + key.len()
+        + 1;
+    line[at..].split_whitespace().next().unwrap()
+}
+
+/// Sends `n` pseudo-random bytes to `addr` (an echo, end to end) and checks that the same
+/// bytes come back, by SHA-256.
+async fn echo_intact(addr: &str, n: usize) {
+    let data: Vec<u8> = (0..n)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(n);
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back))
+        .await
+        .expect("the echo took over 60 s")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), n, "{addr}: bytes lost");
+    assert_eq!(sha256(&back), sha256(&data), "{addr}: bytes changed");
+}
+
+/// A one-line HTTP server for -D: answers `hello from behind` to every request.
+async fn http_target() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 18\r\nConnection: close\r\n\r\nhello from behind\n")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+const TUNNELS: &str = "[tunnels]\ndomain = \"t.localhost\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l_r_and_d_through_sluice_with_a_key_file_and_ssh_key() {
+    need("curl", "curl");
+    let dir = tempfile::tempdir().unwrap();
+    let owner = keygen(dir.path(), "owner");
+    let visitor = keygen(dir.path(), "visitor");
+    let web = http_target().await;
+    let authorized = format!(
+        "permitlisten=\"myapp:80\",permitlisten=\"localhost:*\" {}\n{}\n",
+        owner.public.trim(),
+        visitor.public.trim()
+    );
+    let (_, range) = port_range(4);
+    let permit = [web.to_string(), "myapp:*".to_string()];
+    let f = Fixture::with(&authorized, &permit, &range, TUNNELS).await;
+    let server = format!("tunnel@localhost:{}", f.d.addr.port());
+    let fp = f.host_key_fingerprint();
+    let local = reserve_ports(2);
+    let (l, d) = (
+        format!("127.0.0.1:{local}"),
+        format!("127.0.0.1:{}", local + 1),
+    );
+
+    let mut t = Tunnel::start(
+        &[
+            "--ca",
+            f.cert.cert.to_str().unwrap(),
+            "--host-key",
+            &fp,
+            "-i",
+            owner.private.to_str().unwrap(),
+            "-L",
+            &format!("{l}:{}", f.echo),
+            "-R",
+            &format!("myapp:80:{}", f.echo),
+            "-R",
+            &format!("0:{}", f.echo),
+            "-D",
+            &d,
+            &server,
+        ],
+        &[],
+    );
+    let by_port = t.line_with(
+        &["remote forward in place", "-R localhost:0"],
+        Duration::from_secs(20),
+    );
+    let port = field(&by_port, "listen")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    t.line_with(&["connected"], Duration::from_secs(5));
+
+    // -L, 16 MiB each way, to the echo server the server side reaches.
+    echo_intact(&l, 16 << 20).await;
+    // -R with a port the server chose: sluice listens there and comes back to the echo.
+    echo_intact(&format!("127.0.0.1:{port}"), 16 << 20).await;
+    // -R NAME: another key reaches the name with ssh -W.
+    let (ok, out, err) = f.w(&visitor.private, "myapp:80", b"by name").await;
+    assert!(
+        ok && out == b"by name",
+        "myapp:80 through the tunnel: {err}"
+    );
+    // -D: curl through the SOCKS5 proxy, the name resolved on the server's side.
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "--max-time", "10", "--socks5-hostname", &d])
+        .arg(format!("http://localhost:{}/", web.port()))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from behind\n",
+        "{out:?}"
+    );
+    // A target permit_open refuses: curl is told (SOCKS refusal), the tunnel lives on.
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "10",
+            "--socks5-hostname",
+            &d,
+            "http://localhost:1/",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    echo_intact(&l, 1024).await;
+    drop(t);
+
+    // SSH_KEY, as a path and as the key itself; the user from SSH_USER.
+    let text = std::fs::read_to_string(&owner.private).unwrap();
+    let target = format!("localhost:{}", f.d.addr.port());
+    for key in [owner.private.to_str().unwrap(), text.as_str()] {
+        let mut t = Tunnel::start(
+            &[
+                "--ca",
+                f.cert.cert.to_str().unwrap(),
+                "--host-key",
+                &fp,
+                "-L",
+                &format!("{l}:{}", f.echo),
+                &target,
+            ],
+            &[("SSH_KEY", key), ("SSH_USER", "tunnel")],
+        );
+        t.line_with(&["connected"], Duration::from_secs(20));
+        echo_intact(&l, 1 << 20).await;
+    }
+
+    // A key the server does not know: refused at the first attempt, with the key named.
+    let stranger = keygen(dir.path(), "stranger");
+    let mut t = Tunnel::start(
+        &[
+            "--ca",
+            f.cert.cert.to_str().unwrap(),
+            "--host-key",
+            &fp,
+            "-i",
+            stranger.private.to_str().unwrap(),
+            "-R",
+            "0:127.0.0.1:9",
+            &server,
+        ],
+        &[],
+    );
+    let (code, log) = t.exit(Duration::from_secs(20));
+    assert_eq!(code, Some(77), "{log}");
+    assert!(
+        log.contains("accepted none of") && log.contains("stranger"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn against_openssh_sshd_with_ssh_agent_and_known_hosts() {
+    need("ssh-agent", "openssh-client");
+    need("ssh-add", "openssh-client");
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "agent-key");
+    let sshd = start_sshd(&key).await;
+    let echo = echo_upstream().await;
+    let user = crate::ssh::login_user();
+    let server = format!("{user}@127.0.0.1:{}", sshd.port);
+    // A real agent holding the key; sluice tunnel gets no key file at all.
+    let sock = dir.path().join("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "ssh-agent never made its socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let added = Command::new("ssh-add")
+        .arg(&key.private)
+        .env("SSH_AUTH_SOCK", &sock)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let known = dir.path().join("known_hosts");
+    let local = reserve_ports(1);
+    let l = format!("127.0.0.1:{local}");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--no-tls".into(),
+            "--known-hosts".into(),
+            known.display().to_string(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v.extend([
+            "-L".into(),
+            format!("{l}:{echo}"),
+            "-R".into(),
+            format!("0:{echo}"),
+            server.clone(),
+        ]);
+        v
+    };
+    let env = [
+        ("SSH_AUTH_SOCK", sock.to_str().unwrap()),
+        ("HOME", dir.path().to_str().unwrap()),
+    ];
+    let start =
+        |a: &[String]| Tunnel::start(&a.iter().map(String::as_str).collect::<Vec<_>>(), &env);
+
+    // Unknown host: refused, with its fingerprint and the line to add.
+    let mut t = start(&args(&[]));
+    let (code, log) = t.exit(Duration::from_secs(20));
+    assert_eq!(code, Some(77), "{log}");
+    let host_line = format!(
+        "[127.0.0.1]:{} {}",
+        sshd.port,
+        sshd.host_public
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    assert!(log.contains("not known: SHA256:"), "{log}");
+    assert!(log.contains(&host_line), "the line to add is shown: {log}");
+
+    // A different key recorded for the host: refused as changed, whatever --accept-new says.
+    let other = keygen(dir.path(), "other-host");
+    std::fs::write(
+        &known,
+        format!("[127.0.0.1]:{} {}\n", sshd.port, other.public),
+    )
+    .unwrap();
+    let mut t = start(&args(&["--accept-new"]));
+    let (code, log) = t.exit(Duration::from_secs(20));
+    assert_eq!(code, Some(77), "{log}");
+    assert!(
+        log.contains("HAS CHANGED") && log.contains("line 1"),
+        "{log}"
+    );
+
+    // --accept-new on an unknown host records it; then the recorded key (hashed, as
+    // `ssh-keygen -H` writes it) is known.
+    std::fs::remove_file(&known).unwrap();
+    let mut t = start(&args(&["--accept-new"]));
+    t.line_with(&["connected"], Duration::from_secs(20));
+    drop(t);
+    assert!(std::fs::read_to_string(&known)
+        .unwrap()
+        .contains(&host_line));
+    let hashed = Command::new("ssh-keygen")
+        .arg("-H")
+        .arg("-f")
+        .arg(&known)
+        .output()
+        .unwrap();
+    assert!(hashed.status.success(), "{hashed:?}");
+    assert!(std::fs::read_to_string(&known).unwrap().starts_with("|1|"));
+
+    let mut t = start(&args(&[]));
+    let by_port = t.line_with(&["remote forward in place"], Duration::from_secs(20));
+    let port = field(&by_port, "listen")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    t.line_with(&["connected"], Duration::from_secs(5));
+    echo_intact(&l, 16 << 20).await;
+    // OpenSSH's sshd listens on the port it chose for -R 0.
+    echo_intact(&format!("127.0.0.1:{port}"), 16 << 20).await;
+    drop(t);
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
