@@ -355,7 +355,7 @@ struct TunnelArgs {
     /// The SSH user; `USER@` in the target wins. Default: the login name.
     #[arg(short = 'l', long, env = "SSH_USER")]
     user: Option<String>,
-    /// An access grant, as `sluice grant issue --json` printed it: the key (or give the
+    /// An access grant, as `sluice grant issue` printed it: the key (or give the
     /// device's own with -i), the certificate, the user, the server, its host keys and the
     /// forwards. -L/-R/-D and a target add to it or override the server.
     #[arg(long, value_name = "FILE")]

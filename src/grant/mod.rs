@@ -223,7 +223,8 @@ pub struct Grants {
     settings: GrantSettings,
     /// `[ssh] listen_ports` and `[tunnels] domain`, as the last reload left them.
     reloadable: Mutex<Reloadable>,
-    server: String,
+    /// Where devices dial: `[grants] server`, or the first listen address (as bound).
+    server: Mutex<String>,
     /// The embedded SSH server's host key fingerprints, for grant bundles.
     host_keys: Vec<String>,
     store: Arc<Store>,
@@ -320,6 +321,16 @@ fn new_id() -> Result<String, IssueError> {
     ))
 }
 
+/// Where a device dials a listener at `addr` (loopback: by name, as the test certificate and
+/// a laptop's own certificate say `localhost`).
+fn dial_address(addr: SocketAddr) -> String {
+    if addr.ip().is_loopback() {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
 /// A grant's `-R` forwards as `ssh_config`'s RemoteForward takes them (`LISTEN TARGET`): the
 /// allotted port, and the name (on the local service's port) if there is one.
 fn forwards(row: &GrantRow, local: &str) -> Vec<String> {
@@ -356,13 +367,10 @@ impl Grants {
         }
         let counts = store.grant_counts(now)?;
         publish_counts(&counts);
-        let server = settings.server.clone().unwrap_or_else(|| {
-            if listen.ip().is_loopback() {
-                format!("localhost:{}", listen.port())
-            } else {
-                listen.to_string()
-            }
-        });
+        let server = settings
+            .server
+            .clone()
+            .unwrap_or_else(|| dial_address(listen));
         info!(ca = ca.fingerprint(), ca_key = %ca_path.display(), "grants: certificates from this CA authenticate devices");
         Ok(Grants {
             settings: settings.clone(),
@@ -370,7 +378,7 @@ impl Grants {
                 ports: ssh.listen_ports.clone(),
                 domain: tunnels.map(|t| t.domain.clone()),
             }),
-            server,
+            server: Mutex::new(server),
             host_keys,
             store,
             ca,
@@ -378,6 +386,21 @@ impl Grants {
             wake: tokio::sync::Notify::new(),
             counts: Mutex::new(counts),
         })
+    }
+
+    fn server(&self) -> String {
+        self.server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The first listener is bound at `addr`: without `[grants] server`, devices dial it (a
+    /// `listen` with port 0 has its real port only now).
+    pub fn listening_on(&self, addr: SocketAddr) {
+        if self.settings.server.is_none() {
+            *self.server.lock().unwrap_or_else(|p| p.into_inner()) = dial_address(addr);
+        }
     }
 
     /// Takes a reload's `[ssh] listen_ports` and `[tunnels] domain` (grants already issued
@@ -635,7 +658,7 @@ impl Grants {
             ssh_command,
             ssh_config,
             tunnel: TunnelBundle {
-                server: self.server.clone(),
+                server: self.server(),
                 host_keys: self.host_keys.clone(),
                 forwards: forwards(&row, local)
                     .iter()
@@ -648,13 +671,13 @@ impl Grants {
     /// The device's command line and config block (key in `device_key`, certificate in
     /// `device_key-cert.pub`).
     fn commands(&self, row: &GrantRow, local: &str) -> (String, String) {
-        let host = self
-            .server
+        let server = self.server();
+        let host = server
             .rsplit_once(':')
-            .map_or(self.server.as_str(), |(h, _)| h)
+            .map_or(server.as_str(), |(h, _)| h)
             .trim_start_matches('[')
             .trim_end_matches(']');
-        let proxy = format!("sluice connect {}", self.server);
+        let proxy = format!("sluice connect {server}");
         let forwards = forwards(row, local);
         let mut cmd = format!(
             "ssh -i device_key -o CertificateFile=device_key-cert.pub -o ExitOnForwardFailure=yes -o ServerAliveInterval=30 -o ProxyCommand='{proxy}' -N"

@@ -135,6 +135,11 @@ impl Server {
                 listeners.push(l);
             }
         }
+        if let (Some(g), Some(first)) = (&persistent.grants, listeners.first()) {
+            if let Ok(addr) = first.local_addr() {
+                g.listening_on(addr);
+            }
+        }
         let admin = match cfg.admin {
             Some(addr) => {
                 Some(crate::admin::bind(addr).map_err(|source| ServeError::Bind { addr, source })?)

@@ -242,6 +242,36 @@ impl Conn {
     }
 
     /// `-R NAME:PORT:...`: registers the name for this session; nothing is bound.
+    /// When `port` is held by another session of the same identity (a reconnect whose old
+    /// session may be stale), asks that session for a keepalive; ends it if it does not answer.
+    /// Whether it was ended.
+    async fn evict_port(&self, grant: &Login, port: u16) -> bool {
+        let Some(old) = self.server.ports.holder(port) else {
+            return false;
+        };
+        if old.identity != grant.identity || old.session == self.id {
+            return false;
+        }
+        let alive = matches!(
+            tokio::time::timeout(STALE_PING, old.handle.ping()).await,
+            Ok(Ok(()))
+        );
+        if alive {
+            return false;
+        }
+        warn!(target: "sluice::ssh", peer = %self.peer, port, stale_session = old.session, "reverse forward: the session holding the port did not answer a keepalive within {}: ended", humantime::format_duration(STALE_PING));
+        let handle = old.handle.clone();
+        tokio::spawn(async move {
+            let bye = handle.disconnect(
+                russh::Disconnect::ByApplication,
+                "sluice: this key reconnected and this session did not answer".into(),
+                String::new(),
+            );
+            let _ = tokio::time::timeout(STALE_PING, bye).await;
+        });
+        true
+    }
+
     async fn publish_name(
         &mut self,
         grant: &Login,
@@ -776,13 +806,32 @@ impl russh::server::Handler for Conn {
         if reserved.contains(&requested) {
             return deny("the port is allotted to an access grant");
         }
-        let listener = match forward::bind_tcp(
-            self.server.settings.listen_address,
-            requested,
-            range,
-            &reserved,
-        ) {
+        let bind = || {
+            forward::bind_tcp(
+                self.server.settings.listen_address,
+                requested,
+                range.clone(),
+                &reserved,
+            )
+        };
+        let listener = match bind() {
             Ok(l) => l,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && self.evict_port(&grant, requested).await =>
+            {
+                // The stale session's listener closes as its session ends: soon, not at once.
+                let deadline = tokio::time::Instant::now() + STALE_PING;
+                loop {
+                    match bind() {
+                        Ok(l) => break l,
+                        Err(e) if tokio::time::Instant::now() >= deadline => {
+                            return deny(&format!("cannot listen: {e}"))
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            }
             Err(e) => return deny(&format!("cannot listen: {e}")),
         };
         let bound = listener.local_addr().map(|a| a.port()).unwrap_or(requested);
@@ -794,7 +843,15 @@ impl russh::server::Handler for Conn {
             listen: format!("{}:{bound}", self.server.settings.listen_address),
             peer: self.peer.to_string(),
         });
-        let task = tokio::spawn(forward::reverse_tcp(
+        let hold = self.server.ports.hold(
+            bound,
+            crate::ssh::ports::Holder {
+                session: self.id,
+                identity: grant.identity.clone(),
+                handle: session.handle(),
+            },
+        );
+        let forwarding = forward::reverse_tcp(
             self.server.clone(),
             listener,
             session.handle(),
@@ -802,7 +859,12 @@ impl russh::server::Handler for Conn {
             u32::from(bound),
             self.channels.clone(),
             self.live_session(),
-        ));
+        );
+        // The hold ends with the task (cancelled, or aborted when the session ends).
+        let task = tokio::spawn(async move {
+            let _hold = hold;
+            forwarding.await;
+        });
         if let Some(s) = self.live_session() {
             s.listen(format!("{}:{bound}", self.server.settings.listen_address));
         }

@@ -16,6 +16,7 @@ mod limits;
 pub mod penalty;
 mod permit;
 pub mod policy;
+mod ports;
 mod sockets;
 mod tz;
 
@@ -80,6 +81,8 @@ pub struct SshServer {
     /// Unix socket names held by `-R /name` forwards of live sessions, shared the same way: a
     /// session on the old server and one on the new must not take each other's sockets.
     pub(crate) sockets: Arc<sockets::Sockets>,
+    /// TCP ports held by `-R` forwards of live sessions, shared the same way.
+    pub(crate) ports: Arc<ports::Ports>,
     /// `[tunnels]`, when names may be published.
     pub(crate) tunnels: Option<crate::config::TunnelSettings>,
     /// Tunnel names and who serves them, shared the same way across a reload.
@@ -162,6 +165,7 @@ impl SshServer {
                 |p| p.penalties.clone(),
             ),
             sockets: previous.map_or_else(Default::default, |p| p.sockets.clone()),
+            ports: previous.map_or_else(Default::default, |p| p.ports.clone()),
             tunnels,
             registry,
             grants,

@@ -408,3 +408,163 @@ async fn against_openssh_sshd_with_ssh_agent_and_known_hosts() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// Tries an echo through `addr` until it answers, within `limit`.
+async fn until_echoes(addr: &str, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let tried = async {
+            let mut s = TcpStream::connect(addr).await.ok()?;
+            s.write_all(b"are you there").await.ok()?;
+            let mut back = [0u8; 13];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+                .await
+                .ok()?
+                .ok()?;
+            (&back == b"are you there").then_some(())
+        };
+        if tried.await.is_some() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} never echoed within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_bundle_publishes_and_both_ends_come_back_after_a_restart_and_a_dead_link() {
+    use crate::grants::{Server, DEVICE, NAME};
+    let dir = tempfile::tempdir().unwrap();
+    let admin = keygen(dir.path(), "admin");
+    let mut s = Server::start(dir.path(), admin, 4, "");
+    let echo = echo_upstream().await;
+    let issued = s
+        .issue(&[
+            "--device",
+            DEVICE,
+            "--ttl",
+            "10m",
+            "--local",
+            &echo.to_string(),
+        ])
+        .await;
+    let bundle = dir.path().join("grant.json");
+    std::fs::write(&bundle, issued.to_string()).unwrap();
+    let port = issued["grant"]["port"].as_u64().unwrap();
+    let cert = s.cert.cert.to_str().unwrap().to_string();
+
+    // The device: nothing but the bundle (key, certificate, user, server, host key, forwards).
+    let mut device = Tunnel::start(
+        &[
+            "--grant",
+            bundle.to_str().unwrap(),
+            "--ca",
+            &cert,
+            "--keepalive",
+            "3s",
+        ],
+        &[],
+    );
+    device.line_with(
+        &["remote forward in place", &format!("-R {NAME}:")],
+        Duration::from_secs(20),
+    );
+    device.line_with(&["connected"], Duration::from_secs(5));
+    s.line_with(&["tunnel published", NAME]);
+    // The cloud: the admin key's -L to the grant's port on the server, which the device's -R
+    // holds: through two tunnels to the echo.
+    let lp = reserve_ports(1);
+    let l = format!("127.0.0.1:{lp}");
+    let server = format!("tunnel@localhost:{}", s.port());
+    let fp = crate::ssh::host_key_fingerprint(&dir.path().join("state/ssh_host_ed25519_key"));
+    let mut cloud = Tunnel::start(
+        &[
+            "--ca",
+            &cert,
+            "--host-key",
+            &fp,
+            "-i",
+            s.admin.private.to_str().unwrap(),
+            "--keepalive",
+            "3s",
+            "-L",
+            &format!("{l}:127.0.0.1:{port}"),
+            &server,
+        ],
+        &[],
+    );
+    cloud.line_with(&["connected"], Duration::from_secs(20));
+    until_echoes(&l, Duration::from_secs(20)).await;
+    echo_intact(&l, 4 << 20).await;
+
+    // A restart on the same port: both notice, keep their local ports, and come back.
+    let config = std::fs::read_to_string(dir.path().join("sluice.toml")).unwrap();
+    let fixed = config.replacen(
+        "listen = [\"127.0.0.1:0\"]",
+        &format!("listen = [\"127.0.0.1:{}\"]", s.port()),
+        1,
+    );
+    std::fs::write(dir.path().join("sluice.toml"), fixed).unwrap();
+    s.stop();
+    device.line_with(&["disconnected"], Duration::from_secs(10));
+    cloud.line_with(&["disconnected"], Duration::from_secs(10));
+    // The -L port is still bound while the server is away: a client is let in and reset,
+    // never refused.
+    let mut c = TcpStream::connect(&l)
+        .await
+        .expect("the -L port vanished while disconnected");
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(30), c.read(&mut b))
+        .await
+        .unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    let restarted = Instant::now();
+    s.spawn();
+    device.line_with(&["connected"], Duration::from_secs(20));
+    cloud.line_with(&["connected"], Duration::from_secs(20));
+    eprintln!(
+        "both back {:?} after the restart began",
+        restarted.elapsed()
+    );
+    until_echoes(&l, Duration::from_secs(20)).await;
+    s.line_with(&["tunnel published", NAME]);
+
+    // A dead link: the server stops answering (SIGSTOP). Both notice within the keepalive
+    // bound (3 s here; a little more for the check interval), then come back once it does.
+    let pid = s.d.as_ref().unwrap().child.id().to_string();
+    let stopped = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let line = device.line_with(&["disconnected"], Duration::from_secs(10));
+    let noticed = stopped.elapsed();
+    assert!(
+        line.contains("keepalive") || line.contains("failed"),
+        "{line}"
+    );
+    cloud.line_with(&["disconnected"], Duration::from_secs(10));
+    assert!(
+        noticed < Duration::from_secs(6),
+        "the dead link went unnoticed for {noticed:?}"
+    );
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    device.line_with(&["connected"], Duration::from_secs(30));
+    cloud.line_with(&["connected"], Duration::from_secs(30));
+    until_echoes(&l, Duration::from_secs(20)).await;
+    echo_intact(&l, 1 << 20).await;
+
+    // SIGTERM: channels closed, exit 0.
+    crate::cli::sigterm(&device.child);
+    let (code, log) = device.exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{log}");
+    s.stop();
+}

@@ -1,4 +1,4 @@
-//! A grant bundle: the JSON `sluice grant issue --json` (and `POST /v1/grants`) returns, read
+//! A grant bundle: the JSON `sluice grant issue` (and `POST /v1/grants`) returns, read
 //! by `sluice tunnel --grant FILE`: the key (unless the device brought its own), the
 //! certificate, the user (the device id), the server, its host keys and the forwards.
 
@@ -62,7 +62,7 @@ impl Bundle {
         let de = &mut serde_json::Deserializer::from_str(text);
         let i: Issued = serde_path_to_error::deserialize(de).map_err(|e| {
             bad(format!(
-                "not a grant bundle ({} at {}): save what `sluice grant issue --json` printed",
+                "not a grant bundle ({} at {}): save what `sluice grant issue` printed",
                 e.inner(),
                 e.path()
             ))
