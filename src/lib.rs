@@ -57,7 +57,7 @@ pub mod sshkey;
 pub mod state;
 pub mod store;
 pub(crate) mod sys;
-pub(crate) mod systemd;
+pub mod systemd;
 pub(crate) mod text;
 pub mod tls;
 pub mod tunnel;

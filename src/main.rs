@@ -335,7 +335,7 @@ struct TlsArgs {
 #[derive(Args)]
 struct TunnelArgs {
     /// [USER@]HOST[:PORT] of the server; the port defaults to 443 (22 with --no-tls).
-    #[arg(required_unless_present = "grant")]
+    #[arg(required_unless_present_any = ["grant", "config"])]
     target: Option<String>,
     /// Local forward, as ssh -L: [ADDRESS:]PORT:HOST:HOSTPORT (the server connects to
     /// HOST:HOSTPORT).
@@ -360,6 +360,10 @@ struct TunnelArgs {
     /// forwards. -L/-R/-D and a target add to it or override the server.
     #[arg(long, value_name = "FILE")]
     grant: Option<PathBuf>,
+    /// A device config (TOML) with the same settings as these flags (server, grant,
+    /// identity, local/remote/dynamic, host_keys, keepalive, [tls] ...), for a service.
+    #[arg(long, short = 'c', value_name = "FILE", conflicts_with_all = ["target", "grant"])]
+    config: Option<PathBuf>,
     /// SSH over plain TCP (to any sshd), without TLS.
     #[arg(long)]
     no_tls: bool,
@@ -744,9 +748,41 @@ impl TryFrom<ConnectArgs> for ConnectOptions {
     }
 }
 
-fn tunnel(a: TunnelArgs) -> Result<(), Failure> {
+/// The device config's settings in place of the flags they stand for.
+fn apply_device(a: &mut TunnelArgs, d: sluice::client::tunnel::DeviceConfig) {
+    a.target = d.server;
+    a.user = d.user.or(a.user.take());
+    a.grant = d.grant;
+    a.identity = d.identity;
+    a.no_tls = d.no_tls;
+    a.local = d.local;
+    a.remote = d.remote;
+    a.dynamic = d.dynamic;
+    a.host_key = d.host_keys;
+    a.known_hosts = d.known_hosts;
+    a.accept_new = d.accept_new;
+    a.keepalive = d.keepalive.unwrap_or(a.keepalive);
+    a.connect_timeout = d.connect_timeout.unwrap_or(a.connect_timeout);
+    a.backoff = d.backoff.unwrap_or(a.backoff);
+    a.backoff_max = d.backoff_max.unwrap_or(a.backoff_max);
+    a.admin = d.admin;
+    a.tls.ca = d.ca;
+    a.tls.pin = d.pin;
+    a.tls.insecure = d.insecure;
+    a.tls.sni = d.sni;
+    a.tls.no_sni = d.no_sni;
+    a.tls.proxy = d.proxy;
+    a.tls.no_proxy = d.no_proxy;
+    (a.tls.cert, a.tls.key) = d.client_cert.unzip();
+}
+
+fn tunnel(mut a: TunnelArgs) -> Result<(), Failure> {
     use sluice::client::tunnel::{self, Forward, HostKeys, KeySource, Transport};
     let usage = |m: String| Failure::new(EX_USAGE, format!("sluice tunnel: {m}"));
+    if let Some(path) = a.config.clone() {
+        let d = tunnel::DeviceConfig::load(&path).map_err(|e| config_failure(&e))?;
+        apply_device(&mut a, d);
+    }
     let fail = |e: tunnel::TunnelError| Failure::of("sluice tunnel", &e).logged();
     let bundle = match &a.grant {
         None => None,
@@ -915,25 +951,55 @@ fn tunnel(a: TunnelArgs) -> Result<(), Failure> {
             tracing::info!(target: "sluice::tunnel", "stopping: closing channels");
             signals.cancel();
         });
+        let liveness = sluice::admin::Liveness::default();
+        tokio::spawn(liveness.register().run());
         if let Some(addr) = a.admin {
             let listener = sluice::admin::bind(addr).map_err(|e| {
                 Failure::new(EX_OSERR, format!("sluice tunnel: --admin {addr}: {e}"))
             })?;
             let readiness = sluice::admin::Readiness::ready();
             tokio::spawn(follow_state(state.clone(), readiness.clone()));
-            let liveness = sluice::admin::Liveness::default();
-            tokio::spawn(liveness.register().run());
             tokio::spawn(sluice::admin::serve(
                 listener,
                 readiness,
-                liveness,
+                liveness.clone(),
                 stop.clone(),
                 std::sync::Arc::new(Vec::new),
             ));
         }
-        drop(state);
-        tunnel::run(opts, stop, state_tx).await.map_err(fail)
+        // systemd (Type=notify): ready once the local listeners are bound and the first
+        // attempt starts; the state as STATUS=; the watchdog while the runtime turns.
+        sluice::systemd::spawn_watchdog(liveness);
+        tokio::spawn(notify_states(state));
+        let r = tunnel::run(opts, stop, state_tx).await;
+        sluice::systemd::stopping();
+        r.map_err(fail)
     })
+}
+
+/// Tells systemd: READY=1 at the first state `run` reports, and each state as STATUS=.
+async fn notify_states(mut state: tokio::sync::watch::Receiver<sluice::client::tunnel::State>) {
+    use sluice::client::tunnel::State;
+    let mut ready = false;
+    while state.changed().await.is_ok() {
+        let text = match &*state.borrow_and_update() {
+            State::Connecting { attempt: 0 } => "connecting".to_string(),
+            State::Connecting { attempt } => format!("connecting (attempt {})", attempt + 1),
+            State::Connected => "connected".to_string(),
+            State::Waiting { delay, why } => format!(
+                "reconnecting in {}: {why}",
+                humantime::format_duration(Duration::from_millis(
+                    u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)
+                ))
+            ),
+            State::Stopped => "stopped".to_string(),
+        };
+        if !ready {
+            sluice::systemd::ready();
+            ready = true;
+        }
+        sluice::systemd::status(&text);
+    }
 }
 
 /// `/readyz` says ready while the tunnel is connected.

@@ -70,7 +70,7 @@ fn send(states: &[sd_notify::NotifyState<'_>]) {
 }
 
 /// Config, certificates, keys and listeners are ready.
-pub(crate) fn ready() {
+pub fn ready() {
     send(&[sd_notify::NotifyState::Ready]);
 }
 
@@ -83,18 +83,18 @@ pub(crate) fn reloading() {
 }
 
 /// Shutdown starts.
-pub(crate) fn stopping() {
+pub fn stopping() {
     send(&[sd_notify::NotifyState::Stopping]);
 }
 
 /// A one-line status shown by `systemctl status`.
-pub(crate) fn status(text: &str) {
+pub fn status(text: &str) {
     send(&[sd_notify::NotifyState::Status(text)]);
 }
 
 /// If the unit sets `WatchdogSec=`, pings systemd at half the interval while `liveness` holds:
 /// a stalled runtime stops the pings and systemd restarts the service.
-pub(crate) fn spawn_watchdog(liveness: crate::admin::Liveness) {
+pub fn spawn_watchdog(liveness: crate::admin::Liveness) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
     };

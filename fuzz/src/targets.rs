@@ -833,3 +833,79 @@ pub fn control_inputs(data: &[u8]) {
         }
     }
 }
+
+/// What `sluice tunnel` reads from outside: a SOCKS5 client's bytes (every prefix, as they
+/// arrive), `-L/-R/-D` specifications, a known_hosts file and a grant bundle. A SOCKS message
+/// once whole stays the same whole message as more bytes come; a forward that parses prints
+/// as what parses back to it; a known_hosts file never both knows and revokes a key.
+pub fn tunnel_client_inputs(data: &[u8]) {
+    use sluice::client::tunnel::{self, Forward};
+    for parse in [
+        |b: &[u8]| tunnel::parse_greeting(b).map(|r| r.map(|n| (None, n))),
+        |b: &[u8]| tunnel::parse_request(b).map(|r| r.map(|(e, n)| (Some(e), n))),
+    ] {
+        let mut whole = None;
+        for end in 0..=data.len().min(300) {
+            match (parse(&data[..end]), &whole) {
+                (Ok(Some(got)), None) => {
+                    assert!(got.1 <= end);
+                    whole = Some(got);
+                }
+                (r, Some(w)) => assert_eq!(r.as_ref().ok().and_then(|x| x.as_ref()), Some(w)),
+                (Ok(None) | Err(_), None) => {}
+            }
+        }
+    }
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    for line in text.lines() {
+        for (flag, parse) in [
+            ("-L ", Forward::local as fn(&str) -> Result<Forward, String>),
+            ("-R ", Forward::remote),
+            ("-D ", Forward::dynamic),
+        ] {
+            let Ok(f) = parse(line) else { continue };
+            let shown = f.to_string();
+            let spec = shown.strip_prefix(flag).expect("printed with its flag");
+            let plain = |e: &tunnel::Endpoint| !e.host.contains(['[', ']']);
+            let ends = match &f {
+                Forward::Local { listen, target } | Forward::Remote { listen, target } => {
+                    plain(listen) && plain(target)
+                }
+                Forward::Dynamic { listen } => plain(listen),
+            };
+            if ends {
+                assert_eq!(
+                    parse(spec).as_ref(),
+                    Ok(&f),
+                    "{line:?} printed as {shown:?}"
+                );
+            }
+        }
+    }
+    static KEY: OnceLock<russh::keys::PublicKey> = OnceLock::new();
+    let key = KEY.get_or_init(|| {
+        russh::keys::PublicKey::from_openssh(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILIG2T/B0l0gaqj3puu510tu9N1OkQ4znY3LYuEm5zCF",
+        )
+        .expect("a valid key")
+    });
+    for label in ["example.com", "[sluice.example.org]:443"] {
+        match tunnel::check_known_hosts(text, label, key) {
+            tunnel::Verdict::Changed { lines } => {
+                let n = text.lines().count();
+                assert!(!lines.is_empty() && lines.iter().all(|&l| l >= 1 && l <= n));
+            }
+            tunnel::Verdict::Revoked { line } => assert!(line >= 1 && line <= text.lines().count()),
+            tunnel::Verdict::Known | tunnel::Verdict::Unknown => {}
+        }
+    }
+    if let Ok(b) = tunnel::Bundle::parse(text, "fuzz") {
+        assert!(!b.host_keys.is_empty());
+        assert!(b
+            .forwards
+            .iter()
+            .all(|f| matches!(f, Forward::Remote { .. })));
+    }
+}

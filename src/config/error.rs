@@ -67,7 +67,7 @@ impl ConfigError {
 }
 
 /// 1-based line and column of a byte offset, plus the dotted key being defined there.
-pub(super) fn locate(text: &str, span: Range<usize>) -> Location {
+pub(crate) fn locate(text: &str, span: Range<usize>) -> Location {
     let start = span.start.min(text.len());
     let before = &text[..start];
     let line = before.matches('\n').count() + 1;

@@ -14,7 +14,7 @@ mod validate;
 use std::path::Path;
 use std::time::Duration;
 
-use error::locate;
+pub(crate) use error::locate;
 pub use error::{ConfigError, Location};
 pub use types::*;
 use validate::Validator;

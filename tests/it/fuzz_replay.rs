@@ -86,6 +86,7 @@ replay_tests!(
     connect_reply,
     tunnel_inputs,
     control_inputs,
+    tunnel_client_inputs,
 );
 
 /// The regression inputs with the checks of still-open bugs on (`targets::check_open_bugs`):

@@ -896,13 +896,31 @@ print(json.dumps(out))
     );
     need("systemd-analyze", "systemd");
     let units = tempfile::tempdir().unwrap();
-    for unit in ["sluice.service", "sluice.socket", "sluice-bind.service"] {
+    for unit in [
+        "sluice.service",
+        "sluice.socket",
+        "sluice-bind.service",
+        "sluice-tunnel.service",
+    ] {
         let text = std::fs::read_to_string(root.join("deploy/systemd").join(unit)).unwrap();
         // verify wants the ExecStart binary to exist.
         let text = text.replace("/usr/local/bin/sluice", &bin().display().to_string());
         std::fs::write(units.path().join(unit), text).unwrap();
     }
-    for unit in ["sluice.service", "sluice-bind.service"] {
+    // The device side's unit and config too.
+    let device = root.join("deploy/systemd/sluice-tunnel.toml");
+    let text = std::fs::read_to_string(&device).unwrap();
+    sluice::client::tunnel::DeviceConfig::parse(
+        &text,
+        Some(&device),
+        Path::new("/etc/sluice-tunnel"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for unit in [
+        "sluice.service",
+        "sluice-bind.service",
+        "sluice-tunnel.service",
+    ] {
         let out = Command::new("systemd-analyze")
             .args(["verify"])
             .arg(units.path().join(unit))

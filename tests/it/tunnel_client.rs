@@ -456,18 +456,15 @@ async fn a_grant_bundle_publishes_and_both_ends_come_back_after_a_restart_and_a_
     let port = issued["grant"]["port"].as_u64().unwrap();
     let cert = s.cert.cert.to_str().unwrap().to_string();
 
-    // The device: nothing but the bundle (key, certificate, user, server, host key, forwards).
-    let mut device = Tunnel::start(
-        &[
-            "--grant",
-            bundle.to_str().unwrap(),
-            "--ca",
-            &cert,
-            "--keepalive",
-            "3s",
-        ],
-        &[],
-    );
+    // The device, as a service: a device config naming the bundle (key, certificate, user,
+    // server, host key, forwards) and the CA.
+    let device_toml = dir.path().join("device.toml");
+    std::fs::write(
+        &device_toml,
+        format!("grant = \"grant.json\"\nkeepalive = \"3s\"\n[tls]\nca = \"{cert}\"\n"),
+    )
+    .unwrap();
+    let mut device = Tunnel::start(&["--config", device_toml.to_str().unwrap()], &[]);
     device.line_with(
         &["remote forward in place", &format!("-R {NAME}:")],
         Duration::from_secs(20),
@@ -567,4 +564,25 @@ async fn a_grant_bundle_publishes_and_both_ends_come_back_after_a_restart_and_a_
     let (code, log) = device.exit(Duration::from_secs(10));
     assert_eq!(code, Some(0), "{log}");
     s.stop();
+}
+
+#[test]
+fn a_bad_device_config_is_refused_with_its_place_and_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("device.toml");
+    std::fs::write(
+        &cfg,
+        "server = \"s.example.org\"\nremote = [\"cam:22:localhost\"]\n",
+    )
+    .unwrap();
+    let mut t = Tunnel::start(&["--config", cfg.to_str().unwrap()], &[]);
+    let (code, log) = t.exit(Duration::from_secs(10));
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains(&format!(
+            "{}:2:11: remote: -R cam:22:localhost: port `cam` is not a port",
+            cfg.display()
+        )),
+        "{log}"
+    );
 }

@@ -13,6 +13,7 @@
 //! the `-D` handshake; this file holds the session and the forwards.
 
 mod bundle;
+mod device;
 mod identity;
 mod known_hosts;
 mod socks;
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use bundle::{Bundle, BundleKey};
+pub use device::DeviceConfig;
 pub use identity::{cert_beside, default_files, load as load_key, Credentials, Key, KeySource};
 pub use known_hosts::{
     check as check_known_hosts, default_path as known_hosts_path, host_label, line_for, Verdict,
