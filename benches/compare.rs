@@ -300,7 +300,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn main() {
     // `cargo bench` passes --bench; this harness reads its settings from the environment.
-    let only: String = env_or("COMPARE_ONLY", "ceiling,1,2,3,4,5,6,7,8".to_string());
+    let only: String = env_or("COMPARE_ONLY", "ceiling,1,2,3,4,5,6,7,8,9".to_string());
     let want = |s: &str| only.split(',').any(|o| o.trim() == s);
     raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -350,7 +350,7 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     type Scenario = (&'static str, fn(&mut Bench));
-    let scenarios: [Scenario; 9] = [
+    let scenarios: [Scenario; 10] = [
         ("ceiling", ceiling),
         ("1", bulk_tls),
         ("2", bulk_plain),
@@ -360,6 +360,7 @@ fn main() {
         ("6", ssh_forward),
         ("7", tunnel_http),
         ("8", idle_tunnels),
+        ("9", tunnel_client),
     ];
     for (name, run) in scenarios {
         if want(name) {
@@ -2033,4 +2034,201 @@ async fn collect_sessions(
         }
     }
     (held, errors)
+}
+
+/// Sends PING through `port` until the sink answers PONG (within `secs`): the path is up.
+fn until_pong(port: u16, secs: u64) -> Option<Duration> {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut b = [0u8; 4];
+            if s.write_all(b"PING").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"PONG" {
+                return Some(start.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// `mib` MiB each way through `127.0.0.1:port` (to the sink); the elapsed time.
+fn through(port: u16, mib: usize) -> Duration {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![0x5au8; 1 << 20];
+        for _ in 0..mib {
+            if w.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown(std::net::Shutdown::Write);
+    });
+    let mut r = s;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    while let Ok(n) = r.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    let _ = writer.join();
+    assert_eq!(got, mib << 20, "short transfer through port {port}");
+    start.elapsed()
+}
+
+/// Scenario 9: `sluice tunnel -L` against `ssh -N -L` (with `sluice connect` as its TLS
+/// ProxyCommand) through the same sluice: the client side's throughput and CPU per GiB, then
+/// how long `sluice tunnel` takes to serve again after the server is killed and restarted.
+fn tunnel_client(b: &mut Bench) {
+    if !have("ssh") {
+        b.skipped
+            .push("tunnel client (ssh not installed: openssh-client)".into());
+        return;
+    }
+    let d = b.dir.path().join("tunnel-client");
+    std::fs::create_dir_all(&d).unwrap();
+    ssh_keys(&d);
+    let auth = d.join("authorized_keys");
+    std::fs::copy(d.join("client.pub"), &auth).unwrap();
+    let rest = format!(
+        "[routes.ssh]\n[ssh]\nauthorized_keys = [\"{}\"]\npermit_open = [\"127.0.0.1:*\"]\n",
+        auth.display()
+    );
+    let Some(server) = spawn_sluice(b, &d, "sluice.toml", &rest) else {
+        b.skipped
+            .push("tunnel client (sluice did not start)".into());
+        return;
+    };
+    let fp = {
+        let out = Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(d.join("state/ssh_host_ed25519_key"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    let cipher = "aes128-gcm@openssh.com";
+    let (pa, pb) = (free_port(), free_port());
+    let sink = b.sink.to_string();
+    let tunnel_cmd = |port: u16, local: u16| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        c.args(["tunnel", "--ca"])
+            .arg(&b.cert)
+            .args(["--host-key", &fp, "-i"])
+            .arg(d.join("client"))
+            .args(["-L", &format!("127.0.0.1:{local}:{sink}")])
+            .arg(format!("tunnel@localhost:{port}"));
+        c
+    };
+    let Some(ours) = spawn_running("sluice tunnel", &mut tunnel_cmd(server.port, pa)) else {
+        b.skipped
+            .push("tunnel client (sluice tunnel did not start)".into());
+        return;
+    };
+    let proxy = format!(
+        "ProxyCommand={} connect --ca {} localhost:{}",
+        env!("CARGO_BIN_EXE_sluice"),
+        b.cert.display(),
+        server.port
+    );
+    let theirs = spawn_running(
+        "ssh -N -L",
+        Command::new("ssh")
+            .args(["-F", "/dev/null", "-N", "-i"])
+            .arg(d.join("client"))
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args(["-o", "LogLevel=ERROR", "-o", &proxy, "-c", cipher])
+            .args(["-L", &format!("127.0.0.1:{pb}:{sink}"), "tunnel@localhost"]),
+    );
+    let mut clients = vec![(ours, pa)];
+    if let Some(t) = theirs {
+        clients.push((t, pb));
+    }
+    for (c, port) in &clients {
+        assert!(
+            until_pong(*port, 30).is_some(),
+            "{}: never forwarded",
+            c.name
+        );
+    }
+    let mib = b.mib;
+    let mut results: Vec<(&'static str, Vec<f64>, Vec<f64>)> = clients
+        .iter()
+        .map(|(c, _)| (c.name, Vec::new(), Vec::new()))
+        .collect();
+    for _ in 0..b.rounds {
+        for (i, (c, port)) in clients.iter().enumerate() {
+            let sampler = TreeSampler::start(c.child.id());
+            let secs = through(*port, mib).as_secs_f64();
+            let cpu = sampler.finish() as f64 / 100.0;
+            let gib = 2.0 * mib as f64 / 1024.0;
+            results[i].1.push(gib / secs);
+            results[i].2.push(cpu / gib);
+        }
+    }
+    println!("\nScenario 9: the client side of -L through sluice ({cipher} for ssh; {mib} MiB each way): sluice tunnel vs ssh -N -L with sluice connect (client process tree CPU)");
+    report(&results);
+
+    // Reconnect: kill the server, start it again on the same port; the time from the new
+    // server's start to the first PONG through the unchanged -L (the default backoff).
+    drop(clients);
+    let mut server = server;
+    let Some(mut tunnel) = spawn_running("sluice tunnel", &mut tunnel_cmd(server.port, pa)) else {
+        return;
+    };
+    assert!(until_pong(pa, 30).is_some());
+    let mut times = Vec::new();
+    for _ in 0..b.rounds.max(5) {
+        let _ = server.child.kill();
+        let _ = server.child.wait();
+        // The old session is dead: the tunnel notices at once (the TCP connection is reset).
+        std::thread::sleep(Duration::from_millis(200));
+        // sluice.toml still names the same port.
+        let start = Instant::now();
+        let Some(s) = spawn(
+            "sluice",
+            server.port,
+            Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args(["serve", "--config"])
+                .arg(d.join("sluice.toml"))
+                .arg("--state-dir")
+                .arg(d.join("state")),
+        ) else {
+            break;
+        };
+        let listening = start.elapsed();
+        match until_pong(pa, 30) {
+            Some(t) => times.push((listening + t).as_secs_f64()),
+            None => println!("sluice tunnel did not come back within 30 s"),
+        }
+        server = s;
+    }
+    let _ = tunnel.child.kill();
+    let _ = tunnel.child.wait();
+    tunnel.port = 0;
+    if !times.is_empty() {
+        let max = times.iter().copied().fold(0.0, f64::max);
+        println!(
+            "\nScenario 9b: sluice tunnel back after a server restart (kill -9, 200 ms down, then start): median {:.2} s, max {:.2} s over {} restarts (from the new server's start to the first byte through -L)",
+            median(times.clone()),
+            max,
+            times.len()
+        );
+    }
 }

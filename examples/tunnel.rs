@@ -22,7 +22,9 @@ use sluice::client::{ConnectOptions, Trust};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [server, key, host_key, forward, rest @ ..] = args.as_slice() else {
-        return Err("usage: tunnel USER@HOST[:PORT] KEY_FILE SHA256:HOSTKEY FORWARD [CA.pem]".into());
+        return Err(
+            "usage: tunnel USER@HOST[:PORT] KEY_FILE SHA256:HOSTKEY FORWARD [CA.pem]".into(),
+        );
     };
     let (user, target) = server.split_once('@').ok_or("USER@HOST[:PORT]")?;
     let (host, port) = sluice::client::parse_target(target)?;
@@ -31,7 +33,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         port,
         sni: Some(host.clone()),
         alpn: vec![b"ssh".to_vec()],
-        trust: rest.first().map_or(Trust::System, |ca| Trust::CaFile(PathBuf::from(ca))),
+        trust: rest
+            .first()
+            .map_or(Trust::System, |ca| Trust::CaFile(PathBuf::from(ca))),
         connect_timeout: Duration::from_secs(10),
         proxy: None,
         client_cert: None,

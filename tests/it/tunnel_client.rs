@@ -393,7 +393,15 @@ async fn against_openssh_sshd_with_ssh_agent_and_known_hosts() {
     assert!(hashed.status.success(), "{hashed:?}");
     assert!(std::fs::read_to_string(&known).unwrap().starts_with("|1|"));
 
-    let mut t = start(&args(&[]));
+    // -D too, and the admin endpoint: the state as a metric, /readyz while connected.
+    let (d, admin) = (reserve_ports(1), reserve_ports(1));
+    let web = http_target().await;
+    let mut t = start(&args(&[
+        "-D",
+        &format!("127.0.0.1:{d}"),
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+    ]));
     let by_port = t.line_with(&["remote forward in place"], Duration::from_secs(20));
     let port = field(&by_port, "listen")
         .rsplit(':')
@@ -404,6 +412,41 @@ async fn against_openssh_sshd_with_ssh_agent_and_known_hosts() {
     echo_intact(&l, 16 << 20).await;
     // OpenSSH's sshd listens on the port it chose for -R 0.
     echo_intact(&format!("127.0.0.1:{port}"), 16 << 20).await;
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "10",
+            "--socks5-hostname",
+            &format!("127.0.0.1:{d}"),
+        ])
+        .arg(format!("http://127.0.0.1:{}/", web.port()))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from behind\n",
+        "{out:?}"
+    );
+    let get = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--max-time", "5"])
+            .arg(format!("http://127.0.0.1:{admin}{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let metrics = get("/metrics");
+    assert!(
+        metrics.contains("sluice_tunnel_client_state{state=\"connected\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_tunnel_client_state_changes_total{state=\"connected\"} 1"),
+        "{metrics}"
+    );
+    assert!(get("/readyz").ends_with("200"));
     drop(t);
     let _ = agent.kill();
     let _ = agent.wait();
@@ -585,4 +628,75 @@ fn a_bad_device_config_is_refused_with_its_place_and_exit_78() {
         )),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_key_asks_for_its_passphrase_on_the_terminal() {
+    need("script", "bsdutils");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("locked");
+    let made = Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "open sesame",
+            "-C",
+            "locked",
+            "-f",
+        ])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let (_, range) = port_range(2);
+    let f = Fixture::with(&public, &[], &range, "").await;
+    let l = format!("127.0.0.1:{}", reserve_ports(1));
+    let cmd = format!(
+        "{} tunnel --ca {} --host-key {} -i {} -L {l}:{} tunnel@localhost:{}",
+        bin().display(),
+        f.cert.cert.display(),
+        f.host_key_fingerprint(),
+        key.display(),
+        f.echo,
+        f.d.addr.port()
+    );
+    // script(1) gives it a terminal: the prompt comes out there, the passphrase goes in.
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let read_until = |needle: &'static str| {
+        let out = &mut out;
+        let seen = &mut seen;
+        async move {
+            let mut buf = [0u8; 1024];
+            while !seen.contains(needle) {
+                let n = tokio::time::timeout(Duration::from_secs(20), out.read(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| panic!("no `{needle}` on the terminal: {seen}"))
+                    .unwrap();
+                assert!(n > 0, "the terminal closed before `{needle}`: {seen}");
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    };
+    read_until("Enter passphrase for").await;
+    stdin.write_all(b"open sesame\n").await.unwrap();
+    read_until("connected").await;
+    assert!(
+        !seen.contains("open sesame"),
+        "the passphrase was echoed: {seen}"
+    );
+    echo_intact(&l, 1 << 20).await;
 }
