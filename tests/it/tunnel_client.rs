@@ -676,27 +676,29 @@ async fn an_encrypted_key_asks_for_its_passphrase_on_the_terminal() {
     let mut stdin = child.stdin.take().unwrap();
     let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
     let mut seen = String::new();
-    let read_until = |needle: &'static str| {
-        let out = &mut out;
-        let seen = &mut seen;
-        async move {
-            let mut buf = [0u8; 1024];
-            while !seen.contains(needle) {
-                let n = tokio::time::timeout(Duration::from_secs(20), out.read(&mut buf))
-                    .await
-                    .unwrap_or_else(|_| panic!("no `{needle}` on the terminal: {seen}"))
-                    .unwrap();
-                assert!(n > 0, "the terminal closed before `{needle}`: {seen}");
-                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        }
-    };
-    read_until("Enter passphrase for").await;
+    read_until(&mut out, &mut seen, "Enter passphrase for").await;
     stdin.write_all(b"open sesame\n").await.unwrap();
-    read_until("connected").await;
+    read_until(&mut out, &mut seen, "connected").await;
     assert!(
         !seen.contains("open sesame"),
         "the passphrase was echoed: {seen}"
     );
     echo_intact(&l, 1 << 20).await;
+}
+
+/// Reads `out` into `seen` until it holds `needle` (20 s).
+async fn read_until(
+    out: &mut (impl tokio::io::AsyncRead + Unpin),
+    seen: &mut String,
+    needle: &str,
+) {
+    let mut buf = [0u8; 1024];
+    while !seen.contains(needle) {
+        let n = tokio::time::timeout(Duration::from_secs(20), out.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no `{needle}` on the terminal: {seen}"))
+            .unwrap();
+        assert!(n > 0, "the terminal closed before `{needle}`: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
 }
