@@ -507,7 +507,46 @@ async fn a_grant_bundle_publishes_and_both_ends_come_back_after_a_restart_and_a_
         format!("grant = \"grant.json\"\nkeepalive = \"3s\"\n[tls]\nca = \"{cert}\"\n"),
     )
     .unwrap();
-    let mut device = Tunnel::start(&["--config", device_toml.to_str().unwrap()], &[]);
+    // systemd's side of Type=notify and WatchdogSec=2s (a ping every second).
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    // Read at once, as systemd does: the socket queues only a few datagrams (10 here) and the
+    // sender blocks when it is full.
+    let (notes_tx, notes) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok(n) = notify.recv(&mut buf) {
+            if notes_tx
+                .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut device = Tunnel::start(
+        &["--config", device_toml.to_str().unwrap()],
+        &[
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "2000000"),
+        ],
+    );
+    let notified = |want: &str| {
+        let mut got = Vec::new();
+        loop {
+            let m = notes
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("no {want:?} from sd_notify ({e}); got {got:?}"));
+            if m.contains(want) {
+                return got;
+            }
+            got.push(m);
+        }
+    };
+    let before = notified("READY=1");
+    assert!(before.is_empty(), "READY=1 comes first: {before:?}");
+    notified("STATUS=connected");
+    notified("WATCHDOG=1");
     device.line_with(
         &["remote forward in place", &format!("-R {NAME}:")],
         Duration::from_secs(20),
@@ -606,6 +645,8 @@ async fn a_grant_bundle_publishes_and_both_ends_come_back_after_a_restart_and_a_
     crate::cli::sigterm(&device.child);
     let (code, log) = device.exit(Duration::from_secs(10));
     assert_eq!(code, Some(0), "{log}");
+    // Reconnect and stop were told too (after many watchdog pings).
+    notified("STOPPING=1");
     s.stop();
 }
 
