@@ -969,16 +969,19 @@ fn tunnel(mut a: TunnelArgs) -> Result<(), Failure> {
         }
         // systemd (Type=notify): ready once the local listeners are bound and the first
         // attempt starts; the state as STATUS=; the watchdog while the runtime turns.
-        sluice::systemd::spawn_watchdog(liveness);
-        tokio::spawn(notify_states(state));
+        tokio::spawn(notify_states(state, liveness));
         let r = tunnel::run(opts, stop, state_tx).await;
         sluice::systemd::stopping();
         r.map_err(fail)
     })
 }
 
-/// Tells systemd: READY=1 at the first state `run` reports, and each state as STATUS=.
-async fn notify_states(mut state: tokio::sync::watch::Receiver<sluice::client::tunnel::State>) {
+/// Tells systemd: READY=1 at the first state `run` reports (then the watchdog pings start),
+/// and each state as STATUS=.
+async fn notify_states(
+    mut state: tokio::sync::watch::Receiver<sluice::client::tunnel::State>,
+    liveness: sluice::admin::Liveness,
+) {
     use sluice::client::tunnel::State;
     let mut ready = false;
     while state.changed().await.is_ok() {
@@ -996,6 +999,7 @@ async fn notify_states(mut state: tokio::sync::watch::Receiver<sluice::client::t
         };
         if !ready {
             sluice::systemd::ready();
+            sluice::systemd::spawn_watchdog(liveness.clone());
             ready = true;
         }
         sluice::systemd::status(&text);
