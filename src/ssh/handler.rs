@@ -27,6 +27,27 @@ use crate::tunnel;
 /// name again from another session (then it is evicted).
 const STALE_PING: Duration = Duration::from_secs(3);
 
+/// Whether a session that holds what a reconnecting key asks for answers a keepalive within
+/// [`STALE_PING`] (a failure reply counts: OpenSSH answers unknown requests with one).
+async fn answers(handle: &russh::server::Handle) -> bool {
+    matches!(
+        tokio::time::timeout(STALE_PING, handle.ping()).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Ends a session that did not answer, off the caller's path.
+fn end_stale(handle: russh::server::Handle) {
+    tokio::spawn(async move {
+        let bye = handle.disconnect(
+            russh::Disconnect::ByApplication,
+            "sluice: this key reconnected and this session did not answer".into(),
+            String::new(),
+        );
+        let _ = tokio::time::timeout(STALE_PING, bye).await;
+    });
+}
+
 /// What the connection log line should say about the session, and how authentication went.
 #[derive(Default)]
 pub(crate) struct ConnState {
@@ -252,23 +273,11 @@ impl Conn {
         if old.identity != grant.identity || old.session == self.id {
             return false;
         }
-        let alive = matches!(
-            tokio::time::timeout(STALE_PING, old.handle.ping()).await,
-            Ok(Ok(()))
-        );
-        if alive {
+        if answers(&old.handle).await {
             return false;
         }
         warn!(target: "sluice::ssh", peer = %self.peer, port, stale_session = old.session, "reverse forward: the session holding the port did not answer a keepalive within {}: ended", humantime::format_duration(STALE_PING));
-        let handle = old.handle.clone();
-        tokio::spawn(async move {
-            let bye = handle.disconnect(
-                russh::Disconnect::ByApplication,
-                "sluice: this key reconnected and this session did not answer".into(),
-                String::new(),
-            );
-            let _ = tokio::time::timeout(STALE_PING, bye).await;
-        });
+        end_stale(old.handle);
         true
     }
 
@@ -310,10 +319,7 @@ impl Conn {
             // The same key holds it in another session: a reconnect whose old session may be
             // stale (a dead link, a stopped client). A keepalive with a short deadline decides.
             if let Some(old) = registry.route(&name, port) {
-                let alive = matches!(
-                    tokio::time::timeout(STALE_PING, old.handle.ping()).await,
-                    Ok(Ok(()))
-                );
+                let alive = answers(&old.handle).await;
                 if !alive && registry.unpublish(&name, port, old.session) {
                     crate::metrics::count(&crate::metrics::get().tunnel_publish, "evicted");
                     warn!(target: "sluice::ssh", peer = %self.peer, tunnel = name, port, stale_session = old.session, "tunnel: the session holding it did not answer a keepalive within {}: evicted", humantime::format_duration(STALE_PING));
@@ -323,15 +329,7 @@ impl Conn {
                         how: "evicted".into(),
                         peer: self.peer.to_string(),
                     });
-                    let handle = old.handle.clone();
-                    tokio::spawn(async move {
-                        let bye = handle.disconnect(
-                            russh::Disconnect::ByApplication,
-                            "sluice: this key reconnected and this session did not answer".into(),
-                            String::new(),
-                        );
-                        let _ = tokio::time::timeout(STALE_PING, bye).await;
-                    });
+                    end_stale(old.handle.clone());
                     r = publish(to);
                 }
             }
