@@ -207,9 +207,7 @@ async fn l_r_and_d_through_sluice_with_a_key_file_and_ssh_key() {
     // -L, 16 MiB each way, to the echo server the server side reaches.
     echo_intact(&l, 16 << 20).await;
     // -R with a port the server chose: sluice listens there and comes back to the echo.
-    // 1 MiB here: one run of this test stalled for 60 s in one of these echoes (which one was
-    // not recorded); suspected: russh's unpatched client flow control with an echo behind -R.
-    echo_intact(&format!("127.0.0.1:{port}"), 1 << 20).await;
+    echo_intact(&format!("127.0.0.1:{port}"), 16 << 20).await;
     // -R NAME: another key reaches the name with ssh -W.
     let (ok, out, err) = f.w(&visitor.private, "myapp:80", b"by name").await;
     assert!(
@@ -413,7 +411,7 @@ async fn against_openssh_sshd_with_ssh_agent_and_known_hosts() {
     t.line_with(&["connected"], Duration::from_secs(5));
     echo_intact(&l, 16 << 20).await;
     // OpenSSH's sshd listens on the port it chose for -R 0.
-    echo_intact(&format!("127.0.0.1:{port}"), 1 << 20).await;
+    echo_intact(&format!("127.0.0.1:{port}"), 16 << 20).await;
     let out = tokio::process::Command::new("curl")
         .args([
             "-s",
@@ -579,7 +577,8 @@ async fn a_grant_bundle_publishes_and_both_ends_come_back_after_a_restart_and_a_
     );
     cloud.line_with(&["connected"], Duration::from_secs(20));
     until_echoes(&l, Duration::from_secs(20)).await;
-    echo_intact(&l, 1 << 20).await;
+    // 16 MiB each way through a published name: -L on one client, -R NAME on the other.
+    echo_intact(&l, 16 << 20).await;
 
     // A restart on the same port: both notice, keep their local ports, and come back.
     let config = std::fs::read_to_string(dir.path().join("sluice.toml")).unwrap();
@@ -743,5 +742,96 @@ async fn read_until(
             .unwrap();
         assert!(n > 0, "the terminal closed before `{needle}`: {seen}");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+/// A local client that stops reading one `-L` connection while its target keeps sending
+/// does not stall the session's other forwards. russh's client granted window on receipt
+/// and pushed data into each channel's bounded queue with a blocking send: one full queue
+/// stopped the session loop, and every channel with it (sluice's patch gates client-side
+/// channels as it does the server's: window back as the application reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_nobody_reads_does_not_stall_the_others() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "key");
+    let sshd = start_sshd(&key).await;
+    let echo = echo_upstream().await;
+    // A target that sends as fast as it may, counting what its socket took.
+    let sent = std::sync::Arc::new(AtomicU64::new(0));
+    let hose = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hose_addr = hose.local_addr().unwrap();
+    let counter = sent.clone();
+    tokio::spawn(async move {
+        let (mut s, _) = hose.accept().await.unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        while let Ok(n) = s.write(&chunk).await {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    });
+    let local = reserve_ports(2);
+    let (stuck, l) = (
+        format!("127.0.0.1:{local}"),
+        format!("127.0.0.1:{}", local + 1),
+    );
+    let known = dir.path().join("known_hosts");
+    let server = format!("{}@127.0.0.1:{}", crate::ssh::login_user(), sshd.port);
+    let mut t = Tunnel::start(
+        &[
+            "--no-tls",
+            "--known-hosts",
+            known.to_str().unwrap(),
+            "--accept-new",
+            "-i",
+            key.private.to_str().unwrap(),
+            "-L",
+            &format!("{stuck}:{hose_addr}"),
+            "-L",
+            &format!("{l}:{echo}"),
+            &server,
+        ],
+        &[("HOME", dir.path().to_str().unwrap())],
+    );
+    t.line_with(&["connected"], Duration::from_secs(20));
+
+    // Connect and never read, until every buffer on the way is full: the target's count
+    // stands still for a second.
+    let mut unread = TcpStream::connect(&stuck).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut last, mut since) = (0, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = sent.load(Ordering::Relaxed);
+        if now != last || now == 0 {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target never stopped: {now} bytes"
+        );
+    }
+    assert!(
+        last >= 1 << 20,
+        "only {last} bytes reached the stalled forward"
+    );
+
+    // The other forward carries 16 MiB each way meanwhile.
+    echo_intact(&l, 16 << 20).await;
+
+    // And the stalled one resumes once read: everything the target sent arrives.
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 256 << 10];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got < last + (8 << 20) {
+        let n = tokio::time::timeout(Duration::from_secs(10), unread.read(&mut buf))
+            .await
+            .expect("the stalled forward did not resume")
+            .unwrap();
+        assert!(n > 0, "the stalled forward ended after {got} bytes");
+        assert!(buf[..n].iter().all(|&b| b == 7), "bytes changed");
+        got += n as u64;
+        assert!(Instant::now() < deadline, "{got} bytes in 30 s");
     }
 }

@@ -124,6 +124,8 @@ pub struct Consumed {
     charged: AtomicUsize,
     requests: AtomicUsize,
     request_bytes: AtomicUsize,
+    /// Client-side channels: gated, but not charged to the (server's) window budget.
+    unbudgeted: std::sync::atomic::AtomicBool,
 }
 
 impl Consumed {
@@ -181,6 +183,9 @@ impl Consumed {
     /// Takes up to `want` bytes of a process-wide budget of `limit` for this channel's
     /// window; returns what it got.
     pub(crate) fn try_charge(&self, want: usize, limit: usize) -> usize {
+        if self.unbudgeted.load(Ordering::Acquire) {
+            return want;
+        }
         let mut got = 0;
         let _ = BUDGET_USED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
             got = want.min(limit.saturating_sub(used));
@@ -214,6 +219,13 @@ impl Consumed {
     /// Turns on consumption-gated windows for this channel, waking `notify` on reads.
     pub(crate) fn gate(&self, notify: &Arc<tokio::sync::Notify>) {
         let _ = self.notify.set(notify.clone());
+    }
+
+    /// Turns on consumption-gated windows for a client-side channel, which the
+    /// process-wide budget (the server's) does not count.
+    pub(crate) fn gate_unbudgeted(&self, notify: &Arc<tokio::sync::Notify>) {
+        self.unbudgeted.store(true, Ordering::Release);
+        self.gate(notify);
     }
 
     /// Whether windows are granted on consumption for this channel.

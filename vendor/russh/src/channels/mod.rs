@@ -17,6 +17,10 @@ pub(crate) use channel_ref::{
     MAX_QUEUED_REQUESTS, Starved, budget_freed, budget_left, request_cost,
 };
 
+// sluice patch: non-blocking delivery to gated channels.
+mod backlog;
+pub(crate) use backlog::{Backlog, deliver};
+
 mod channel_stream;
 pub use channel_stream::ChannelStream;
 

@@ -500,15 +500,16 @@ impl Session {
                     return Err(crate::Error::Inconsistent.into());
                 };
 
-                if let Some(channel) = self.channels.get(&local_id) {
-                    channel
-                        .send(ChannelMsg::Open {
+                if self.channels.contains_key(&local_id) {
+                    // sluice patch: without blocking.
+                    self.deliver(
+                        local_id,
+                        ChannelMsg::Open {
                             id: local_id,
                             max_packet_size: msg.maximum_packet_size,
                             window_size: msg.initial_window_size,
-                        })
-                        .await
-                        .unwrap_or(());
+                        },
+                    );
                 } else {
                     error!("no channel for id {local_id:?}");
                 }
@@ -537,10 +538,10 @@ impl Session {
                 // Forward the close to the channel before removing it, so that
                 // consumers waiting on `Channel::wait()` receive an explicit
                 // `ChannelMsg::Close` instead of just seeing `None`.
-                if let Some(chan) = self.channels.get(&channel_num) {
-                    let _ = chan.send(ChannelMsg::Close).await;
-                }
+                // sluice patch: after any backlog, without blocking.
+                self.deliver(channel_num, ChannelMsg::Close);
                 self.channels.remove(&channel_num);
+                self.sweep_backlog(channel_num);
                 client.channel_close(channel_num, self).await
             }
             Some((&msg::CHANNEL_EOF, mut r)) => {
@@ -550,9 +551,14 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                if let Some(chan) = self.channels.get(&channel_num) {
-                    let _ = chan.send(ChannelMsg::Eof).await;
+                // sluice patch: EOF comes once (a repeated one is dropped, as OpenSSH
+                // ignores it), after any backlog, without blocking.
+                if let Some(chan) = self.channels.get_mut(&channel_num) {
+                    if std::mem::replace(&mut chan.eof_received, true) {
+                        return Ok(());
+                    }
                 }
+                self.deliver(channel_num, ChannelMsg::Eof);
                 client.channel_eof(channel_num, self).await
             }
             Some((&msg::CHANNEL_OPEN_FAILURE, mut r)) => {
@@ -575,10 +581,9 @@ impl Session {
                     return Ok(());
                 }
 
+                // sluice patch: without blocking (the queue is empty: nothing came yet).
                 if let Some(sender) = self.channels.remove(&channel_num) {
-                    let _ = sender
-                        .send(ChannelMsg::OpenFailure(reason_code.clone()))
-                        .await;
+                    let _ = sender.try_send(ChannelMsg::OpenFailure(reason_code.clone()));
                 }
 
                 let _ = self.sender.send(Reply::ChannelOpenFailure);
@@ -595,22 +600,9 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                let target = self.common.config.window_size;
-                #[allow(clippy::collapsible_if)]
-                if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let next_window =
-                            client.adjust_window(channel_num, self.target_window_size);
-                        if next_window > 0 {
-                            self.target_window_size = next_window
-                        }
-                    }
-                }
-
-                if let Some(chan) = self.channels.get(&channel_num) {
-                    let _ = chan.send(ChannelMsg::Data { data: data.clone() }).await;
-                }
-
+                // sluice patch: window goes back as the application reads, and delivery
+                // never waits: one unread channel cannot stall the session.
+                self.take_and_grant(channel_num, data.len(), ChannelMsg::Data { data: data.clone() })?;
                 client.data(channel_num, &data, self).await
             }
             Some((&msg::CHANNEL_EXTENDED_DATA, mut r)) => {
@@ -622,26 +614,15 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                let target = self.common.config.window_size;
-                #[allow(clippy::collapsible_if)]
-                if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let next_window =
-                            client.adjust_window(channel_num, self.target_window_size);
-                        if next_window > 0 {
-                            self.target_window_size = next_window
-                        }
-                    }
-                }
-
-                if let Some(chan) = self.channels.get(&channel_num) {
-                    let _ = chan
-                        .send(ChannelMsg::ExtendedData {
-                            ext: extended_code,
-                            data: data.clone(),
-                        })
-                        .await;
-                }
+                // sluice patch: as CHANNEL_DATA.
+                self.take_and_grant(
+                    channel_num,
+                    data.len(),
+                    ChannelMsg::ExtendedData {
+                        ext: extended_code,
+                        data: data.clone(),
+                    },
+                )?;
 
                 client
                     .extended_data(channel_num, extended_code, &data, self)
@@ -659,18 +640,14 @@ impl Session {
                         map_err!(u8::decode(&mut r))?; // should be 0.
                         let client_can_do = map_err!(u8::decode(&mut r))? != 0;
                         map_err!(ensure_end(&r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan.send(ChannelMsg::XonXoff { client_can_do }).await;
-                        }
+                        self.deliver(channel_num, ChannelMsg::XonXoff { client_can_do }); // sluice patch
                         client.xon_xoff(channel_num, client_can_do, self).await
                     }
                     "exit-status" => {
                         map_err!(u8::decode(&mut r))?; // should be 0.
                         let exit_status = map_err!(u32::decode(&mut r))?;
                         map_err!(ensure_end(&r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan.send(ChannelMsg::ExitStatus { exit_status }).await;
-                        }
+                        self.deliver(channel_num, ChannelMsg::ExitStatus { exit_status }); // sluice patch
                         client.exit_status(channel_num, exit_status, self).await
                     }
                     "exit-signal" => {
@@ -681,16 +658,16 @@ impl Session {
                         let error_message = map_err!(String::decode(&mut r))?;
                         let lang_tag = map_err!(String::decode(&mut r))?;
                         map_err!(ensure_end(&r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::ExitSignal {
-                                    signal_name: signal_name.clone(),
-                                    core_dumped,
-                                    error_message: error_message.to_string(),
-                                    lang_tag: lang_tag.to_string(),
-                                })
-                                .await;
-                        }
+                        // sluice patch: without blocking.
+                        self.deliver(
+                            channel_num,
+                            ChannelMsg::ExitSignal {
+                                signal_name: signal_name.clone(),
+                                core_dumped,
+                                error_message: error_message.to_string(),
+                                lang_tag: lang_tag.to_string(),
+                            },
+                        );
                         client
                             .exit_signal(
                                 channel_num,
@@ -818,9 +795,7 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                if let Some(chan) = self.channels.get(&channel_num) {
-                    let _ = chan.send(ChannelMsg::Success).await;
-                }
+                self.deliver(channel_num, ChannelMsg::Success); // sluice patch
                 client.channel_success(channel_num, self).await
             }
             Some((&msg::CHANNEL_FAILURE, mut r)) => {
@@ -829,9 +804,7 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                if let Some(chan) = self.channels.get(&channel_num) {
-                    let _ = chan.send(ChannelMsg::Failure).await;
-                }
+                self.deliver(channel_num, ChannelMsg::Failure); // sluice patch
                 client.channel_failure(channel_num, self).await
             }
             Some((&msg::CHANNEL_OPEN, mut r)) => {

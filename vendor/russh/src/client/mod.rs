@@ -92,6 +92,9 @@ pub struct Session {
     receiver: Receiver<Msg>,
     sender: UnboundedSender<Reply>,
     channels: HashMap<ChannelId, ChannelRef>,
+    // sluice patch: unused since channels are gated (windows follow reads, not
+    // `Handler::adjust_window`).
+    #[allow(dead_code)]
     target_window_size: u32,
     pending_reads: Vec<Vec<u8>>,
     pending_len: u32,
@@ -103,6 +106,10 @@ pub struct Session {
     server_sig_algs: Option<Vec<Algorithm>>,
     /// Number of EXT_INFO messages received (RFC 8308 allows at most two).
     ext_info_count: u8,
+    /// sluice patch: woken when an application reads channel data, to grant window back.
+    inbound: Arc<tokio::sync::Notify>,
+    /// sluice patch: messages for channels whose queue was full, in order.
+    backlog: HashMap<ChannelId, crate::channels::Backlog>,
 }
 
 impl Drop for Session {
@@ -1340,6 +1347,8 @@ impl Session {
             open_global_requests: VecDeque::new(),
             server_sig_algs: None,
             ext_info_count: 0,
+            inbound: Arc::default(),     // sluice patch
+            backlog: HashMap::new(), // sluice patch
         }
     }
 
@@ -1435,6 +1444,10 @@ impl Session {
             let rekey_timer =
                 crate::future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
             pin!(rekey_timer);
+            // sluice patch: an application read channel data; grant that window back.
+            let inbound = self.inbound.clone();
+            let consumed = inbound.notified();
+            pin!(consumed);
             tokio::select! {
                 r = &mut reading => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
@@ -1480,6 +1493,10 @@ impl Session {
                 () = &mut rekey_timer => {
                     // The flush after the select sees the elapsed limit.
                     debug!("rekey time limit reached");
+                }
+                // sluice patch: see `inbound` above.
+                () = &mut consumed, if !self.kex.active() => {
+                    self.grant_consumed_windows()?;
                 }
                 () = &mut keepalive_timer => {
                     keepalive_elapsed = true;
@@ -1649,7 +1666,7 @@ impl Session {
             }
             Msg::ChannelOpenSession { channel_ref } => {
                 let id = self.channel_open_session()?;
-                self.channels.insert(id, channel_ref);
+                self.register_channel(id, channel_ref);
             }
             Msg::ChannelOpenX11 {
                 originator_address,
@@ -1657,7 +1674,7 @@ impl Session {
                 channel_ref,
             } => {
                 let id = self.channel_open_x11(&originator_address, originator_port)?;
-                self.channels.insert(id, channel_ref);
+                self.register_channel(id, channel_ref);
             }
             Msg::ChannelOpenDirectTcpIp {
                 host_to_connect,
@@ -1672,14 +1689,14 @@ impl Session {
                     &originator_address,
                     originator_port,
                 )?;
-                self.channels.insert(id, channel_ref);
+                self.register_channel(id, channel_ref);
             }
             Msg::ChannelOpenDirectStreamLocal {
                 socket_path,
                 channel_ref,
             } => {
                 let id = self.channel_open_direct_streamlocal(&socket_path)?;
-                self.channels.insert(id, channel_ref);
+                self.register_channel(id, channel_ref);
             }
             Msg::TcpIpForward {
                 reply_channel,
@@ -1840,6 +1857,73 @@ impl Session {
         Ok(())
     }
 
+    /// sluice patch: every client-side channel is gated: window goes back to the server as
+    /// the application reads, and delivery never blocks the session (see SLUICE-PATCH.md).
+    fn register_channel(&mut self, id: ChannelId, channel_ref: ChannelRef) {
+        channel_ref.consumed.gate_unbudgeted(&self.inbound);
+        self.channels.insert(id, channel_ref);
+    }
+
+    /// sluice patch: hands `msg` to its channel without waiting (see `channels::deliver`).
+    pub(crate) fn deliver(&mut self, id: ChannelId, msg: ChannelMsg) {
+        crate::channels::deliver(&self.channels, &mut self.backlog, id, msg);
+    }
+
+    /// sluice patch: counts channel data against the window the client offered, grants
+    /// back what the application has read, and delivers the data without waiting. Data
+    /// beyond the window or after CHANNEL_EOF ends the session (a protocol violation): the
+    /// bound on what a channel holds unread depends on it.
+    pub(crate) fn take_and_grant(
+        &mut self,
+        id: ChannelId,
+        len: usize,
+        msg: ChannelMsg,
+    ) -> Result<(), crate::Error> {
+        let target = self.common.config.window_size;
+        let (Some(chan), Some(enc)) = (self.channels.get(&id), self.common.encrypted.as_mut())
+        else {
+            return Ok(());
+        };
+        let why = if chan.eof_received {
+            Some("data after CHANNEL_EOF")
+        } else if enc.take_window(id, len).is_err() {
+            Some("data beyond the window")
+        } else {
+            enc.grant_window(id, target, &chan.consumed, usize::MAX)?;
+            None
+        };
+        if let Some(why) = why {
+            let why = format!("{why} on channel {id}");
+            warn!("protocol violation: {why}");
+            let _ = self.common.disconnect(crate::Disconnect::ProtocolError, &why, "");
+            return Err(crate::Error::ProtocolViolation(why));
+        }
+        self.deliver(id, msg);
+        Ok(())
+    }
+
+    /// sluice patch: drops the backlog of a channel nobody reads any more.
+    pub(crate) fn sweep_backlog(&mut self, id: ChannelId) {
+        if self.backlog.get_mut(&id).is_some_and(|b| !b.drain()) {
+            self.backlog.remove(&id);
+        }
+    }
+
+    /// sluice patch: moves backlogs on and grants window for what applications have read.
+    fn grant_consumed_windows(&mut self) -> Result<(), crate::Error> {
+        self.backlog.retain(|_, b| b.drain());
+        let target = self.common.config.window_size;
+        if let Some(enc) = self.common.encrypted.as_mut() {
+            for (id, chan) in self.channels.iter() {
+                let n = chan.consumed.take();
+                if n > 0 {
+                    enc.credit_consumed(*id, n, target, &chan.consumed, usize::MAX)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn finalize_server_channel_open_reply(
         &mut self,
         pending: crate::PendingChannelOpen,
@@ -1857,8 +1941,7 @@ impl Session {
                     });
                     enc.channels
                         .insert(pending.sender_channel, pending.channel_params);
-                    self.channels
-                        .insert(pending.sender_channel, pending.channel_ref);
+                    self.register_channel(pending.sender_channel, pending.channel_ref);
                 }
                 Err(reason) => {
                     push_packet!(enc.write, {

@@ -30,7 +30,7 @@ pub struct Session {
     /// sluice patch: woken when an application reads channel data, to grant window back.
     pub(crate) inbound: std::sync::Arc<tokio::sync::Notify>,
     /// sluice patch: messages for gated channels whose queue was full, in order.
-    pub(crate) backlog: HashMap<ChannelId, Backlog>,
+    pub(crate) backlog: HashMap<ChannelId, crate::channels::Backlog>,
     /// sluice patch: a channel waits for the process-wide window budget.
     pub(crate) starved: crate::channels::Starved,
     /// sluice patch: the window the next channel this server opens offers (charged).
@@ -1219,32 +1219,7 @@ impl Session {
     /// requests are capped by `deliver_request`, EOF and CLOSE come once. What a closed
     /// channel cannot take is discarded (data counted as read).
     pub(crate) fn deliver(&mut self, id: ChannelId, msg: ChannelMsg) {
-        let Some(chan) = self.channels.get(&id) else {
-            return;
-        };
-        if let Some(b) = self.backlog.get_mut(&id) {
-            if !b.sender.is_closed() {
-                b.push(msg);
-                return;
-            }
-            // Nobody reads it any more: what waited goes (see `Backlog::drop`).
-            self.backlog.remove(&id);
-        }
-        match chan.try_send(msg) {
-            Ok(()) => {}
-            Err(tokio::sync::mpsc::error::TrySendError::Full(msg)) => {
-                let mut b = Backlog {
-                    sender: (**chan).clone(),
-                    consumed: chan.consumed.clone(),
-                    queue: std::collections::VecDeque::new(),
-                };
-                b.push(msg);
-                self.backlog.insert(id, b);
-            }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(msg)) => {
-                discard(&chan.consumed, &msg);
-            }
-        }
+        crate::channels::deliver(&self.channels, &mut self.backlog, id, msg);
     }
 
     /// sluice patch: hands a channel request to its channel (never waiting), unless the
@@ -2093,115 +2068,3 @@ mod tests {
     }
 }
 
-/// sluice patch: messages waiting for room in a gated channel's queue, in order. Consecutive
-/// data is merged (up to 32 KiB a message), so many small packets cost little memory.
-pub(crate) struct Backlog {
-    sender: tokio::sync::mpsc::Sender<ChannelMsg>,
-    consumed: std::sync::Arc<crate::channels::Consumed>,
-    queue: std::collections::VecDeque<Pending>,
-}
-
-enum Pending {
-    Data(bytes::BytesMut),
-    Ext(u32, bytes::BytesMut),
-    Other(ChannelMsg),
-}
-
-const BACKLOG_MERGE: usize = 32 * 1024;
-
-impl std::fmt::Debug for Backlog {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Backlog")
-            .field("queued", &self.queue.len())
-            .finish()
-    }
-}
-
-/// sluice patch: a message nobody will read: its data counts as read (window and budget
-/// come back), a request leaves the channel's request cap.
-fn discard(consumed: &crate::channels::Consumed, msg: &ChannelMsg) {
-    match msg {
-        ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => {
-            consumed.add(data.len())
-        }
-        other => {
-            if let Some(cost) = crate::channels::request_cost(other) {
-                consumed.unqueue_request(cost)
-            }
-        }
-    }
-}
-
-impl Backlog {
-    fn push(&mut self, msg: ChannelMsg) {
-        match (self.queue.back_mut(), msg) {
-            (Some(Pending::Data(b)), ChannelMsg::Data { data })
-                if b.len() + data.len() <= BACKLOG_MERGE =>
-            {
-                b.extend_from_slice(&data)
-            }
-            (Some(Pending::Ext(e, b)), ChannelMsg::ExtendedData { ext, data })
-                if *e == ext && b.len() + data.len() <= BACKLOG_MERGE =>
-            {
-                b.extend_from_slice(&data)
-            }
-            (_, ChannelMsg::Data { data }) => self
-                .queue
-                .push_back(Pending::Data(bytes::BytesMut::from(&data[..]))),
-            (_, ChannelMsg::ExtendedData { ext, data }) => self
-                .queue
-                .push_back(Pending::Ext(ext, bytes::BytesMut::from(&data[..]))),
-            (_, other) => self.queue.push_back(Pending::Other(other)),
-        }
-    }
-
-    /// Moves what fits into the channel's queue; `true` while something is left for a
-    /// channel that is still read (what a closed one held is dropped with the backlog).
-    fn drain(&mut self) -> bool {
-        while let Some(p) = self.queue.pop_front() {
-            let msg = match p {
-                Pending::Data(b) => ChannelMsg::Data { data: b.freeze() },
-                Pending::Ext(ext, b) => ChannelMsg::ExtendedData {
-                    ext,
-                    data: b.freeze(),
-                },
-                Pending::Other(m) => m,
-            };
-            match self.sender.try_send(msg) {
-                Ok(()) => {}
-                Err(tokio::sync::mpsc::error::TrySendError::Full(msg)) => {
-                    self.push_front(msg);
-                    return true;
-                }
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(msg)) => {
-                    self.push_front(msg);
-                    return false;
-                }
-            }
-        }
-        false
-    }
-
-    fn push_front(&mut self, msg: ChannelMsg) {
-        let p = match msg {
-            ChannelMsg::Data { data } => Pending::Data(bytes::BytesMut::from(&data[..])),
-            ChannelMsg::ExtendedData { ext, data } => {
-                Pending::Ext(ext, bytes::BytesMut::from(&data[..]))
-            }
-            other => Pending::Other(other),
-        };
-        self.queue.push_front(p);
-    }
-}
-
-/// sluice patch: what a backlog still holds when it goes is never read: discarded.
-impl Drop for Backlog {
-    fn drop(&mut self) {
-        for p in self.queue.drain(..) {
-            match p {
-                Pending::Data(b) | Pending::Ext(_, b) => self.consumed.add(b.len()),
-                Pending::Other(m) => discard(&self.consumed, &m),
-            }
-        }
-    }
-}
