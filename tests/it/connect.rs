@@ -354,7 +354,7 @@ async fn ssh_config_block_works_as_printed() {
 }
 
 /// A CONNECT proxy for tests: requires `user:pw` when `auth`; records each request line.
-async fn connect_proxy(
+pub(crate) async fn connect_proxy(
     auth: bool,
 ) -> (
     std::net::SocketAddr,
@@ -457,7 +457,7 @@ async fn through_http_connect_proxies() {
 }
 
 /// A client CA and a client certificate it signed, as PEM files in `dir`.
-fn client_pki(
+pub(crate) fn client_pki(
     dir: &std::path::Path,
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let ca_key = rcgen::KeyPair::generate().unwrap();

@@ -835,3 +835,75 @@ async fn a_forward_nobody_reads_does_not_stall_the_others() {
         assert!(Instant::now() < deadline, "{got} bytes in 30 s");
     }
 }
+
+/// The TLS side as `sluice connect` has it, end to end: an HTTP CONNECT proxy that wants
+/// credentials, a client certificate the ssh route requires, the server's certificate checked
+/// against `--ca`; behind sluice a real OpenSSH sshd. Without the certificate, the log says
+/// what is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_connect_proxy_with_a_client_certificate_to_openssh() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "key");
+    let sshd = start_sshd(&key).await;
+    let echo = echo_upstream().await;
+    let cert = TestCert::localhost();
+    let (client_ca, client_cert, client_key) = crate::connect::client_pki(dir.path());
+    let d = Daemon::start_raw(&format!(
+        "listen = [\"127.0.0.1:0\"]\nshutdown_grace = \"2s\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n[routes.ssh]\nupstream = \"127.0.0.1:{}\"\nrequire_client_cert = true\n",
+        cert.cert.display(),
+        cert.key.display(),
+        client_ca.display(),
+        sshd.port
+    ))
+    .await;
+    let host_pub = dir.path().join("host.pub");
+    std::fs::write(&host_pub, &sshd.host_public).unwrap();
+    let fp = crate::ssh::host_key_fingerprint(&host_pub);
+    let (proxy, mut seen) = crate::connect::connect_proxy(true).await;
+    let local = reserve_ports(1);
+    let l = format!("127.0.0.1:{local}");
+    let target = format!("localhost:{}", d.addr.port());
+    let server = format!("{}@{target}", crate::ssh::login_user());
+    let proxy_url = format!("http://user:pw@{proxy}");
+    let mut args = vec![
+        "--ca",
+        cert.cert.to_str().unwrap(),
+        "--proxy",
+        &proxy_url,
+        "--host-key",
+        &fp,
+        "-i",
+        key.private.to_str().unwrap(),
+        "-L",
+    ];
+    let forward = format!("{l}:{echo}");
+    args.push(&forward);
+    let with_cert = [
+        "--cert",
+        client_cert.to_str().unwrap(),
+        "--key",
+        client_key.to_str().unwrap(),
+        &server,
+    ];
+    let mut t = Tunnel::start(&[&args[..], &with_cert[..]].concat(), &[]);
+    t.line_with(&["connected"], Duration::from_secs(20));
+    assert_eq!(
+        seen.recv().await.unwrap(),
+        format!("CONNECT {target} HTTP/1.1")
+    );
+    echo_intact(&l, 16 << 20).await;
+    drop(t);
+
+    // No client certificate: turned away after TLS, retried, and told why.
+    let mut t = Tunnel::start(&[&args[..], &[server.as_str()][..]].concat(), &[]);
+    let line = t.line_with(&["connecting failed"], Duration::from_secs(20));
+    assert!(line.contains("--cert/--key"), "{line}");
+    // The local port is there all the same; a client there is refused, not left hanging.
+    let mut s = TcpStream::connect(&l).await.unwrap();
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+        .await
+        .expect("a client of a -L with no session waited over 30 s");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    d.stop().await;
+}

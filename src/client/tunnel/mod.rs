@@ -730,9 +730,21 @@ async fn session(
             if let Some(r) = lock(&refusal).take() {
                 return Err(r.into());
             }
-            return Err(
-                TunnelError::Unavailable(format!("{}:{}: SSH: {e}", opts.host, opts.port)).into(),
-            );
+            // Turned away after TLS, before a banner: as `sluice connect` says, the usual
+            // cause is a route that wants a client certificate.
+            let closed = matches!(&e, russh::Error::Disconnect)
+                || matches!(&e, russh::Error::IO(io) if io.kind() == std::io::ErrorKind::UnexpectedEof);
+            let hint = match &opts.transport {
+                Transport::Tls(c) if closed && c.client_cert.is_none() => {
+                    " (closed before the SSH banner: does the server's route require a client certificate, --cert/--key?)"
+                }
+                _ => "",
+            };
+            return Err(TunnelError::Unavailable(format!(
+                "{}:{}: SSH: {e}{hint}",
+                opts.host, opts.port
+            ))
+            .into());
         }
     };
     authenticate(&mut handle, opts).await?;
