@@ -18,7 +18,8 @@
 //! (sluice's `threads`; HAProxy runs with `nbthread 1`), COMPARE_TUN_CONNS=16, COMPARE_TUN_SECS=5,
 //! COMPARE_TUN_RATE=1000 (the paced load, requests per second), COMPARE_IDLE_TUNNELS=1000,
 //! COMPARE_SLUICE_WRAP (a command to run sluice under: benches/heaptrack-wrap.sh),
-//! COMPARE_AUDIT=1 (a second sluice with `[audit]` on, in the TLS scenarios: the trail's cost).
+//! COMPARE_AUDIT=1 (a second sluice with `[audit]` on, in the TLS scenarios: the trail's cost),
+//! COMPARE_SUITES=1 (a second sluice with AES-256-GCM first: the default suite order's effect).
 // Test and benchmark code: a panic (unwrap) is the failure report, and wall-clock time is
 // what a benchmark or an end-to-end test against real processes measures.
 #![allow(clippy::unwrap_used, clippy::disallowed_types, missing_docs)]
@@ -406,6 +407,19 @@ fn tls_peers(b: &mut Bench) -> Vec<Peer> {
         let audited = format!("{routes}[audit]\n");
         if let Some(mut peer) = spawn_sluice(b, &dir, "sluice.toml", &audited) {
             peer.name = "sluice+aud";
+            peers.push(peer);
+        }
+    }
+    // COMPARE_SUITES=1: sluice again with AES-256-GCM first (what rustls and OpenSSL clients
+    // prefer, and what sluice negotiated before it chose in its own order): the suite's cost.
+    if std::env::var_os("COMPARE_SUITES").is_some() {
+        let dir = b.dir.path().join("aes256");
+        std::fs::create_dir_all(&dir).unwrap();
+        let aes256 = format!(
+            "cipher_suites = [\"TLS13_AES_256_GCM_SHA384\", \"TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384\"]\n{routes}"
+        );
+        if let Some(mut peer) = spawn_sluice(b, &dir, "sluice.toml", &aes256) {
+            peer.name = "sluice-256";
             peers.push(peer);
         }
     }

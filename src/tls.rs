@@ -15,7 +15,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::{CertSource, Config, ConfigError, ConfigPath};
+use crate::config::{CertSource, Config, ConfigError, ConfigPath, TlsSettings, TlsVersion};
 
 /// File names of the generated certificate inside the state directory.
 pub const SELF_SIGNED_CERT: &str = "tls-cert.pem";
@@ -44,6 +44,99 @@ pub enum TlsError {
 /// The crypto provider used everywhere: aws-lc-rs.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Whether this CPU does AES-GCM in hardware (AES and carry-less multiply instructions).
+pub fn aes_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// sluice's suite order for this CPU, used in the server's order (not the client's). With AES
+/// in hardware, AES-128-GCM first, as Mozilla's guidelines, BoringSSL and Go put it: ten rounds
+/// instead of fourteen, the same security margin in practice (measured in BENCHMARKS.md);
+/// without, ChaCha20-Poly1305 first, which is faster in software and constant-time.
+pub fn default_suites() -> Vec<rustls::CipherSuite> {
+    use rustls::CipherSuite as C;
+    let aes = [
+        C::TLS13_AES_128_GCM_SHA256,
+        C::TLS13_AES_256_GCM_SHA384,
+        C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    ];
+    let chacha = [
+        C::TLS13_CHACHA20_POLY1305_SHA256,
+        C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    let (first, then) = if aes_hardware() {
+        (&aes[..], &chacha[..])
+    } else {
+        (&chacha[..], &aes[..])
+    };
+    // TLS 1.3 suites before TLS 1.2 ones, for the log's sake (rustls picks per version).
+    let mut all: Vec<_> = first.iter().chain(then).copied().collect();
+    all.sort_by_key(|s| !crate::config::is_tls13_suite(*s));
+    all
+}
+
+/// The server's suites, in its order: the configured ones, or `default_suites`.
+pub fn server_suites(settings: &TlsSettings) -> Vec<rustls::CipherSuite> {
+    settings
+        .cipher_suites
+        .clone()
+        .unwrap_or_else(default_suites)
+}
+
+/// One line for the log at start and on reload: the suites in order, the version floor, and
+/// why that order.
+pub fn describe(settings: &TlsSettings) -> String {
+    let names: Vec<&str> = server_suites(settings)
+        .into_iter()
+        .map(crate::config::cipher_suite_name)
+        .collect();
+    let origin = match (&settings.cipher_suites, aes_hardware()) {
+        (Some(_), _) => "configured",
+        (None, true) => "default: AES instructions present",
+        (None, false) => "default: no AES instructions",
+    };
+    format!(
+        "TLS {}+, server order ({origin}): {}",
+        settings.min_version,
+        names.join(", ")
+    )
+}
+
+/// aws-lc-rs with only `suites`, in that order.
+fn server_provider(suites: &[rustls::CipherSuite]) -> CryptoProvider {
+    let base = rustls::crypto::aws_lc_rs::default_provider();
+    let cipher_suites = suites
+        .iter()
+        .filter_map(|want| {
+            base.cipher_suites
+                .iter()
+                .find(|s| s.suite() == *want)
+                .copied()
+        })
+        .collect();
+    CryptoProvider {
+        cipher_suites,
+        ..base
+    }
 }
 
 /// The certificates in force: a default one and extra ones by server name.
@@ -312,17 +405,25 @@ pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, TlsError> 
 /// The client-certificate verifier of a server config, kept to re-verify resumed sessions.
 pub type ClientVerifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
 
-/// The rustls server config: TLS 1.2 and 1.3, certificates from `store`, the routes' ALPN ids,
+/// The rustls server config: TLS 1.2 (unless `min_version` is 1.3) and 1.3, the suites in
+/// the server's order (`server_suites`), certificates from `store`, the routes' ALPN ids,
 /// session tickets from `ticketer`, and, with `client_ca`, client certificates verified when
 /// offered (routes decide whether one is required), with that verifier.
 pub fn server_config(
     store: Arc<CertStore>,
     alpn: Vec<Vec<u8>>,
-    client_ca: Option<(&ConfigPath, Option<&Path>)>,
+    settings: &TlsSettings,
+    file: Option<&Path>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
 ) -> Result<(Arc<ServerConfig>, Option<ClientVerifier>), TlsError> {
-    let builder = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match settings.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let builder =
+        ServerConfig::builder_with_provider(Arc::new(server_provider(&server_suites(settings))))
+            .with_protocol_versions(versions)?;
+    let client_ca = settings.client_ca.as_ref().map(|c| (c, file));
     let mut client_verifier = None;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
@@ -348,6 +449,8 @@ pub fn server_config(
     let mut cfg = builder.with_cert_resolver(store);
     cfg.alpn_protocols = alpn;
     cfg.ticketer = ticketer;
+    // The server's order decides: clients (OpenSSL, rustls) list AES-256-GCM first.
+    cfg.ignore_client_order = true;
     Ok((Arc::new(cfg), client_verifier))
 }
 
@@ -393,4 +496,39 @@ pub fn cert_files(cfg: &Config) -> Vec<PathBuf> {
         files.extend([s.cert.path.clone(), s.key.path.clone()]);
     }
     files
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_order_offers_every_suite_tls13_first_fastest_first() {
+        use rustls::CipherSuite as C;
+        let order = default_suites();
+        assert_eq!(order.len(), crate::config::CIPHER_SUITES.len());
+        let first_tls12 = order
+            .iter()
+            .position(|s| !crate::config::is_tls13_suite(*s))
+            .unwrap();
+        assert!(order[first_tls12..]
+            .iter()
+            .all(|s| !crate::config::is_tls13_suite(*s)));
+        let (first13, first12) = if aes_hardware() {
+            (
+                C::TLS13_AES_128_GCM_SHA256,
+                C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            )
+        } else {
+            (
+                C::TLS13_CHACHA20_POLY1305_SHA256,
+                C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            )
+        };
+        assert_eq!((order[0], order[first_tls12]), (first13, first12));
+        // The provider keeps that order.
+        let p = server_provider(&order);
+        let got: Vec<_> = p.cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(got, order);
+    }
 }

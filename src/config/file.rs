@@ -151,6 +151,8 @@ pub(super) struct Tls {
     pub handshake_timeout: Option<Spanned<Dur>>,
     pub poll_interval: Option<Spanned<Dur>>,
     pub client_ca: Option<Spanned<PathBuf>>,
+    pub cipher_suites: Option<Spanned<Vec<Spanned<String>>>>,
+    pub min_version: Option<Spanned<String>>,
     #[serde(default)]
     pub sni: Vec<Spanned<SniCert>>,
 }

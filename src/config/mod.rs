@@ -61,6 +61,8 @@ impl Config {
                 handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                 poll_interval: Duration::from_secs(2),
                 client_ca: None,
+                cipher_suites: None,
+                min_version: TlsVersion::V1_2,
             },
             detect: DetectSettings {
                 timeout: DEFAULT_DETECT_TIMEOUT,

@@ -439,3 +439,53 @@ fn tunnels_table() {
     let e = err("[tunnels]\ndomain = \"t.example.org\"\nbogus = 1\n");
     assert!(e.contains("bogus"), "{e}");
 }
+
+#[test]
+fn cipher_suites_and_min_version() {
+    use rustls::CipherSuite as C;
+    let c = parse("").unwrap();
+    assert_eq!(
+        (c.tls.cipher_suites, c.tls.min_version),
+        (None, TlsVersion::V1_2)
+    );
+    // Both spellings, any case, the order kept.
+    let c = parse(
+        "[tls]\nmin_version = \"1.3\"\ncipher_suites = [\"tls_chacha20_poly1305_sha256\", \"TLS13_AES_128_GCM_SHA256\", \"ECDHE-RSA-AES128-GCM-SHA256\"]\n",
+    )
+    .unwrap();
+    assert_eq!(c.tls.min_version, TlsVersion::V1_3);
+    assert_eq!(
+        c.tls.cipher_suites.unwrap(),
+        [
+            C::TLS13_CHACHA20_POLY1305_SHA256,
+            C::TLS13_AES_128_GCM_SHA256,
+            C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        ]
+    );
+    let e =
+        err("[tls]\ncipher_suites = [\"TLS_AES_128_GCM_SHA256\", \"TLS13_AES_128_GCM_SHA256\"]\n");
+    assert!(
+        e.contains(":2:44: tls.cipher_suites") && e.contains("listed twice"),
+        "{e}"
+    );
+    let e = err("[tls]\ncipher_suites = []\n");
+    assert!(
+        e.contains(":2:17: tls.cipher_suites: list at least one"),
+        "{e}"
+    );
+    // Every name the table knows is one aws-lc-rs offers.
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let offered: Vec<_> = provider.cipher_suites.iter().map(|s| s.suite()).collect();
+    let tls13: Vec<_> = provider
+        .cipher_suites
+        .iter()
+        .filter(|s| matches!(s, rustls::SupportedCipherSuite::Tls13(_)))
+        .map(|s| s.suite())
+        .collect();
+    for (suite, name, openssl) in CIPHER_SUITES {
+        assert!(offered.contains(suite), "{name}");
+        assert_eq!(cipher_suite_by_name(openssl), Some(*suite));
+        assert_eq!(is_tls13_suite(*suite), tls13.contains(suite), "{name}");
+    }
+    assert_eq!(offered.len(), CIPHER_SUITES.len());
+}

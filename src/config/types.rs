@@ -326,6 +326,104 @@ pub struct TlsSettings {
     pub client_ca: Option<ConfigPath>,
     /// How often certificate files are checked for new content (besides inotify and SIGHUP).
     pub poll_interval: Duration,
+    /// The cipher suites offered, in the server's order of preference; `None`: sluice's
+    /// order for this CPU (`tls::default_suites`).
+    pub cipher_suites: Option<Vec<rustls::CipherSuite>>,
+    /// The oldest TLS version accepted.
+    pub min_version: TlsVersion,
+}
+
+/// `[tls] min_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    V1_2,
+    /// TLS 1.3 only.
+    V1_3,
+}
+
+impl fmt::Display for TlsVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsVersion::V1_2 => "1.2",
+            TlsVersion::V1_3 => "1.3",
+        })
+    }
+}
+
+/// The cipher suites sluice can offer (all of rustls's aws-lc-rs provider), each with the
+/// names `[tls] cipher_suites` accepts: rustls's (IANA's for TLS 1.2) and OpenSSL's.
+pub const CIPHER_SUITES: &[(rustls::CipherSuite, &str, &str)] = {
+    use rustls::CipherSuite as C;
+    &[
+        (
+            C::TLS13_AES_128_GCM_SHA256,
+            "TLS13_AES_128_GCM_SHA256",
+            "TLS_AES_128_GCM_SHA256",
+        ),
+        (
+            C::TLS13_AES_256_GCM_SHA384,
+            "TLS13_AES_256_GCM_SHA384",
+            "TLS_AES_256_GCM_SHA384",
+        ),
+        (
+            C::TLS13_CHACHA20_POLY1305_SHA256,
+            "TLS13_CHACHA20_POLY1305_SHA256",
+            "TLS_CHACHA20_POLY1305_SHA256",
+        ),
+        (
+            C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+        ),
+        (
+            C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+        ),
+        (
+            C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+        ),
+        (
+            C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+            "ECDHE-RSA-AES128-GCM-SHA256",
+        ),
+        (
+            C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+            "ECDHE-RSA-AES256-GCM-SHA384",
+        ),
+        (
+            C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+            "ECDHE-RSA-CHACHA20-POLY1305",
+        ),
+    ]
+};
+
+/// The suite `name` (either spelling, any case) stands for.
+pub fn cipher_suite_by_name(name: &str) -> Option<rustls::CipherSuite> {
+    CIPHER_SUITES
+        .iter()
+        .find(|(_, a, b)| a.eq_ignore_ascii_case(name) || b.eq_ignore_ascii_case(name))
+        .map(|(s, _, _)| *s)
+}
+
+/// rustls's name of `suite` (as logged at start).
+pub fn cipher_suite_name(suite: rustls::CipherSuite) -> &'static str {
+    CIPHER_SUITES
+        .iter()
+        .find(|(s, _, _)| *s == suite)
+        .map_or("unknown", |(_, name, _)| *name)
+}
+
+/// Whether `suite` is a TLS 1.3 suite.
+pub fn is_tls13_suite(suite: rustls::CipherSuite) -> bool {
+    cipher_suite_name(suite).starts_with("TLS13_")
 }
 
 /// What to do with a connection that detection could not place.

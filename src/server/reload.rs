@@ -59,12 +59,11 @@ pub(super) fn build_snapshot(
     let (tls_config, client_verifier) = tls::server_config(
         certs.clone(),
         cfg.alpn_offered(),
-        cfg.tls
-            .client_ca
-            .as_ref()
-            .map(|c| (c, cfg.source.as_deref())),
+        &cfg.tls,
+        cfg.source.as_deref(),
         ticketer.clone(),
     )?;
+    tracing::info!(target: "sluice::tls", "{}", tls::describe(&cfg.tls));
     let ssh = match cfg.ssh.upstream {
         Some(_) => None,
         None => match previous.and_then(|p| {

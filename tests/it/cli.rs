@@ -50,6 +50,18 @@ fn bad_configs_exit_78_with_file_line_column_and_key() {
             "[control]\nsocket = \"c.sock\"\n",
             ":1:1: control: the control API serves [grants]",
         ),
+        (
+            "[tls]\ncipher_suites = [\"TLS13_AES_128_GCM_SHA256\", \"TLS_RSA_WITH_RC4_128_SHA\"]\n",
+            ":2:46: tls.cipher_suites: `TLS_RSA_WITH_RC4_128_SHA` is not a cipher suite sluice offers",
+        ),
+        (
+            "[tls]\nmin_version = \"1.1\"\n",
+            ":2:15: tls.min_version: `1.1`: expected \"1.2\" or \"1.3\"",
+        ),
+        (
+            "[tls]\nmin_version = \"1.3\"\ncipher_suites = [\"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"]\n",
+            ":3:17: tls.cipher_suites: no TLS 1.3 suite, and tls.min_version is 1.3",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let path = write(dir.path(), &format!("bad{i}.toml"), text);
@@ -639,6 +651,14 @@ exit 1
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The TLS choices for this CPU are logged at start.
+    let log = std::fs::read_to_string(home.path().join("sluice.log")).unwrap();
+    let order = if sluice::tls::aes_hardware() {
+        "TLS 1.2+, server order (default: AES instructions present): TLS13_AES_128_GCM_SHA256, "
+    } else {
+        "TLS 1.2+, server order (default: no AES instructions): TLS13_CHACHA20_POLY1305_SHA256, "
+    };
+    assert!(log.contains(order), "{log}");
 }
 
 #[test]

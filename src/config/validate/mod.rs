@@ -146,6 +146,19 @@ impl Validator<'_> {
                 Some(p) => Some(self.path(p)?),
                 None => None,
             };
+            if let Some(v) = &t.min_version {
+                cfg.tls.min_version = match v.get_ref().as_str() {
+                    "1.2" => TlsVersion::V1_2,
+                    "1.3" => TlsVersion::V1_3,
+                    other => {
+                        return self
+                            .err(v.span(), format!("`{other}`: expected \"1.2\" or \"1.3\""))
+                    }
+                };
+            }
+            if let Some(list) = &t.cipher_suites {
+                cfg.tls.cipher_suites = Some(self.cipher_suites(list, cfg.tls.min_version)?);
+            }
             let mut seen = std::collections::HashSet::new();
             for s in &t.sni {
                 let sc = s.get_ref();
@@ -617,6 +630,43 @@ impl Validator<'_> {
     }
 
     /// A duration within `[min, max]`; bounds keep deadlines meaningful and `Instant` math safe.
+    /// `[tls] cipher_suites`: known names, each once, in the order given; with TLS 1.3 only,
+    /// at least one TLS 1.3 suite.
+    fn cipher_suites(
+        &self,
+        list: &Spanned<Vec<Spanned<String>>>,
+        min: TlsVersion,
+    ) -> Result<Vec<rustls::CipherSuite>, ConfigError> {
+        if list.get_ref().is_empty() {
+            return self.err(
+                list.span(),
+                "list at least one cipher suite, or leave the key out for sluice's order",
+            );
+        }
+        let mut suites = Vec::new();
+        for n in list.get_ref() {
+            let name = n.get_ref();
+            let Some(suite) = cipher_suite_by_name(name) else {
+                let known: Vec<&str> = CIPHER_SUITES.iter().map(|(_, n, _)| *n).collect();
+                return self.err(
+                    n.span(),
+                    format!(
+                        "`{name}` is not a cipher suite sluice offers; these are (or OpenSSL's names for them): {}",
+                        known.join(", ")
+                    ),
+                );
+            };
+            if suites.contains(&suite) {
+                return self.err(n.span(), format!("`{name}` is listed twice"));
+            }
+            suites.push(suite);
+        }
+        if min == TlsVersion::V1_3 && !suites.iter().any(|s| is_tls13_suite(*s)) {
+            return self.err(list.span(), "no TLS 1.3 suite, and tls.min_version is 1.3");
+        }
+        Ok(suites)
+    }
+
     fn duration(
         &self,
         d: &Spanned<file::Dur>,
