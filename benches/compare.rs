@@ -12,14 +12,15 @@
 //! (8) server memory per idle tunnel at 1,000 tunnels. CPU is the relay process's, from
 //! /proc/PID/stat.
 //!
-//! Run: `cargo bench --bench compare`. Environment: COMPARE_ONLY=ceiling,1,2,3,4,5,6,7,8 (which),
+//! Run: `cargo bench --bench compare`. Environment: COMPARE_ONLY=ceiling,1,...,10 (which),
 //! COMPARE_MIB=1024, COMPARE_ROUNDS=3, COMPARE_HS_SECS=3, COMPARE_HS_CLIENTS=4,
 //! COMPARE_LAT_N=500, COMPARE_IDLE=9000, COMPARE_IDLE_STUNNEL=2000, COMPARE_SLUICE_THREADS=1
 //! (sluice's `threads`; HAProxy runs with `nbthread 1`), COMPARE_TUN_CONNS=16, COMPARE_TUN_SECS=5,
 //! COMPARE_TUN_RATE=1000 (the paced load, requests per second), COMPARE_IDLE_TUNNELS=1000,
 //! COMPARE_SLUICE_WRAP (a command to run sluice under: benches/heaptrack-wrap.sh),
 //! COMPARE_AUDIT=1 (a second sluice with `[audit]` on, in the TLS scenarios: the trail's cost),
-//! COMPARE_SUITES=1 (a second sluice with AES-256-GCM first: the default suite order's effect).
+//! COMPARE_SUITES=1 (a second sluice with AES-256-GCM first and a second HAProxy with AES-128-GCM
+//! only: "same suite" rows beside "default against default").
 // Test and benchmark code: a panic (unwrap) is the failure report, and wall-clock time is
 // what a benchmark or an end-to-end test against real processes measures.
 #![allow(clippy::unwrap_used, clippy::disallowed_types, missing_docs)]
@@ -73,16 +74,26 @@ fn wait_port(port: u16) -> bool {
     false
 }
 
+/// The first bytes of scenario 10's upload and download (HTTP-looking, so that sluice routes an
+/// ALPN-less OpenSSL client to its HTTP route by its first bytes).
+const UPLOAD: &[u8] = b"PUT /upload HTTP/1.1\r\n\r\n";
+const DOWNLOAD: &[u8] = b"GET /download HTTP/1.1\r\n\r\n";
+
 /// The upstream every peer relays to, on 127.0.0.1. What it does depends on the first bytes:
 /// `PING` gets `PONG` (handshake scenario); `GET /lat` records when its first byte arrived and
 /// answers `OK` (latency scenario); anything else is bulk: it discards what it reads and sends
 /// `mib` MiB back. A connection that sends nothing is held open (idle-memory scenario).
-async fn sink(mib: usize, arrivals: mpsc::UnboundedSender<Instant>) -> SocketAddr {
+async fn sink(
+    mib: usize,
+    arrivals: mpsc::UnboundedSender<Instant>,
+    uploads: mpsc::UnboundedSender<(usize, Instant)>,
+) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             let arrivals = arrivals.clone();
+            let uploads = uploads.clone();
             tokio::spawn(async move {
                 let _ = s.set_nodelay(true);
                 let (mut r, mut w) = s.into_split();
@@ -92,6 +103,20 @@ async fn sink(mib: usize, arrivals: mpsc::UnboundedSender<Instant>) -> SocketAdd
                     Ok(n) => n,
                 };
                 let now = Instant::now();
+                // Scenario 10's upload is read to its end and reported (a download is the bulk
+                // branch below with nothing sent after the request).
+                if first[..n].starts_with(UPLOAD) {
+                    let mut got = n;
+                    let mut buf = vec![0u8; 1 << 20];
+                    while let Ok(n) = r.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        got += n;
+                    }
+                    let _ = uploads.send((got, Instant::now()));
+                    return;
+                }
                 let writer = if first[..n].starts_with(b"PING") {
                     let _ = w.write_all(b"PONG").await;
                     None
@@ -282,6 +307,7 @@ struct Bench {
     der: rustls::pki_types::CertificateDer<'static>,
     sink: SocketAddr,
     arrivals: mpsc::UnboundedReceiver<Instant>,
+    uploads: mpsc::UnboundedReceiver<(usize, Instant)>,
     mib: usize,
     rounds: usize,
     skipped: Vec<String>,
@@ -301,7 +327,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn main() {
     // `cargo bench` passes --bench; this harness reads its settings from the environment.
-    let only: String = env_or("COMPARE_ONLY", "ceiling,1,2,3,4,5,6,7,8,9".to_string());
+    let only: String = env_or("COMPARE_ONLY", "ceiling,1,2,3,4,5,6,7,8,9,10".to_string());
     let want = |s: &str| only.split(',').any(|o| o.trim() == s);
     raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -330,7 +356,8 @@ fn main() {
     .unwrap();
     let mib = env_or("COMPARE_MIB", 1024usize);
     let (tx, arrivals) = mpsc::unbounded_channel();
-    let sink = rt.block_on(sink(mib, tx));
+    let (up_tx, uploads) = mpsc::unbounded_channel();
+    let sink = rt.block_on(sink(mib, tx, up_tx));
     let mut b = Bench {
         rt,
         dir,
@@ -340,6 +367,7 @@ fn main() {
         der: ck.cert.der().clone(),
         sink,
         arrivals,
+        uploads,
         mib,
         rounds: env_or("COMPARE_ROUNDS", 3usize),
         skipped: Vec::new(),
@@ -351,7 +379,7 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     type Scenario = (&'static str, fn(&mut Bench));
-    let scenarios: [Scenario; 10] = [
+    let scenarios: [Scenario; 11] = [
         ("ceiling", ceiling),
         ("1", bulk_tls),
         ("2", bulk_plain),
@@ -362,6 +390,7 @@ fn main() {
         ("7", tunnel_http),
         ("8", idle_tunnels),
         ("9", tunnel_client),
+        ("10", one_way),
     ];
     for (name, run) in scenarios {
         if want(name) {
@@ -424,24 +453,35 @@ fn tls_peers(b: &mut Bench) -> Vec<Peer> {
         }
     }
     if have("haproxy") {
-        let p = free_port();
-        let hcfg = b.dir.path().join("haproxy.cfg");
-        std::fs::write(
-            &hcfg,
-            format!(
-                "global\n  nbthread 1\n  maxconn 9500\n  tune.ssl.default-dh-param 2048\ndefaults\n  mode tcp\n  maxconn 9500\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\nfrontend f\n  bind 127.0.0.1:{p} ssl crt {} alpn http/1.1\n  default_backend b\nbackend b\n  server s {}\n",
-                b.combined.display(),
-                b.sink
-            ),
-        )
-        .unwrap();
-        match spawn(
-            "haproxy",
-            p,
-            Command::new("haproxy").arg("-db").arg("-f").arg(&hcfg),
-        ) {
-            Some(peer) => peers.push(peer),
-            None => b.skipped.push("haproxy (did not start)".to_string()),
+        // COMPARE_SUITES=1: HAProxy again with sluice's default TLS 1.3 suite (OpenSSL's default
+        // order puts AES-256-GCM first).
+        let mut variants = vec![("haproxy", "")];
+        if std::env::var_os("COMPARE_SUITES").is_some() {
+            variants.push((
+                "haproxy-128",
+                "  ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256\n",
+            ));
+        }
+        for (name, global) in variants {
+            let p = free_port();
+            let hcfg = b.dir.path().join(format!("{name}.cfg"));
+            std::fs::write(
+                &hcfg,
+                format!(
+                    "global\n  nbthread 1\n  maxconn 9500\n  tune.ssl.default-dh-param 2048\n{global}defaults\n  mode tcp\n  maxconn 9500\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\nfrontend f\n  bind 127.0.0.1:{p} ssl crt {} alpn http/1.1\n  default_backend b\nbackend b\n  server s {}\n",
+                    b.combined.display(),
+                    b.sink
+                ),
+            )
+            .unwrap();
+            match spawn(
+                name,
+                p,
+                Command::new("haproxy").arg("-db").arg("-f").arg(&hcfg),
+            ) {
+                Some(peer) => peers.push(peer),
+                None => b.skipped.push(format!("{name} (did not start)")),
+            }
         }
     } else {
         b.skipped.push("haproxy (not installed)".into());
@@ -1119,13 +1159,13 @@ fn report(results: &[(&'static str, Vec<f64>, Vec<f64>)]) {
     };
     let (b_thr, b_cpu) = (median(base.1.clone()), median(base.2.clone()));
     println!(
-        "{:<10} {:>10} {:>12} {:>16} {:>16}",
+        "{:<12} {:>10} {:>12} {:>16} {:>16}",
         "peer", "GiB/s", "CPU-s/GiB", "sluice thr x", "sluice CPU /"
     );
     for (name, thr, cpu) in results {
         let (t, c) = (median(thr.clone()), median(cpu.clone()));
         println!(
-            "{:<10} {:>10.2} {:>12.3} {:>16.2} {:>16.2}",
+            "{:<12} {:>10.2} {:>12.3} {:>16.2} {:>16.2}",
             name,
             t,
             c,
@@ -2244,5 +2284,185 @@ fn tunnel_client(b: &mut Bench) {
             max,
             times.len()
         );
+    }
+}
+
+/// Who drives scenario 10: the harness's rustls client, or socat (OpenSSL 3, its defaults).
+#[derive(Clone, Copy, PartialEq)]
+enum OneWayClient {
+    Rustls,
+    Socat,
+}
+
+/// Scenario 10: one direction at a time, upload (client to upstream) and download (upstream to
+/// client), from the harness's rustls client and from socat (an OpenSSL client with its own
+/// defaults: 8 KiB reads and records, AES-256-GCM first in its offer). The relay's CPU per GiB
+/// for each, since the two directions cost differently (decrypt vs encrypt, read vs write).
+fn one_way(b: &mut Bench) {
+    let peers = tls_peers(b);
+    let mib = b.mib;
+    let cc = client_config(&b.der, Some(b"http/1.1"));
+    let mut clients = vec![OneWayClient::Rustls];
+    if have("socat") {
+        clients.push(OneWayClient::Socat);
+    } else {
+        b.skipped
+            .push("socat (not installed: apt-get install socat): the OpenSSL client rows".into());
+    }
+    // The upload body: the request line, then zeros (a sparse file: no disk reads).
+    let blob = b.dir.path().join("upload.bin");
+    {
+        let mut f = std::fs::File::create(&blob).unwrap();
+        std::io::Write::write_all(&mut f, UPLOAD).unwrap();
+        f.set_len(((mib as u64) << 20) + UPLOAD.len() as u64)
+            .unwrap();
+    }
+    // What an OpenSSL client negotiates with each peer, out of the box.
+    for peer in &peers {
+        let out = Command::new("openssl")
+            .args(["s_client", "-brief", "-connect"])
+            .arg(format!("127.0.0.1:{}", peer.port))
+            .stdin(Stdio::null())
+            .output();
+        let suite = out
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Ciphersuite: ").map(str::to_string))
+            })
+            .unwrap_or_else(|| "?".into());
+        println!("openssl s_client with {}: {suite}", peer.name);
+    }
+    type Rows = Vec<(&'static str, Vec<f64>, Vec<f64>)>;
+    let fresh = || -> Rows {
+        peers
+            .iter()
+            .map(|p| (p.name, Vec::new(), Vec::new()))
+            .collect()
+    };
+    // (client, upload?) -> rows
+    let mut table: Vec<((OneWayClient, bool), Rows)> = Vec::new();
+    for &c in &clients {
+        for up in [true, false] {
+            table.push(((c, up), fresh()));
+        }
+    }
+    let (rt, uploads, rounds) = (&b.rt, &mut b.uploads, b.rounds);
+    for _ in 0..rounds {
+        for ((client, up), rows) in table.iter_mut() {
+            for (i, peer) in peers.iter().enumerate() {
+                let pid = peer.child.id();
+                let t0 = cpu_ticks(pid);
+                let start = Instant::now();
+                let end = match (*client, *up) {
+                    (OneWayClient::Rustls, true) => rt.block_on(async {
+                        let mut tls = tls_connect(&cc, peer.port).await.unwrap();
+                        tls.write_all(UPLOAD).await.unwrap();
+                        let chunk = vec![0u8; 1 << 20];
+                        for _ in 0..mib {
+                            tls.write_all(&chunk).await.unwrap();
+                        }
+                        tls.shutdown().await.unwrap();
+                        let (got, at) =
+                            tokio::time::timeout(Duration::from_secs(120), uploads.recv())
+                                .await
+                                .expect("the sink saw the upload end within 120 s")
+                                .unwrap();
+                        assert_eq!(
+                            got,
+                            UPLOAD.len() + (mib << 20),
+                            "{}: short upload",
+                            peer.name
+                        );
+                        at
+                    }),
+                    (OneWayClient::Rustls, false) => rt.block_on(async {
+                        let mut tls = tls_connect(&cc, peer.port).await.unwrap();
+                        tls.write_all(DOWNLOAD).await.unwrap();
+                        let mut buf = vec![0u8; 1 << 20];
+                        let mut got = 0;
+                        while got < mib << 20 {
+                            match tls.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => got += n,
+                            }
+                        }
+                        assert_eq!(got, mib << 20, "{}: short download", peer.name);
+                        Instant::now()
+                    }),
+                    (OneWayClient::Socat, true) => {
+                        let st = Command::new("socat")
+                            .arg("-u")
+                            .arg(format!("OPEN:{},rdonly", blob.display()))
+                            .arg(format!("OPENSSL:127.0.0.1:{},verify=0", peer.port))
+                            .stderr(Stdio::null())
+                            .status()
+                            .unwrap();
+                        assert!(st.success(), "{}: socat upload failed", peer.name);
+                        let (got, at) =
+                            b.rt.block_on(async {
+                                tokio::time::timeout(Duration::from_secs(120), uploads.recv()).await
+                            })
+                            .expect("the sink saw the upload end within 120 s")
+                            .unwrap();
+                        assert_eq!(
+                            got,
+                            UPLOAD.len() + (mib << 20),
+                            "{}: short upload",
+                            peer.name
+                        );
+                        at
+                    }
+                    (OneWayClient::Socat, false) => {
+                        // stdin stays open (socat would end the connection at its EOF); the
+                        // download ends when the last byte reaches socat's stdout.
+                        let mut child = Command::new("socat")
+                            .arg("-")
+                            .arg(format!("OPENSSL:127.0.0.1:{},verify=0", peer.port))
+                            .stdin(Stdio::piped())
+                            .stdout(Stdio::piped())
+                            .stderr(Stdio::null())
+                            .spawn()
+                            .unwrap();
+                        let mut stdin = child.stdin.take().unwrap();
+                        std::io::Write::write_all(&mut stdin, DOWNLOAD).unwrap();
+                        let mut out = child.stdout.take().unwrap();
+                        let mut buf = vec![0u8; 1 << 20];
+                        let mut got = 0;
+                        while got < mib << 20 {
+                            match std::io::Read::read(&mut out, &mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => got += n,
+                            }
+                        }
+                        let at = Instant::now();
+                        drop(stdin);
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        assert_eq!(got, mib << 20, "{}: short download", peer.name);
+                        at
+                    }
+                };
+                let secs = end.duration_since(start).as_secs_f64();
+                let cpu = (cpu_ticks(pid) - t0) as f64 / 100.0;
+                let gib = mib as f64 / 1024.0;
+                rows[i].1.push(gib / secs);
+                rows[i].2.push(cpu / gib);
+            }
+        }
+    }
+    for ((client, up), rows) in &table {
+        let who = match client {
+            OneWayClient::Rustls => "the harness's rustls client",
+            OneWayClient::Socat => "socat (OpenSSL client)",
+        };
+        let way = if *up {
+            "upload, client -> upstream"
+        } else {
+            "download, upstream -> client"
+        };
+        println!("\nScenario 10: {way}, {mib} MiB, {who}");
+        report(rows);
     }
 }
