@@ -402,6 +402,14 @@ pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, TlsError> 
     Ok(rustls::crypto::aws_lc_rs::Ticketer::new()?)
 }
 
+/// TLS 1.3 session tickets sent after a full handshake (rustls and OpenSSL send two). One is
+/// enough for a client that reconnects one connection at a time (`sluice connect` under ssh,
+/// a device's tunnel), since every resumed connection gets a fresh one, and tickets are meant
+/// for one use (RFC 8446, C.4); each ticket costs an HKDF derivation, an encryption and a
+/// record on every handshake (BENCHMARKS.md, issue 16). A client opening several connections
+/// at once resumes one of them.
+pub const TLS13_TICKETS: usize = 1;
+
 /// The client-certificate verifier of a server config, kept to re-verify resumed sessions.
 pub type ClientVerifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
 
@@ -451,6 +459,7 @@ pub fn server_config(
     cfg.ticketer = ticketer;
     // The server's order decides: clients (OpenSSL, rustls) list AES-256-GCM first.
     cfg.ignore_client_order = true;
+    cfg.send_tls13_tickets = TLS13_TICKETS;
     Ok((Arc::new(cfg), client_verifier))
 }
 

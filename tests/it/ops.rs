@@ -1021,6 +1021,52 @@ async fn a_silent_client_behind_a_trusted_proxy_waits_one_detect_timeout() {
     d.stop().await;
 }
 
+/// rustls's own session cache, counting the TLS 1.3 tickets the server sends.
+#[derive(Debug)]
+struct CountingTickets {
+    inner: rustls::client::ClientSessionMemoryCache,
+    tickets: AtomicUsize,
+}
+
+impl rustls::client::ClientSessionStore for CountingTickets {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.inner.set_kx_hint(name, group)
+    }
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(name)
+    }
+    fn set_tls12_session(
+        &self,
+        name: ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.inner.set_tls12_session(name, value)
+    }
+    fn tls12_session(
+        &self,
+        name: &ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(name)
+    }
+    fn remove_tls12_session(&self, name: &ServerName<'static>) {
+        self.inner.remove_tls12_session(name)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.tickets.fetch_add(1, Ordering::SeqCst);
+        self.inner.insert_tls13_ticket(name, value)
+    }
+    fn take_tls13_ticket(
+        &self,
+        name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.inner.take_tls13_ticket(name)
+    }
+}
+
 #[test]
 fn tls_sessions_resume_across_a_reload() {
     let cert = TestCert::localhost();
@@ -1036,7 +1082,13 @@ fn tls_sessions_resume_across_a_reload() {
     let mut d = serve_in(dir.path(), &cfg);
     let rt = tokio::runtime::Runtime::new().unwrap();
     // One client config: its session cache carries the ticket to the next connection.
-    let client = tls_config_trusting(&[&cert.der]);
+    let store = Arc::new(CountingTickets {
+        inner: rustls::client::ClientSessionMemoryCache::new(8),
+        tickets: AtomicUsize::new(0),
+    });
+    let mut client = (*tls_config_trusting(&[&cert.der])).clone();
+    client.resumption = rustls::client::Resumption::store(store.clone());
+    let client = Arc::new(client);
     let connect = |client: Arc<rustls::ClientConfig>| {
         rt.block_on(async {
             let tcp = TcpStream::connect(d.addr).await.unwrap();
@@ -1054,9 +1106,20 @@ fn tls_sessions_resume_across_a_reload() {
         })
     };
     assert_eq!(connect(client.clone()), Some(rustls::HandshakeKind::Full));
+    // One ticket per handshake (sluice::tls::TLS13_TICKETS), not rustls's default two.
+    assert_eq!(
+        store.tickets.load(Ordering::SeqCst),
+        1,
+        "tickets after a full handshake"
+    );
     assert_eq!(
         connect(client.clone()),
         Some(rustls::HandshakeKind::Resumed)
+    );
+    assert_eq!(
+        store.tickets.load(Ordering::SeqCst),
+        2,
+        "a resumed one gets a fresh ticket"
     );
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, format!("{text}[detect]\ntimeout = \"3s\"\n")).unwrap();
