@@ -1030,7 +1030,7 @@ struct CountingTickets {
 
 impl rustls::client::ClientSessionStore for CountingTickets {
     fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
-        self.inner.set_kx_hint(name, group)
+        self.inner.set_kx_hint(name, group);
     }
     fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
         self.inner.kx_hint(name)
@@ -1040,7 +1040,7 @@ impl rustls::client::ClientSessionStore for CountingTickets {
         name: ServerName<'static>,
         value: rustls::client::Tls12ClientSessionValue,
     ) {
-        self.inner.set_tls12_session(name, value)
+        self.inner.set_tls12_session(name, value);
     }
     fn tls12_session(
         &self,
@@ -1049,7 +1049,7 @@ impl rustls::client::ClientSessionStore for CountingTickets {
         self.inner.tls12_session(name)
     }
     fn remove_tls12_session(&self, name: &ServerName<'static>) {
-        self.inner.remove_tls12_session(name)
+        self.inner.remove_tls12_session(name);
     }
     fn insert_tls13_ticket(
         &self,
@@ -1057,7 +1057,7 @@ impl rustls::client::ClientSessionStore for CountingTickets {
         value: rustls::client::Tls13ClientSessionValue,
     ) {
         self.tickets.fetch_add(1, Ordering::SeqCst);
-        self.inner.insert_tls13_ticket(name, value)
+        self.inner.insert_tls13_ticket(name, value);
     }
     fn take_tls13_ticket(
         &self,
